@@ -1,0 +1,152 @@
+//! Egress enforcement at `connect()` and `sendmsg()` for cgroup v2.
+//!
+//! Each hook returns 1 to allow and 0 to refuse (the syscall then fails with EPERM). A cgroup that
+//! no scope claims is not enforced.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{cgroup_sock_addr, map},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, RingBuf},
+    programs::SockAddrContext,
+};
+use enforcer_common::{
+    hook, ipv4_mapped, mode, proto, verdict, CgroupScope, DenyEvent, PolicyKey, ScopeName,
+    GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[map(name = "ENF_CGROUPS")]
+static CGROUPS: HashMap<u64, CgroupScope> = HashMap::pinned(65_536, 0);
+
+#[map(name = "ENF_ALLOW_EXACT")]
+static ALLOW_EXACT: HashMap<PolicyKey, u32> = HashMap::pinned(131_072, 0);
+
+#[map(name = "ENF_ALLOW_CIDR")]
+static ALLOW_CIDR: LpmTrie<PolicyKey, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
+
+#[map(name = "ENF_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+
+// Written only by the agent; declared here so that it is created and pinned with the others.
+#[map(name = "ENF_SCOPE_NAMES")]
+static SCOPE_NAMES: HashMap<ScopeName, u32> = HashMap::pinned(65_536, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, hook::CONNECT4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, hook::CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, hook::SENDMSG4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, hook::SENDMSG6)
+}
+
+fn decide(ctx: &SockAddrContext, hook: u8) -> i32 {
+    match try_decide(ctx, hook) {
+        Ok(verdict) => verdict,
+        // Only reachable for an enforced cgroup: fail closed.
+        Err(()) => DENY,
+    }
+}
+
+fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
+    // SAFETY: the helper has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
+    let Some(scope) = (unsafe { CGROUPS.get(&cgroup_id) }).copied() else {
+        return Ok(ALLOW);
+    };
+    if scope.mode == mode::ALLOW_ANY {
+        return Ok(ALLOW);
+    }
+
+    // SAFETY: the context pointer is provided by the kernel for this program type.
+    let sa = unsafe { &*ctx.sock_addr };
+    let addr = if hook == hook::CONNECT4 || hook == hook::SENDMSG4 {
+        ipv4_mapped(sa.user_ip4.to_ne_bytes())
+    } else {
+        let w = sa.user_ip6;
+        let mut a = [0u8; 16];
+        a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        a
+    };
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(sa.user_port as u16);
+    let proto = sa.protocol as u8;
+
+    let key = PolicyKey { scope: scope.scope, port, proto, pad: 0, addr };
+    if allowed(&key) {
+        return Ok(ALLOW);
+    }
+
+    report(&scope, cgroup_id, &key, hook);
+    if scope.mode == mode::AUDIT {
+        Ok(ALLOW)
+    } else {
+        Ok(DENY)
+    }
+}
+
+fn allowed(key: &PolicyKey) -> bool {
+    // SAFETY: lookups only; the value is not dereferenced.
+    if unsafe { ALLOW_EXACT.get(key) }.is_some() {
+        return true;
+    }
+    let full = POLICY_KEY_HEADER_BITS + 128;
+    if ALLOW_CIDR.get(Key::new(full, *key)).is_some() {
+        return true;
+    }
+    let global = PolicyKey { scope: GLOBAL_SCOPE, port: 0, proto: proto::ANY, pad: 0, addr: key.addr };
+    ALLOW_CIDR.get(Key::new(full, global)).is_some()
+}
+
+fn report(scope: &CgroupScope, cgroup_id: u64, key: &PolicyKey, hook: u8) {
+    // A full ring buffer drops the record; the verdict itself never depends on reporting.
+    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    entry.write(DenyEvent {
+        // SAFETY: the helpers have no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id,
+        scope: scope.scope,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        comm,
+        addr: key.addr,
+        port: key.port,
+        proto: key.proto,
+        verdict: if scope.mode == mode::AUDIT { verdict::AUDIT } else { verdict::DENIED },
+        hook,
+        pad: [0; 3],
+    });
+    entry.submit(0);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,274 @@
+//! The node agent in local mode: reads policy files, resolves names, watches cgroups, and keeps
+//! the kernel maps equal to what the compiler says. Every change recomputes the whole desired
+//! state, so a missed event can only delay an update, never leave a stale rule behind.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::{
+    cgroup::{Assignment, Layout},
+    datapath::{self, plan, Datapath},
+    events::{self, Explainer},
+    istio::{OutboundMode, ServiceEntry},
+    policy::{self, Desired, MeshSettings},
+    resolver::{DnsSettings, Resolver},
+    sources::{files, Snapshot},
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub policies: PathBuf,
+    pub mesh_config: Option<PathBuf>,
+    pub dns: DnsSettings,
+    pub allow_cidrs: Vec<IpNet>,
+    pub istio_compat: bool,
+    pub datapath: datapath::Options,
+    pub cgroups: Layout,
+    /// Namespaces whose cgroups are created at start, before any `enforcer exec`.
+    pub namespaces: Vec<String>,
+    /// Written (JSON) after every apply: generation, problems and notes.
+    pub status_file: Option<PathBuf>,
+}
+
+/// The sources, validated: what the compiler needs besides DNS answers and cgroups.
+struct Sources {
+    entries: Vec<ServiceEntry>,
+    mesh: MeshSettings,
+    problems: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    generation: u64,
+    service_entries: usize,
+    namespaces: BTreeMap<&'a str, String>,
+    problems: &'a [String],
+    notes: &'a [String],
+    dns: Vec<String>,
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.cgroups.managed)
+        .with_context(|| format!("creating cgroup {}", cfg.cgroups.managed.display()))?;
+    for ns in &cfg.namespaces {
+        let dir = cfg.cgroups.namespace_dir(ns)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+    }
+    let (mut dp, ring) = Datapath::open(&cfg.datapath)?;
+    let explainer = Arc::new(RwLock::new(Explainer::default()));
+    let events_task = tokio::spawn(events::run(ring, Arc::clone(&explainer)));
+    let mut resolver = Resolver::new(cfg.dns.clone())?;
+
+    let (file_tx, mut file_rx) = mpsc::unbounded_channel();
+    let mut watched = vec![cfg.policies.clone()];
+    if let Some(parent) = cfg.mesh_config.as_ref().and_then(|m| m.parent()) {
+        watched.push(if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent.to_path_buf() });
+    }
+    let _file_watcher = files::DirWatcher::new(&watched, file_tx)?;
+    let (cg_tx, mut cg_rx) = mpsc::unbounded_channel();
+    let _cgroup_watcher = files::DirWatcher::new(std::slice::from_ref(&cfg.cgroups.managed), cg_tx)?;
+
+    let mut sources = load_sources(&cfg);
+    let mut assignments = cfg.cgroups.discover().unwrap_or_default();
+    let mut generation = 0u64;
+    let mut last_applied: Option<(Desired, BTreeMap<u64, Assignment>)> = None;
+    let mut rescan = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    loop {
+        // Resolve before applying, so that a restart never drops answers that are merely unknown yet.
+        let names = policy::dns_names(&sources.entries, cfg.istio_compat);
+        let dns_report = resolver.refresh(&names).await;
+        for err in &dns_report.errors {
+            log::warn!("{err}");
+        }
+        let desired = compile(&cfg, &sources, &assignments, &resolver);
+        let current = (desired, assignments.clone());
+        if last_applied.as_ref() != Some(&current) {
+            generation += 1;
+            let (desired, _) = &current;
+            let complete = apply(&mut dp, desired, &assignments, &explainer)?;
+            for note in &desired.notes {
+                log::warn!("{note}");
+            }
+            write_status(&cfg, generation, &sources, desired, &resolver);
+            // After a partial failure, try again at the next tick.
+            last_applied = complete.then_some(current);
+        }
+
+        let next_dns = resolver.next_refresh().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            more = files::coalesce(&mut file_rx, Duration::from_millis(20)) => {
+                if more { sources = load_sources(&cfg); }
+            }
+            Some(()) = cg_rx.recv() => {
+                while cg_rx.try_recv().is_ok() {}
+                rediscover(&cfg, &mut assignments);
+            }
+            _ = rescan.tick() => rediscover(&cfg, &mut assignments),
+            () = tokio::time::sleep_until(next_dns) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    events_task.abort();
+    log::info!("agent stopping; the pinned programs and maps keep enforcing");
+    Ok(())
+}
+
+fn rediscover(cfg: &AgentConfig, assignments: &mut BTreeMap<u64, Assignment>) {
+    match cfg.cgroups.discover() {
+        Ok(found) => *assignments = found,
+        Err(err) => log::warn!("keeping the previous cgroup view: {err:#}"),
+    }
+}
+
+fn load_sources(cfg: &AgentConfig) -> Sources {
+    let mut snap = files::load_dir(&cfg.policies);
+    if let Some(path) = &cfg.mesh_config {
+        snap.merge(files::load_mesh_file(path));
+    }
+    for ignored in &snap.ignored {
+        log::info!("{ignored}");
+    }
+    validate(snap)
+}
+
+/// Keeps the valid objects; every problem is logged with its file, object and field.
+fn validate(snap: Snapshot) -> Sources {
+    let mut problems: Vec<String> = snap.problems.iter().map(ToString::to_string).collect();
+    let mut entries = Vec::new();
+    for se in snap.service_entries {
+        let errs = policy::validate_service_entry(&se);
+        if errs.is_empty() {
+            entries.push(se);
+        } else {
+            problems.extend(errs.iter().map(ToString::to_string));
+        }
+    }
+    // Two objects with the same identity: keep neither, as neither is clearly the one meant.
+    let mut seen = BTreeMap::<String, usize>::new();
+    for se in &entries {
+        *seen.entry(se.id()).or_default() += 1;
+    }
+    entries.retain(|se| {
+        let dup = seen[&se.id()] > 1;
+        if dup {
+            problems.push(format!("{}: ServiceEntry {}: metadata.name: defined more than once; skipped", se.origin, se.id()));
+        }
+        !dup
+    });
+
+    let mesh = match snap.mesh.as_slice() {
+        [] => MeshSettings::default(),
+        [(origin, mesh)] => {
+            let mut settings = MeshSettings { mode: mesh.mode(), ..MeshSettings::default() };
+            if let Some(list) = &mesh.default_service_export_to {
+                let errs = policy::export_to_errors(list);
+                if errs.is_empty() {
+                    settings.default_export_to = list.clone();
+                } else {
+                    problems.extend(errs.iter().map(|e| format!("{origin}: defaultServiceExportTo: {e}")));
+                }
+            }
+            settings
+        }
+        many => {
+            let origins: Vec<&str> = many.iter().map(|(o, _)| o.as_str()).collect();
+            problems.push(format!("more than one mesh config ({}); enforcing REGISTRY_ONLY until one remains", origins.join(", ")));
+            MeshSettings { mode: OutboundMode::RegistryOnly, ..MeshSettings::default() }
+        }
+    };
+    // An unreadable mesh config must not leave the mesh open: fail closed.
+    let mesh_broken = snap.problems.iter().any(|p| {
+        p.object == "MeshConfig" || p.field.starts_with("spec.meshConfig") || p.field.starts_with("data.mesh")
+    });
+    let mesh = if mesh_broken && snap.mesh.is_empty() {
+        problems.push("the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed".to_string());
+        MeshSettings { mode: OutboundMode::RegistryOnly, ..mesh }
+    } else {
+        mesh
+    };
+    for p in &problems {
+        log::error!("{p}");
+    }
+    log::info!("policy: {} ServiceEntries, mesh mode {}, {} problems", entries.len(), mesh.mode, problems.len());
+    Sources { entries, mesh, problems }
+}
+
+fn compile(cfg: &AgentConfig, sources: &Sources, assignments: &BTreeMap<u64, Assignment>, resolver: &Resolver) -> Desired {
+    let mut namespaces: BTreeSet<String> = assignments.values().map(|a| a.namespace.clone()).collect();
+    namespaces.extend(cfg.namespaces.iter().cloned());
+    let mut dns_servers: Vec<IpAddr> = resolver.servers().to_vec();
+    if let Some(server) = cfg.dns.server {
+        dns_servers.push(server.ip());
+    }
+    policy::compile(&policy::Inputs {
+        service_entries: &sources.entries,
+        mesh: &sources.mesh,
+        namespaces: &namespaces,
+        dns: &resolver.answers(),
+        dns_servers: &dns_servers,
+        allow_cidrs: &cfg.allow_cidrs,
+        istio_compat: cfg.istio_compat,
+    })
+}
+
+fn apply(
+    dp: &mut Datapath,
+    desired: &Desired,
+    assignments: &BTreeMap<u64, Assignment>,
+    explainer: &RwLock<Explainer>,
+) -> anyhow::Result<bool> {
+    dp.ensure_scope_ids(desired.scopes.keys())?;
+    let plan = plan::build(desired, assignments, dp.scope_ids());
+    let started = std::time::Instant::now();
+    let report = dp.apply(&plan);
+    for err in &report.errors {
+        log::error!("datapath: {err}; that entry stays out (fail closed)");
+    }
+    log::info!(
+        "applied: {} cgroups, {} exact + {} CIDR entries (+{} -{}) in {:?}",
+        plan.cgroups.len(),
+        plan.exact.len(),
+        plan.cidr.len(),
+        report.added,
+        report.removed,
+        started.elapsed()
+    );
+    let mut ex = explainer.write().unwrap_or_else(|p| p.into_inner());
+    ex.namespaces = dp.scope_ids().iter().map(|(ns, id)| (*id, ns.clone())).collect();
+    ex.cgroups = assignments.iter().map(|(id, a)| (*id, a.path.clone())).collect();
+    ex.hosts_by_ip = desired.hosts_by_ip.clone();
+    Ok(report.errors.is_empty())
+}
+
+fn write_status(cfg: &AgentConfig, generation: u64, sources: &Sources, desired: &Desired, resolver: &Resolver) {
+    let Some(path) = &cfg.status_file else { return };
+    let status = Status {
+        generation,
+        service_entries: sources.entries.len(),
+        namespaces: desired.scopes.iter().map(|(ns, s)| (ns.as_str(), s.mode.to_string())).collect(),
+        problems: &sources.problems,
+        notes: &desired.notes,
+        dns: resolver.describe(),
+    };
+    let tmp = path.with_extension("tmp");
+    let written = serde_json::to_vec_pretty(&status)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| Ok(std::fs::write(&tmp, bytes)?))
+        .and_then(|()| Ok(std::fs::rename(&tmp, path)?));
+    if let Err(err) = written {
+        log::warn!("writing status file {}: {err:#}", path.display());
+    }
+}

@@ -1,0 +1,54 @@
+use std::{
+    os::unix::process::CommandExt as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use super::Placement;
+use crate::{cgroup, datapath};
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Namespace whose cgroup the command runs in; created when needed.
+    #[arg(long, short = 'n', value_name = "NS")]
+    namespace: String,
+    /// How long to wait for the agent to claim a new namespace cgroup, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    wait_ms: u64,
+    #[command(flatten)]
+    placement: Placement,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Never runs the command unenforced: it waits until the agent has mapped the cgroup.
+pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
+    let layout = args.placement.layout(&[])?;
+    let dir = layout.namespace_dir(&args.namespace)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+    let id = cgroup::cgroup_id(&dir)?;
+
+    let map = datapath::open_cgroup_map(&args.placement.pin_root())?;
+    let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
+    while map.get(&id, 0).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent has not claimed namespace {:?} (cgroup {}) after {} ms; is `enforcer run` running with the same --bpffs-root and --cgroup-parent?",
+                args.namespace,
+                dir.display(),
+                args.wait_ms
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cgroup::enter(&dir)?;
+    let (program, rest) = args.command.split_first().context("no command given")?;
+    // exec only returns on failure.
+    let err = Command::new(program).args(rest).exec();
+    eprintln!("enforcer exec: cannot run {program}: {err}");
+    Ok(127)
+}

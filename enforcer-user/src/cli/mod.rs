@@ -1,0 +1,59 @@
+//! Command-line interface: one module per subcommand.
+
+mod exec;
+mod run;
+mod teardown;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{cgroup::Layout, datapath::bpffs};
+
+#[derive(Parser, Debug)]
+#[command(name = "enforcer", version, about = "eBPF egress enforcement from Istio ServiceEntries")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent in the foreground.
+    Run(run::RunArgs),
+    /// Run a command inside the cgroup of a namespace (local mode).
+    Exec(exec::ExecArgs),
+    /// Detach the programs and remove everything the agent pinned. Enforcement stops.
+    Teardown(teardown::TeardownArgs),
+}
+
+/// Where the agent keeps its state; agents and commands that share these see each other.
+#[derive(Args, Debug, Clone)]
+pub struct Placement {
+    /// Directory under bpffs for pinned programs, links and maps [default: <bpffs>/enforcer].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs_root: Option<PathBuf>,
+    /// cgroup (relative to the cgroup2 mount) under which namespace cgroups live.
+    #[arg(long, value_name = "NAME", default_value = "enforcer")]
+    pub cgroup_parent: String,
+}
+
+impl Placement {
+    pub fn pin_root(&self) -> PathBuf {
+        self.bpffs_root.clone().unwrap_or_else(bpffs::default_pin_root)
+    }
+
+    pub fn layout(&self, mapped: &[(String, PathBuf)]) -> anyhow::Result<Layout> {
+        Layout::new(&self.cgroup_parent, mapped)
+    }
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub fn main() -> anyhow::Result<i32> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::run(args).map(|()| 0),
+        Command::Exec(args) => exec::exec(args),
+        Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
+    }
+}

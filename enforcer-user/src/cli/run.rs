@@ -1,0 +1,90 @@
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+use ipnet::IpNet;
+
+use super::Placement;
+use crate::{agent::AgentConfig, datapath, resolver::DnsSettings};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Directory of Istio YAML (`*.yaml`, `*.yml`), watched for changes.
+    #[arg(long, value_name = "DIR")]
+    policies: PathBuf,
+    /// Mesh config: an IstioOperator, Istio's `istio` ConfigMap, or a bare MeshConfig.
+    #[arg(long, value_name = "FILE")]
+    mesh_config: Option<PathBuf>,
+    /// DNS server for resolving ServiceEntry hosts [default: the system's].
+    #[arg(long, value_name = "IP:PORT")]
+    dns_server: Option<SocketAddr>,
+    /// Shortest TTL honoured, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    dns_min_ttl: u64,
+    /// Longest TTL honoured, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    dns_max_ttl: u64,
+    /// Always allowed for every namespace (loopback always is). Repeatable.
+    #[arg(long, value_name = "CIDR")]
+    allow_cidr: Vec<IpNet>,
+    /// Follow Istio where `resolution: NONE` has no addresses: any IP on an opaque TCP port.
+    #[arg(long)]
+    istio_compat: bool,
+    /// Map an existing cgroup (path relative to the cgroup2 mount) to a namespace. Repeatable.
+    #[arg(long = "cgroup", value_name = "NS=PATH", value_parser = parse_mapping)]
+    cgroups: Vec<(String, PathBuf)>,
+    /// Create the cgroup of this namespace at start. Repeatable.
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// Capacity of the exact allow map (used when the maps are first created).
+    #[arg(long, value_name = "N", default_value_t = 131_072)]
+    max_entries: u32,
+    /// Capacity of the CIDR allow trie (used when the maps are first created).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    max_cidr_entries: u32,
+    /// Write a JSON status (generation, problems, DNS answers) here after every change.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
+    #[command(flatten)]
+    placement: Placement,
+}
+
+fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
+    let (ns, path) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NS=PATH"))?;
+    if !crate::policy::is_dns1123_label(ns) {
+        return Err(format!("{ns:?} is not a valid namespace name"));
+    }
+    Ok((ns.to_string(), PathBuf::from(path)))
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.dns_min_ttl <= args.dns_max_ttl, "--dns-min-ttl must not exceed --dns-max-ttl");
+    let cgroups = args.placement.layout(&args.cgroups)?;
+    let cfg = AgentConfig {
+        policies: args.policies,
+        mesh_config: args.mesh_config,
+        dns: DnsSettings {
+            server: args.dns_server,
+            min_ttl: Duration::from_secs(args.dns_min_ttl),
+            max_ttl: Duration::from_secs(args.dns_max_ttl),
+        },
+        allow_cidrs: args.allow_cidr,
+        istio_compat: args.istio_compat,
+        datapath: datapath::Options {
+            pin_root: args.placement.pin_root(),
+            cgroup_root: cgroups.root.clone(),
+            max_exact: args.max_entries,
+            max_cidr: args.max_cidr_entries,
+        },
+        cgroups,
+        namespaces: args.namespaces,
+        status_file: args.status_file,
+    };
+    anyhow::ensure!(cfg.policies.is_dir(), "--policies {} is not a directory", cfg.policies.display());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(crate::agent::run(cfg))
+}

@@ -1,0 +1,189 @@
+//! The only owner of the kernel side: loads the programs, pins programs, links and maps under
+//! bpffs, attaches to the cgroup v2 root, and applies map diffs.
+//!
+//! Restart and upgrade never open a gap: maps are pinned and reused, the new programs are attached
+//! beside the old ones (multi-attach), and only then are the old links unpinned and detached.
+
+pub mod bpffs;
+pub mod plan;
+mod sync;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{HashMap, LpmTrie, MapData, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr,
+    },
+    Ebpf, EbpfLoader,
+};
+use enforcer_common::{map_names, program_names, CgroupScope, PolicyKey, ScopeName};
+
+pub use plan::MapPlan;
+pub use sync::ApplyReport;
+
+/// The kernel object, built by `build.rs` from `enforcer-ebpf`.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_BPF_OBJECT"));
+
+const PROGRAMS: [&str; 4] =
+    [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6];
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Directory under bpffs that holds `maps/`, `programs/` and `links/`.
+    pub pin_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub max_exact: u32,
+    pub max_cidr: u32,
+}
+
+pub struct Datapath {
+    // Keeps the programs loaded for the lifetime of the agent; the pins keep them after it.
+    _ebpf: Ebpf,
+    maps: sync::Maps,
+    applied: MapPlan,
+    scope_ids: BTreeMap<String, u32>,
+}
+
+impl Datapath {
+    /// Loads, pins and attaches, adopting whatever an earlier agent left pinned. Returns the
+    /// ring buffer of refusals as well.
+    pub fn open(opts: &Options) -> anyhow::Result<(Self, RingBuf<MapData>)> {
+        bpffs::ensure_mounted(&opts.pin_root)?;
+        let maps_dir = opts.pin_root.join("maps");
+        for dir in [&maps_dir, &opts.pin_root.join("programs"), &opts.pin_root.join("links")] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(map_names::ALLOW_EXACT, opts.max_exact)
+            .map_max_entries(map_names::ALLOW_CIDR, opts.max_cidr)
+            .load(BPF_OBJECT)
+            .context("loading the BPF object (is this root, with BPF enabled?)")?;
+
+        let cgroup = File::open(&opts.cgroup_root)
+            .with_context(|| format!("opening cgroup {}", opts.cgroup_root.display()))?;
+        for name in PROGRAMS {
+            attach_replacing(&mut ebpf, name, &cgroup, &opts.pin_root)?;
+        }
+
+        let maps = sync::Maps {
+            cgroups: HashMap::<_, u64, CgroupScope>::try_from(take(&mut ebpf, map_names::CGROUPS)?)?,
+            exact: HashMap::<_, PolicyKey, u32>::try_from(take(&mut ebpf, map_names::ALLOW_EXACT)?)?,
+            cidr: LpmTrie::<_, PolicyKey, u32>::try_from(take(&mut ebpf, map_names::ALLOW_CIDR)?)?,
+            scope_names: HashMap::<_, ScopeName, u32>::try_from(take(&mut ebpf, map_names::SCOPE_NAMES)?)?,
+        };
+        let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
+        let applied = maps.read_current();
+        let scope_ids = maps.read_scope_ids();
+        log::info!(
+            "datapath ready at {}: adopted {} cgroups, {} exact and {} CIDR entries, {} scopes",
+            opts.pin_root.display(),
+            applied.cgroups.len(),
+            applied.exact.len(),
+            applied.cidr.len(),
+            scope_ids.len()
+        );
+        Ok((Self { _ebpf: ebpf, maps, applied, scope_ids }, events))
+    }
+
+    /// Stable scope ids per namespace, kept in a pinned map so that a restarted agent agrees with
+    /// the entries already in the kernel.
+    pub fn ensure_scope_ids<'a>(&mut self, namespaces: impl IntoIterator<Item = &'a String>) -> anyhow::Result<()> {
+        for ns in namespaces {
+            if self.scope_ids.contains_key(ns) {
+                continue;
+            }
+            let next = self.scope_ids.values().max().copied().unwrap_or(enforcer_common::GLOBAL_SCOPE) + 1;
+            self.maps.insert_scope_name(ns, next)?;
+            self.scope_ids.insert(ns.clone(), next);
+        }
+        Ok(())
+    }
+
+    pub fn scope_ids(&self) -> &BTreeMap<String, u32> {
+        &self.scope_ids
+    }
+
+    /// Brings the maps to `plan`: new allow entries first, then cgroups, then removals, so that
+    /// no moment allows more than either the old or the new state.
+    pub fn apply(&mut self, plan: &MapPlan) -> ApplyReport {
+        self.maps.apply(&mut self.applied, plan)
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} is missing from the BPF object"))
+}
+
+fn attach_replacing(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_root: &Path) -> anyhow::Result<()> {
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} is missing from the BPF object"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading program {name}"))?;
+    let link_id = prog
+        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .with_context(|| format!("attaching {name} to the cgroup root"))?;
+    let link: FdLink = prog.take_link(link_id)?.try_into().context("converting the link")?;
+
+    let link_pin = pin_root.join("links").join(name);
+    let staged = pin_root.join("links").join(format!("{name}.new"));
+    let _ = std::fs::remove_file(&staged);
+    link.pin(&staged).with_context(|| format!("pinning link {}", staged.display()))?;
+    // The new program is enforcing now; the old link, if any, can go.
+    if link_pin.exists() {
+        match PinnedLink::from_pin(&link_pin) {
+            Ok(old) => drop(old.unpin().context("unpinning the previous link")?),
+            Err(err) => log::warn!("could not open previous link {}: {err}", link_pin.display()),
+        }
+        let _ = std::fs::remove_file(&link_pin);
+    }
+    std::fs::rename(&staged, &link_pin).with_context(|| format!("renaming {}", staged.display()))?;
+
+    let prog_pin = pin_root.join("programs").join(name);
+    let _ = std::fs::remove_file(&prog_pin);
+    prog.pin(&prog_pin).with_context(|| format!("pinning program {}", prog_pin.display()))?;
+    Ok(())
+}
+
+/// Detaches everything pinned under `pin_root` and removes the pins. Enforcement stops.
+pub fn teardown(pin_root: &Path) -> anyhow::Result<()> {
+    let links = pin_root.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries.filter_map(Result::ok) {
+            match PinnedLink::from_pin(entry.path()) {
+                Ok(link) => drop(link.unpin()?),
+                Err(err) => log::warn!("{}: {err}", entry.path().display()),
+            }
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    for dir in ["programs", "maps"] {
+        if let Ok(entries) = std::fs::read_dir(pin_root.join(dir)) {
+            for entry in entries.filter_map(Result::ok) {
+                std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
+    }
+    for dir in ["programs", "maps", "links", ""] {
+        let path = pin_root.join(dir);
+        if path.exists() {
+            std::fs::remove_dir(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens the pinned cgroup map read-only, for `enforcer exec` to wait until its cgroup is claimed.
+pub fn open_cgroup_map(pin_root: &Path) -> anyhow::Result<HashMap<MapData, u64, CgroupScope>> {
+    let path = pin_root.join("maps").join(map_names::CGROUPS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {} (is the agent running?)", path.display()))?;
+    Ok(HashMap::try_from(aya::maps::Map::HashMap(data))?)
+}

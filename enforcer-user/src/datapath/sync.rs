@@ -1,0 +1,121 @@
+//! Diffs a [`MapPlan`] against what the maps hold and applies the difference.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
+use enforcer_common::{CgroupScope, PolicyKey, ScopeName};
+
+use super::MapPlan;
+
+/// Value stored for an allow entry; the key is what matters.
+const ALLOWED: u32 = 1;
+
+pub struct Maps {
+    pub cgroups: HashMap<MapData, u64, CgroupScope>,
+    pub exact: HashMap<MapData, PolicyKey, u32>,
+    pub cidr: LpmTrie<MapData, PolicyKey, u32>,
+    pub scope_names: HashMap<MapData, ScopeName, u32>,
+}
+
+/// What one apply did. Errors leave the affected entries out: less is allowed, never more.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub added: usize,
+    pub removed: usize,
+    pub errors: Vec<String>,
+}
+
+impl Maps {
+    pub fn read_current(&self) -> MapPlan {
+        MapPlan {
+            cgroups: self.cgroups.iter().filter_map(Result::ok).collect(),
+            exact: self.exact.keys().filter_map(Result::ok).collect(),
+            cidr: self.cidr.keys().filter_map(Result::ok).map(|k| (k.prefix_len(), k.data())).collect(),
+        }
+    }
+
+    pub fn read_scope_ids(&self) -> BTreeMap<String, u32> {
+        self.scope_names
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, id)| {
+                let end = k.name.iter().position(|&b| b == 0).unwrap_or(k.name.len());
+                (String::from_utf8_lossy(&k.name[..end]).into_owned(), id)
+            })
+            .collect()
+    }
+
+    pub fn insert_scope_name(&mut self, ns: &str, id: u32) -> anyhow::Result<()> {
+        let mut key = ScopeName { name: [0; 64] };
+        anyhow::ensure!(ns.len() < key.name.len(), "namespace name {ns:?} is too long");
+        key.name[..ns.len()].copy_from_slice(ns.as_bytes());
+        self.scope_names.insert(key, id, 0)?;
+        Ok(())
+    }
+
+    pub fn apply(&mut self, applied: &mut MapPlan, plan: &MapPlan) -> ApplyReport {
+        let mut report = ApplyReport::default();
+
+        let new: Vec<PolicyKey> = plan.exact.difference(&applied.exact).copied().collect();
+        for key in &new {
+            match self.exact.insert(*key, ALLOWED, 0) {
+                Ok(()) => {
+                    applied.exact.insert(*key);
+                    report.added += 1;
+                }
+                Err(err) => report.errors.push(format!("adding an allow entry for scope {}: {err}", key.scope)),
+            }
+        }
+        let new: Vec<(u32, PolicyKey)> = plan.cidr.difference(&applied.cidr).copied().collect();
+        for entry in &new {
+            match self.cidr.insert(&Key::new(entry.0, entry.1), ALLOWED, 0) {
+                Ok(()) => {
+                    applied.cidr.insert(*entry);
+                    report.added += 1;
+                }
+                Err(err) => report.errors.push(format!("adding a CIDR entry for scope {}: {err}", entry.1.scope)),
+            }
+        }
+        for (id, scope) in &plan.cgroups {
+            if applied.cgroups.get(id) == Some(scope) {
+                continue;
+            }
+            match self.cgroups.insert(id, scope, 0) {
+                Ok(()) => {
+                    applied.cgroups.insert(*id, *scope);
+                    report.added += 1;
+                }
+                Err(err) => report.errors.push(format!("mapping cgroup {id}: {err}")),
+            }
+        }
+
+        let stale: Vec<u64> = applied.cgroups.keys().filter(|id| !plan.cgroups.contains_key(id)).copied().collect();
+        for id in stale {
+            // A cgroup that is gone is already absent from the kernel map's point of view.
+            let _ = self.cgroups.remove(&id);
+            applied.cgroups.remove(&id);
+            report.removed += 1;
+        }
+        let stale: Vec<PolicyKey> = applied.exact.difference(&plan.exact).copied().collect();
+        for key in stale {
+            match self.exact.remove(&key) {
+                Ok(()) => {
+                    applied.exact.remove(&key);
+                    report.removed += 1;
+                }
+                Err(err) => report.errors.push(format!("removing an allow entry for scope {}: {err}", key.scope)),
+            }
+        }
+        let stale: Vec<(u32, PolicyKey)> = applied.cidr.difference(&plan.cidr).copied().collect();
+        for entry in stale {
+            match self.cidr.remove(&Key::new(entry.0, entry.1)) {
+                Ok(()) => {
+                    applied.cidr.remove(&entry);
+                    report.removed += 1;
+                }
+                Err(err) => report.errors.push(format!("removing a CIDR entry for scope {}: {err}", entry.1.scope)),
+            }
+        }
+        report
+    }
+}

@@ -1,0 +1,156 @@
+//! Refusal records from the kernel's ring buffer, explained and printed as JSON lines.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{MapData, RingBuf};
+use enforcer_common::{verdict, DenyEvent};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    net::{from_key_bytes, SocketFmt},
+    policy::{HostRef, L4},
+};
+
+/// What the agent knows that turns an id-only kernel record into a readable one.
+#[derive(Debug, Default)]
+pub struct Explainer {
+    pub namespaces: BTreeMap<u32, String>,
+    pub cgroups: BTreeMap<u64, PathBuf>,
+    pub hosts_by_ip: BTreeMap<IpAddr, BTreeSet<HostRef>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DenyRecord {
+    pub time_unix_ms: u128,
+    /// `denied`, or `audit` for what REGISTRY_ONLY would have refused.
+    pub verdict: &'static str,
+    pub namespace: String,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: String,
+    pub dst: String,
+    pub port: u16,
+    pub proto: String,
+    pub host: Option<String>,
+    pub reason: String,
+}
+
+impl Explainer {
+    pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
+        let ip = from_key_bytes(ev.addr);
+        let namespace = self.namespaces.get(&ev.scope).cloned().unwrap_or_else(|| format!("scope-{}", ev.scope));
+        let proto = L4::from_ip_proto(ev.proto).map_or_else(|| format!("ip-proto-{}", ev.proto), |l4| l4.to_string());
+        let refs = self.hosts_by_ip.get(&ip);
+        let host = refs.and_then(|r| r.iter().next()).map(|r| r.host.clone());
+
+        let mut reason = format!(
+            "no ServiceEntry visible to namespace {namespace} allows {}/{proto}",
+            SocketFmt(ip, ev.port)
+        );
+        if let Some(refs) = refs {
+            for r in refs {
+                let visible = r.visible_to.as_ref().is_none_or(|set| set.contains(&namespace));
+                if visible {
+                    reason.push_str(&format!("; ServiceEntry {} declares {} on other ports or protocols", r.service_entry, r.host));
+                } else {
+                    let to: Vec<&str> = r.visible_to.iter().flatten().map(String::as_str).collect();
+                    reason.push_str(&format!(
+                        "; {} is declared by ServiceEntry {}, exported only to [{}]",
+                        r.host,
+                        r.service_entry,
+                        to.join(", ")
+                    ));
+                }
+            }
+        }
+        let audit = ev.verdict == verdict::AUDIT;
+        if audit {
+            reason = format!("AUDIT: REGISTRY_ONLY would refuse this: {reason}");
+        }
+        DenyRecord {
+            time_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default(),
+            verdict: if audit { "audit" } else { "denied" },
+            namespace,
+            pid: ev.pid,
+            comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned(),
+            cgroup: self.cgroups.get(&ev.cgroup_id).map_or_else(|| ev.cgroup_id.to_string(), |p| p.display().to_string()),
+            dst: ip.to_string(),
+            port: ev.port,
+            proto,
+            host,
+            reason,
+        }
+    }
+}
+
+/// Reads the ring buffer until the agent stops, printing one JSON line per record on stdout.
+pub async fn run(ring: RingBuf<MapData>, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its fd, which stays open and unchanged while the AsyncFd
+    // owns the ring buffer.
+    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("watching the ring buffer: {}", e.into_parts().1))?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut out = std::io::stdout().lock();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<DenyEvent>() {
+                continue;
+            }
+            // SAFETY: the length was checked and DenyEvent is plain old data.
+            let ev: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let record = match explainer.read() {
+                Ok(ex) => ex.record(&ev),
+                Err(poisoned) => poisoned.into_inner().record(&ev),
+            };
+            if let Ok(line) = serde_json::to_string(&record) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let _ = out.flush();
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explains_a_refusal_with_the_host_and_its_export() {
+        let ip: IpAddr = "198.51.100.20".parse().unwrap();
+        let mut ex = Explainer::default();
+        ex.namespaces.insert(2, "default".into());
+        ex.hosts_by_ip.entry(ip).or_default().insert(HostRef {
+            host: "db.example.com".into(),
+            service_entry: "frontend/postgres-db".into(),
+            visible_to: Some(["frontend".to_string()].into()),
+        });
+        let ev = DenyEvent {
+            ts_ns: 0,
+            cgroup_id: 42,
+            scope: 2,
+            pid: 7,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            addr: crate::net::key_bytes(ip),
+            port: 5432,
+            proto: 6,
+            verdict: verdict::DENIED,
+            hook: 1,
+            pad: [0; 3],
+        };
+        let rec = ex.record(&ev);
+        assert_eq!(rec.namespace, "default");
+        assert_eq!(rec.comm, "psql");
+        assert_eq!(rec.host.as_deref(), Some("db.example.com"));
+        assert!(rec.reason.starts_with("no ServiceEntry visible to namespace default allows 198.51.100.20:5432/tcp"), "{}", rec.reason);
+        assert!(rec.reason.contains("exported only to [frontend]"), "{}", rec.reason);
+    }
+}

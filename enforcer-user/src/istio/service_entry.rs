@@ -1,0 +1,63 @@
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `spec` of a `networking.istio.io` ServiceEntry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub resolution: Resolution,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub export_to: Option<Vec<String>>,
+    #[serde(default)]
+    pub workload_selector: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Port {
+    pub number: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+/// A `WorkloadEntry` inlined in `spec.endpoints`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Port name to number on this endpoint.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// Istio's default when the field is absent.
+    #[default]
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}

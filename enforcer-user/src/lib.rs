@@ -1,0 +1,13 @@
+//! `enforcer`: Istio egress policy enforced by eBPF at connect() and sendmsg().
+
+pub mod agent;
+pub mod cgroup;
+pub mod cli;
+pub mod datapath;
+pub mod diag;
+pub mod events;
+pub mod istio;
+pub mod net;
+pub mod policy;
+pub mod resolver;
+pub mod sources;

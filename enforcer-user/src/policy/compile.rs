@@ -1,0 +1,214 @@
+//! ServiceEntries, mesh settings and DNS answers to per-namespace rules.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+use super::{is_opaque_tcp, l4_of_protocol, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
+use crate::{
+    istio::{OutboundMode, Port, Resolution, ServiceEntry},
+    net::parse_ip_or_cidr,
+};
+
+/// The mesh-wide settings that decide egress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshSettings {
+    pub mode: OutboundMode,
+    /// Applies to ServiceEntries without `exportTo`. Ours defaults to namespace-local.
+    pub default_export_to: Vec<String>,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self { mode: OutboundMode::AllowAny, default_export_to: vec![".".to_string()] }
+    }
+}
+
+pub struct Inputs<'a> {
+    /// Only valid objects: see `validate_service_entry`.
+    pub service_entries: &'a [ServiceEntry],
+    pub mesh: &'a MeshSettings,
+    /// Namespaces that have workloads (cgroups). Namespaces named by objects are added.
+    pub namespaces: &'a BTreeSet<String>,
+    /// Current DNS answers by name. A missing name allows nothing.
+    pub dns: &'a BTreeMap<String, Vec<IpAddr>>,
+    /// Resolvers every workload may reach on port 53.
+    pub dns_servers: &'a [IpAddr],
+    pub allow_cidrs: &'a [IpNet],
+    /// Istio's reading of `resolution: NONE` without addresses: any IP on an opaque TCP port.
+    pub istio_compat: bool,
+}
+
+/// The names the agent must resolve for these ServiceEntries.
+pub fn dns_names(entries: &[ServiceEntry], istio_compat: bool) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for se in entries {
+        let spec = &se.spec;
+        match spec.resolution {
+            Resolution::Dns | Resolution::DnsRoundRobin if !spec.endpoints.is_empty() => {
+                names.extend(spec.endpoints.iter().filter_map(|ep| ep.address.as_deref()).filter(|a| is_name(a)).map(str::to_string));
+            }
+            Resolution::Dns | Resolution::DnsRoundRobin => {
+                names.extend(spec.hosts.iter().filter(|h| is_name(h)).cloned());
+            }
+            Resolution::None if spec.addresses.is_empty() => {
+                let all_opaque = spec.ports.iter().all(|p| is_opaque_tcp(p.protocol.as_deref()));
+                if !(istio_compat && all_opaque) {
+                    names.extend(spec.hosts.iter().filter(|h| is_name(h)).cloned());
+                }
+            }
+            Resolution::None | Resolution::Static => {}
+        }
+    }
+    names
+}
+
+fn is_name(s: &str) -> bool {
+    !s.starts_with('*') && !s.starts_with("unix://") && s.parse::<IpAddr>().is_err()
+}
+
+pub fn compile(inp: &Inputs<'_>) -> Desired {
+    let mut all: BTreeSet<String> = inp.namespaces.clone();
+    for se in inp.service_entries {
+        all.insert(se.namespace.clone());
+        let export = se.spec.export_to.as_ref().unwrap_or(&inp.mesh.default_export_to);
+        all.extend(export.iter().filter(|v| !matches!(v.as_str(), "." | "*" | "~")).cloned());
+    }
+
+    let mut out = Desired::default();
+    for ns in &all {
+        let mut scope = ScopePolicy { mode: inp.mesh.mode, rules: BTreeMap::new() };
+        for &server in inp.dns_servers {
+            for l4 in [L4::Udp, L4::Tcp] {
+                scope.rules.entry(Rule::host(l4, 53, server)).or_default().insert(Origin::builtin("DNS server"));
+            }
+        }
+        out.scopes.insert(ns.clone(), scope);
+    }
+    out.global.extend(["127.0.0.0/8", "::1/128"].iter().filter_map(|s| parse_ip_or_cidr(s)));
+    out.global.extend(inp.allow_cidrs.iter().map(IpNet::trunc));
+
+    for se in inp.service_entries {
+        let visible = visible_to(se, &inp.mesh.default_export_to);
+        let rules = rules_of(se, inp, &mut out.notes);
+        for (rule, origin) in &rules {
+            if let Some(host) = &origin.host {
+                out.hosts_by_ip.entry(rule.net.addr()).or_default().insert(HostRef {
+                    host: host.clone(),
+                    service_entry: se.id(),
+                    visible_to: visible.clone(),
+                });
+            }
+        }
+        let targets: Vec<&String> = match &visible {
+            None => all.iter().collect(),
+            Some(set) => set.iter().collect(),
+        };
+        for ns in targets {
+            if let Some(scope) = out.scopes.get_mut(ns) {
+                for (rule, origin) in &rules {
+                    scope.rules.entry(*rule).or_default().insert(origin.clone());
+                }
+            }
+        }
+    }
+    out.notes.sort();
+    out.notes.dedup();
+    out
+}
+
+/// The namespaces a ServiceEntry is visible to; `None` means all of them.
+fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>> {
+    let list = se.spec.export_to.as_deref().unwrap_or(default);
+    if list.iter().any(|v| v == "*") {
+        return None;
+    }
+    Some(
+        list.iter()
+            .filter(|v| *v != "~")
+            .map(|v| if v == "." { se.namespace.clone() } else { v.clone() })
+            .collect(),
+    )
+}
+
+fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(Rule, Origin)> {
+    let spec = &se.spec;
+    let mut out = Vec::new();
+    let origin = |host: Option<&str>| Origin { service_entry: se.id(), host: host.map(str::to_string) };
+    let resolved = |name: &str, l4: L4, ports: &[u16], out: &mut Vec<(Rule, Origin)>, notes: &mut Vec<String>| match inp.dns.get(name) {
+        Some(ips) if !ips.is_empty() => {
+            for ip in ips {
+                for &port in ports {
+                    out.push((Rule::host(l4, port, *ip), origin(Some(name))));
+                }
+            }
+        }
+        _ => notes.push(format!("ServiceEntry {}: {name} has no DNS answer yet; nothing is allowed for it", se.id())),
+    };
+
+    for port in &spec.ports {
+        let Some(l4) = l4_of_protocol(port.protocol.as_deref()) else { continue };
+        let (number, target) = port_numbers(port);
+        for addr in &spec.addresses {
+            if let Some(net) = parse_ip_or_cidr(addr) {
+                out.push((Rule::new(l4, number, net), origin(None)));
+            }
+        }
+        let host_ports: &[u16] = if target == number { &[number] } else { &[number, target] };
+        match spec.resolution {
+            Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin if !spec.endpoints.is_empty() => {
+                for ep in &spec.endpoints {
+                    let Some(addr) = ep.address.as_deref() else { continue };
+                    let ep_port = port.name.as_ref().and_then(|n| ep.ports.get(n)).map_or(target, |&p| p as u16);
+                    if let Ok(ip) = addr.parse::<IpAddr>() {
+                        out.push((Rule::host(l4, ep_port, ip), origin(None)));
+                    } else if is_name(addr) {
+                        resolved(addr, l4, &[ep_port], &mut out, notes);
+                    }
+                }
+            }
+            Resolution::Dns | Resolution::DnsRoundRobin => {
+                for host in spec.hosts.iter().filter(|h| is_name(h)) {
+                    resolved(host, l4, host_ports, &mut out, notes);
+                }
+            }
+            Resolution::None if spec.addresses.is_empty() => {
+                if inp.istio_compat && is_opaque_tcp(port.protocol.as_deref()) {
+                    for any in ["0.0.0.0/0", "::/0"] {
+                        if let Some(net) = parse_ip_or_cidr(any) {
+                            out.push((Rule::new(l4, number, net), origin(None)));
+                        }
+                    }
+                } else {
+                    for host in &spec.hosts {
+                        if is_name(host) {
+                            resolved(host, l4, &[number], &mut out, notes);
+                        } else {
+                            notes.push(format!(
+                                "ServiceEntry {}: wildcard host {host} cannot be enforced by address; nothing is allowed for it",
+                                se.id()
+                            ));
+                        }
+                    }
+                }
+            }
+            Resolution::None | Resolution::Static => {}
+        }
+    }
+    out
+}
+
+/// The service port, and the port endpoints receive on.
+fn port_numbers(port: &Port) -> (u16, u16) {
+    // Validation guarantees both are in 1..=65535.
+    let number = u16::try_from(port.number).unwrap_or(0);
+    let target = port.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(number);
+    (number, target)
+}
+
+#[cfg(test)]
+#[path = "compile_tests.rs"]
+mod tests;

@@ -1,0 +1,294 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::{
+    istio::OutboundMode,
+    policy::validate_service_entry,
+    sources::documents::parse_documents,
+};
+
+fn entries(yaml: &str) -> Vec<ServiceEntry> {
+    let snap = parse_documents("test.yaml", yaml);
+    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+    for se in &snap.service_entries {
+        let problems = validate_service_entry(se);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+    snap.service_entries
+}
+
+struct Case {
+    ses: Vec<ServiceEntry>,
+    mesh: MeshSettings,
+    namespaces: BTreeSet<String>,
+    dns: BTreeMap<String, Vec<IpAddr>>,
+    compat: bool,
+}
+
+impl Case {
+    fn new(yaml: &str) -> Self {
+        Self {
+            ses: entries(yaml),
+            mesh: MeshSettings { mode: OutboundMode::RegistryOnly, ..MeshSettings::default() },
+            namespaces: ["default".to_string()].into(),
+            dns: BTreeMap::new(),
+            compat: false,
+        }
+    }
+    fn dns(mut self, name: &str, ips: &[&str]) -> Self {
+        self.dns.insert(name.into(), ips.iter().map(|s| s.parse().unwrap()).collect());
+        self
+    }
+    fn ns(mut self, names: &[&str]) -> Self {
+        self.namespaces.extend(names.iter().map(|s| s.to_string()));
+        self
+    }
+    fn compile(&self) -> Desired {
+        compile(&Inputs {
+            service_entries: &self.ses,
+            mesh: &self.mesh,
+            namespaces: &self.namespaces,
+            dns: &self.dns,
+            dns_servers: &[],
+            allow_cidrs: &[],
+            istio_compat: self.compat,
+        })
+    }
+}
+
+/// The rules of one namespace, as sorted `ip:port/proto` strings.
+fn rules(d: &Desired, ns: &str) -> Vec<String> {
+    let mut out: Vec<String> = d.scopes[ns].rules.keys().map(ToString::to_string).collect();
+    out.sort();
+    out
+}
+
+fn sorted<const N: usize>(items: [&str; N]) -> Vec<String> {
+    let mut out: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    out.sort();
+    out
+}
+
+const WIKIPEDIA: &str = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: wikipedia-egress}
+spec:
+  hosts: [www.wikipedia.org]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 443, name: https, protocol: HTTPS}
+  resolution: DNS
+"#;
+
+#[test]
+fn dns_resolution_allows_every_answer_on_every_port() {
+    let c = Case::new(WIKIPEDIA).dns("www.wikipedia.org", &["192.0.2.10", "2001:db8::10"]);
+    let d = c.compile();
+    assert_eq!(rules(&d, "default"), sorted(["192.0.2.10:80/tcp", "192.0.2.10:443/tcp", "[2001:db8::10]:80/tcp", "[2001:db8::10]:443/tcp"])
+    );
+    assert_eq!(d.scopes["default"].mode, OutboundMode::RegistryOnly);
+    assert_eq!(dns_names(&c.ses, false), ["www.wikipedia.org".to_string()].into());
+    let origin = d.scopes["default"].rules.values().next().unwrap().iter().next().unwrap();
+    assert_eq!(origin.service_entry, "default/wikipedia-egress");
+    assert_eq!(origin.host.as_deref(), Some("www.wikipedia.org"));
+}
+
+#[test]
+fn unresolved_host_allows_nothing_and_says_so() {
+    let d = Case::new(WIKIPEDIA).compile();
+    assert!(rules(&d, "default").is_empty());
+    assert_eq!(d.notes.len(), 1);
+    assert!(d.notes[0].contains("www.wikipedia.org has no DNS answer yet"));
+}
+
+#[test]
+fn namespace_local_by_default() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: postgres-db, namespace: frontend}
+spec:
+  hosts: [db.example.com]
+  ports: [{number: 5432, name: db, protocol: TCP}]
+  resolution: DNS
+"#;
+    let d = Case::new(yaml).dns("db.example.com", &["198.51.100.20"]).compile();
+    assert_eq!(rules(&d, "frontend"), sorted(["198.51.100.20:5432/tcp"]));
+    assert!(rules(&d, "default").is_empty(), "default must not see frontend's entry");
+    let refs = &d.hosts_by_ip[&"198.51.100.20".parse::<IpAddr>().unwrap()];
+    assert_eq!(refs.iter().next().unwrap().visible_to, Some(["frontend".to_string()].into()));
+}
+
+#[test]
+fn export_to_star_list_and_none() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: all, namespace: a}
+spec: {hosts: [all.example.com], addresses: [192.0.2.1], ports: [{number: 1, name: p}], exportTo: ["*"]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: some, namespace: a}
+spec: {hosts: [some.example.com], addresses: [192.0.2.2], ports: [{number: 2, name: p}], exportTo: [".", "b"]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: hidden, namespace: a}
+spec: {hosts: [hidden.example.com], addresses: [192.0.2.3], ports: [{number: 3, name: p}], exportTo: ["~"]}
+"#;
+    let d = Case::new(yaml).ns(&["c"]).compile();
+    assert_eq!(rules(&d, "a"), sorted(["192.0.2.1:1/tcp", "192.0.2.2:2/tcp"]));
+    assert_eq!(rules(&d, "b"), sorted(["192.0.2.1:1/tcp", "192.0.2.2:2/tcp"]));
+    assert_eq!(rules(&d, "c"), sorted(["192.0.2.1:1/tcp"]));
+    assert_eq!(rules(&d, "default"), sorted(["192.0.2.1:1/tcp"]));
+}
+
+#[test]
+fn mesh_default_export_to_applies_when_absent() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: e, namespace: a}
+spec: {hosts: [e.example.com], addresses: [192.0.2.5], ports: [{number: 9, name: p}]}
+"#;
+    let mut c = Case::new(yaml);
+    c.mesh.default_export_to = vec!["*".into()];
+    assert_eq!(rules(&c.compile(), "default"), ["192.0.2.5:9/tcp"]);
+}
+
+#[test]
+fn static_endpoints_with_port_mapping_and_target_port() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mongo}
+spec:
+  hosts: [mymongodb.somedomain]
+  addresses: [192.0.2.0/24]
+  ports:
+  - {number: 27018, name: mongodb, protocol: MONGO, targetPort: 27017}
+  - {number: 53, name: dns, protocol: UDP}
+  resolution: STATIC
+  endpoints:
+  - address: 198.51.100.2
+  - address: 198.51.100.3
+    ports: {mongodb: 30000}
+"#;
+    let d = Case::new(yaml).compile();
+    assert_eq!(rules(&d, "default"), sorted([
+            "192.0.2.0/24:27018/tcp",
+            "198.51.100.2:27017/tcp",
+            "198.51.100.3:30000/tcp",
+            "192.0.2.0/24:53/udp",
+            "198.51.100.2:53/udp",
+            "198.51.100.3:53/udp",
+        ])
+    );
+}
+
+#[test]
+fn dns_endpoints_resolve_the_endpoint_names_not_the_hosts() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: proxied}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: TLS}]
+  resolution: DNS
+  endpoints: [{address: lb.example.net}, {address: 203.0.113.9}]
+"#;
+    let c = Case::new(yaml).dns("lb.example.net", &["203.0.113.8"]).dns("api.example.com", &["192.0.2.99"]);
+    assert_eq!(dns_names(&c.ses, false), ["lb.example.net".to_string()].into());
+    assert_eq!(rules(&c.compile(), "default"), ["203.0.113.8:443/tcp", "203.0.113.9:443/tcp"]);
+}
+
+#[test]
+fn none_with_addresses_uses_cidrs() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: net}
+spec:
+  hosts: [internal.example.com]
+  addresses: [203.0.113.0/24, "2001:db8:1::/48"]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: NONE
+"#;
+    let c = Case::new(yaml);
+    assert!(dns_names(&c.ses, false).is_empty());
+    assert_eq!(rules(&c.compile(), "default"), sorted(["203.0.113.0/24:8080/tcp", "2001:db8:1::/48:8080/tcp"]));
+}
+
+#[test]
+fn none_without_addresses_strict_and_compat() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: n}
+spec:
+  hosts: [db.example.com, "*.example.org"]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+"#;
+    let mut c = Case::new(yaml).dns("db.example.com", &["198.51.100.20"]);
+    let strict = c.compile();
+    assert_eq!(rules(&strict, "default"), sorted(["198.51.100.20:5432/tcp"]));
+    assert!(strict.notes.iter().any(|n| n.contains("wildcard host *.example.org")));
+    c.compat = true;
+    assert!(dns_names(&c.ses, true).is_empty());
+    assert_eq!(rules(&c.compile(), "default"), ["0.0.0.0/0:5432/tcp", "::/0:5432/tcp"]);
+}
+
+#[test]
+fn ipv4_mapped_addresses_are_canonical() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: m}
+spec: {hosts: [m.example.com], addresses: ["::ffff:192.0.2.4", "::ffff:192.0.2.0/120"], ports: [{number: 80, name: http}], resolution: STATIC}
+"#;
+    assert_eq!(rules(&Case::new(yaml).compile(), "default"), sorted(["192.0.2.4:80/tcp", "192.0.2.0/24:80/tcp"]));
+}
+
+#[test]
+fn builtins_dns_servers_and_global_cidrs() {
+    let ses = Vec::new();
+    let mesh = MeshSettings::default();
+    let namespaces: BTreeSet<String> = ["x".to_string()].into();
+    let dns = BTreeMap::new();
+    let servers: Vec<IpAddr> = vec!["127.0.0.53".parse().unwrap()];
+    let cidrs = vec!["10.96.0.0/12".parse().unwrap()];
+    let d = compile(&Inputs {
+        service_entries: &ses,
+        mesh: &mesh,
+        namespaces: &namespaces,
+        dns: &dns,
+        dns_servers: &servers,
+        allow_cidrs: &cidrs,
+        istio_compat: false,
+    });
+    assert_eq!(d.scopes["x"].mode, OutboundMode::AllowAny, "Istio's default mode");
+    assert_eq!(rules(&d, "x"), sorted(["127.0.0.53:53/tcp", "127.0.0.53:53/udp"]));
+    let global: Vec<String> = d.global.iter().map(ToString::to_string).collect();
+    assert_eq!(global, ["10.96.0.0/12", "127.0.0.0/8", "::1/128"]);
+}
+
+#[test]
+fn two_entries_for_one_ip_keep_both_origins() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: one}
+spec: {hosts: [a.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: two}
+spec: {hosts: [b.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}
+"#;
+    let d = Case::new(yaml).dns("a.example.com", &["192.0.2.50"]).dns("b.example.com", &["192.0.2.50"]).compile();
+    let origins = &d.scopes["default"].rules.values().next().unwrap();
+    assert_eq!(origins.len(), 2, "removing one entry must not remove the other's access");
+}

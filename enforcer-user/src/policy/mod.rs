@@ -1,0 +1,31 @@
+//! The policy compiler: Istio objects and DNS answers in, desired rules per namespace out.
+//!
+//! Everything here is pure (no I/O), so the semantics are unit-tested without a kernel.
+
+mod compile;
+mod model;
+mod validate;
+
+pub use compile::{compile, dns_names, Inputs, MeshSettings};
+pub use model::{canonical_ip, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
+pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
+
+/// The transport an Istio port protocol rides on; `None` for an unknown protocol.
+pub fn l4_of_protocol(protocol: Option<&str>) -> Option<L4> {
+    let p = protocol.unwrap_or_default().to_ascii_uppercase();
+    match p.as_str() {
+        "" | "HTTP" | "HTTPS" | "HTTP2" | "HTTP_PROXY" | "GRPC" | "GRPC-WEB" | "TLS" | "TCP" | "MONGO" | "MYSQL" | "REDIS" => {
+            Some(L4::Tcp)
+        }
+        "UDP" => Some(L4::Udp),
+        _ => None,
+    }
+}
+
+/// Protocols Istio treats as opaque TCP, where it routes by destination address alone.
+pub fn is_opaque_tcp(protocol: Option<&str>) -> bool {
+    matches!(
+        protocol.unwrap_or_default().to_ascii_uppercase().as_str(),
+        "" | "TCP" | "MONGO" | "MYSQL" | "REDIS"
+    )
+}

@@ -1,0 +1,138 @@
+//! What the compiler produces: per namespace, a mode and the (protocol, port, address) rules.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::istio::OutboundMode;
+
+/// Transport protocol of a rule. Istio's application protocols all ride on TCP except UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+impl L4 {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Self::Tcp => enforcer_common::proto::TCP,
+            Self::Udp => enforcer_common::proto::UDP,
+        }
+    }
+
+    pub fn from_ip_proto(proto: u8) -> Option<Self> {
+        match proto {
+            enforcer_common::proto::TCP => Some(Self::Tcp),
+            enforcer_common::proto::UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for L4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// Allow `l4` traffic to `net` on `port`. A full-length prefix is an exact address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub l4: L4,
+    pub port: u16,
+    pub net: IpNet,
+}
+
+impl Rule {
+    pub fn new(l4: L4, port: u16, net: IpNet) -> Self {
+        Self { l4, port, net: canonical_net(net) }
+    }
+
+    pub fn host(l4: L4, port: u16, ip: IpAddr) -> Self {
+        Self::new(l4, port, IpNet::from(ip))
+    }
+
+    pub fn is_exact(&self) -> bool {
+        self.net.prefix_len() == self.net.max_prefix_len()
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_exact() {
+            write!(f, "{}", crate::net::SocketFmt(self.net.addr(), self.port))?;
+        } else {
+            write!(f, "{}:{}", self.net, self.port)?;
+        }
+        write!(f, "/{}", self.l4)
+    }
+}
+
+/// IPv4-mapped IPv6 is the IPv4 address, so that it cannot be used to slip past a rule.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_or(net, |n| n.trunc()),
+            None => net.trunc(),
+        },
+        _ => net.trunc(),
+    }
+}
+
+/// Why a rule exists: the ServiceEntry (`namespace/name`) and, for resolved names, the host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Origin {
+    pub service_entry: String,
+    pub host: Option<String>,
+}
+
+impl Origin {
+    pub fn builtin(what: &str) -> Self {
+        Self { service_entry: format!("(built-in: {what})"), host: None }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScopePolicy {
+    pub mode: OutboundMode,
+    pub rules: BTreeMap<Rule, BTreeSet<Origin>>,
+}
+
+/// A host name some ServiceEntry declares, and where it is visible: used to explain refusals.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostRef {
+    pub host: String,
+    pub service_entry: String,
+    /// `None` means every namespace.
+    pub visible_to: Option<BTreeSet<String>>,
+}
+
+/// The whole desired state, before scope ids and cgroups are attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Per namespace. Every namespace the agent knows about has an entry.
+    pub scopes: BTreeMap<String, ScopePolicy>,
+    /// Allowed for every scope, on every port and protocol (loopback, `--allow-cidr`).
+    pub global: BTreeSet<IpNet>,
+    /// Resolved address to the declared hosts it came from.
+    pub hosts_by_ip: BTreeMap<IpAddr, BTreeSet<HostRef>>,
+    /// Things that are valid but cannot be fully enforced, such as an unresolved host.
+    pub notes: Vec<String>,
+}

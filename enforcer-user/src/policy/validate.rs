@@ -1,0 +1,177 @@
+//! Checks a ServiceEntry before it is compiled. An object with any error is skipped whole, so a
+//! mistake can only ever remove what that object allowed.
+//!
+//! The rules follow Istio's `ValidateServiceEntry` for the fields the kernel relies on.
+
+use std::net::IpAddr;
+
+use crate::{
+    diag::Problem,
+    istio::{Resolution, ServiceEntry},
+    net::parse_ip_or_cidr,
+};
+
+use super::l4_of_protocol;
+
+/// Returns every error found in `se` (empty when it is valid).
+pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
+    let mut errs = Errors { se, out: Vec::new() };
+    let spec = &se.spec;
+
+    if !is_dns1123_label(&se.namespace) {
+        errs.push("metadata.namespace", format!("{:?} is not a valid namespace name", se.namespace));
+    }
+    if spec.hosts.is_empty() {
+        errs.push("spec.hosts", "at least one host is required");
+    }
+    for (i, host) in spec.hosts.iter().enumerate() {
+        if let Err(msg) = check_host(host) {
+            errs.push(format!("spec.hosts[{i}]"), msg);
+        }
+    }
+
+    for (i, addr) in spec.addresses.iter().enumerate() {
+        match parse_ip_or_cidr(addr) {
+            None => errs.push(format!("spec.addresses[{i}]"), format!("{addr:?} is not an IP address or CIDR")),
+            Some(net) if net.prefix_len() != net.max_prefix_len()
+                && !matches!(spec.resolution, Resolution::None | Resolution::Static) =>
+            {
+                errs.push(format!("spec.addresses[{i}]"), "CIDR addresses are allowed only with resolution NONE or STATIC")
+            }
+            Some(_) => {}
+        }
+    }
+
+    if spec.ports.is_empty() {
+        errs.push("spec.ports", "at least one port is required");
+    }
+    for (i, port) in spec.ports.iter().enumerate() {
+        if !(1..=65535).contains(&port.number) {
+            errs.push(format!("spec.ports[{i}].number"), format!("{} is not a port number (1-65535)", port.number));
+        }
+        if let Some(target) = port.target_port.filter(|t| !(1..=65535).contains(t)) {
+            errs.push(format!("spec.ports[{i}].targetPort"), format!("{target} is not a port number (1-65535)"));
+        }
+        if l4_of_protocol(port.protocol.as_deref()).is_none() {
+            errs.push(format!("spec.ports[{i}].protocol"), format!("unrecognized protocol {:?}", port.protocol.as_deref().unwrap_or_default()));
+        }
+        let name = port.name.as_deref().unwrap_or_default();
+        if spec.ports[..i].iter().any(|p| p.number == port.number) {
+            errs.push(format!("spec.ports[{i}].number"), format!("port number {} is declared twice", port.number));
+        }
+        if !name.is_empty() && spec.ports[..i].iter().any(|p| p.name.as_deref() == Some(name)) {
+            errs.push(format!("spec.ports[{i}].name"), format!("port name {name:?} is declared twice"));
+        }
+    }
+
+    if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
+        errs.push("spec.workloadSelector", "endpoints and workloadSelector are mutually exclusive");
+    }
+    match spec.resolution {
+        Resolution::None if !spec.endpoints.is_empty() => {
+            errs.push("spec.endpoints", "no endpoints may be given for resolution NONE")
+        }
+        Resolution::DnsRoundRobin if spec.endpoints.len() > 1 => {
+            errs.push("spec.endpoints", "resolution DNS_ROUND_ROBIN allows at most one endpoint")
+        }
+        Resolution::Dns | Resolution::DnsRoundRobin if spec.endpoints.is_empty() => {
+            for (i, host) in spec.hosts.iter().enumerate() {
+                if host.starts_with('*') {
+                    errs.push(format!("spec.hosts[{i}]"), "a wildcard host needs endpoints when resolution is DNS");
+                }
+            }
+        }
+        _ => {}
+    }
+    for (i, ep) in spec.endpoints.iter().enumerate() {
+        let field = format!("spec.endpoints[{i}].address");
+        match ep.address.as_deref() {
+            None | Some("") if ep.network.is_none() => errs.push(field, "an address or a network is required"),
+            None | Some("") => {}
+            Some(a) if a.starts_with("unix://") => {}
+            Some(a) if spec.resolution == Resolution::Static && a.parse::<IpAddr>().is_err() => {
+                errs.push(field, format!("{a:?} is not an IP address; resolution STATIC needs IP endpoints"))
+            }
+            Some(a) if a.parse::<IpAddr>().is_err() => {
+                if let Err(msg) = check_host(a).and_then(|()| if a.contains('*') { Err("an endpoint address cannot be a wildcard".into()) } else { Ok(()) }) {
+                    errs.push(field, msg);
+                }
+            }
+            Some(_) => {}
+        }
+        for (name, number) in &ep.ports {
+            if !spec.ports.iter().any(|p| p.name.as_deref() == Some(name.as_str())) {
+                errs.push(format!("spec.endpoints[{i}].ports.{name}"), format!("no port named {name:?} in spec.ports"));
+            }
+            if !(1..=65535).contains(number) {
+                errs.push(format!("spec.endpoints[{i}].ports.{name}"), format!("{number} is not a port number (1-65535)"));
+            }
+        }
+    }
+
+    if let Some(export_to) = &spec.export_to {
+        check_export_to(export_to, "spec.exportTo", &mut errs);
+    }
+    errs.out
+}
+
+/// Checks an `exportTo` list (also used for mesh `defaultServiceExportTo`).
+pub fn export_to_errors(list: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, v) in list.iter().enumerate() {
+        if list[..i].contains(v) {
+            out.push(format!("{v:?} is listed twice"));
+        }
+        if !(v == "." || v == "*" || v == "~" || is_dns1123_label(v)) {
+            out.push(format!("{v:?} is neither '.', '*', '~' nor a namespace name"));
+        }
+    }
+    if list.iter().any(|v| v == "~") && list.len() > 1 {
+        out.push("'~' must be the only entry".to_string());
+    }
+    if list.iter().any(|v| v == ".") && list.iter().any(|v| v == "*") {
+        out.push("'.' and '*' cannot be used together".to_string());
+    }
+    out
+}
+
+fn check_export_to(list: &[String], field: &str, errs: &mut Errors<'_>) {
+    for msg in export_to_errors(list) {
+        errs.push(field, msg);
+    }
+}
+
+fn check_host(host: &str) -> Result<(), String> {
+    if host == "*" {
+        return Err("'*' alone is not a valid host".to_string());
+    }
+    let name = host.strip_prefix("*.").or_else(|| host.strip_prefix('*')).unwrap_or(host);
+    if name.is_empty() || name.contains('*') {
+        return Err(format!("{host:?}: a wildcard is allowed only as the first label"));
+    }
+    if name.len() > 253 || !name.trim_end_matches('.').split('.').all(is_dns1123_label) {
+        return Err(format!("{host:?} is not a valid DNS name"));
+    }
+    Ok(())
+}
+
+/// A DNS-1123 label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+struct Errors<'a> {
+    se: &'a ServiceEntry,
+    out: Vec<Problem>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let object = format!("ServiceEntry {}", self.se.id());
+        self.out.push(Problem::new(&self.se.origin, object, field, message));
+    }
+}

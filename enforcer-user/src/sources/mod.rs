@@ -1,0 +1,30 @@
+//! Where policy comes from. Local mode reads a directory of Istio YAML; Kubernetes mode (later)
+//! reads the same objects from the API server. Both produce a [`Snapshot`].
+
+pub mod documents;
+pub mod files;
+
+use crate::{
+    diag::Problem,
+    istio::{MeshConfig, ServiceEntry},
+};
+
+/// Everything read from the sources at one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub service_entries: Vec<ServiceEntry>,
+    /// Mesh configs found, with their origin. More than one is an error.
+    pub mesh: Vec<(String, MeshConfig)>,
+    pub problems: Vec<Problem>,
+    /// Objects understood but not enforced here (other kinds), for the log.
+    pub ignored: Vec<String>,
+}
+
+impl Snapshot {
+    pub fn merge(&mut self, other: Snapshot) {
+        self.service_entries.extend(other.service_entries);
+        self.mesh.extend(other.mesh);
+        self.problems.extend(other.problems);
+        self.ignored.extend(other.ignored);
+    }
+}
