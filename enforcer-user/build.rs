@@ -17,7 +17,10 @@ fn main() {
     for dir in ["enforcer-ebpf/src", "enforcer-common/src"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("enforcer-ebpf/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("enforcer-ebpf/Cargo.toml").display()
+    );
     println!("cargo:rerun-if-env-changed=ENFORCER_BPF_TOOLCHAIN");
 
     let target_dir = root.join("target").join("bpf");
@@ -33,22 +36,42 @@ fn main() {
     // The outer cargo's settings (wrappers, flags, jobserver) must not leak into the inner build.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO") && key != "CARGO_HOME") || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTDOC" {
+        if (key.starts_with("CARGO") && key != "CARGO_HOME")
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOC"
+        {
             cmd.env_remove(&key);
         }
     }
     cmd.current_dir(&root)
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", "bpf-linker")
-        .args(["build", "--package", "enforcer-ebpf", "--release", "--target", "bpfel-unknown-none"])
+        .args([
+            "build",
+            "--package",
+            "enforcer-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(&target_dir);
     if let Some(rustc) = debian_rustc() {
         cmd.env("RUSTC", rustc);
     }
-    let status = cmd.status().expect("failed to run cargo for the BPF target");
-    assert!(status.success(), "building enforcer-ebpf failed; see the output above");
-    assert!(object.exists(), "the BPF object {} was not produced", object.display());
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the BPF target");
+    assert!(
+        status.success(),
+        "building enforcer-ebpf failed; see the output above"
+    );
+    assert!(
+        object.exists(),
+        "the BPF object {} was not produced",
+        object.display()
+    );
     println!("cargo:rustc-env=ENFORCER_BPF_OBJECT={}", object.display());
 }
 
@@ -73,9 +96,12 @@ fn bpf_cargo() -> Option<Command> {
         .ok()
         .filter(|out| out.status.success())?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    sysroot.join("lib/rustlib/src/rust/library/core").exists().then(|| {
-        let mut cmd = Command::new("rustup");
-        cmd.args(["run", "nightly", "cargo"]);
-        cmd
-    })
+    sysroot
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+        .then(|| {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", "nightly", "cargo"]);
+            cmd
+        })
 }

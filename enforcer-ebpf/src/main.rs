@@ -5,9 +5,13 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, RingBuf},
     programs::SockAddrContext,
@@ -38,33 +42,36 @@ static SCOPE_NAMES: HashMap<ScopeName, u32> = HashMap::pinned(65_536, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, hook::CONNECT4)
+    decide::<false>(&ctx, hook::CONNECT4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, hook::CONNECT6)
+    decide::<true>(&ctx, hook::CONNECT6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, hook::SENDMSG4)
+    decide::<false>(&ctx, hook::SENDMSG4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, hook::SENDMSG6)
+    decide::<true>(&ctx, hook::SENDMSG6)
 }
 
-fn decide(ctx: &SockAddrContext, hook: u8) -> i32 {
-    match try_decide(ctx, hook) {
+fn decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
+    match try_decide::<V6>(ctx, hook) {
         Ok(verdict) => verdict,
         // Only reachable for an enforced cgroup: fail closed.
         Err(()) => DENY,
     }
 }
 
-fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
+// V6 is a const so that each program reads only its own context fields, at fixed offsets: the
+// verifier refuses context loads through a computed pointer.
+#[inline(always)]
+fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     // SAFETY: the helper has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
@@ -75,24 +82,37 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         return Ok(ALLOW);
     }
 
-    // SAFETY: the context pointer is provided by the kernel for this program type.
-    let sa = unsafe { &*ctx.sock_addr };
-    let addr = if hook == hook::CONNECT4 || hook == hook::SENDMSG4 {
-        ipv4_mapped(sa.user_ip4.to_ne_bytes())
-    } else {
-        let w = sa.user_ip6;
-        let mut a = [0u8; 16];
-        a[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        a[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        a[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        a[12..16].copy_from_slice(&w[3].to_ne_bytes());
-        a
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel provides a valid bpf_sock_addr for this program type; each field is
+    // read once with a 4-byte load, as the verifier requires.
+    let (addr, user_port, protocol) = unsafe {
+        let addr = if V6 {
+            let mut a = [0u8; 16];
+            a[0..4].copy_from_slice(&read_volatile(&(*sa).user_ip6[0]).to_ne_bytes());
+            a[4..8].copy_from_slice(&read_volatile(&(*sa).user_ip6[1]).to_ne_bytes());
+            a[8..12].copy_from_slice(&read_volatile(&(*sa).user_ip6[2]).to_ne_bytes());
+            a[12..16].copy_from_slice(&read_volatile(&(*sa).user_ip6[3]).to_ne_bytes());
+            a
+        } else {
+            ipv4_mapped(read_volatile(&(*sa).user_ip4).to_ne_bytes())
+        };
+        (
+            addr,
+            read_volatile(&(*sa).user_port),
+            read_volatile(&(*sa).protocol),
+        )
     };
     // user_port holds the port in network byte order in its low 16 bits.
-    let port = u16::from_be(sa.user_port as u16);
-    let proto = sa.protocol as u8;
+    let port = u16::from_be(user_port as u16);
+    let proto = protocol as u8;
 
-    let key = PolicyKey { scope: scope.scope, port, proto, pad: 0, addr };
+    let key = PolicyKey {
+        scope: scope.scope,
+        port,
+        proto,
+        pad: 0,
+        addr,
+    };
     if allowed(&key) {
         return Ok(ALLOW);
     }
@@ -114,7 +134,13 @@ fn allowed(key: &PolicyKey) -> bool {
     if ALLOW_CIDR.get(Key::new(full, *key)).is_some() {
         return true;
     }
-    let global = PolicyKey { scope: GLOBAL_SCOPE, port: 0, proto: proto::ANY, pad: 0, addr: key.addr };
+    let global = PolicyKey {
+        scope: GLOBAL_SCOPE,
+        port: 0,
+        proto: proto::ANY,
+        pad: 0,
+        addr: key.addr,
+    };
     ALLOW_CIDR.get(Key::new(full, global)).is_some()
 }
 
@@ -134,7 +160,11 @@ fn report(scope: &CgroupScope, cgroup_id: u64, key: &PolicyKey, hook: u8) {
         addr: key.addr,
         port: key.port,
         proto: key.proto,
-        verdict: if scope.mode == mode::AUDIT { verdict::AUDIT } else { verdict::DENIED },
+        verdict: if scope.mode == mode::AUDIT {
+            verdict::AUDIT
+        } else {
+            verdict::DENIED
+        },
         hook,
         pad: [0; 3],
     });

@@ -62,7 +62,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating cgroup {}", cfg.cgroups.managed.display()))?;
     for ns in &cfg.namespaces {
         let dir = cfg.cgroups.namespace_dir(ns)?;
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating cgroup {}", dir.display()))?;
     }
     let (mut dp, ring) = Datapath::open(&cfg.datapath)?;
     let explainer = Arc::new(RwLock::new(Explainer::default()));
@@ -72,11 +73,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (file_tx, mut file_rx) = mpsc::unbounded_channel();
     let mut watched = vec![cfg.policies.clone()];
     if let Some(parent) = cfg.mesh_config.as_ref().and_then(|m| m.parent()) {
-        watched.push(if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent.to_path_buf() });
+        watched.push(if parent.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            parent.to_path_buf()
+        });
     }
     let _file_watcher = files::DirWatcher::new(&watched, file_tx)?;
     let (cg_tx, mut cg_rx) = mpsc::unbounded_channel();
-    let _cgroup_watcher = files::DirWatcher::new(std::slice::from_ref(&cfg.cgroups.managed), cg_tx)?;
+    let _cgroup_watcher =
+        files::DirWatcher::new(std::slice::from_ref(&cfg.cgroups.managed), cg_tx)?;
 
     let mut sources = load_sources(&cfg);
     let mut assignments = cfg.cgroups.discover().unwrap_or_default();
@@ -106,7 +112,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             last_applied = complete.then_some(current);
         }
 
-        let next_dns = resolver.next_refresh().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let next_dns = resolver
+            .next_refresh()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             more = files::coalesce(&mut file_rx, Duration::from_millis(20)) => {
                 if more { sources = load_sources(&cfg); }
@@ -164,7 +172,11 @@ fn validate(snap: Snapshot) -> Sources {
     entries.retain(|se| {
         let dup = seen[&se.id()] > 1;
         if dup {
-            problems.push(format!("{}: ServiceEntry {}: metadata.name: defined more than once; skipped", se.origin, se.id()));
+            problems.push(format!(
+                "{}: ServiceEntry {}: metadata.name: defined more than once; skipped",
+                se.origin,
+                se.id()
+            ));
         }
         !dup
     });
@@ -172,42 +184,77 @@ fn validate(snap: Snapshot) -> Sources {
     let mesh = match snap.mesh.as_slice() {
         [] => MeshSettings::default(),
         [(origin, mesh)] => {
-            let mut settings = MeshSettings { mode: mesh.mode(), ..MeshSettings::default() };
+            let mut settings = MeshSettings {
+                mode: mesh.mode(),
+                ..MeshSettings::default()
+            };
             if let Some(list) = &mesh.default_service_export_to {
                 let errs = policy::export_to_errors(list);
                 if errs.is_empty() {
                     settings.default_export_to = list.clone();
                 } else {
-                    problems.extend(errs.iter().map(|e| format!("{origin}: defaultServiceExportTo: {e}")));
+                    problems.extend(
+                        errs.iter()
+                            .map(|e| format!("{origin}: defaultServiceExportTo: {e}")),
+                    );
                 }
             }
             settings
         }
         many => {
             let origins: Vec<&str> = many.iter().map(|(o, _)| o.as_str()).collect();
-            problems.push(format!("more than one mesh config ({}); enforcing REGISTRY_ONLY until one remains", origins.join(", ")));
-            MeshSettings { mode: OutboundMode::RegistryOnly, ..MeshSettings::default() }
+            problems.push(format!(
+                "more than one mesh config ({}); enforcing REGISTRY_ONLY until one remains",
+                origins.join(", ")
+            ));
+            MeshSettings {
+                mode: OutboundMode::RegistryOnly,
+                ..MeshSettings::default()
+            }
         }
     };
     // An unreadable mesh config must not leave the mesh open: fail closed.
     let mesh_broken = snap.problems.iter().any(|p| {
-        p.object == "MeshConfig" || p.field.starts_with("spec.meshConfig") || p.field.starts_with("data.mesh")
+        p.object == "MeshConfig"
+            || p.field.starts_with("spec.meshConfig")
+            || p.field.starts_with("data.mesh")
     });
     let mesh = if mesh_broken && snap.mesh.is_empty() {
-        problems.push("the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed".to_string());
-        MeshSettings { mode: OutboundMode::RegistryOnly, ..mesh }
+        problems.push(
+            "the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed"
+                .to_string(),
+        );
+        MeshSettings {
+            mode: OutboundMode::RegistryOnly,
+            ..mesh
+        }
     } else {
         mesh
     };
     for p in &problems {
         log::error!("{p}");
     }
-    log::info!("policy: {} ServiceEntries, mesh mode {}, {} problems", entries.len(), mesh.mode, problems.len());
-    Sources { entries, mesh, problems }
+    log::info!(
+        "policy: {} ServiceEntries, mesh mode {}, {} problems",
+        entries.len(),
+        mesh.mode,
+        problems.len()
+    );
+    Sources {
+        entries,
+        mesh,
+        problems,
+    }
 }
 
-fn compile(cfg: &AgentConfig, sources: &Sources, assignments: &BTreeMap<u64, Assignment>, resolver: &Resolver) -> Desired {
-    let mut namespaces: BTreeSet<String> = assignments.values().map(|a| a.namespace.clone()).collect();
+fn compile(
+    cfg: &AgentConfig,
+    sources: &Sources,
+    assignments: &BTreeMap<u64, Assignment>,
+    resolver: &Resolver,
+) -> Desired {
+    let mut namespaces: BTreeSet<String> =
+        assignments.values().map(|a| a.namespace.clone()).collect();
     namespaces.extend(cfg.namespaces.iter().cloned());
     let mut dns_servers: Vec<IpAddr> = resolver.servers().to_vec();
     if let Some(server) = cfg.dns.server {
@@ -247,18 +294,35 @@ fn apply(
         started.elapsed()
     );
     let mut ex = explainer.write().unwrap_or_else(|p| p.into_inner());
-    ex.namespaces = dp.scope_ids().iter().map(|(ns, id)| (*id, ns.clone())).collect();
-    ex.cgroups = assignments.iter().map(|(id, a)| (*id, a.path.clone())).collect();
+    ex.namespaces = dp
+        .scope_ids()
+        .iter()
+        .map(|(ns, id)| (*id, ns.clone()))
+        .collect();
+    ex.cgroups = assignments
+        .iter()
+        .map(|(id, a)| (*id, a.path.clone()))
+        .collect();
     ex.hosts_by_ip = desired.hosts_by_ip.clone();
     Ok(report.errors.is_empty())
 }
 
-fn write_status(cfg: &AgentConfig, generation: u64, sources: &Sources, desired: &Desired, resolver: &Resolver) {
+fn write_status(
+    cfg: &AgentConfig,
+    generation: u64,
+    sources: &Sources,
+    desired: &Desired,
+    resolver: &Resolver,
+) {
     let Some(path) = &cfg.status_file else { return };
     let status = Status {
         generation,
         service_entries: sources.entries.len(),
-        namespaces: desired.scopes.iter().map(|(ns, s)| (ns.as_str(), s.mode.to_string())).collect(),
+        namespaces: desired
+            .scopes
+            .iter()
+            .map(|(ns, s)| (ns.as_str(), s.mode.to_string()))
+            .collect(),
         problems: &sources.problems,
         notes: &desired.notes,
         dns: resolver.describe(),

@@ -15,7 +15,8 @@ use crate::policy::is_dns1123_label;
 
 /// Finds the cgroup2 mount point in `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     find_mount(&info, "cgroup2").context("no cgroup2 filesystem is mounted (cgroup v2 is required)")
 }
 
@@ -30,12 +31,17 @@ pub fn find_mount(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// The id the kernel reports for a cgroup (`bpf_get_current_cgroup_id`) is its inode number.
 pub fn cgroup_id(path: &Path) -> anyhow::Result<u64> {
-    Ok(std::fs::metadata(path).with_context(|| format!("reading cgroup {}", path.display()))?.ino())
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading cgroup {}", path.display()))?
+        .ino())
 }
 
 /// Layout of the cgroups the agent manages.
@@ -54,11 +60,19 @@ impl Layout {
         let mapped = mapped
             .iter()
             .map(|(ns, path)| {
-                let path = if path.is_absolute() { path.clone() } else { root.join(path) };
+                let path = if path.is_absolute() {
+                    path.clone()
+                } else {
+                    root.join(path)
+                };
                 (ns.clone(), path)
             })
             .collect();
-        Ok(Self { managed: root.join(parent.trim_matches('/')), root, mapped })
+        Ok(Self {
+            managed: root.join(parent.trim_matches('/')),
+            root,
+            mapped,
+        })
     }
 
     pub fn namespace_dir(&self, namespace: &str) -> anyhow::Result<PathBuf> {
@@ -82,7 +96,9 @@ impl Layout {
                 }
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err).with_context(|| format!("listing {}", self.managed.display())),
+            Err(err) => {
+                return Err(err).with_context(|| format!("listing {}", self.managed.display()))
+            }
         }
         for (ns, path) in &self.mapped {
             walk(path, ns, &mut out);
@@ -108,8 +124,16 @@ pub struct Assignment {
 }
 
 fn walk(dir: &Path, ns: &str, out: &mut BTreeMap<u64, Assignment>) {
-    let Ok(meta) = std::fs::metadata(dir) else { return };
-    out.insert(meta.ino(), Assignment { namespace: ns.to_string(), path: dir.to_path_buf() });
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    out.insert(
+        meta.ino(),
+        Assignment {
+            namespace: ns.to_string(),
+            path: dir.to_path_buf(),
+        },
+    );
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.filter_map(Result::ok) {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -136,9 +160,15 @@ mod tests {
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 42 31 0:39 / /sys/fs/bpf rw - bpf bpf rw
 ";
-        assert_eq!(find_mount(info, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            find_mount(info, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(find_mount(info, "bpf"), Some(PathBuf::from("/sys/fs/bpf")));
         assert_eq!(find_mount(info, "xfs"), None);
-        assert_eq!(find_mount("1 2 0:1 / /a\\040b rw - cgroup2 x rw", "cgroup2"), Some(PathBuf::from("/a b")));
+        assert_eq!(
+            find_mount("1 2 0:1 / /a\\040b rw - cgroup2 x rw", "cgroup2"),
+            Some(PathBuf::from("/a b"))
+        );
     }
 }

@@ -46,8 +46,13 @@ pub struct DenyRecord {
 impl Explainer {
     pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
         let ip = from_key_bytes(ev.addr);
-        let namespace = self.namespaces.get(&ev.scope).cloned().unwrap_or_else(|| format!("scope-{}", ev.scope));
-        let proto = L4::from_ip_proto(ev.proto).map_or_else(|| format!("ip-proto-{}", ev.proto), |l4| l4.to_string());
+        let namespace = self
+            .namespaces
+            .get(&ev.scope)
+            .cloned()
+            .unwrap_or_else(|| format!("scope-{}", ev.scope));
+        let proto = L4::from_ip_proto(ev.proto)
+            .map_or_else(|| format!("ip-proto-{}", ev.proto), |l4| l4.to_string());
         let refs = self.hosts_by_ip.get(&ip);
         let host = refs.and_then(|r| r.iter().next()).map(|r| r.host.clone());
 
@@ -57,9 +62,15 @@ impl Explainer {
         );
         if let Some(refs) = refs {
             for r in refs {
-                let visible = r.visible_to.as_ref().is_none_or(|set| set.contains(&namespace));
+                let visible = r
+                    .visible_to
+                    .as_ref()
+                    .is_none_or(|set| set.contains(&namespace));
                 if visible {
-                    reason.push_str(&format!("; ServiceEntry {} declares {} on other ports or protocols", r.service_entry, r.host));
+                    reason.push_str(&format!(
+                        "; ServiceEntry {} declares {} on other ports or protocols",
+                        r.service_entry, r.host
+                    ));
                 } else {
                     let to: Vec<&str> = r.visible_to.iter().flatten().map(String::as_str).collect();
                     reason.push_str(&format!(
@@ -76,12 +87,19 @@ impl Explainer {
             reason = format!("AUDIT: REGISTRY_ONLY would refuse this: {reason}");
         }
         DenyRecord {
-            time_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default(),
+            time_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default(),
             verdict: if audit { "audit" } else { "denied" },
             namespace,
             pid: ev.pid,
-            comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned(),
-            cgroup: self.cgroups.get(&ev.cgroup_id).map_or_else(|| ev.cgroup_id.to_string(), |p| p.display().to_string()),
+            comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
+                .into_owned(),
+            cgroup: self
+                .cgroups
+                .get(&ev.cgroup_id)
+                .map_or_else(|| ev.cgroup_id.to_string(), |p| p.display().to_string()),
             dst: ip.to_string(),
             port: ev.port,
             proto,
@@ -95,7 +113,8 @@ impl Explainer {
 pub async fn run(ring: RingBuf<MapData>, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged while the AsyncFd
     // owns the ring buffer.
-    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("watching the ring buffer: {}", e.into_parts().1))?;
+    let mut fd = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {}", e.into_parts().1))?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -150,7 +169,17 @@ mod tests {
         assert_eq!(rec.namespace, "default");
         assert_eq!(rec.comm, "psql");
         assert_eq!(rec.host.as_deref(), Some("db.example.com"));
-        assert!(rec.reason.starts_with("no ServiceEntry visible to namespace default allows 198.51.100.20:5432/tcp"), "{}", rec.reason);
-        assert!(rec.reason.contains("exported only to [frontend]"), "{}", rec.reason);
+        assert!(
+            rec.reason.starts_with(
+                "no ServiceEntry visible to namespace default allows 198.51.100.20:5432/tcp"
+            ),
+            "{}",
+            rec.reason
+        );
+        assert!(
+            rec.reason.contains("exported only to [frontend]"),
+            "{}",
+            rec.reason
+        );
     }
 }

@@ -54,9 +54,18 @@ mod tests {
     fn key_round_trip_and_prefix() {
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(from_key_bytes(key_bytes(v4)), v4);
-        assert_eq!(key_prefix_len(&parse_ip_or_cidr("192.0.2.0/24").unwrap()), 120);
-        assert_eq!(key_prefix_len(&parse_ip_or_cidr("2001:db8::/32").unwrap()), 32);
+        assert_eq!(
+            key_prefix_len(&parse_ip_or_cidr("192.0.2.0/24").unwrap()),
+            120
+        );
+        assert_eq!(
+            key_prefix_len(&parse_ip_or_cidr("2001:db8::/32").unwrap()),
+            32
+        );
         assert!(parse_ip_or_cidr("db.example.com").is_none());
-        assert_eq!(SocketFmt("2001:db8::1".parse().unwrap(), 443).to_string(), "[2001:db8::1]:443");
+        assert_eq!(
+            SocketFmt("2001:db8::1".parse().unwrap(), 443).to_string(),
+            "[2001:db8::1]:443"
+        );
     }
 }

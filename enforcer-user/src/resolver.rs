@@ -54,18 +54,35 @@ impl Resolver {
         let (config, mut opts) = match settings.server {
             Some(addr) => {
                 let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
-                (ResolverConfig::from_parts(None, vec![], group), ResolverOpts::default())
+                (
+                    ResolverConfig::from_parts(None, vec![], group),
+                    ResolverOpts::default(),
+                )
             }
-            None => hickory_resolver::system_conf::read_system_conf().context("reading /etc/resolv.conf")?,
+            None => hickory_resolver::system_conf::read_system_conf()
+                .context("reading /etc/resolv.conf")?,
         };
         // The agent keeps its own cache with TTLs; the library's would hide expiry from us.
         opts.cache_size = 0;
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         opts.timeout = Duration::from_secs(2);
         opts.attempts = 2;
-        let servers = config.name_servers().iter().map(|ns| ns.socket_addr.ip()).collect::<BTreeSet<_>>().into_iter().collect();
-        let inner = TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).with_options(opts).build();
-        Ok(Self { inner: Arc::new(inner), settings, answers: HashMap::new(), servers })
+        let servers = config
+            .name_servers()
+            .iter()
+            .map(|ns| ns.socket_addr.ip())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let inner = TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+            .with_options(opts)
+            .build();
+        Ok(Self {
+            inner: Arc::new(inner),
+            settings,
+            answers: HashMap::new(),
+            servers,
+        })
     }
 
     /// The resolvers in use: workloads must be able to reach them too.
@@ -104,20 +121,33 @@ impl Resolver {
                     let old = self.answers.get(&name).map(|a| a.ips.clone());
                     report.changed |= old.as_ref() != Some(&ips);
                     if old.is_some_and(|o| o != ips) {
-                        log::info!("DNS {name}: answer changed to {ips:?} (ttl {}s)", ttl.as_secs());
+                        log::info!(
+                            "DNS {name}: answer changed to {ips:?} (ttl {}s)",
+                            ttl.as_secs()
+                        );
                     } else {
                         log::debug!("DNS {name}: {ips:?} (ttl {}s)", ttl.as_secs());
                     }
                     self.answers.insert(
                         name,
-                        Answer { ips, refresh_at: now + ttl.mul_f32(0.8), expires_at: now + ttl, last_error: None },
+                        Answer {
+                            ips,
+                            refresh_at: now + ttl.mul_f32(0.8),
+                            expires_at: now + ttl,
+                            last_error: None,
+                        },
                     );
                 }
                 Err(err) => {
                     let retry = now + self.settings.min_ttl;
                     let entry = self.answers.entry(name.clone()).or_insert_with(|| {
                         report.changed = true;
-                        Answer { ips: Vec::new(), refresh_at: retry, expires_at: retry, last_error: None }
+                        Answer {
+                            ips: Vec::new(),
+                            refresh_at: retry,
+                            expires_at: retry,
+                            last_error: None,
+                        }
                     });
                     entry.refresh_at = retry;
                     entry.last_error = Some(err.clone());
@@ -138,7 +168,10 @@ impl Resolver {
     }
 
     pub fn answers(&self) -> BTreeMap<String, Vec<IpAddr>> {
-        self.answers.iter().map(|(k, v)| (k.clone(), v.ips.clone())).collect()
+        self.answers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.ips.clone()))
+            .collect()
     }
 
     /// One line per name: its addresses, and the seconds until they expire.
@@ -149,7 +182,11 @@ impl Resolver {
             .iter()
             .map(|(name, a)| {
                 let left = a.expires_at.saturating_duration_since(now).as_secs();
-                let err = a.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                let err = a
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
                 format!("{name} -> {:?}, expires in {left}s{err}", a.ips)
             })
             .collect();
@@ -160,10 +197,16 @@ impl Resolver {
 
 /// A name that does not exist is an empty answer, not an error.
 async fn lookup(resolver: &TokioResolver, name: &str) -> Result<(Vec<IpAddr>, Duration), String> {
-    let fqdn = if name.ends_with('.') { name.to_string() } else { format!("{name}.") };
+    let fqdn = if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    };
     match resolver.lookup_ip(fqdn.as_str()).await {
         Ok(found) => {
-            let ttl = found.valid_until().saturating_duration_since(std::time::Instant::now());
+            let ttl = found
+                .valid_until()
+                .saturating_duration_since(std::time::Instant::now());
             Ok((found.iter().collect(), ttl))
         }
         Err(err) if err.is_no_records_found() => Ok((Vec::new(), Duration::ZERO)),

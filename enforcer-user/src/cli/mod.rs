@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::{cgroup::Layout, datapath::bpffs};
 
 #[derive(Parser, Debug)]
-#[command(name = "enforcer", version, about = "eBPF egress enforcement from Istio ServiceEntries")]
+#[command(
+    name = "enforcer",
+    version,
+    about = "eBPF egress enforcement from Istio ServiceEntries"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,7 +44,9 @@ pub struct Placement {
 
 impl Placement {
     pub fn pin_root(&self) -> PathBuf {
-        self.bpffs_root.clone().unwrap_or_else(bpffs::default_pin_root)
+        self.bpffs_root
+            .clone()
+            .unwrap_or_else(bpffs::default_pin_root)
     }
 
     pub fn layout(&self, mapped: &[(String, PathBuf)]) -> anyhow::Result<Layout> {

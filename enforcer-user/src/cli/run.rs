@@ -50,7 +50,9 @@ pub struct RunArgs {
 }
 
 fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
-    let (ns, path) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NS=PATH"))?;
+    let (ns, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NS=PATH"))?;
     if !crate::policy::is_dns1123_label(ns) {
         return Err(format!("{ns:?} is not a valid namespace name"));
     }
@@ -58,7 +60,10 @@ fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.dns_min_ttl <= args.dns_max_ttl, "--dns-min-ttl must not exceed --dns-max-ttl");
+    anyhow::ensure!(
+        args.dns_min_ttl <= args.dns_max_ttl,
+        "--dns-min-ttl must not exceed --dns-max-ttl"
+    );
     let cgroups = args.placement.layout(&args.cgroups)?;
     let cfg = AgentConfig {
         policies: args.policies,
@@ -80,7 +85,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces,
         status_file: args.status_file,
     };
-    anyhow::ensure!(cfg.policies.is_dir(), "--policies {} is not a directory", cfg.policies.display());
+    anyhow::ensure!(
+        cfg.policies.is_dir(),
+        "--policies {} is not a directory",
+        cfg.policies.display()
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -31,8 +31,12 @@ pub use sync::ApplyReport;
 /// The kernel object, built by `build.rs` from `enforcer-ebpf`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_BPF_OBJECT"));
 
-const PROGRAMS: [&str; 4] =
-    [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6];
+const PROGRAMS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
+];
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -57,7 +61,11 @@ impl Datapath {
     pub fn open(opts: &Options) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         bpffs::ensure_mounted(&opts.pin_root)?;
         let maps_dir = opts.pin_root.join("maps");
-        for dir in [&maps_dir, &opts.pin_root.join("programs"), &opts.pin_root.join("links")] {
+        for dir in [
+            &maps_dir,
+            &opts.pin_root.join("programs"),
+            &opts.pin_root.join("links"),
+        ] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let mut ebpf = EbpfLoader::new()
@@ -74,10 +82,19 @@ impl Datapath {
         }
 
         let maps = sync::Maps {
-            cgroups: HashMap::<_, u64, CgroupScope>::try_from(take(&mut ebpf, map_names::CGROUPS)?)?,
-            exact: HashMap::<_, PolicyKey, u32>::try_from(take(&mut ebpf, map_names::ALLOW_EXACT)?)?,
+            cgroups: HashMap::<_, u64, CgroupScope>::try_from(take(
+                &mut ebpf,
+                map_names::CGROUPS,
+            )?)?,
+            exact: HashMap::<_, PolicyKey, u32>::try_from(take(
+                &mut ebpf,
+                map_names::ALLOW_EXACT,
+            )?)?,
             cidr: LpmTrie::<_, PolicyKey, u32>::try_from(take(&mut ebpf, map_names::ALLOW_CIDR)?)?,
-            scope_names: HashMap::<_, ScopeName, u32>::try_from(take(&mut ebpf, map_names::SCOPE_NAMES)?)?,
+            scope_names: HashMap::<_, ScopeName, u32>::try_from(take(
+                &mut ebpf,
+                map_names::SCOPE_NAMES,
+            )?)?,
         };
         let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
         let applied = maps.read_current();
@@ -90,17 +107,34 @@ impl Datapath {
             applied.cidr.len(),
             scope_ids.len()
         );
-        Ok((Self { _ebpf: ebpf, maps, applied, scope_ids }, events))
+        Ok((
+            Self {
+                _ebpf: ebpf,
+                maps,
+                applied,
+                scope_ids,
+            },
+            events,
+        ))
     }
 
     /// Stable scope ids per namespace, kept in a pinned map so that a restarted agent agrees with
     /// the entries already in the kernel.
-    pub fn ensure_scope_ids<'a>(&mut self, namespaces: impl IntoIterator<Item = &'a String>) -> anyhow::Result<()> {
+    pub fn ensure_scope_ids<'a>(
+        &mut self,
+        namespaces: impl IntoIterator<Item = &'a String>,
+    ) -> anyhow::Result<()> {
         for ns in namespaces {
             if self.scope_ids.contains_key(ns) {
                 continue;
             }
-            let next = self.scope_ids.values().max().copied().unwrap_or(enforcer_common::GLOBAL_SCOPE) + 1;
+            let next = self
+                .scope_ids
+                .values()
+                .max()
+                .copied()
+                .unwrap_or(enforcer_common::GLOBAL_SCOPE)
+                + 1;
             self.maps.insert_scope_name(ns, next)?;
             self.scope_ids.insert(ns.clone(), next);
         }
@@ -119,24 +153,36 @@ impl Datapath {
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
-    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} is missing from the BPF object"))
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} is missing from the BPF object"))
 }
 
-fn attach_replacing(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_root: &Path) -> anyhow::Result<()> {
+fn attach_replacing(
+    ebpf: &mut Ebpf,
+    name: &str,
+    cgroup: &File,
+    pin_root: &Path,
+) -> anyhow::Result<()> {
     let prog: &mut CgroupSockAddr = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} is missing from the BPF object"))?
         .try_into()?;
-    prog.load().with_context(|| format!("loading program {name}"))?;
+    prog.load()
+        .with_context(|| format!("loading program {name}"))?;
+    // bpf_link-based cgroup attachments are always multi-attach, and take no flags.
     let link_id = prog
-        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .attach(cgroup, CgroupAttachMode::Single)
         .with_context(|| format!("attaching {name} to the cgroup root"))?;
-    let link: FdLink = prog.take_link(link_id)?.try_into().context("converting the link")?;
+    let link: FdLink = prog
+        .take_link(link_id)?
+        .try_into()
+        .context("converting the link")?;
 
     let link_pin = pin_root.join("links").join(name);
-    let staged = pin_root.join("links").join(format!("{name}.new"));
+    let staged = pin_root.join("links").join(format!("{name}_next"));
     let _ = std::fs::remove_file(&staged);
-    link.pin(&staged).with_context(|| format!("pinning link {}", staged.display()))?;
+    link.pin(&staged)
+        .with_context(|| format!("pinning link {}", staged.display()))?;
     // The new program is enforcing now; the old link, if any, can go.
     if link_pin.exists() {
         match PinnedLink::from_pin(&link_pin) {
@@ -145,11 +191,13 @@ fn attach_replacing(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_root: &Path)
         }
         let _ = std::fs::remove_file(&link_pin);
     }
-    std::fs::rename(&staged, &link_pin).with_context(|| format!("renaming {}", staged.display()))?;
+    std::fs::rename(&staged, &link_pin)
+        .with_context(|| format!("renaming {}", staged.display()))?;
 
     let prog_pin = pin_root.join("programs").join(name);
     let _ = std::fs::remove_file(&prog_pin);
-    prog.pin(&prog_pin).with_context(|| format!("pinning program {}", prog_pin.display()))?;
+    prog.pin(&prog_pin)
+        .with_context(|| format!("pinning program {}", prog_pin.display()))?;
     Ok(())
 }
 
@@ -168,7 +216,8 @@ pub fn teardown(pin_root: &Path) -> anyhow::Result<()> {
     for dir in ["programs", "maps"] {
         if let Ok(entries) = std::fs::read_dir(pin_root.join(dir)) {
             for entry in entries.filter_map(Result::ok) {
-                std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
             }
         }
     }
@@ -184,6 +233,7 @@ pub fn teardown(pin_root: &Path) -> anyhow::Result<()> {
 /// Opens the pinned cgroup map read-only, for `enforcer exec` to wait until its cgroup is claimed.
 pub fn open_cgroup_map(pin_root: &Path) -> anyhow::Result<HashMap<MapData, u64, CgroupScope>> {
     let path = pin_root.join("maps").join(map_names::CGROUPS);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {} (is the agent running?)", path.display()))?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening {} (is the agent running?)", path.display()))?;
     Ok(HashMap::try_from(aya::maps::Map::HashMap(data))?)
 }

@@ -30,10 +30,16 @@ pub fn mode_value(mode: OutboundMode) -> u32 {
 
 /// `scope_ids` must hold an id for every namespace in `desired.scopes`; a cgroup whose namespace
 /// has none is left out (and so stays unenforced only until the id exists).
-pub fn build(desired: &Desired, cgroups: &BTreeMap<u64, Assignment>, scope_ids: &BTreeMap<String, u32>) -> MapPlan {
+pub fn build(
+    desired: &Desired,
+    cgroups: &BTreeMap<u64, Assignment>,
+    scope_ids: &BTreeMap<String, u32>,
+) -> MapPlan {
     let mut plan = MapPlan::default();
     for (ns, policy) in &desired.scopes {
-        let Some(&scope) = scope_ids.get(ns) else { continue };
+        let Some(&scope) = scope_ids.get(ns) else {
+            continue;
+        };
         for rule in policy.rules.keys() {
             let key = PolicyKey {
                 scope,
@@ -45,19 +51,38 @@ pub fn build(desired: &Desired, cgroups: &BTreeMap<u64, Assignment>, scope_ids: 
             if rule.is_exact() {
                 plan.exact.insert(key);
             } else {
-                plan.cidr.insert((POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(&rule.net)), key));
+                plan.cidr.insert((
+                    POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(&rule.net)),
+                    key,
+                ));
             }
         }
     }
     for net in &desired.global {
-        let key = PolicyKey { scope: GLOBAL_SCOPE, port: 0, proto: proto::ANY, pad: 0, addr: key_bytes(net.network()) };
-        plan.cidr.insert((POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(net)), key));
+        let key = PolicyKey {
+            scope: GLOBAL_SCOPE,
+            port: 0,
+            proto: proto::ANY,
+            pad: 0,
+            addr: key_bytes(net.network()),
+        };
+        plan.cidr
+            .insert((POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(net)), key));
     }
     for (&id, assignment) in cgroups {
-        let (Some(&scope), Some(policy)) = (scope_ids.get(&assignment.namespace), desired.scopes.get(&assignment.namespace)) else {
+        let (Some(&scope), Some(policy)) = (
+            scope_ids.get(&assignment.namespace),
+            desired.scopes.get(&assignment.namespace),
+        ) else {
             continue;
         };
-        plan.cgroups.insert(id, CgroupScope { scope, mode: mode_value(policy.mode) });
+        plan.cgroups.insert(
+            id,
+            CgroupScope {
+                scope,
+                mode: mode_value(policy.mode),
+            },
+        );
     }
     plan
 }
@@ -73,28 +98,83 @@ mod tests {
     fn keys_use_scope_ids_and_mapped_ipv4() {
         let mut desired = Desired::default();
         let mut rules = BTreeMap::new();
-        rules.insert(Rule::host(L4::Udp, 53, "192.0.2.1".parse().unwrap()), BTreeSet::from([Origin::builtin("t")]));
-        rules.insert(Rule::new(L4::Tcp, 443, "2001:db8::/32".parse().unwrap()), BTreeSet::new());
-        desired.scopes.insert("a".into(), ScopePolicy { mode: OutboundMode::RegistryOnly, rules });
-        desired.scopes.insert("b".into(), ScopePolicy { mode: OutboundMode::Audit, rules: BTreeMap::new() });
+        rules.insert(
+            Rule::host(L4::Udp, 53, "192.0.2.1".parse().unwrap()),
+            BTreeSet::from([Origin::builtin("t")]),
+        );
+        rules.insert(
+            Rule::new(L4::Tcp, 443, "2001:db8::/32".parse().unwrap()),
+            BTreeSet::new(),
+        );
+        desired.scopes.insert(
+            "a".into(),
+            ScopePolicy {
+                mode: OutboundMode::RegistryOnly,
+                rules,
+            },
+        );
+        desired.scopes.insert(
+            "b".into(),
+            ScopePolicy {
+                mode: OutboundMode::Audit,
+                rules: BTreeMap::new(),
+            },
+        );
         desired.global.insert("127.0.0.0/8".parse().unwrap());
         let cgroups = BTreeMap::from([
-            (100, Assignment { namespace: "a".into(), path: PathBuf::from("/x/a") }),
-            (200, Assignment { namespace: "b".into(), path: PathBuf::from("/x/b") }),
-            (300, Assignment { namespace: "unknown".into(), path: PathBuf::from("/x/u") }),
+            (
+                100,
+                Assignment {
+                    namespace: "a".into(),
+                    path: PathBuf::from("/x/a"),
+                },
+            ),
+            (
+                200,
+                Assignment {
+                    namespace: "b".into(),
+                    path: PathBuf::from("/x/b"),
+                },
+            ),
+            (
+                300,
+                Assignment {
+                    namespace: "unknown".into(),
+                    path: PathBuf::from("/x/u"),
+                },
+            ),
         ]);
         let ids = BTreeMap::from([("a".to_string(), 7), ("b".to_string(), 9)]);
         let plan = build(&desired, &cgroups, &ids);
 
-        assert_eq!(plan.cgroups[&100], CgroupScope { scope: 7, mode: mode::REGISTRY_ONLY });
-        assert_eq!(plan.cgroups[&200], CgroupScope { scope: 9, mode: mode::AUDIT });
+        assert_eq!(
+            plan.cgroups[&100],
+            CgroupScope {
+                scope: 7,
+                mode: mode::REGISTRY_ONLY
+            }
+        );
+        assert_eq!(
+            plan.cgroups[&200],
+            CgroupScope {
+                scope: 9,
+                mode: mode::AUDIT
+            }
+        );
         assert!(!plan.cgroups.contains_key(&300));
 
         let exact = plan.exact.iter().next().unwrap();
         assert_eq!((exact.scope, exact.port, exact.proto), (7, 53, proto::UDP));
-        assert_eq!(exact.addr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]);
+        assert_eq!(
+            exact.addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]
+        );
 
-        let cidrs: Vec<(u32, u32, u16)> = plan.cidr.iter().map(|(len, k)| (*len, k.scope, k.port)).collect();
+        let cidrs: Vec<(u32, u32, u16)> = plan
+            .cidr
+            .iter()
+            .map(|(len, k)| (*len, k.scope, k.port))
+            .collect();
         assert_eq!(cidrs, [(64 + 32, 7, 443), (64 + 104, GLOBAL_SCOPE, 0)]);
     }
 }

@@ -30,7 +30,12 @@ impl Maps {
         MapPlan {
             cgroups: self.cgroups.iter().filter_map(Result::ok).collect(),
             exact: self.exact.keys().filter_map(Result::ok).collect(),
-            cidr: self.cidr.keys().filter_map(Result::ok).map(|k| (k.prefix_len(), k.data())).collect(),
+            cidr: self
+                .cidr
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| (k.prefix_len(), k.data()))
+                .collect(),
         }
     }
 
@@ -47,7 +52,10 @@ impl Maps {
 
     pub fn insert_scope_name(&mut self, ns: &str, id: u32) -> anyhow::Result<()> {
         let mut key = ScopeName { name: [0; 64] };
-        anyhow::ensure!(ns.len() < key.name.len(), "namespace name {ns:?} is too long");
+        anyhow::ensure!(
+            ns.len() < key.name.len(),
+            "namespace name {ns:?} is too long"
+        );
         key.name[..ns.len()].copy_from_slice(ns.as_bytes());
         self.scope_names.insert(key, id, 0)?;
         Ok(())
@@ -63,7 +71,10 @@ impl Maps {
                     applied.exact.insert(*key);
                     report.added += 1;
                 }
-                Err(err) => report.errors.push(format!("adding an allow entry for scope {}: {err}", key.scope)),
+                Err(err) => report.errors.push(format!(
+                    "adding an allow entry for scope {}: {err}",
+                    key.scope
+                )),
             }
         }
         let new: Vec<(u32, PolicyKey)> = plan.cidr.difference(&applied.cidr).copied().collect();
@@ -73,7 +84,10 @@ impl Maps {
                     applied.cidr.insert(*entry);
                     report.added += 1;
                 }
-                Err(err) => report.errors.push(format!("adding a CIDR entry for scope {}: {err}", entry.1.scope)),
+                Err(err) => report.errors.push(format!(
+                    "adding a CIDR entry for scope {}: {err}",
+                    entry.1.scope
+                )),
             }
         }
         for (id, scope) in &plan.cgroups {
@@ -89,7 +103,12 @@ impl Maps {
             }
         }
 
-        let stale: Vec<u64> = applied.cgroups.keys().filter(|id| !plan.cgroups.contains_key(id)).copied().collect();
+        let stale: Vec<u64> = applied
+            .cgroups
+            .keys()
+            .filter(|id| !plan.cgroups.contains_key(id))
+            .copied()
+            .collect();
         for id in stale {
             // A cgroup that is gone is already absent from the kernel map's point of view.
             let _ = self.cgroups.remove(&id);
@@ -103,7 +122,10 @@ impl Maps {
                     applied.exact.remove(&key);
                     report.removed += 1;
                 }
-                Err(err) => report.errors.push(format!("removing an allow entry for scope {}: {err}", key.scope)),
+                Err(err) => report.errors.push(format!(
+                    "removing an allow entry for scope {}: {err}",
+                    key.scope
+                )),
             }
         }
         let stale: Vec<(u32, PolicyKey)> = applied.cidr.difference(&plan.cidr).copied().collect();
@@ -113,7 +135,10 @@ impl Maps {
                     applied.cidr.remove(&entry);
                     report.removed += 1;
                 }
-                Err(err) => report.errors.push(format!("removing a CIDR entry for scope {}: {err}", entry.1.scope)),
+                Err(err) => report.errors.push(format!(
+                    "removing a CIDR entry for scope {}: {err}",
+                    entry.1.scope
+                )),
             }
         }
         report

@@ -23,7 +23,10 @@ pub struct MeshSettings {
 
 impl Default for MeshSettings {
     fn default() -> Self {
-        Self { mode: OutboundMode::AllowAny, default_export_to: vec![".".to_string()] }
+        Self {
+            mode: OutboundMode::AllowAny,
+            default_export_to: vec![".".to_string()],
+        }
     }
 }
 
@@ -49,13 +52,22 @@ pub fn dns_names(entries: &[ServiceEntry], istio_compat: bool) -> BTreeSet<Strin
         let spec = &se.spec;
         match spec.resolution {
             Resolution::Dns | Resolution::DnsRoundRobin if !spec.endpoints.is_empty() => {
-                names.extend(spec.endpoints.iter().filter_map(|ep| ep.address.as_deref()).filter(|a| is_name(a)).map(str::to_string));
+                names.extend(
+                    spec.endpoints
+                        .iter()
+                        .filter_map(|ep| ep.address.as_deref())
+                        .filter(|a| is_name(a))
+                        .map(str::to_string),
+                );
             }
             Resolution::Dns | Resolution::DnsRoundRobin => {
                 names.extend(spec.hosts.iter().filter(|h| is_name(h)).cloned());
             }
             Resolution::None if spec.addresses.is_empty() => {
-                let all_opaque = spec.ports.iter().all(|p| is_opaque_tcp(p.protocol.as_deref()));
+                let all_opaque = spec
+                    .ports
+                    .iter()
+                    .all(|p| is_opaque_tcp(p.protocol.as_deref()));
                 if !(istio_compat && all_opaque) {
                     names.extend(spec.hosts.iter().filter(|h| is_name(h)).cloned());
                 }
@@ -74,21 +86,41 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
     let mut all: BTreeSet<String> = inp.namespaces.clone();
     for se in inp.service_entries {
         all.insert(se.namespace.clone());
-        let export = se.spec.export_to.as_ref().unwrap_or(&inp.mesh.default_export_to);
-        all.extend(export.iter().filter(|v| !matches!(v.as_str(), "." | "*" | "~")).cloned());
+        let export = se
+            .spec
+            .export_to
+            .as_ref()
+            .unwrap_or(&inp.mesh.default_export_to);
+        all.extend(
+            export
+                .iter()
+                .filter(|v| !matches!(v.as_str(), "." | "*" | "~"))
+                .cloned(),
+        );
     }
 
     let mut out = Desired::default();
     for ns in &all {
-        let mut scope = ScopePolicy { mode: inp.mesh.mode, rules: BTreeMap::new() };
+        let mut scope = ScopePolicy {
+            mode: inp.mesh.mode,
+            rules: BTreeMap::new(),
+        };
         for &server in inp.dns_servers {
             for l4 in [L4::Udp, L4::Tcp] {
-                scope.rules.entry(Rule::host(l4, 53, server)).or_default().insert(Origin::builtin("DNS server"));
+                scope
+                    .rules
+                    .entry(Rule::host(l4, 53, server))
+                    .or_default()
+                    .insert(Origin::builtin("DNS server"));
             }
         }
         out.scopes.insert(ns.clone(), scope);
     }
-    out.global.extend(["127.0.0.0/8", "::1/128"].iter().filter_map(|s| parse_ip_or_cidr(s)));
+    out.global.extend(
+        ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|s| parse_ip_or_cidr(s)),
+    );
     out.global.extend(inp.allow_cidrs.iter().map(IpNet::trunc));
 
     for se in inp.service_entries {
@@ -96,11 +128,14 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
         let rules = rules_of(se, inp, &mut out.notes);
         for (rule, origin) in &rules {
             if let Some(host) = &origin.host {
-                out.hosts_by_ip.entry(rule.net.addr()).or_default().insert(HostRef {
-                    host: host.clone(),
-                    service_entry: se.id(),
-                    visible_to: visible.clone(),
-                });
+                out.hosts_by_ip
+                    .entry(rule.net.addr())
+                    .or_default()
+                    .insert(HostRef {
+                        host: host.clone(),
+                        service_entry: se.id(),
+                        visible_to: visible.clone(),
+                    });
             }
         }
         let targets: Vec<&String> = match &visible {
@@ -129,7 +164,13 @@ fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>>
     Some(
         list.iter()
             .filter(|v| *v != "~")
-            .map(|v| if v == "." { se.namespace.clone() } else { v.clone() })
+            .map(|v| {
+                if v == "." {
+                    se.namespace.clone()
+                } else {
+                    v.clone()
+                }
+            })
             .collect(),
     )
 }
@@ -137,8 +178,15 @@ fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>>
 fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(Rule, Origin)> {
     let spec = &se.spec;
     let mut out = Vec::new();
-    let origin = |host: Option<&str>| Origin { service_entry: se.id(), host: host.map(str::to_string) };
-    let resolved = |name: &str, l4: L4, ports: &[u16], out: &mut Vec<(Rule, Origin)>, notes: &mut Vec<String>| match inp.dns.get(name) {
+    let origin = |host: Option<&str>| Origin {
+        service_entry: se.id(),
+        host: host.map(str::to_string),
+    };
+    let resolved = |name: &str,
+                    l4: L4,
+                    ports: &[u16],
+                    out: &mut Vec<(Rule, Origin)>,
+                    notes: &mut Vec<String>| match inp.dns.get(name) {
         Some(ips) if !ips.is_empty() => {
             for ip in ips {
                 for &port in ports {
@@ -146,23 +194,40 @@ fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec
                 }
             }
         }
-        _ => notes.push(format!("ServiceEntry {}: {name} has no DNS answer yet; nothing is allowed for it", se.id())),
+        _ => notes.push(format!(
+            "ServiceEntry {}: {name} has no DNS answer yet; nothing is allowed for it",
+            se.id()
+        )),
     };
 
     for port in &spec.ports {
-        let Some(l4) = l4_of_protocol(port.protocol.as_deref()) else { continue };
+        let Some(l4) = l4_of_protocol(port.protocol.as_deref()) else {
+            continue;
+        };
         let (number, target) = port_numbers(port);
         for addr in &spec.addresses {
             if let Some(net) = parse_ip_or_cidr(addr) {
                 out.push((Rule::new(l4, number, net), origin(None)));
             }
         }
-        let host_ports: &[u16] = if target == number { &[number] } else { &[number, target] };
+        let host_ports: &[u16] = if target == number {
+            &[number]
+        } else {
+            &[number, target]
+        };
         match spec.resolution {
-            Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin if !spec.endpoints.is_empty() => {
+            Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin
+                if !spec.endpoints.is_empty() =>
+            {
                 for ep in &spec.endpoints {
-                    let Some(addr) = ep.address.as_deref() else { continue };
-                    let ep_port = port.name.as_ref().and_then(|n| ep.ports.get(n)).map_or(target, |&p| p as u16);
+                    let Some(addr) = ep.address.as_deref() else {
+                        continue;
+                    };
+                    let ep_port = port
+                        .name
+                        .as_ref()
+                        .and_then(|n| ep.ports.get(n))
+                        .map_or(target, |&p| p as u16);
                     if let Ok(ip) = addr.parse::<IpAddr>() {
                         out.push((Rule::host(l4, ep_port, ip), origin(None)));
                     } else if is_name(addr) {
@@ -205,7 +270,10 @@ fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec
 fn port_numbers(port: &Port) -> (u16, u16) {
     // Validation guarantees both are in 1..=65535.
     let number = u16::try_from(port.number).unwrap_or(0);
-    let target = port.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(number);
+    let target = port
+        .target_port
+        .and_then(|t| u16::try_from(t).ok())
+        .unwrap_or(number);
     (number, target)
 }
 

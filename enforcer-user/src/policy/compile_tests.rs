@@ -2,9 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::{
-    istio::OutboundMode,
-    policy::validate_service_entry,
-    sources::documents::parse_documents,
+    istio::OutboundMode, policy::validate_service_entry, sources::documents::parse_documents,
 };
 
 fn entries(yaml: &str) -> Vec<ServiceEntry> {
@@ -29,14 +27,20 @@ impl Case {
     fn new(yaml: &str) -> Self {
         Self {
             ses: entries(yaml),
-            mesh: MeshSettings { mode: OutboundMode::RegistryOnly, ..MeshSettings::default() },
+            mesh: MeshSettings {
+                mode: OutboundMode::RegistryOnly,
+                ..MeshSettings::default()
+            },
             namespaces: ["default".to_string()].into(),
             dns: BTreeMap::new(),
             compat: false,
         }
     }
     fn dns(mut self, name: &str, ips: &[&str]) -> Self {
-        self.dns.insert(name.into(), ips.iter().map(|s| s.parse().unwrap()).collect());
+        self.dns.insert(
+            name.into(),
+            ips.iter().map(|s| s.parse().unwrap()).collect(),
+        );
         self
     }
     fn ns(mut self, names: &[&str]) -> Self {
@@ -85,11 +89,28 @@ spec:
 fn dns_resolution_allows_every_answer_on_every_port() {
     let c = Case::new(WIKIPEDIA).dns("www.wikipedia.org", &["192.0.2.10", "2001:db8::10"]);
     let d = c.compile();
-    assert_eq!(rules(&d, "default"), sorted(["192.0.2.10:80/tcp", "192.0.2.10:443/tcp", "[2001:db8::10]:80/tcp", "[2001:db8::10]:443/tcp"])
+    assert_eq!(
+        rules(&d, "default"),
+        sorted([
+            "192.0.2.10:80/tcp",
+            "192.0.2.10:443/tcp",
+            "[2001:db8::10]:80/tcp",
+            "[2001:db8::10]:443/tcp"
+        ])
     );
     assert_eq!(d.scopes["default"].mode, OutboundMode::RegistryOnly);
-    assert_eq!(dns_names(&c.ses, false), ["www.wikipedia.org".to_string()].into());
-    let origin = d.scopes["default"].rules.values().next().unwrap().iter().next().unwrap();
+    assert_eq!(
+        dns_names(&c.ses, false),
+        ["www.wikipedia.org".to_string()].into()
+    );
+    let origin = d.scopes["default"]
+        .rules
+        .values()
+        .next()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
     assert_eq!(origin.service_entry, "default/wikipedia-egress");
     assert_eq!(origin.host.as_deref(), Some("www.wikipedia.org"));
 }
@@ -113,11 +134,19 @@ spec:
   ports: [{number: 5432, name: db, protocol: TCP}]
   resolution: DNS
 "#;
-    let d = Case::new(yaml).dns("db.example.com", &["198.51.100.20"]).compile();
+    let d = Case::new(yaml)
+        .dns("db.example.com", &["198.51.100.20"])
+        .compile();
     assert_eq!(rules(&d, "frontend"), sorted(["198.51.100.20:5432/tcp"]));
-    assert!(rules(&d, "default").is_empty(), "default must not see frontend's entry");
+    assert!(
+        rules(&d, "default").is_empty(),
+        "default must not see frontend's entry"
+    );
     let refs = &d.hosts_by_ip[&"198.51.100.20".parse::<IpAddr>().unwrap()];
-    assert_eq!(refs.iter().next().unwrap().visible_to, Some(["frontend".to_string()].into()));
+    assert_eq!(
+        refs.iter().next().unwrap().visible_to,
+        Some(["frontend".to_string()].into())
+    );
 }
 
 #[test]
@@ -139,8 +168,14 @@ metadata: {name: hidden, namespace: a}
 spec: {hosts: [hidden.example.com], addresses: [192.0.2.3], ports: [{number: 3, name: p}], exportTo: ["~"]}
 "#;
     let d = Case::new(yaml).ns(&["c"]).compile();
-    assert_eq!(rules(&d, "a"), sorted(["192.0.2.1:1/tcp", "192.0.2.2:2/tcp"]));
-    assert_eq!(rules(&d, "b"), sorted(["192.0.2.1:1/tcp", "192.0.2.2:2/tcp"]));
+    assert_eq!(
+        rules(&d, "a"),
+        sorted(["192.0.2.1:1/tcp", "192.0.2.2:2/tcp"])
+    );
+    assert_eq!(
+        rules(&d, "b"),
+        sorted(["192.0.2.1:1/tcp", "192.0.2.2:2/tcp"])
+    );
     assert_eq!(rules(&d, "c"), sorted(["192.0.2.1:1/tcp"]));
     assert_eq!(rules(&d, "default"), sorted(["192.0.2.1:1/tcp"]));
 }
@@ -177,7 +212,9 @@ spec:
     ports: {mongodb: 30000}
 "#;
     let d = Case::new(yaml).compile();
-    assert_eq!(rules(&d, "default"), sorted([
+    assert_eq!(
+        rules(&d, "default"),
+        sorted([
             "192.0.2.0/24:27018/tcp",
             "198.51.100.2:27017/tcp",
             "198.51.100.3:30000/tcp",
@@ -200,9 +237,17 @@ spec:
   resolution: DNS
   endpoints: [{address: lb.example.net}, {address: 203.0.113.9}]
 "#;
-    let c = Case::new(yaml).dns("lb.example.net", &["203.0.113.8"]).dns("api.example.com", &["192.0.2.99"]);
-    assert_eq!(dns_names(&c.ses, false), ["lb.example.net".to_string()].into());
-    assert_eq!(rules(&c.compile(), "default"), ["203.0.113.8:443/tcp", "203.0.113.9:443/tcp"]);
+    let c = Case::new(yaml)
+        .dns("lb.example.net", &["203.0.113.8"])
+        .dns("api.example.com", &["192.0.2.99"]);
+    assert_eq!(
+        dns_names(&c.ses, false),
+        ["lb.example.net".to_string()].into()
+    );
+    assert_eq!(
+        rules(&c.compile(), "default"),
+        ["203.0.113.8:443/tcp", "203.0.113.9:443/tcp"]
+    );
 }
 
 #[test]
@@ -219,7 +264,10 @@ spec:
 "#;
     let c = Case::new(yaml);
     assert!(dns_names(&c.ses, false).is_empty());
-    assert_eq!(rules(&c.compile(), "default"), sorted(["203.0.113.0/24:8080/tcp", "2001:db8:1::/48:8080/tcp"]));
+    assert_eq!(
+        rules(&c.compile(), "default"),
+        sorted(["203.0.113.0/24:8080/tcp", "2001:db8:1::/48:8080/tcp"])
+    );
 }
 
 #[test]
@@ -234,11 +282,20 @@ spec:
 "#;
     let mut c = Case::new(yaml).dns("db.example.com", &["198.51.100.20"]);
     let strict = c.compile();
-    assert_eq!(rules(&strict, "default"), sorted(["198.51.100.20:5432/tcp"]));
-    assert!(strict.notes.iter().any(|n| n.contains("wildcard host *.example.org")));
+    assert_eq!(
+        rules(&strict, "default"),
+        sorted(["198.51.100.20:5432/tcp"])
+    );
+    assert!(strict
+        .notes
+        .iter()
+        .any(|n| n.contains("wildcard host *.example.org")));
     c.compat = true;
     assert!(dns_names(&c.ses, true).is_empty());
-    assert_eq!(rules(&c.compile(), "default"), ["0.0.0.0/0:5432/tcp", "::/0:5432/tcp"]);
+    assert_eq!(
+        rules(&c.compile(), "default"),
+        ["0.0.0.0/0:5432/tcp", "::/0:5432/tcp"]
+    );
 }
 
 #[test]
@@ -249,7 +306,10 @@ kind: ServiceEntry
 metadata: {name: m}
 spec: {hosts: [m.example.com], addresses: ["::ffff:192.0.2.4", "::ffff:192.0.2.0/120"], ports: [{number: 80, name: http}], resolution: STATIC}
 "#;
-    assert_eq!(rules(&Case::new(yaml).compile(), "default"), sorted(["192.0.2.4:80/tcp", "192.0.2.0/24:80/tcp"]));
+    assert_eq!(
+        rules(&Case::new(yaml).compile(), "default"),
+        sorted(["192.0.2.4:80/tcp", "192.0.2.0/24:80/tcp"])
+    );
 }
 
 #[test]
@@ -269,8 +329,15 @@ fn builtins_dns_servers_and_global_cidrs() {
         allow_cidrs: &cidrs,
         istio_compat: false,
     });
-    assert_eq!(d.scopes["x"].mode, OutboundMode::AllowAny, "Istio's default mode");
-    assert_eq!(rules(&d, "x"), sorted(["127.0.0.53:53/tcp", "127.0.0.53:53/udp"]));
+    assert_eq!(
+        d.scopes["x"].mode,
+        OutboundMode::AllowAny,
+        "Istio's default mode"
+    );
+    assert_eq!(
+        rules(&d, "x"),
+        sorted(["127.0.0.53:53/tcp", "127.0.0.53:53/udp"])
+    );
     let global: Vec<String> = d.global.iter().map(ToString::to_string).collect();
     assert_eq!(global, ["10.96.0.0/12", "127.0.0.0/8", "::1/128"]);
 }
@@ -288,7 +355,14 @@ kind: ServiceEntry
 metadata: {name: two}
 spec: {hosts: [b.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}
 "#;
-    let d = Case::new(yaml).dns("a.example.com", &["192.0.2.50"]).dns("b.example.com", &["192.0.2.50"]).compile();
+    let d = Case::new(yaml)
+        .dns("a.example.com", &["192.0.2.50"])
+        .dns("b.example.com", &["192.0.2.50"])
+        .compile();
     let origins = &d.scopes["default"].rules.values().next().unwrap();
-    assert_eq!(origins.len(), 2, "removing one entry must not remove the other's access");
+    assert_eq!(
+        origins.len(),
+        2,
+        "removing one entry must not remove the other's access"
+    );
 }

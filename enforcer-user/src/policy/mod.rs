@@ -14,9 +14,8 @@ pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
 pub fn l4_of_protocol(protocol: Option<&str>) -> Option<L4> {
     let p = protocol.unwrap_or_default().to_ascii_uppercase();
     match p.as_str() {
-        "" | "HTTP" | "HTTPS" | "HTTP2" | "HTTP_PROXY" | "GRPC" | "GRPC-WEB" | "TLS" | "TCP" | "MONGO" | "MYSQL" | "REDIS" => {
-            Some(L4::Tcp)
-        }
+        "" | "HTTP" | "HTTPS" | "HTTP2" | "HTTP_PROXY" | "GRPC" | "GRPC-WEB" | "TLS" | "TCP"
+        | "MONGO" | "MYSQL" | "REDIS" => Some(L4::Tcp),
         "UDP" => Some(L4::Udp),
         _ => None,
     }

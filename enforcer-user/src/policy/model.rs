@@ -55,7 +55,11 @@ pub struct Rule {
 
 impl Rule {
     pub fn new(l4: L4, port: u16, net: IpNet) -> Self {
-        Self { l4, port, net: canonical_net(net) }
+        Self {
+            l4,
+            port,
+            net: canonical_net(net),
+        }
     }
 
     pub fn host(l4: L4, port: u16, ip: IpAddr) -> Self {
@@ -105,7 +109,10 @@ pub struct Origin {
 
 impl Origin {
     pub fn builtin(what: &str) -> Self {
-        Self { service_entry: format!("(built-in: {what})"), host: None }
+        Self {
+            service_entry: format!("(built-in: {what})"),
+            host: None,
+        }
     }
 }
 

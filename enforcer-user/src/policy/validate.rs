@@ -15,11 +15,17 @@ use super::l4_of_protocol;
 
 /// Returns every error found in `se` (empty when it is valid).
 pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
-    let mut errs = Errors { se, out: Vec::new() };
+    let mut errs = Errors {
+        se,
+        out: Vec::new(),
+    };
     let spec = &se.spec;
 
     if !is_dns1123_label(&se.namespace) {
-        errs.push("metadata.namespace", format!("{:?} is not a valid namespace name", se.namespace));
+        errs.push(
+            "metadata.namespace",
+            format!("{:?} is not a valid namespace name", se.namespace),
+        );
     }
     if spec.hosts.is_empty() {
         errs.push("spec.hosts", "at least one host is required");
@@ -32,11 +38,18 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
 
     for (i, addr) in spec.addresses.iter().enumerate() {
         match parse_ip_or_cidr(addr) {
-            None => errs.push(format!("spec.addresses[{i}]"), format!("{addr:?} is not an IP address or CIDR")),
-            Some(net) if net.prefix_len() != net.max_prefix_len()
-                && !matches!(spec.resolution, Resolution::None | Resolution::Static) =>
+            None => errs.push(
+                format!("spec.addresses[{i}]"),
+                format!("{addr:?} is not an IP address or CIDR"),
+            ),
+            Some(net)
+                if net.prefix_len() != net.max_prefix_len()
+                    && !matches!(spec.resolution, Resolution::None | Resolution::Static) =>
             {
-                errs.push(format!("spec.addresses[{i}]"), "CIDR addresses are allowed only with resolution NONE or STATIC")
+                errs.push(
+                    format!("spec.addresses[{i}]"),
+                    "CIDR addresses are allowed only with resolution NONE or STATIC",
+                )
             }
             Some(_) => {}
         }
@@ -47,37 +60,67 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
     }
     for (i, port) in spec.ports.iter().enumerate() {
         if !(1..=65535).contains(&port.number) {
-            errs.push(format!("spec.ports[{i}].number"), format!("{} is not a port number (1-65535)", port.number));
+            errs.push(
+                format!("spec.ports[{i}].number"),
+                format!("{} is not a port number (1-65535)", port.number),
+            );
         }
         if let Some(target) = port.target_port.filter(|t| !(1..=65535).contains(t)) {
-            errs.push(format!("spec.ports[{i}].targetPort"), format!("{target} is not a port number (1-65535)"));
+            errs.push(
+                format!("spec.ports[{i}].targetPort"),
+                format!("{target} is not a port number (1-65535)"),
+            );
         }
         if l4_of_protocol(port.protocol.as_deref()).is_none() {
-            errs.push(format!("spec.ports[{i}].protocol"), format!("unrecognized protocol {:?}", port.protocol.as_deref().unwrap_or_default()));
+            errs.push(
+                format!("spec.ports[{i}].protocol"),
+                format!(
+                    "unrecognized protocol {:?}",
+                    port.protocol.as_deref().unwrap_or_default()
+                ),
+            );
         }
         let name = port.name.as_deref().unwrap_or_default();
         if spec.ports[..i].iter().any(|p| p.number == port.number) {
-            errs.push(format!("spec.ports[{i}].number"), format!("port number {} is declared twice", port.number));
+            errs.push(
+                format!("spec.ports[{i}].number"),
+                format!("port number {} is declared twice", port.number),
+            );
         }
-        if !name.is_empty() && spec.ports[..i].iter().any(|p| p.name.as_deref() == Some(name)) {
-            errs.push(format!("spec.ports[{i}].name"), format!("port name {name:?} is declared twice"));
+        if !name.is_empty()
+            && spec.ports[..i]
+                .iter()
+                .any(|p| p.name.as_deref() == Some(name))
+        {
+            errs.push(
+                format!("spec.ports[{i}].name"),
+                format!("port name {name:?} is declared twice"),
+            );
         }
     }
 
     if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
-        errs.push("spec.workloadSelector", "endpoints and workloadSelector are mutually exclusive");
+        errs.push(
+            "spec.workloadSelector",
+            "endpoints and workloadSelector are mutually exclusive",
+        );
     }
     match spec.resolution {
-        Resolution::None if !spec.endpoints.is_empty() => {
-            errs.push("spec.endpoints", "no endpoints may be given for resolution NONE")
-        }
-        Resolution::DnsRoundRobin if spec.endpoints.len() > 1 => {
-            errs.push("spec.endpoints", "resolution DNS_ROUND_ROBIN allows at most one endpoint")
-        }
+        Resolution::None if !spec.endpoints.is_empty() => errs.push(
+            "spec.endpoints",
+            "no endpoints may be given for resolution NONE",
+        ),
+        Resolution::DnsRoundRobin if spec.endpoints.len() > 1 => errs.push(
+            "spec.endpoints",
+            "resolution DNS_ROUND_ROBIN allows at most one endpoint",
+        ),
         Resolution::Dns | Resolution::DnsRoundRobin if spec.endpoints.is_empty() => {
             for (i, host) in spec.hosts.iter().enumerate() {
                 if host.starts_with('*') {
-                    errs.push(format!("spec.hosts[{i}]"), "a wildcard host needs endpoints when resolution is DNS");
+                    errs.push(
+                        format!("spec.hosts[{i}]"),
+                        "a wildcard host needs endpoints when resolution is DNS",
+                    );
                 }
             }
         }
@@ -86,25 +129,46 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
     for (i, ep) in spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}].address");
         match ep.address.as_deref() {
-            None | Some("") if ep.network.is_none() => errs.push(field, "an address or a network is required"),
+            None | Some("") if ep.network.is_none() => {
+                errs.push(field, "an address or a network is required")
+            }
             None | Some("") => {}
             Some(a) if a.starts_with("unix://") => {}
             Some(a) if spec.resolution == Resolution::Static && a.parse::<IpAddr>().is_err() => {
-                errs.push(field, format!("{a:?} is not an IP address; resolution STATIC needs IP endpoints"))
+                errs.push(
+                    field,
+                    format!("{a:?} is not an IP address; resolution STATIC needs IP endpoints"),
+                )
             }
             Some(a) if a.parse::<IpAddr>().is_err() => {
-                if let Err(msg) = check_host(a).and_then(|()| if a.contains('*') { Err("an endpoint address cannot be a wildcard".into()) } else { Ok(()) }) {
+                if let Err(msg) = check_host(a).and_then(|()| {
+                    if a.contains('*') {
+                        Err("an endpoint address cannot be a wildcard".into())
+                    } else {
+                        Ok(())
+                    }
+                }) {
                     errs.push(field, msg);
                 }
             }
             Some(_) => {}
         }
         for (name, number) in &ep.ports {
-            if !spec.ports.iter().any(|p| p.name.as_deref() == Some(name.as_str())) {
-                errs.push(format!("spec.endpoints[{i}].ports.{name}"), format!("no port named {name:?} in spec.ports"));
+            if !spec
+                .ports
+                .iter()
+                .any(|p| p.name.as_deref() == Some(name.as_str()))
+            {
+                errs.push(
+                    format!("spec.endpoints[{i}].ports.{name}"),
+                    format!("no port named {name:?} in spec.ports"),
+                );
             }
             if !(1..=65535).contains(number) {
-                errs.push(format!("spec.endpoints[{i}].ports.{name}"), format!("{number} is not a port number (1-65535)"));
+                errs.push(
+                    format!("spec.endpoints[{i}].ports.{name}"),
+                    format!("{number} is not a port number (1-65535)"),
+                );
             }
         }
     }
@@ -123,7 +187,9 @@ pub fn export_to_errors(list: &[String]) -> Vec<String> {
             out.push(format!("{v:?} is listed twice"));
         }
         if !(v == "." || v == "*" || v == "~" || is_dns1123_label(v)) {
-            out.push(format!("{v:?} is neither '.', '*', '~' nor a namespace name"));
+            out.push(format!(
+                "{v:?} is neither '.', '*', '~' nor a namespace name"
+            ));
         }
     }
     if list.iter().any(|v| v == "~") && list.len() > 1 {
@@ -145,9 +211,14 @@ fn check_host(host: &str) -> Result<(), String> {
     if host == "*" {
         return Err("'*' alone is not a valid host".to_string());
     }
-    let name = host.strip_prefix("*.").or_else(|| host.strip_prefix('*')).unwrap_or(host);
+    let name = host
+        .strip_prefix("*.")
+        .or_else(|| host.strip_prefix('*'))
+        .unwrap_or(host);
     if name.is_empty() || name.contains('*') {
-        return Err(format!("{host:?}: a wildcard is allowed only as the first label"));
+        return Err(format!(
+            "{host:?}: a wildcard is allowed only as the first label"
+        ));
     }
     if name.len() > 253 || !name.trim_end_matches('.').split('.').all(is_dns1123_label) {
         return Err(format!("{host:?} is not a valid DNS name"));
@@ -159,7 +230,8 @@ fn check_host(host: &str) -> Result<(), String> {
 pub fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -172,6 +244,7 @@ struct Errors<'a> {
 impl Errors<'_> {
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         let object = format!("ServiceEntry {}", self.se.id());
-        self.out.push(Problem::new(&self.se.origin, object, field, message));
+        self.out
+            .push(Problem::new(&self.se.origin, object, field, message));
     }
 }

@@ -6,7 +6,10 @@ use serde_yaml::Value;
 use super::Snapshot;
 use crate::{
     diag::Problem,
-    istio::{MeshConfig, ObjectMeta, ServiceEntry, ServiceEntrySpec, DEFAULT_NAMESPACE, NETWORKING_VERSIONS},
+    istio::{
+        MeshConfig, ObjectMeta, ServiceEntry, ServiceEntrySpec, DEFAULT_NAMESPACE,
+        NETWORKING_VERSIONS,
+    },
 };
 
 /// Parses every document in `text`. `origin` names the file in problems.
@@ -19,7 +22,12 @@ pub fn parse_documents(origin: &str, text: &str) -> Snapshot {
             Err(err) => {
                 // The parser cannot resynchronise after a syntax error, so the rest of the file is
                 // unreadable too; its objects are skipped (fail closed).
-                out.problems.push(Problem::new(origin, label, "-", format!("invalid YAML: {err}")));
+                out.problems.push(Problem::new(
+                    origin,
+                    label,
+                    "-",
+                    format!("invalid YAML: {err}"),
+                ));
                 break;
             }
         };
@@ -33,21 +41,34 @@ pub fn parse_documents(origin: &str, text: &str) -> Snapshot {
 
 /// Parses a mesh config file: an IstioOperator, Istio's `istio` ConfigMap, or a bare MeshConfig.
 pub fn parse_mesh_file(origin: &str, text: &str) -> Snapshot {
-    let bare = serde_yaml::from_str::<Value>(text).ok().filter(|v| v.is_mapping() && v.get("kind").is_none());
+    let bare = serde_yaml::from_str::<Value>(text)
+        .ok()
+        .filter(|v| v.is_mapping() && v.get("kind").is_none());
     let Some(value) = bare else {
         return parse_documents(origin, text);
     };
     let mut out = Snapshot::default();
     match typed::<MeshConfig>(value) {
         Ok(mesh) => out.mesh.push((origin.to_string(), mesh)),
-        Err((field, message)) => out.problems.push(Problem::new(origin, "MeshConfig", field, message)),
+        Err((field, message)) => {
+            out.problems
+                .push(Problem::new(origin, "MeshConfig", field, message))
+        }
     }
     out
 }
 
 fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let meta: ObjectMeta = value
         .get("metadata")
         .cloned()
@@ -72,20 +93,31 @@ fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
                 return;
             }
             let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
-                out.problems.push(Problem::new(origin, object, "metadata.name", "a name is required"));
+                out.problems.push(Problem::new(
+                    origin,
+                    object,
+                    "metadata.name",
+                    "a name is required",
+                ));
                 return;
             };
             let spec = value.get("spec").cloned().unwrap_or(Value::Null);
             match typed::<ServiceEntrySpec>(spec) {
                 Ok(spec) => out.service_entries.push(ServiceEntry {
-                    namespace: meta.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+                    namespace: meta
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
                     name,
                     spec,
                     origin: origin.to_string(),
                 }),
-                Err((field, message)) => {
-                    out.problems.push(Problem::new(origin, object, format!("spec.{field}"), message))
-                }
+                Err((field, message)) => out.problems.push(Problem::new(
+                    origin,
+                    object,
+                    format!("spec.{field}"),
+                    message,
+                )),
             }
         }
         "IstioOperator" => {
@@ -98,20 +130,35 @@ fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
                     format!("spec.meshConfig.{field}"),
                     message,
                 )),
-                None => out.ignored.push(format!("{origin}: {object} has no spec.meshConfig")),
+                None => out
+                    .ignored
+                    .push(format!("{origin}: {object} has no spec.meshConfig")),
             }
         }
         "ConfigMap" if value.get("data").and_then(|d| d.get("mesh")).is_some() => {
             let text = value["data"]["mesh"].as_str().unwrap_or_default();
-            match serde_yaml::from_str::<Value>(text).map_err(|e| ("-".to_string(), e.to_string())).and_then(typed::<MeshConfig>) {
+            match serde_yaml::from_str::<Value>(text)
+                .map_err(|e| ("-".to_string(), e.to_string()))
+                .and_then(typed::<MeshConfig>)
+            {
                 Ok(mesh) => out.mesh.push((format!("{origin} ({object})"), mesh)),
-                Err((field, message)) => {
-                    out.problems.push(Problem::new(origin, object, format!("data.mesh.{field}"), message))
-                }
+                Err((field, message)) => out.problems.push(Problem::new(
+                    origin,
+                    object,
+                    format!("data.mesh.{field}"),
+                    message,
+                )),
             }
         }
-        "" => out.problems.push(Problem::new(origin, object, "kind", "the document has no kind")),
-        _ => out.ignored.push(format!("{origin}: {object} ({api_version}) is not enforced by enforcer")),
+        "" => out.problems.push(Problem::new(
+            origin,
+            object,
+            "kind",
+            "the document has no kind",
+        )),
+        _ => out.ignored.push(format!(
+            "{origin}: {object} ({api_version}) is not enforced by enforcer"
+        )),
     }
 }
 
@@ -197,7 +244,10 @@ spec: {hosts: [x.example.com]}
         assert_eq!(parse_mesh_file("a", op).mesh[0].1.mode(), RegistryOnly);
         let bare = parse_mesh_file("b", bare);
         assert_eq!(bare.mesh[0].1.mode(), RegistryOnly);
-        assert_eq!(bare.mesh[0].1.default_service_export_to, Some(vec!["*".to_string()]));
+        assert_eq!(
+            bare.mesh[0].1.default_service_export_to,
+            Some(vec!["*".to_string()])
+        );
         assert_eq!(parse_mesh_file("c", cm).mesh[0].1.mode(), AllowAny);
         let bad = parse_mesh_file("d", "outboundTrafficPolicy:\n  mode: SOMETIMES\n");
         assert_eq!(bad.problems[0].field, "outboundTrafficPolicy.mode");

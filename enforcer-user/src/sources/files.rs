@@ -18,7 +18,12 @@ pub fn load_dir(dir: &Path) -> Snapshot {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) => {
-            snap.problems.push(Problem::new(dir.display().to_string(), "-", "-", format!("cannot read directory: {err}")));
+            snap.problems.push(Problem::new(
+                dir.display().to_string(),
+                "-",
+                "-",
+                format!("cannot read directory: {err}"),
+            ));
             return snap;
         }
     };
@@ -34,7 +39,12 @@ pub fn load_dir(dir: &Path) -> Snapshot {
             Ok(text) => snap.merge(documents::parse_documents(&origin, &text)),
             // Removed between listing and reading: it is gone, which the next event reports.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => snap.problems.push(Problem::new(origin, "-", "-", format!("cannot read file: {err}"))),
+            Err(err) => snap.problems.push(Problem::new(
+                origin,
+                "-",
+                "-",
+                format!("cannot read file: {err}"),
+            )),
         }
     }
     snap
@@ -46,15 +56,28 @@ pub fn load_mesh_file(path: &Path) -> Snapshot {
         Ok(text) => documents::parse_mesh_file(&origin, &text),
         Err(err) => {
             let mut snap = Snapshot::default();
-            snap.problems.push(Problem::new(origin, "MeshConfig", "-", format!("cannot read file: {err}")));
+            snap.problems.push(Problem::new(
+                origin,
+                "MeshConfig",
+                "-",
+                format!("cannot read file: {err}"),
+            ));
             snap
         }
     }
 }
 
 fn is_policy_file(path: &Path) -> bool {
-    let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-    !hidden && path.is_file() && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'));
+    !hidden
+        && path.is_file()
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        )
 }
 
 /// Watches the given directories and sends `()` on every change under them, coalesced so that an
