@@ -75,7 +75,7 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     // SAFETY: the helper has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
-    let Some(scope) = (unsafe { CGROUPS.get(&cgroup_id) }).copied() else {
+    let Some(scope) = (unsafe { CGROUPS.get(cgroup_id) }).copied() else {
         return Ok(ALLOW);
     };
     if scope.mode == mode::ALLOW_ANY {

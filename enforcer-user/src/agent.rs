@@ -116,8 +116,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .next_refresh()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            more = files::coalesce(&mut file_rx, Duration::from_millis(20)) => {
-                if more { sources = load_sources(&cfg); }
+            // The quiet period is waited out inside the branch: a select! branch that lost would
+            // drop an event it had already taken.
+            Some(()) = file_rx.recv() => {
+                files::settle(&mut file_rx, Duration::from_millis(20)).await;
+                sources = load_sources(&cfg);
             }
             Some(()) = cg_rx.recv() => {
                 while cg_rx.try_recv().is_ok() {}

@@ -1,1 +1,54 @@
-fn main() {}
+//! Project tasks: `cargo xtask <task>`. Orchestration only; the product lives in enforcer-user.
+
+mod bench;
+mod check;
+mod demo;
+mod setup;
+mod sh;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite (Debian packages, bpf-linker). Idempotent.
+    Setup,
+    /// Build target/release/enforcer with the kernel object embedded.
+    Build,
+    /// fmt, clippy (host and BPF target), unit tests and privileged integration tests.
+    BuildAndTest,
+    /// Live demo of seeds 000 and 001 on this machine (root).
+    Demo,
+    /// Measure program cost, connect() overhead and time to enforcement (root).
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(true),
+        Task::Build => {
+            setup::run(false)?;
+            check::build_release().map(|_| ())
+        }
+        Task::BuildAndTest => {
+            setup::run(false)?;
+            check::build_and_test()
+        }
+        Task::Demo => {
+            setup::run(false)?;
+            let bin = check::build_release()?;
+            demo::run(&bin)
+        }
+        Task::Bench => {
+            setup::run(false)?;
+            let bin = check::build_release()?;
+            bench::run(&bin)
+        }
+    }
+}

@@ -182,6 +182,8 @@ fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec
         service_entry: se.id(),
         host: host.map(str::to_string),
     };
+    // Literal addresses belong to the entry's hosts as much as resolved ones do.
+    let declared = spec.hosts.first().map(String::as_str);
     let resolved = |name: &str,
                     l4: L4,
                     ports: &[u16],
@@ -207,7 +209,7 @@ fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec
         let (number, target) = port_numbers(port);
         for addr in &spec.addresses {
             if let Some(net) = parse_ip_or_cidr(addr) {
-                out.push((Rule::new(l4, number, net), origin(None)));
+                out.push((Rule::new(l4, number, net), origin(declared)));
             }
         }
         let host_ports: &[u16] = if target == number {
@@ -229,7 +231,7 @@ fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec
                         .and_then(|n| ep.ports.get(n))
                         .map_or(target, |&p| p as u16);
                     if let Ok(ip) = addr.parse::<IpAddr>() {
-                        out.push((Rule::host(l4, ep_port, ip), origin(None)));
+                        out.push((Rule::host(l4, ep_port, ip), origin(declared)));
                     } else if is_name(addr) {
                         resolved(addr, l4, &[ep_port], &mut out, notes);
                     }

@@ -103,15 +103,8 @@ impl DirWatcher {
     }
 }
 
-/// Waits for the first message, then for the channel to stay quiet for `quiet`.
-pub async fn coalesce(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) -> bool {
-    if rx.recv().await.is_none() {
-        return false;
-    }
-    loop {
-        match tokio::time::timeout(quiet, rx.recv()).await {
-            Ok(Some(())) => continue,
-            Ok(None) | Err(_) => return true,
-        }
-    }
+/// After a first event, waits until the channel has been quiet for `quiet`, so that an editor's
+/// write-rename-chmod burst is read once.
+pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) {
+    while let Ok(Some(())) = tokio::time::timeout(quiet, rx.recv()).await {}
 }

@@ -1,0 +1,530 @@
+//! Real parts for kernel tests: test hosts in a network namespace, dnsmasq on loopback, the real
+//! agent binary, and probes run through `enforcer exec`. Every guard cleans up on drop, also
+//! when the test panics.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+pub const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
+
+/// Tests share the documentation address ranges, so they take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn testkit(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testkit")
+        .join(file)
+}
+
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// One test's world. Dropping it removes everything it made.
+pub struct World {
+    pub id: String,
+    pub dir: PathBuf,
+    pub policies: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl World {
+    /// Fails the test, with the reason, where kernel tests cannot run.
+    pub fn new(name: &str) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        assert_eq!(
+            uid.as_deref().ok(),
+            Some("0"),
+            "kernel tests need root (BPF, cgroups, netns); run them as root"
+        );
+        assert!(
+            Path::new("/sys/kernel/btf/vmlinux").exists()
+                || Path::new("/proc/sys/net/core/bpf_jit_enable").exists(),
+            "this kernel has no BPF support"
+        );
+        let id = format!(
+            "{}{}",
+            &name[..name.len().min(6)],
+            std::process::id() % 10000
+        );
+        let dir = std::env::temp_dir().join(format!("enforcer-test-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        let policies = dir.join("policies");
+        fs::create_dir_all(&policies).expect("creating the test directory");
+        Self {
+            id,
+            dir,
+            policies,
+            _serial: serial,
+        }
+    }
+
+    pub fn write_policy(&self, file: &str, yaml: &str) {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("writing policy");
+        fs::rename(&tmp, self.policies.join(file)).expect("moving policy in place");
+    }
+
+    pub fn remove_policy(&self, file: &str) {
+        fs::remove_file(self.policies.join(file)).expect("removing policy");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Test hosts behind a veth, on documentation addresses, with TCP and UDP listeners.
+pub struct Hosts {
+    netns: String,
+    veth: String,
+    server: Child,
+}
+
+// 192.0.2.0/24 is left out: some machines (these among them) use it for their real uplink.
+pub const HOST_ADDRS: &[&str] = &[
+    "198.51.100.10/24",
+    "198.51.100.11/24",
+    "198.51.100.12/24",
+    "198.51.100.20/24",
+    "198.51.100.21/24",
+    "203.0.113.30/24",
+    "203.0.113.31/24",
+    "2001:db8::10/64",
+    "2001:db8::11/64",
+];
+pub const TCP_PORTS: &str = "80,443,5432,8080,27017";
+pub const UDP_PORTS: &str = "9999";
+
+impl Hosts {
+    pub fn new(world: &World) -> Self {
+        let netns = format!("enft-{}", world.id);
+        let veth = format!("enfh{}", &world.id[world.id.len().saturating_sub(9)..]);
+        let peer = format!("{veth}p");
+        sh_quiet(&["ip", "netns", "del", &netns]);
+        sh_quiet(&["ip", "link", "del", &veth]);
+        assert_ranges_unused(&["198.51.100.", "203.0.113.", "2001:db8:"]);
+        sh(&["ip", "netns", "add", &netns]);
+        let mut hosts = Self {
+            netns: netns.clone(),
+            veth: veth.clone(),
+            server: Command::new("true").spawn().expect("spawn"),
+        };
+        sh(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
+        ]);
+        sh(&["ip", "link", "set", &peer, "netns", &netns]);
+        for gw in ["198.51.100.1/24", "203.0.113.1/24"] {
+            sh(&["ip", "addr", "add", gw, "dev", &veth]);
+        }
+        sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8::1/64",
+            "dev",
+            &veth,
+            "nodad",
+        ]);
+        sh(&["ip", "link", "set", &veth, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", netns.as_str()];
+            all.extend_from_slice(args);
+            sh(&all);
+        };
+        for addr in HOST_ADDRS {
+            if addr.contains(':') {
+                inside(&["ip", "-6", "addr", "add", addr, "dev", &peer, "nodad"]);
+            } else {
+                inside(&["ip", "addr", "add", addr, "dev", &peer]);
+            }
+        }
+        inside(&["ip", "link", "set", &peer, "up"]);
+        inside(&["ip", "link", "set", "lo", "up"]);
+        let mut server = Command::new("ip")
+            .args(["netns", "exec", &netns, python()])
+            .arg(testkit("host.py"))
+            .args(["--tcp", TCP_PORTS, "--udp", UDP_PORTS, "--addrs"])
+            .arg(
+                HOST_ADDRS
+                    .iter()
+                    .map(|a| a.split('/').next().unwrap_or(a))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the test host server");
+        let mut line = String::new();
+        if let Some(out) = server.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        hosts.server = server;
+        assert_eq!(line.trim(), "ready", "the test host server did not start");
+        hosts
+    }
+}
+
+/// Test traffic must reach only the test's own hosts: refuse to run where the machine itself
+/// already uses one of these ranges.
+fn assert_ranges_unused(prefixes: &[&str]) {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let addr = line.split_whitespace().nth(3).unwrap_or_default();
+        assert!(
+            !prefixes.iter().any(|p| addr.starts_with(p)),
+            "this machine already uses {addr} ({line}); the test hosts' ranges would collide with it"
+        );
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        sh_quiet(&["ip", "link", "del", &self.veth]);
+        sh_quiet(&["ip", "netns", "del", &self.netns]);
+    }
+}
+
+/// dnsmasq on loopback, answering from a hosts file that tests can rewrite.
+pub struct Dns {
+    child: Child,
+    hosts_file: PathBuf,
+    pub addr: String,
+}
+
+impl Dns {
+    pub fn new(world: &World, ttl: u32, records: &[(&str, &str)]) -> Self {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let hosts_file = world.dir.join("dns-hosts");
+        write_records(&hosts_file, records);
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
+            .args([
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--pid-file=",
+                "--no-negcache",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--local-ttl={ttl}"))
+            .arg(format!("--addn-hosts={}", hosts_file.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting dnsmasq (cargo xtask setup installs it)");
+        let dns = Self {
+            child,
+            hosts_file,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        wait_until(Duration::from_secs(5), "dnsmasq listening", || {
+            Command::new("ss")
+                .args(["-Hlun", &format!("sport = :{port}")])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty())
+        });
+        dns
+    }
+
+    /// Replaces every record; dnsmasq rereads the file on SIGHUP.
+    pub fn set_records(&self, records: &[(&str, &str)]) {
+        write_records(&self.hosts_file, records);
+        sh(&["kill", "-HUP", &self.child.id().to_string()]);
+    }
+}
+
+fn write_records(path: &Path, records: &[(&str, &str)]) {
+    let text: String = records
+        .iter()
+        .map(|(name, ip)| format!("{ip} {name}\n"))
+        .collect();
+    fs::write(path, text).expect("writing DNS records");
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real agent, with its own bpffs directory and cgroup parent.
+pub struct Agent {
+    child: Option<Child>,
+    pub pin_root: String,
+    pub cgroup_parent: String,
+    status: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(world: &World, extra: &[&str]) -> Self {
+        let mut agent = Self {
+            child: None,
+            pin_root: format!("/sys/fs/bpf/enforcer-test-{}", world.id),
+            cgroup_parent: format!("enforcer-test-{}", world.id),
+            status: world.dir.join("status.json"),
+            stdout: world.dir.join("agent.out"),
+            stderr: world.dir.join("agent.err"),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.spawn(&world.policies);
+        agent
+    }
+
+    fn spawn(&mut self, policies: &Path) {
+        let _ = fs::remove_file(&self.status);
+        let open = |p: &Path| {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("log file")
+        };
+        let child = Command::new(ENFORCER)
+            .arg("run")
+            .arg("--policies")
+            .arg(policies)
+            .args([
+                "--bpffs-root",
+                &self.pin_root,
+                "--cgroup-parent",
+                &self.cgroup_parent,
+            ])
+            .arg("--status-file")
+            .arg(&self.status)
+            .args(&self.args)
+            .stdout(open(&self.stdout))
+            .stderr(open(&self.stderr))
+            .spawn()
+            .expect("starting enforcer run");
+        self.child = Some(child);
+        let status = self.status.clone();
+        self.wait_for(Duration::from_secs(15), "the agent's first apply", || {
+            status.exists()
+        });
+    }
+
+    /// Stops the agent as an operator would (SIGTERM); what is pinned stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            sh_quiet(&["kill", "-TERM", &child.id().to_string()]);
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, world: &World) {
+        self.stop();
+        self.spawn(&world.policies);
+    }
+
+    /// The agent's JSON status.
+    pub fn status(&self) -> serde_json::Value {
+        fs::read(&self.status)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Refusal records printed so far.
+    pub fn denials(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(&self.stdout)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Runs `probe.py` through `enforcer exec` in namespace `ns`.
+    pub fn probe(&self, ns: &str, kind: &str, host: &str, port: u16) -> Outcome {
+        let out = Command::new(ENFORCER)
+            .args([
+                "exec",
+                "--namespace",
+                ns,
+                "--bpffs-root",
+                &self.pin_root,
+                "--cgroup-parent",
+                &self.cgroup_parent,
+                "--",
+            ])
+            .arg(python())
+            .arg(testkit("probe.py"))
+            .args([kind, host, &port.to_string()])
+            .output()
+            .expect("running enforcer exec");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match out.status.code() {
+            Some(0) => Outcome::Ok(text),
+            Some(1) if text == "EPERM" => Outcome::Eperm,
+            _ => Outcome::Other(format!(
+                "{text} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+
+    pub fn wait_for(&self, limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            if start.elapsed() > limit {
+                panic!(
+                    "timed out after {limit:?} waiting for {what}\n--- agent log ---\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls a probe until it gives `want` (bounded), for changes applied asynchronously.
+    pub fn eventually(&self, ns: &str, kind: &str, host: &str, port: u16, want: Want) {
+        let mut last = None;
+        let limit = Duration::from_secs(8);
+        let start = Instant::now();
+        loop {
+            let got = self.probe(ns, kind, host, port);
+            if want.matches(&got) {
+                return;
+            }
+            if start.elapsed() > limit {
+                break;
+            }
+            last = Some(got);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{ns}: {kind} {host}:{port}: wanted {want:?}, still {last:?} after {limit:?}\n--- agent log ---\n{}", self.log());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        sh_quiet(&[
+            ENFORCER,
+            "teardown",
+            "--bpffs-root",
+            &self.pin_root,
+            "--cgroup-parent",
+            &self.cgroup_parent,
+        ]);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected and got this reply.
+    Ok(String),
+    /// Refused by the kernel with EPERM.
+    Eperm,
+    /// Anything else (timeout, connection refused, exec failure).
+    Other(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Allowed,
+    Denied,
+}
+
+impl Want {
+    fn matches(self, got: &Outcome) -> bool {
+        matches!(
+            (self, got),
+            (Want::Allowed, Outcome::Ok(_)) | (Want::Denied, Outcome::Eperm)
+        )
+    }
+}
+
+/// Asserts one probe's outcome.
+#[track_caller]
+pub fn check(agent: &Agent, ns: &str, kind: &str, host: &str, port: u16, want: Want) {
+    let got = agent.probe(ns, kind, host, port);
+    assert!(
+        want.matches(&got),
+        "{ns}: {kind} {host}:{port}: wanted {want:?}, got {got:?}\n--- agent log ---\n{}",
+        agent.log()
+    );
+    // TCP replies name the address that answered (a UDP listener on `::` cannot).
+    if let (Want::Allowed, Outcome::Ok(reply), true) = (want, &got, kind.starts_with("tcp")) {
+        assert!(reply.contains(host), "reply {reply:?} is not from {host}");
+    }
+}
+
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub const REGISTRY_ONLY: &str = "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n";

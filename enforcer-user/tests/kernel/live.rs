@@ -1,0 +1,145 @@
+//! Changes while running: files added, removed and broken; DNS answers that change; restarts.
+
+use crate::harness::{check, Agent, Dns, Hosts, Want::*, World, ENFORCER, REGISTRY_ONLY};
+
+fn entry(name: &str, ip: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example.com]\n  addresses: [{ip}]\n  ports: [{{number: {port}, name: p, protocol: TCP}}]\n  resolution: STATIC\n"
+    )
+}
+
+fn start(world: &World, extra: &[&str]) -> Agent {
+    let mesh = world.dir.join("mesh.yaml");
+    std::fs::write(&mesh, REGISTRY_ONLY).expect("mesh");
+    let mut args = vec![
+        "--mesh-config".to_string(),
+        mesh.display().to_string(),
+        "--namespace".into(),
+        "default".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Agent::start(world, &args)
+}
+
+#[test]
+fn adding_and_removing_a_file_takes_effect_live() {
+    let world = World::new("live");
+    let _hosts = Hosts::new(&world);
+    let agent = start(&world, &[]);
+    check(&agent, "default", "tcp", "198.51.100.10", 5432, Denied);
+
+    world.write_policy("db.yaml", &entry("db", "198.51.100.10", 5432));
+    agent.eventually("default", "tcp", "198.51.100.10", 5432, Allowed);
+
+    // Editing the file in place moves the permission.
+    world.write_policy("db.yaml", &entry("db", "198.51.100.11", 5432));
+    agent.eventually("default", "tcp", "198.51.100.10", 5432, Denied);
+    check(&agent, "default", "tcp", "198.51.100.11", 5432, Allowed);
+
+    world.remove_policy("db.yaml");
+    agent.eventually("default", "tcp", "198.51.100.11", 5432, Denied);
+}
+
+#[test]
+fn an_invalid_file_next_to_valid_ones_is_reported_and_skipped() {
+    let world = World::new("invalid");
+    let _hosts = Hosts::new(&world);
+    world.write_policy("a-good.yaml", &entry("good", "198.51.100.10", 80));
+    world.write_policy(
+        "b-bad.yml",
+        &entry("bad", "198.51.100.11", 80).replace("number: 80", "number: 70000"),
+    );
+    world.write_policy("c-broken.yaml", "kind: ServiceEntry\nspec: [unclosed\n");
+    let agent = start(&world, &[]);
+
+    check(&agent, "default", "tcp", "198.51.100.10", 80, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.11", 80, Denied);
+    let problems = agent.status()["problems"].to_string();
+    assert!(
+        problems.contains("b-bad.yml: ServiceEntry default/bad: spec.ports[0].number"),
+        "{problems}"
+    );
+    assert!(problems.contains("c-broken.yaml: document 1"), "{problems}");
+    assert!(agent
+        .log()
+        .contains("b-bad.yml: ServiceEntry default/bad: spec.ports[0].number"));
+
+    // Breaking a working entry withdraws it (fail closed) and leaves the others alone.
+    world.write_policy(
+        "a-good.yaml",
+        &entry("good", "198.51.100.10", 80).replace("resolution: STATIC", "resolution: SOMETIMES"),
+    );
+    agent.eventually("default", "tcp", "198.51.100.10", 80, Denied);
+    world.write_policy("d-other.yaml", &entry("other", "198.51.100.12", 80));
+    agent.eventually("default", "tcp", "198.51.100.12", 80, Allowed);
+}
+
+#[test]
+fn a_dns_answer_that_changes_after_its_ttl() {
+    let world = World::new("ttl");
+    let _hosts = Hosts::new(&world);
+    let dns = Dns::new(&world, 1, &[("api.example.com", "198.51.100.10")]);
+    world.write_policy(
+        "api.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: https, protocol: HTTPS}]\n  resolution: DNS\n",
+    );
+    let agent = start(&world, &["--dns-server", &dns.addr, "--dns-min-ttl", "1"]);
+    check(&agent, "default", "tcp", "198.51.100.10", 443, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
+
+    dns.set_records(&[("api.example.com", "198.51.100.11")]);
+    agent.eventually("default", "tcp", "198.51.100.11", 443, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.10", 443, Denied);
+    assert!(
+        agent.log().contains("answer changed"),
+        "the change is logged"
+    );
+}
+
+#[test]
+fn enforcement_survives_an_agent_restart() {
+    let world = World::new("restart");
+    let _hosts = Hosts::new(&world);
+    world.write_policy("db.yaml", &entry("db", "198.51.100.10", 5432));
+    let mut agent = start(&world, &[]);
+    check(&agent, "default", "tcp", "198.51.100.10", 5432, Allowed);
+
+    agent.stop();
+    // No agent: the pinned programs and maps still decide.
+    check(&agent, "default", "tcp", "198.51.100.11", 5432, Denied);
+    check(&agent, "default", "tcp", "198.51.100.10", 5432, Allowed);
+
+    agent.restart(&world);
+    assert!(agent.log().contains("adopted 1 cgroups"), "{}", agent.log());
+    check(&agent, "default", "tcp", "198.51.100.11", 5432, Denied);
+    check(&agent, "default", "tcp", "198.51.100.10", 5432, Allowed);
+}
+
+#[test]
+fn exec_refuses_to_run_unenforced() {
+    let world = World::new("noagent");
+    let pin_root = format!("/sys/fs/bpf/enforcer-test-{}", world.id);
+    let out = std::process::Command::new(ENFORCER)
+        .args([
+            "exec",
+            "--namespace",
+            "default",
+            "--bpffs-root",
+            &pin_root,
+            "--cgroup-parent",
+            &format!("enforcer-test-{}", world.id),
+        ])
+        .args(["--wait-ms", "200", "--", "true"])
+        .output()
+        .expect("running enforcer exec");
+    let root = enforcer_user::cgroup::cgroup2_mount().expect("cgroup2");
+    let _ = std::fs::remove_dir(root.join(format!("enforcer-test-{}/default", world.id)));
+    let _ = std::fs::remove_dir(root.join(format!("enforcer-test-{}", world.id)));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is the agent running?"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

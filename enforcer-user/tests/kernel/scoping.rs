@@ -1,0 +1,205 @@
+//! Namespaces: exportTo visibility, the mesh modes, and mapping existing cgroups.
+
+use crate::harness::{check, Agent, Hosts, Want::*, World};
+
+const EXPORTS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: postgres-db, namespace: frontend}
+spec:
+  hosts: [db.example.com]
+  addresses: [198.51.100.20]
+  ports: [{number: 5432, name: db, protocol: TCP}]
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: platform}
+spec:
+  hosts: [shared.example.com]
+  addresses: [198.51.100.10]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  exportTo: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: listed, namespace: platform}
+spec:
+  hosts: [listed.example.com]
+  addresses: [198.51.100.11]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  exportTo: [".", "frontend"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: frontend}
+spec:
+  hosts: [private.example.com]
+  addresses: [198.51.100.12]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  exportTo: ["~"]
+"#;
+
+#[test]
+fn export_to_scopes_entries_across_namespaces() {
+    let world = World::new("export");
+    let _hosts = Hosts::new(&world);
+    world.write_policy("exports.yaml", EXPORTS);
+    let mesh = world.dir.join("mesh.yaml");
+    std::fs::write(&mesh, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").expect("mesh");
+    let mesh = mesh.display().to_string();
+    // `default` is not named by any object: its cgroup appears through `enforcer exec`.
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "frontend",
+            "--namespace",
+            "platform",
+        ],
+    );
+
+    // Namespace-local by default (the seed's postgres example).
+    check(&agent, "frontend", "tcp", "198.51.100.20", 5432, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.20", 5432, Denied);
+    check(&agent, "platform", "tcp", "198.51.100.20", 5432, Denied);
+    // exportTo "*": everyone, including a namespace that appears later.
+    for ns in ["frontend", "platform", "default", "latecomer"] {
+        check(&agent, ns, "tcp", "198.51.100.10", 443, Allowed);
+    }
+    // exportTo [".", "frontend"].
+    check(&agent, "platform", "tcp", "198.51.100.11", 443, Allowed);
+    check(&agent, "frontend", "tcp", "198.51.100.11", 443, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
+    // exportTo "~": nobody, not even its own namespace.
+    check(&agent, "frontend", "tcp", "198.51.100.12", 443, Denied);
+
+    let denials = agent.denials();
+    let d = denials
+        .iter()
+        .find(|d| d["namespace"] == "default" && d["port"] == 5432)
+        .expect("refusal record");
+    assert!(
+        d["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("exported only to [frontend]")),
+        "{d}"
+    );
+}
+
+#[test]
+fn allow_any_registry_only_and_audit() {
+    let world = World::new("modes");
+    let _hosts = Hosts::new(&world);
+    world.write_policy(
+        "one.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: one}
+spec: {hosts: [one.example.com], addresses: [198.51.100.10], ports: [{number: 80, name: http}], resolution: STATIC}
+"#,
+    );
+    let mesh_path = world.dir.join("mesh.yaml");
+    let mesh = mesh_path.display().to_string();
+    let set_mode = |mode: &str| {
+        let op = format!(
+            "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nspec:\n  meshConfig:\n    outboundTrafficPolicy:\n      mode: {mode}\n"
+        );
+        std::fs::write(&mesh_path, op).expect("mesh");
+    };
+
+    set_mode("ALLOW_ANY");
+    let agent = Agent::start(&world, &["--mesh-config", &mesh, "--namespace", "default"]);
+    check(&agent, "default", "tcp", "203.0.113.30", 80, Allowed);
+    assert!(agent.denials().is_empty(), "ALLOW_ANY reports nothing");
+
+    set_mode("REGISTRY_ONLY");
+    agent.eventually("default", "tcp", "203.0.113.30", 80, Denied);
+    check(&agent, "default", "tcp", "198.51.100.10", 80, Allowed);
+
+    set_mode("AUDIT");
+    agent.eventually("default", "tcp", "203.0.113.30", 80, Allowed);
+    let audit = agent
+        .denials()
+        .into_iter()
+        .filter(|d| d["verdict"] == "audit")
+        .count();
+    assert!(audit >= 1, "AUDIT reports what REGISTRY_ONLY would refuse");
+
+    // A broken mesh config fails closed.
+    std::fs::write(&mesh_path, "outboundTrafficPolicy:\n  mode: SOMETIMES\n").expect("mesh");
+    agent.eventually("default", "tcp", "203.0.113.30", 80, Denied);
+    check(&agent, "default", "tcp", "198.51.100.10", 80, Allowed);
+    let problems = agent.status()["problems"].to_string();
+    assert!(
+        problems.contains("outboundTrafficPolicy.mode"),
+        "{problems}"
+    );
+}
+
+#[test]
+fn existing_cgroup_mapped_to_a_namespace_with_descendants() {
+    let world = World::new("cgmap");
+    let _hosts = Hosts::new(&world);
+    world.write_policy(
+        "one.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: one, namespace: batch}
+spec: {hosts: [one.example.com], addresses: [198.51.100.10], ports: [{number: 80, name: http}], resolution: STATIC}
+"#,
+    );
+    let root = enforcer_user::cgroup::cgroup2_mount().expect("cgroup2 mount");
+    let service = format!("enforcer-svc-{}", world.id);
+    let child = root.join(&service).join("worker");
+    std::fs::create_dir_all(&child).expect("creating a service cgroup");
+    let mesh = world.dir.join("mesh.yaml");
+    std::fs::write(&mesh, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").expect("mesh");
+    let mesh = mesh.display().to_string();
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--cgroup",
+            &format!("batch={service}"),
+        ],
+    );
+
+    let run_in = |dir: &std::path::Path, ip: &str| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {} {}/../testkit/probe.py tcp {ip} 80",
+            dir.display(),
+            crate::harness::python(),
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let service_dir = root.join(&service);
+    let results = (
+        run_in(&service_dir, "198.51.100.10"),
+        run_in(&service_dir, "203.0.113.30"),
+        run_in(&child, "203.0.113.30"),
+    );
+    let _ = std::fs::remove_dir(&child);
+    let _ = std::fs::remove_dir(&service_dir);
+    let (allowed, denied, denied_child) = results;
+    assert!(
+        allowed.as_deref().is_ok_and(|s| s.starts_with("ok")),
+        "{allowed:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(denied.as_deref().ok(), Some("EPERM"));
+    assert_eq!(
+        denied_child.as_deref().ok(),
+        Some("EPERM"),
+        "descendants of a mapped cgroup belong to its namespace"
+    );
+}

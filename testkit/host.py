@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""A test host: TCP and UDP listeners on every address of its network namespace.
+
+TCP answers HTTP requests with 200 and anything else with a one-line greeting; UDP echoes.
+Every reply names the local address and port, so a client can tell which host it reached.
+Usage: host.py --tcp 80,443 --udp 9999 --addrs 198.51.100.10,2001:db8::10
+UDP binds each address on its own, so that replies come from the address a client sent to.
+"""
+import argparse
+import socket
+import socketserver
+import threading
+
+
+class Dual(socketserver.ThreadingMixIn):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class TCPServer(Dual, socketserver.TCPServer):
+    pass
+
+
+class UDP4Server(socketserver.ThreadingMixIn, socketserver.UDPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class UDP6Server(UDP4Server):
+    address_family = socket.AF_INET6
+
+
+def local(sock):
+    host, port = sock.getsockname()[:2]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return f"{host}:{port}"
+
+
+class TCPHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.settimeout(0.5)
+        try:
+            data = self.request.recv(1024)
+        except OSError:
+            data = b""
+        body = f"hello from {local(self.request)}\n".encode()
+        if data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"POST"):
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\nContent-Type: text/plain\r\n\r\n"
+            self.request.sendall(head.encode() + (b"" if data.startswith(b"HEAD") else body))
+        else:
+            self.request.sendall(body)
+
+
+class UDPHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        data, sock = self.request
+        sock.sendto(f"pong from {local(sock)}\n".encode(), self.client_address)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tcp", default="")
+    parser.add_argument("--udp", default="")
+    parser.add_argument("--addrs", default="")
+    args = parser.parse_args()
+    servers = [TCPServer(("::", int(p)), TCPHandler) for p in args.tcp.split(",") if p]
+    for addr in filter(None, args.addrs.split(",")):
+        for port in filter(None, args.udp.split(",")):
+            server = UDP6Server if ":" in addr else UDP4Server
+            servers.append(server((addr, int(port)), UDPHandler))
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

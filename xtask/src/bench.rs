@@ -1,0 +1,3 @@
+pub fn run(_bin: &std::path::Path) -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Prerequisites, installed only when missing: Debian's Rust with its library source (for
+//! `-Z build-std`), LLVM 22 for bpf-linker, bpf-linker itself, and the tools tests and the demo use.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+use crate::sh;
+
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "rust-web-clippy",
+    "llvm-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "bpftool",
+    "dnsmasq-base",
+    "curl",
+    "python3",
+    "util-linux",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Installs what is missing. With `verbose`, also reports what is already there.
+pub fn run(verbose: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        if verbose {
+            eprintln!("setup: Debian packages present: {}", PACKAGES.join(" "));
+        }
+    } else {
+        eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+        if !sh::is_root() {
+            bail!("installing packages needs root: run `sudo cargo xtask setup`");
+        }
+        sh::run(Command::new("apt-get").args(["update", "-q"]))?;
+        sh::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    if bpf_linker_ok() {
+        if verbose {
+            eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+        }
+    } else {
+        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 80 s)");
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        sh::run(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env("PATH", path),
+        )
+        .context("installing bpf-linker")?;
+    }
+    if verbose {
+        eprintln!("setup: done. build.rs builds the kernel crate with /usr/bin/cargo and -Z build-std=core.");
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    sh::output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn bpf_linker_ok() -> bool {
+    sh::output(Command::new("bpf-linker").arg("--version"))
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
