@@ -27,6 +27,12 @@ enum Task {
     Demo,
     /// Measure program cost, connect() overhead and time to enforcement (root).
     Bench,
+    /// The benchmark's client, run inside the measured cgroup.
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +56,6 @@ fn main() -> anyhow::Result<()> {
             let bin = check::build_release()?;
             bench::run(&bin)
         }
+        Task::BenchClient { args } => bench::client(&args),
     }
 }

@@ -33,9 +33,13 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<Output> {
         .with_context(|| format!("running {}", describe(cmd)))
 }
 
-/// Runs `cmd` quietly; true when it exits 0.
-pub fn succeeds(cmd: &mut Command) -> bool {
-    cmd.output().is_ok_and(|o| o.status.success())
+/// Debian's python3 when present (setup installs it), else whatever is on PATH.
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
 }
 
 pub fn describe(cmd: &Command) -> String {
