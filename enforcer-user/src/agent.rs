@@ -71,18 +71,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut resolver = Resolver::new(cfg.dns.clone())?;
 
     let (file_tx, mut file_rx) = mpsc::unbounded_channel();
-    let mut watched = vec![cfg.policies.clone()];
-    if let Some(parent) = cfg.mesh_config.as_ref().and_then(|m| m.parent()) {
-        watched.push(if parent.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            parent.to_path_buf()
-        });
-    }
-    let _file_watcher = files::DirWatcher::new(&watched, file_tx)?;
+    let mut watches = vec![files::Watch::PolicyDir(cfg.policies.clone())];
+    watches.extend(cfg.mesh_config.iter().cloned().map(files::Watch::File));
+    let _file_watcher = files::DirWatcher::new(watches, file_tx)?;
     let (cg_tx, mut cg_rx) = mpsc::unbounded_channel();
-    let _cgroup_watcher =
-        files::DirWatcher::new(std::slice::from_ref(&cfg.cgroups.managed), cg_tx)?;
+    let _cgroup_watcher = files::watch_any(&cfg.cgroups.managed, cg_tx)?;
 
     let mut sources = load_sources(&cfg);
     let mut assignments = cfg.cgroups.discover().unwrap_or_default();

@@ -62,7 +62,7 @@ impl Demo {
         let policies = self.work.join("policies");
         let mesh = self.work.join("mesh.yaml");
         let src = sh::root().join("policies");
-        fs::copy(src.join("mesh-allow-any.yaml"), &mesh)?;
+        fs::copy(src.join("mesh/allow-any.yaml"), &mesh)?;
         self.start_agent(&policies, &mesh)?;
 
         title("Step 1: mesh outboundTrafficPolicy ALLOW_ANY (Istio's default): everything is reachable");
@@ -70,9 +70,9 @@ impl Demo {
         self.expect_tcp("default", "www.example.org", 443, true)?;
         self.expect_tcp("default", "db.example.com", 5432, true)?;
 
-        title("Step 2: install with meshConfig.outboundTrafficPolicy.mode REGISTRY_ONLY (policies/mesh-registry-only.yaml)");
+        title("Step 2: install with meshConfig.outboundTrafficPolicy.mode REGISTRY_ONLY (policies/mesh/registry-only.yaml)");
         self.change(
-            || fs::copy(src.join("mesh-registry-only.yaml"), &mesh).map(drop),
+            || fs::copy(src.join("mesh/registry-only.yaml"), &mesh).map(drop),
             "default",
             "www.wikipedia.org",
             80,

@@ -143,3 +143,24 @@ fn exec_refuses_to_run_unenforced() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn unrelated_files_beside_the_mesh_config_do_not_trigger_reloads() {
+    let world = World::new("quiet");
+    let agent = start(&world, &[]);
+    let reloads = || agent.log().matches("policy: ").count();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = reloads();
+    // The agent's own log lives in this directory too: it must not feed back into reloads.
+    for i in 0..5 {
+        std::fs::write(world.dir.join(format!("notes-{i}.txt")), "x").expect("write");
+        std::fs::write(world.policies.join(format!("README-{i}.md")), "x").expect("write");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(reloads(), before, "{}", agent.log());
+    // A policy file still does.
+    world.write_policy("db.yaml", &entry("db", "198.51.100.10", 5432));
+    agent.wait_for(std::time::Duration::from_secs(5), "a reload", || {
+        reloads() > before
+    });
+}
