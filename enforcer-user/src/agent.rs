@@ -80,7 +80,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut sources = load_sources(&cfg);
     let mut assignments = cfg.cgroups.discover().unwrap_or_default();
     let mut generation = 0u64;
-    let mut last_applied: Option<(Desired, BTreeMap<u64, Assignment>)> = None;
+    // Compiling is the expensive step (100,000 entries take a while): only when an input changed.
+    let mut dirty = true;
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
@@ -91,18 +92,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         for err in &dns_report.errors {
             log::warn!("{err}");
         }
-        let desired = compile(&cfg, &sources, &assignments, &resolver);
-        let current = (desired, assignments.clone());
-        if last_applied.as_ref() != Some(&current) {
+        if dirty || dns_report.changed {
+            let mut desired = compile(&cfg, &sources, &assignments, &resolver);
             generation += 1;
-            let (desired, _) = &current;
-            let complete = apply(&mut dp, desired, &assignments, &explainer)?;
+            let complete = apply(&mut dp, &desired, &assignments, &explainer)?;
             for note in &desired.notes {
                 log::warn!("{note}");
             }
-            write_status(&cfg, generation, &sources, desired, &resolver);
+            write_status(&cfg, generation, &sources, &desired, &resolver);
+            // Moved, not cloned: at 100,000 entries this index is the agent's largest structure.
+            explainer
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .hosts_by_ip = std::mem::take(&mut desired.hosts_by_ip);
             // After a partial failure, try again at the next tick.
-            last_applied = complete.then_some(current);
+            dirty = !complete;
         }
 
         let next_dns = resolver
@@ -114,12 +118,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             Some(()) = file_rx.recv() => {
                 files::settle(&mut file_rx, Duration::from_millis(20)).await;
                 sources = load_sources(&cfg);
+                dirty = true;
             }
             Some(()) = cg_rx.recv() => {
                 while cg_rx.try_recv().is_ok() {}
-                rediscover(&cfg, &mut assignments);
+                dirty |= rediscover(&cfg, &mut assignments);
             }
-            _ = rescan.tick() => rediscover(&cfg, &mut assignments),
+            _ = rescan.tick() => dirty |= rediscover(&cfg, &mut assignments),
             () = tokio::time::sleep_until(next_dns) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -130,10 +135,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rediscover(cfg: &AgentConfig, assignments: &mut BTreeMap<u64, Assignment>) {
+/// Returns whether the set of cgroups changed.
+fn rediscover(cfg: &AgentConfig, assignments: &mut BTreeMap<u64, Assignment>) -> bool {
     match cfg.cgroups.discover() {
-        Ok(found) => *assignments = found,
-        Err(err) => log::warn!("keeping the previous cgroup view: {err:#}"),
+        Ok(found) if found != *assignments => {
+            *assignments = found;
+            true
+        }
+        Ok(_) => false,
+        Err(err) => {
+            log::warn!("keeping the previous cgroup view: {err:#}");
+            false
+        }
     }
 }
 
@@ -299,7 +312,6 @@ fn apply(
         .iter()
         .map(|(id, a)| (*id, a.path.clone()))
         .collect();
-    ex.hosts_by_ip = desired.hosts_by_ip.clone();
     Ok(report.errors.is_empty())
 }
 

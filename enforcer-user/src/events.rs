@@ -1,7 +1,7 @@
 //! Refusal records from the kernel's ring buffer, explained and printed as JSON lines.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::Write,
     net::IpAddr,
     path::PathBuf,
@@ -24,7 +24,7 @@ use crate::{
 pub struct Explainer {
     pub namespaces: BTreeMap<u32, String>,
     pub cgroups: BTreeMap<u64, PathBuf>,
-    pub hosts_by_ip: BTreeMap<IpAddr, BTreeSet<HostRef>>,
+    pub hosts_by_ip: BTreeMap<IpAddr, Vec<Arc<HostRef>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,11 +147,14 @@ mod tests {
         let ip: IpAddr = "198.51.100.20".parse().unwrap();
         let mut ex = Explainer::default();
         ex.namespaces.insert(2, "default".into());
-        ex.hosts_by_ip.entry(ip).or_default().insert(HostRef {
-            host: "db.example.com".into(),
-            service_entry: "frontend/postgres-db".into(),
-            visible_to: Some(["frontend".to_string()].into()),
-        });
+        ex.hosts_by_ip
+            .entry(ip)
+            .or_default()
+            .push(Arc::new(HostRef {
+                host: "db.example.com".into(),
+                service_entry: "frontend/postgres-db".into(),
+                visible_to: Some(["frontend".to_string()].into()),
+            }));
         let ev = DenyEvent {
             ts_ns: 0,
             cgroup_id: 42,

@@ -100,11 +100,11 @@ mod tests {
         let mut rules = BTreeMap::new();
         rules.insert(
             Rule::host(L4::Udp, 53, "192.0.2.1".parse().unwrap()),
-            BTreeSet::from([Origin::builtin("t")]),
+            vec![std::sync::Arc::new(Origin::builtin("t"))],
         );
         rules.insert(
             Rule::new(L4::Tcp, 443, "2001:db8::/32".parse().unwrap()),
-            BTreeSet::new(),
+            Vec::new(),
         );
         desired.scopes.insert(
             "a".into(),

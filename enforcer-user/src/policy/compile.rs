@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -100,6 +101,7 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
     }
 
     let mut out = Desired::default();
+    let dns_origin = Arc::new(Origin::builtin("DNS server"));
     for ns in &all {
         let mut scope = ScopePolicy {
             mode: inp.mesh.mode,
@@ -111,7 +113,7 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
                     .rules
                     .entry(Rule::host(l4, 53, server))
                     .or_default()
-                    .insert(Origin::builtin("DNS server"));
+                    .push(Arc::clone(&dns_origin));
             }
         }
         out.scopes.insert(ns.clone(), scope);
@@ -125,17 +127,21 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
 
     for se in inp.service_entries {
         let visible = visible_to(se, &inp.mesh.default_export_to);
-        let rules = rules_of(se, inp, &mut out.notes);
-        for (rule, origin) in &rules {
-            if let Some(host) = &origin.host {
-                out.hosts_by_ip
-                    .entry(rule.net.addr())
-                    .or_default()
-                    .insert(HostRef {
-                        host: host.clone(),
+        let mut entry = EntryRules::new(se, inp.dns);
+        entry.collect(inp.istio_compat);
+        out.notes.append(&mut entry.notes);
+
+        let mut refs: BTreeMap<&str, Arc<HostRef>> = BTreeMap::new();
+        for (rule, origin) in &entry.out {
+            if let Some(host) = origin.host.as_deref() {
+                let r = refs.entry(host).or_insert_with(|| {
+                    Arc::new(HostRef {
+                        host: host.to_string(),
                         service_entry: se.id(),
                         visible_to: visible.clone(),
-                    });
+                    })
+                });
+                add_unique(out.hosts_by_ip.entry(rule.net.addr()).or_default(), r);
             }
         }
         let targets: Vec<&String> = match &visible {
@@ -144,8 +150,8 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
         };
         for ns in targets {
             if let Some(scope) = out.scopes.get_mut(ns) {
-                for (rule, origin) in &rules {
-                    scope.rules.entry(*rule).or_default().insert(origin.clone());
+                for (rule, origin) in &entry.out {
+                    add_unique(scope.rules.entry(*rule).or_default(), origin);
                 }
             }
         }
@@ -175,97 +181,129 @@ fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>>
     )
 }
 
-fn rules_of(se: &ServiceEntry, inp: &Inputs<'_>, notes: &mut Vec<String>) -> Vec<(Rule, Origin)> {
-    let spec = &se.spec;
-    let mut out = Vec::new();
-    let origin = |host: Option<&str>| Origin {
-        service_entry: se.id(),
-        host: host.map(str::to_string),
-    };
-    // Literal addresses belong to the entry's hosts as much as resolved ones do.
-    let declared = spec.hosts.first().map(String::as_str);
-    let resolved = |name: &str,
-                    l4: L4,
-                    ports: &[u16],
-                    out: &mut Vec<(Rule, Origin)>,
-                    notes: &mut Vec<String>| match inp.dns.get(name) {
-        Some(ips) if !ips.is_empty() => {
-            for ip in ips {
-                for &port in ports {
-                    out.push((Rule::host(l4, port, *ip), origin(Some(name))));
-                }
-            }
-        }
-        _ => notes.push(format!(
-            "ServiceEntry {}: {name} has no DNS answer yet; nothing is allowed for it",
-            se.id()
-        )),
-    };
+fn add_unique<T: PartialEq>(list: &mut Vec<Arc<T>>, item: &Arc<T>) {
+    if !list.iter().any(|x| Arc::ptr_eq(x, item) || **x == **item) {
+        list.push(Arc::clone(item));
+    }
+}
 
-    for port in &spec.ports {
-        let Some(l4) = l4_of_protocol(port.protocol.as_deref()) else {
-            continue;
-        };
-        let (number, target) = port_numbers(port);
-        for addr in &spec.addresses {
-            if let Some(net) = parse_ip_or_cidr(addr) {
-                out.push((Rule::new(l4, number, net), origin(declared)));
-            }
-        }
-        let host_ports: &[u16] = if target == number {
-            &[number]
-        } else {
-            &[number, target]
-        };
-        match spec.resolution {
-            Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin
-                if !spec.endpoints.is_empty() =>
-            {
-                for ep in &spec.endpoints {
-                    let Some(addr) = ep.address.as_deref() else {
-                        continue;
-                    };
-                    let ep_port = port
-                        .name
-                        .as_ref()
-                        .and_then(|n| ep.ports.get(n))
-                        .map_or(target, |&p| p as u16);
-                    if let Ok(ip) = addr.parse::<IpAddr>() {
-                        out.push((Rule::host(l4, ep_port, ip), origin(declared)));
-                    } else if is_name(addr) {
-                        resolved(addr, l4, &[ep_port], &mut out, notes);
-                    }
-                }
-            }
-            Resolution::Dns | Resolution::DnsRoundRobin => {
-                for host in spec.hosts.iter().filter(|h| is_name(h)) {
-                    resolved(host, l4, host_ports, &mut out, notes);
-                }
-            }
-            Resolution::None if spec.addresses.is_empty() => {
-                if inp.istio_compat && is_opaque_tcp(port.protocol.as_deref()) {
-                    for any in ["0.0.0.0/0", "::/0"] {
-                        if let Some(net) = parse_ip_or_cidr(any) {
-                            out.push((Rule::new(l4, number, net), origin(None)));
-                        }
-                    }
-                } else {
-                    for host in &spec.hosts {
-                        if is_name(host) {
-                            resolved(host, l4, &[number], &mut out, notes);
-                        } else {
-                            notes.push(format!(
-                                "ServiceEntry {}: wildcard host {host} cannot be enforced by address; nothing is allowed for it",
-                                se.id()
-                            ));
-                        }
-                    }
-                }
-            }
-            Resolution::None | Resolution::Static => {}
+/// The rules one ServiceEntry asks for, sharing one origin per host.
+struct EntryRules<'a> {
+    se: &'a ServiceEntry,
+    dns: &'a BTreeMap<String, Vec<IpAddr>>,
+    origins: BTreeMap<Option<&'a str>, Arc<Origin>>,
+    out: Vec<(Rule, Arc<Origin>)>,
+    notes: Vec<String>,
+}
+
+impl<'a> EntryRules<'a> {
+    fn new(se: &'a ServiceEntry, dns: &'a BTreeMap<String, Vec<IpAddr>>) -> Self {
+        Self {
+            se,
+            dns,
+            origins: BTreeMap::new(),
+            out: Vec::new(),
+            notes: Vec::new(),
         }
     }
-    out
+
+    fn push(&mut self, rule: Rule, host: Option<&'a str>) {
+        let se = self.se;
+        let origin = self.origins.entry(host).or_insert_with(|| {
+            Arc::new(Origin {
+                service_entry: se.id(),
+                host: host.map(str::to_string),
+            })
+        });
+        self.out.push((rule, Arc::clone(origin)));
+    }
+
+    /// Every address `name` resolves to, on `ports`; a note when it has none yet.
+    fn resolved(&mut self, name: &'a str, l4: L4, ports: &[u16]) {
+        let dns = self.dns;
+        match dns.get(name) {
+            Some(ips) if !ips.is_empty() => {
+                for ip in ips {
+                    for &port in ports {
+                        self.push(Rule::host(l4, port, *ip), Some(name));
+                    }
+                }
+            }
+            _ => self.notes.push(format!(
+                "ServiceEntry {}: {name} has no DNS answer yet; nothing is allowed for it",
+                self.se.id()
+            )),
+        }
+    }
+
+    fn collect(&mut self, istio_compat: bool) {
+        let spec = &self.se.spec;
+        // Literal addresses belong to the entry's hosts as much as resolved ones do.
+        let declared = spec.hosts.first().map(String::as_str);
+        for port in &spec.ports {
+            let Some(l4) = l4_of_protocol(port.protocol.as_deref()) else {
+                continue;
+            };
+            let (number, target) = port_numbers(port);
+            for addr in &spec.addresses {
+                if let Some(net) = parse_ip_or_cidr(addr) {
+                    self.push(Rule::new(l4, number, net), declared);
+                }
+            }
+            let host_ports: &[u16] = if target == number {
+                &[number]
+            } else {
+                &[number, target]
+            };
+            match spec.resolution {
+                Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin
+                    if !spec.endpoints.is_empty() =>
+                {
+                    for ep in &spec.endpoints {
+                        let Some(addr) = ep.address.as_deref() else {
+                            continue;
+                        };
+                        let ep_port = port
+                            .name
+                            .as_ref()
+                            .and_then(|n| ep.ports.get(n))
+                            .map_or(target, |&p| p as u16);
+                        if let Ok(ip) = addr.parse::<IpAddr>() {
+                            self.push(Rule::host(l4, ep_port, ip), declared);
+                        } else if is_name(addr) {
+                            self.resolved(addr, l4, &[ep_port]);
+                        }
+                    }
+                }
+                Resolution::Dns | Resolution::DnsRoundRobin => {
+                    for host in spec.hosts.iter().filter(|h| is_name(h)) {
+                        self.resolved(host, l4, host_ports);
+                    }
+                }
+                Resolution::None if spec.addresses.is_empty() => {
+                    if istio_compat && is_opaque_tcp(port.protocol.as_deref()) {
+                        for any in ["0.0.0.0/0", "::/0"] {
+                            if let Some(net) = parse_ip_or_cidr(any) {
+                                self.push(Rule::new(l4, number, net), None);
+                            }
+                        }
+                    } else {
+                        for host in &spec.hosts {
+                            if is_name(host) {
+                                self.resolved(host, l4, &[number]);
+                            } else {
+                                self.notes.push(format!(
+                                    "ServiceEntry {}: wildcard host {host} cannot be enforced by address; nothing is allowed for it",
+                                    self.se.id()
+                                ));
+                            }
+                        }
+                    }
+                }
+                Resolution::None | Resolution::Static => {}
+            }
+        }
+    }
 }
 
 /// The service port, and the port endpoints receive on.

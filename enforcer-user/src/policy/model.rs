@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -116,10 +117,12 @@ impl Origin {
     }
 }
 
+/// Origins are shared: one entry can produce 100,000 rules, and they all name the same object.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScopePolicy {
     pub mode: OutboundMode,
-    pub rules: BTreeMap<Rule, BTreeSet<Origin>>,
+    /// Each rule with the (usually one or two) origins that ask for it.
+    pub rules: BTreeMap<Rule, Vec<Arc<Origin>>>,
 }
 
 /// A host name some ServiceEntry declares, and where it is visible: used to explain refusals.
@@ -139,7 +142,7 @@ pub struct Desired {
     /// Allowed for every scope, on every port and protocol (loopback, `--allow-cidr`).
     pub global: BTreeSet<IpNet>,
     /// Resolved address to the declared hosts it came from.
-    pub hosts_by_ip: BTreeMap<IpAddr, BTreeSet<HostRef>>,
+    pub hosts_by_ip: BTreeMap<IpAddr, Vec<Arc<HostRef>>>,
     /// Things that are valid but cannot be fully enforced, such as an unresolved host.
     pub notes: Vec<String>,
 }

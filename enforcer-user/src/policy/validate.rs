@@ -248,3 +248,76 @@ impl Errors<'_> {
             .push(Problem::new(&self.se.origin, object, field, message));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::documents::parse_documents;
+
+    /// Each case: a `spec` in YAML flow style, and the field of the expected error (None: valid).
+    const CASES: &[(&str, Option<&str>)] = &[
+        ("{hosts: [a.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}", None),
+        ("{hosts: [], ports: [{number: 80, name: http}]}", Some("spec.hosts")),
+        ("{hosts: ['*'], ports: [{number: 80, name: http}]}", Some("spec.hosts[0]")),
+        ("{hosts: ['a.*.com'], ports: [{number: 80, name: http}]}", Some("spec.hosts[0]")),
+        ("{hosts: ['Bad_Host.com'], ports: [{number: 80, name: http}]}", Some("spec.hosts[0]")),
+        ("{hosts: ['*.example.com'], ports: [{number: 80, name: http}], resolution: NONE}", None),
+        ("{hosts: ['*.example.com'], ports: [{number: 80, name: http}], resolution: DNS}", Some("spec.hosts[0]")),
+        ("{hosts: [a.example.com], ports: [{number: 0, name: x}]}", Some("spec.ports[0].number")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x, protocol: QUIC}]}", Some("spec.ports[0].protocol")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}, {number: 80, name: y}]}", Some("spec.ports[1].number")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}, {number: 81, name: x}]}", Some("spec.ports[1].name")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x, targetPort: 70000}]}", Some("spec.ports[0].targetPort")),
+        ("{hosts: [a.example.com], ports: []}", Some("spec.ports")),
+        ("{hosts: [a.example.com], addresses: [10.0.0.0/8], ports: [{number: 80, name: x}], resolution: DNS}", Some("spec.addresses[0]")),
+        ("{hosts: [a.example.com], addresses: [not-an-ip], ports: [{number: 80, name: x}]}", Some("spec.addresses[0]")),
+        ("{hosts: [a.example.com], addresses: ['2001:db8::/32'], ports: [{number: 80, name: x}], resolution: STATIC}", None),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: STATIC, endpoints: [{address: lb.example.com}]}", Some("spec.endpoints[0].address")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: STATIC, endpoints: [{address: 198.51.100.1, ports: {y: 8080}}]}", Some("spec.endpoints[0].ports.y")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: NONE, endpoints: [{address: 198.51.100.1}]}", Some("spec.endpoints")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: DNS_ROUND_ROBIN, endpoints: [{address: a.example.net}, {address: b.example.net}]}", Some("spec.endpoints")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: DNS, endpoints: [{address: '*.example.net'}]}", Some("spec.endpoints[0].address")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: DNS, endpoints: [{address: b.example.net}]}", None),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: STATIC, endpoints: [{address: 198.51.100.1}], workloadSelector: {labels: {app: x}}}", Some("spec.workloadSelector")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['.', '*']}", Some("spec.exportTo")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['~', 'ns1']}", Some("spec.exportTo")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: [ns1, ns1]}", Some("spec.exportTo")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: [Not_A_Namespace]}", Some("spec.exportTo")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['.', ns1, ns2]}", None),
+        ("{hosts: [a.example.com], ports: [{number: 53, name: dns, protocol: udp}], resolution: STATIC, endpoints: [{address: 'unix:///var/run/x.sock'}]}", None),
+    ];
+
+    #[test]
+    fn validation_table() {
+        for (i, (spec, want)) in CASES.iter().enumerate() {
+            let yaml = format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: case{i}}}\nspec: {spec}\n");
+            let snap = parse_documents("case.yaml", &yaml);
+            assert!(
+                snap.problems.is_empty(),
+                "case {i} did not parse: {:?}",
+                snap.problems
+            );
+            let problems = validate_service_entry(&snap.service_entries[0]);
+            match want {
+                None => assert!(
+                    problems.is_empty(),
+                    "case {i} ({spec}) should be valid: {problems:?}"
+                ),
+                Some(field) => {
+                    assert!(
+                        problems.iter().any(|p| p.field == *field),
+                        "case {i} ({spec}) wanted an error at {field}: {problems:?}"
+                    );
+                    let p = &problems[0];
+                    assert_eq!(
+                        (p.file.as_str(), p.object.as_str()),
+                        (
+                            "case.yaml",
+                            format!("ServiceEntry default/case{i}").as_str()
+                        )
+                    );
+                }
+            }
+        }
+    }
+}
