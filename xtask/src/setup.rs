@@ -39,7 +39,7 @@ pub fn run(verbose: bool) -> anyhow::Result<()> {
         sh::run(Command::new("apt-get").args(["update", "-q"]))?;
         sh::run(
             Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(["install", "-y", "-q"])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
