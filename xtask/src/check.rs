@@ -48,7 +48,7 @@ pub fn build_and_test() -> anyhow::Result<()> {
         );
     }
     // Integration tests share the documentation address ranges, so they run one at a time.
-    sh::run(cargo().args([
+    let (passed, failed) = run_tests(cargo().args([
         "test",
         "--workspace",
         "--exclude",
@@ -56,5 +56,57 @@ pub fn build_and_test() -> anyhow::Result<()> {
         "--",
         "--test-threads=1",
     ]))?;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        anyhow::bail!("{failed} tests failed");
+    }
     Ok(())
+}
+
+/// Runs cargo test, echoing its output, and adds up the `test result:` lines of all binaries.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
+    use std::io::BufRead as _;
+    eprintln!("+ {}", sh::describe(cmd));
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(summary) = line.strip_prefix("test result: ") {
+                passed += count(summary, "passed");
+                failed += count(summary, "failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        anyhow::bail!("cargo test failed with {status}");
+    }
+    Ok((passed, failed))
+}
+
+/// The number before `label` in `ok. 13 passed; 0 failed; ...`.
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label))
+        .and_then(|n| n.trim().rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_cargo_summaries() {
+        let s =
+            "ok. 13 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 25.87s";
+        assert_eq!(super::count(s, "passed"), 13);
+        assert_eq!(super::count(s, "failed"), 2);
+        assert_eq!(
+            super::count("FAILED. 1 passed; 1 failed; 0 ignored", "failed"),
+            1
+        );
+    }
 }
