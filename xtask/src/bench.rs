@@ -18,6 +18,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+use enforcer_testkit::{Dnsmasq, TestNet};
+
 use crate::sh;
 
 const PIN_ROOT: &str = "/sys/fs/bpf/enforcer-bench";
@@ -25,6 +27,7 @@ const CGROUP_PARENT: &str = "enforcer-bench";
 const NETNS: &str = "enforcer-bench";
 const VETH: &str = "enf-bench0";
 const TARGET: &str = "198.51.100.10";
+const DNS_PORT: u16 = 5398;
 const ROUNDS: usize = 7;
 const CONNECTS_PER_ROUND: u32 = 20_000;
 const CHANGES: usize = 10;
@@ -39,12 +42,11 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         work,
         agent: None,
         dns: None,
+        net: None,
     };
     bench.cleanup();
     let stats_before =
         fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_else(|_| "0".into());
-    fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
-        .context("enabling kernel.bpf_stats_enabled")?;
     let result = bench.all();
     let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     bench.cleanup();
@@ -63,7 +65,8 @@ struct Bench {
     bin: PathBuf,
     work: PathBuf,
     agent: Option<Child>,
-    dns: Option<Child>,
+    dns: Option<Dnsmasq>,
+    net: Option<TestNet>,
 }
 
 /// A loopback port with no listener: each connect() is answered by an RST from the kernel, so a
@@ -80,7 +83,8 @@ impl Bench {
             self.work.join("mesh.yaml"),
             "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n",
         )?;
-        self.netns()?;
+        // A test host for the change measurements; it needs no listener (RST means allowed).
+        self.net = Some(TestNet::new(NETNS, VETH, &[TARGET])?);
         let target = closed_port()?;
         println!(
             "connect4 cost per run (bpf_stats), loopback connect() rate ({ROUNDS} interleaved rounds of {CONNECTS_PER_ROUND} connects\n\
@@ -178,52 +182,6 @@ impl Bench {
         Ok(())
     }
 
-    fn netns(&self) -> anyhow::Result<()> {
-        for args in [
-            vec!["ip", "netns", "add", NETNS],
-            vec![
-                "ip",
-                "link",
-                "add",
-                VETH,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "enf-bench1",
-            ],
-            vec!["ip", "link", "set", "enf-bench1", "netns", NETNS],
-            vec!["ip", "addr", "add", "198.51.100.1/24", "dev", VETH],
-            vec!["ip", "link", "set", VETH, "up"],
-            vec![
-                "ip",
-                "netns",
-                "exec",
-                NETNS,
-                "ip",
-                "addr",
-                "add",
-                "198.51.100.10/24",
-                "dev",
-                "enf-bench1",
-            ],
-            vec![
-                "ip",
-                "netns",
-                "exec",
-                NETNS,
-                "ip",
-                "link",
-                "set",
-                "enf-bench1",
-                "up",
-            ],
-        ] {
-            sh::output(Command::new(args[0]).args(&args[1..]))?;
-        }
-        Ok(())
-    }
-
     /// A ServiceEntry with `n` IPv6 addresses (never contacted), so `n` exact map entries.
     fn write_entries(&self, n: usize) -> anyhow::Result<()> {
         let path = self.work.join("policies/bulk.yaml");
@@ -263,7 +221,7 @@ impl Bench {
                 "--cgroup-parent",
                 CGROUP_PARENT,
             ])
-            .args(["--dns-server", "127.0.0.1:5398"])
+            .args(["--dns-server", &format!("127.0.0.1:{DNS_PORT}")])
             .arg("--status-file")
             .arg(&status)
             .stdout(Stdio::null())
@@ -390,34 +348,13 @@ impl Bench {
 
     /// A DNS entry, answered by a dnsmasq started here on loopback.
     fn dns_entry(&mut self) -> anyhow::Result<String> {
-        fs::write(
-            self.work.join("dns-hosts"),
-            format!("{TARGET} change.example.com\n"),
-        )?;
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-            ])
-            .args([
-                "--listen-address=127.0.0.1",
-                "--port=5398",
-                "--user=root",
-                "--pid-file=",
-                "--local-ttl=300",
-            ])
-            .arg(format!(
-                "--addn-hosts={}",
-                self.work.join("dns-hosts").display()
-            ))
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq")?;
-        self.dns = Some(child);
-        std::thread::sleep(Duration::from_millis(300));
+        let listen = SocketAddr::from(([127, 0, 0, 1], DNS_PORT));
+        self.dns = Some(Dnsmasq::start(
+            listen,
+            &self.work,
+            300,
+            &[("change.example.com", TARGET)],
+        )?);
         Ok(static_entry().replace(
             &format!("addresses: [{TARGET}]\n  resolution: STATIC"),
             "resolution: DNS",
@@ -426,12 +363,9 @@ impl Bench {
 
     fn cleanup(&mut self) {
         self.stop_agent();
-        let _ = sh::output(Command::new("ip").args(["link", "del", VETH]));
-        let _ = sh::output(Command::new("ip").args(["netns", "del", NETNS]));
-        if let Some(mut child) = self.dns.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Their drops stop dnsmasq and remove the veth and netns.
+        self.dns = None;
+        self.net = None;
         let _ = fs::remove_dir_all(&self.work);
     }
 }

@@ -8,6 +8,7 @@
 
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,11 +16,12 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+use enforcer_testkit::{Dnsmasq, TestNet};
+
 use crate::sh;
 
 const NETNS: &str = "internet";
 const VETH: &str = "enf-demo0";
-const PEER: &str = "inet0";
 const PIN_ROOT: &str = "/sys/fs/bpf/enforcer-demo";
 const CGROUP_PARENT: &str = "enforcer-demo";
 const DNS_IP: &str = "127.0.0.153";
@@ -34,7 +36,9 @@ const RECORDS: &[(&str, &str)] = &[
 struct Demo {
     bin: PathBuf,
     work: PathBuf,
-    children: Vec<Child>,
+    agent: Option<Child>,
+    net: Option<TestNet>,
+    dns: Option<Dnsmasq>,
 }
 
 pub fn run(bin: &Path) -> anyhow::Result<()> {
@@ -45,7 +49,9 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     let mut demo = Demo {
         bin: bin.to_path_buf(),
         work,
-        children: Vec::new(),
+        agent: None,
+        net: None,
+        dns: None,
     };
     demo.cleanup();
     let result = demo.scenario();
@@ -113,95 +119,16 @@ impl Demo {
     fn start_world(&mut self) -> anyhow::Result<()> {
         title("Setting up: netns \"internet\" with test hosts, dnsmasq on loopback, the agent");
         fs::create_dir_all(self.work.join("policies"))?;
-        for args in [
-            vec!["ip", "netns", "add", NETNS],
-            vec![
-                "ip", "link", "add", VETH, "type", "veth", "peer", "name", PEER,
-            ],
-            vec!["ip", "link", "set", PEER, "netns", NETNS],
-            vec!["ip", "addr", "add", "198.51.100.1/24", "dev", VETH],
-            vec!["ip", "addr", "add", "203.0.113.1/24", "dev", VETH],
-            vec![
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                "2001:db8::1/64",
-                "dev",
-                VETH,
-                "nodad",
-            ],
-            vec!["ip", "link", "set", VETH, "up"],
-        ] {
-            sh::run(Command::new(args[0]).args(&args[1..]))?;
-        }
-        let mut addrs = Vec::new();
-        for (_, ip) in RECORDS {
-            let (prefix, family) = if ip.contains(':') {
-                ("64", "-6")
-            } else {
-                ("24", "-4")
-            };
-            let cidr = format!("{ip}/{prefix}");
-            sh::run(
-                Command::new("ip")
-                    .args([
-                        "netns", "exec", NETNS, "ip", family, "addr", "add", &cidr, "dev", PEER,
-                    ])
-                    .args(if family == "-6" {
-                        &["nodad"][..]
-                    } else {
-                        &[][..]
-                    }),
-            )?;
-            addrs.push(*ip);
-        }
-        sh::run(
-            Command::new("ip").args(["netns", "exec", NETNS, "ip", "link", "set", PEER, "up"]),
-        )?;
-        sh::run(
-            Command::new("ip").args(["netns", "exec", NETNS, "ip", "link", "set", "lo", "up"]),
-        )?;
-        let host = Command::new("ip")
-            .args(["netns", "exec", NETNS, sh::python()])
-            .arg(sh::root().join("testkit/host.py"))
-            .args(["--tcp", "80,443,5432", "--addrs", &addrs.join(",")])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the test hosts")?;
-        self.children.push(host);
-
-        let hosts: String = RECORDS
-            .iter()
-            .map(|(n, ip)| format!("{ip} {n}\n"))
-            .collect();
-        fs::write(self.work.join("dns-hosts"), hosts)?;
+        let addrs: Vec<&str> = RECORDS.iter().map(|(_, ip)| *ip).collect();
+        let mut net = TestNet::new(NETNS, VETH, &addrs)?;
+        net.serve(&[80, 443, 5432], &[])?;
+        self.net = Some(net);
         fs::write(
             self.work.join("resolv.conf"),
             format!("nameserver {DNS_IP}\n"),
         )?;
-        let dns = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-            ])
-            .args([
-                &format!("--listen-address={DNS_IP}"),
-                "--port=53",
-                "--user=root",
-                "--pid-file=",
-                "--local-ttl=30",
-            ])
-            .arg(format!(
-                "--addn-hosts={}",
-                self.work.join("dns-hosts").display()
-            ))
-            .spawn()
-            .context("starting dnsmasq")?;
-        self.children.push(dns);
+        let listen = SocketAddr::new(DNS_IP.parse()?, 53);
+        self.dns = Some(Dnsmasq::start(listen, &self.work, 30, RECORDS)?);
         for (name, ip) in RECORDS {
             println!("  {name:<20} -> {ip}");
         }
@@ -233,7 +160,7 @@ impl Demo {
             .stderr(err)
             .spawn()
             .context("starting the agent")?;
-        self.children.push(agent);
+        self.agent = Some(agent);
         wait(Duration::from_secs(15), || status.exists())
             .context("the agent did not start; see /tmp/enforcer-demo/agent.log")?;
         println!(
@@ -302,11 +229,18 @@ impl Demo {
     }
 
     fn tcp(&self, ns: &str, host: &str, port: u16) -> anyhow::Result<String> {
-        let probe = sh::root().join("testkit/probe.py");
+        let probe = enforcer_testkit::script("probe.py");
         let probe = probe.display().to_string();
-        let out = sh::output(
-            &mut self.client(ns, &[sh::python(), &probe, "tcp", host, &port.to_string()]),
-        )?;
+        let out = sh::output(&mut self.client(
+            ns,
+            &[
+                enforcer_testkit::python(),
+                &probe,
+                "tcp",
+                host,
+                &port.to_string(),
+            ],
+        ))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
@@ -340,11 +274,13 @@ impl Demo {
     }
 
     fn cleanup(&mut self) {
-        for child in &mut self.children {
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
-            let _ = child.wait();
+        if let Some(mut agent) = self.agent.take() {
+            let _ = Command::new("kill").arg(agent.id().to_string()).status();
+            let _ = agent.wait();
         }
-        self.children.clear();
+        // Their drops kill dnsmasq and the test hosts, and remove the veth and netns.
+        self.dns = None;
+        self.net = None;
         let quiet = |args: &[&str]| {
             let _ = Command::new(args[0])
                 .args(&args[1..])
@@ -360,8 +296,6 @@ impl Demo {
             "--cgroup-parent",
             CGROUP_PARENT,
         ]);
-        quiet(&["ip", "link", "del", VETH]);
-        quiet(&["ip", "netns", "del", NETNS]);
         let _ = fs::remove_dir_all(&self.work);
     }
 }

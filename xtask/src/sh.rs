@@ -33,15 +33,6 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<Output> {
         .with_context(|| format!("running {}", describe(cmd)))
 }
 
-/// Debian's python3 when present (setup installs it), else whatever is on PATH.
-pub fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for arg in cmd.get_args() {

@@ -4,44 +4,18 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
-    net::UdpSocket,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
+use enforcer_testkit::{python, script, Dnsmasq, TestNet};
+
 pub const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
 
 /// Tests share the documentation address ranges, so they take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn testkit(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../testkit")
-        .join(file)
-}
-
-pub fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn sh_quiet(args: &[&str]) {
     let _ = Command::new(args[0])
@@ -112,192 +86,47 @@ impl Drop for World {
 }
 
 /// Test hosts behind a veth, on documentation addresses, with TCP and UDP listeners.
-pub struct Hosts {
-    netns: String,
-    veth: String,
-    server: Child,
-}
+/// 192.0.2.0/24 is left out: some machines (these among them) use it for their real uplink.
+pub struct Hosts(#[expect(dead_code, reason = "held for its drop")] TestNet);
 
-// 192.0.2.0/24 is left out: some machines (these among them) use it for their real uplink.
 pub const HOST_ADDRS: &[&str] = &[
-    "198.51.100.10/24",
-    "198.51.100.11/24",
-    "198.51.100.12/24",
-    "198.51.100.20/24",
-    "198.51.100.21/24",
-    "203.0.113.30/24",
-    "203.0.113.31/24",
-    "2001:db8::10/64",
-    "2001:db8::11/64",
+    "198.51.100.10",
+    "198.51.100.11",
+    "198.51.100.12",
+    "198.51.100.20",
+    "198.51.100.21",
+    "203.0.113.30",
+    "203.0.113.31",
+    "2001:db8::10",
+    "2001:db8::11",
 ];
-pub const TCP_PORTS: &str = "80,443,5432,8080,27017";
-pub const UDP_PORTS: &str = "9999";
 
 impl Hosts {
     pub fn new(world: &World) -> Self {
-        let netns = format!("enft-{}", world.id);
         let veth = format!("enfh{}", &world.id[world.id.len().saturating_sub(9)..]);
-        let peer = format!("{veth}p");
-        sh_quiet(&["ip", "netns", "del", &netns]);
-        sh_quiet(&["ip", "link", "del", &veth]);
-        assert_ranges_unused(&["198.51.100.", "203.0.113.", "2001:db8:"]);
-        sh(&["ip", "netns", "add", &netns]);
-        let mut hosts = Self {
-            netns: netns.clone(),
-            veth: veth.clone(),
-            server: Command::new("true").spawn().expect("spawn"),
-        };
-        sh(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
-        ]);
-        sh(&["ip", "link", "set", &peer, "netns", &netns]);
-        for gw in ["198.51.100.1/24", "203.0.113.1/24"] {
-            sh(&["ip", "addr", "add", gw, "dev", &veth]);
-        }
-        sh(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:db8::1/64",
-            "dev",
-            &veth,
-            "nodad",
-        ]);
-        sh(&["ip", "link", "set", &veth, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["ip", "netns", "exec", netns.as_str()];
-            all.extend_from_slice(args);
-            sh(&all);
-        };
-        for addr in HOST_ADDRS {
-            if addr.contains(':') {
-                inside(&["ip", "-6", "addr", "add", addr, "dev", &peer, "nodad"]);
-            } else {
-                inside(&["ip", "addr", "add", addr, "dev", &peer]);
-            }
-        }
-        inside(&["ip", "link", "set", &peer, "up"]);
-        inside(&["ip", "link", "set", "lo", "up"]);
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", &netns, python()])
-            .arg(testkit("host.py"))
-            .args(["--tcp", TCP_PORTS, "--udp", UDP_PORTS, "--addrs"])
-            .arg(
-                HOST_ADDRS
-                    .iter()
-                    .map(|a| a.split('/').next().unwrap_or(a))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .stdout(Stdio::piped())
-            .spawn()
+        let mut net = TestNet::new(&format!("enft-{}", world.id), &veth, HOST_ADDRS)
+            .expect("creating the test hosts");
+        net.serve(&[80, 443, 5432, 8080, 27017], &[9999])
             .expect("starting the test host server");
-        let mut line = String::new();
-        if let Some(out) = server.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
-        hosts.server = server;
-        assert_eq!(line.trim(), "ready", "the test host server did not start");
-        hosts
+        Self(net)
     }
 }
 
-/// Test traffic must reach only the test's own hosts: refuse to run where the machine itself
-/// already uses one of these ranges.
-fn assert_ranges_unused(prefixes: &[&str]) {
-    let out = Command::new("ip")
-        .args(["-o", "addr", "show"])
-        .output()
-        .expect("ip addr");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines() {
-        let addr = line.split_whitespace().nth(3).unwrap_or_default();
-        assert!(
-            !prefixes.iter().any(|p| addr.starts_with(p)),
-            "this machine already uses {addr} ({line}); the test hosts' ranges would collide with it"
-        );
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        sh_quiet(&["ip", "link", "del", &self.veth]);
-        sh_quiet(&["ip", "netns", "del", &self.netns]);
-    }
-}
-
-/// dnsmasq on loopback, answering from a hosts file that tests can rewrite.
-pub struct Dns {
-    child: Child,
-    hosts_file: PathBuf,
-    pub addr: String,
-}
+/// dnsmasq on loopback, answering from records that tests can change.
+pub struct Dns(Dnsmasq);
 
 impl Dns {
     pub fn new(world: &World, ttl: u32, records: &[(&str, &str)]) -> Self {
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let hosts_file = world.dir.join("dns-hosts");
-        write_records(&hosts_file, records);
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-            ])
-            .args([
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                "--pid-file=",
-                "--no-negcache",
-            ])
-            .arg(format!("--port={port}"))
-            .arg(format!("--local-ttl={ttl}"))
-            .arg(format!("--addn-hosts={}", hosts_file.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting dnsmasq (cargo xtask setup installs it)");
-        let dns = Self {
-            child,
-            hosts_file,
-            addr: format!("127.0.0.1:{port}"),
-        };
-        wait_until(Duration::from_secs(5), "dnsmasq listening", || {
-            Command::new("ss")
-                .args(["-Hlun", &format!("sport = :{port}")])
-                .output()
-                .is_ok_and(|o| !o.stdout.is_empty())
-        });
-        dns
+        let any_port = "127.0.0.1:0".parse().expect("address");
+        Self(Dnsmasq::start(any_port, &world.dir, ttl, records).expect("starting dnsmasq"))
     }
 
-    /// Replaces every record; dnsmasq rereads the file on SIGHUP.
+    pub fn addr(&self) -> String {
+        self.0.addr.to_string()
+    }
+
     pub fn set_records(&self, records: &[(&str, &str)]) {
-        write_records(&self.hosts_file, records);
-        sh(&["kill", "-HUP", &self.child.id().to_string()]);
-    }
-}
-
-fn write_records(path: &Path, records: &[(&str, &str)]) {
-    let text: String = records
-        .iter()
-        .map(|(name, ip)| format!("{ip} {name}\n"))
-        .collect();
-    fs::write(path, text).expect("writing DNS records");
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.set_records(records).expect("changing DNS records");
     }
 }
 
@@ -408,7 +237,7 @@ impl Agent {
                 "--",
             ])
             .arg(python())
-            .arg(testkit("probe.py"))
+            .arg(script("probe.py"))
             .args([kind, host, &port.to_string()])
             .output()
             .expect("running enforcer exec");
@@ -513,17 +342,6 @@ pub fn check(agent: &Agent, ns: &str, kind: &str, host: &str, port: u16, want: W
     // TCP replies name the address that answered (a UDP listener on `::` cannot).
     if let (Want::Allowed, Outcome::Ok(reply), true) = (want, &got, kind.starts_with("tcp")) {
         assert!(reply.contains(host), "reply {reply:?} is not from {host}");
-    }
-}
-
-pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

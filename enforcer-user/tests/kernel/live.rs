@@ -84,7 +84,7 @@ fn a_dns_answer_that_changes_after_its_ttl() {
         "api.yaml",
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: https, protocol: HTTPS}]\n  resolution: DNS\n",
     );
-    let agent = start(&world, &["--dns-server", &dns.addr, "--dns-min-ttl", "1"]);
+    let agent = start(&world, &["--dns-server", &dns.addr(), "--dns-min-ttl", "1"]);
     check(&agent, "default", "tcp", "198.51.100.10", 443, Allowed);
     check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
 

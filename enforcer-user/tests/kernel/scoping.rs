@@ -172,10 +172,10 @@ spec: {hosts: [one.example.com], addresses: [198.51.100.10], ports: [{number: 80
 
     let run_in = |dir: &std::path::Path, ip: &str| {
         let script = format!(
-            "echo $$ > {}/cgroup.procs && exec {} {}/../testkit/probe.py tcp {ip} 80",
+            "echo $$ > {}/cgroup.procs && exec {} {} tcp {ip} 80",
             dir.display(),
-            crate::harness::python(),
-            env!("CARGO_MANIFEST_DIR")
+            enforcer_testkit::python(),
+            enforcer_testkit::script("probe.py").display()
         );
         std::process::Command::new("sh")
             .args(["-c", &script])
