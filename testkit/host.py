@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A test host: TCP and UDP listeners on every address of its network namespace.
 
-TCP answers HTTP requests with 200 and anything else with a one-line greeting; UDP echoes.
+TCP answers HTTP requests with 200 and any other first message (probe.py sends one) with a
+one-line greeting; UDP echoes.
 Every reply names the local address and port, so a client can tell which host it reached.
 Usage: host.py --tcp 80,443 --udp 9999 --addrs 198.51.100.10,2001:db8::10
 UDP binds each address on its own, so that replies come from the address a client sent to.
@@ -44,11 +45,12 @@ def local(sock):
 
 class TCPHandler(socketserver.BaseRequestHandler):
     def handle(self):
-        self.request.settimeout(0.5)
+        # The client speaks first (HTTP, or probe.py's hello), so there is nothing to time out on.
+        self.request.settimeout(5)
         try:
             data = self.request.recv(1024)
         except OSError:
-            data = b""
+            return
         body = f"hello from {local(self.request)}\n".encode()
         if data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"POST"):
             head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\nContent-Type: text/plain\r\n\r\n"

@@ -31,6 +31,7 @@ def main():
             reply = sock.recv(1024)
         else:
             sock.connect(addr)
+            sock.sendall(b"hello\n")
             reply = sock.recv(1024)
     except PermissionError:
         print("EPERM")

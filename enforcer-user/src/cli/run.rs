@@ -49,6 +49,16 @@ pub struct RunArgs {
     placement: Placement,
 }
 
+/// The file need not exist yet (it may be created later), but its directory must.
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let name = path.file_name().context("not a file path")?;
+    Ok(std::fs::canonicalize(dir)?.join(name))
+}
+
 fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
     let (ns, path) = s
         .split_once('=')
@@ -65,9 +75,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "--dns-min-ttl must not exceed --dns-max-ttl"
     );
     let cgroups = args.placement.layout(&args.cgroups)?;
+    // Absolute paths: file events name absolute paths, and the watch filters compare with them.
+    let policies = std::fs::canonicalize(&args.policies)
+        .with_context(|| format!("--policies {}", args.policies.display()))?;
+    let mesh_config = match &args.mesh_config {
+        Some(path) => {
+            Some(absolute(path).with_context(|| format!("--mesh-config {}", path.display()))?)
+        }
+        None => None,
+    };
     let cfg = AgentConfig {
-        policies: args.policies,
-        mesh_config: args.mesh_config,
+        policies,
+        mesh_config,
         dns: DnsSettings {
             server: args.dns_server,
             min_ttl: Duration::from_secs(args.dns_min_ttl),

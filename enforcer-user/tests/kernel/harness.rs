@@ -139,10 +139,18 @@ pub struct Agent {
     stdout: PathBuf,
     stderr: PathBuf,
     args: Vec<String>,
+    /// Working directory and `--policies` as passed (relative to it, or absolute).
+    cwd: PathBuf,
+    policies: PathBuf,
 }
 
 impl Agent {
     pub fn start(world: &World, extra: &[&str]) -> Self {
+        Self::start_with(world, world.policies.clone(), extra)
+    }
+
+    /// Runs from `world.dir` with `--policies` as given, so relative paths can be tested.
+    pub fn start_with(world: &World, policies: PathBuf, extra: &[&str]) -> Self {
         let mut agent = Self {
             child: None,
             pin_root: format!("/sys/fs/bpf/enforcer-test-{}", world.id),
@@ -151,12 +159,14 @@ impl Agent {
             stdout: world.dir.join("agent.out"),
             stderr: world.dir.join("agent.err"),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            cwd: world.dir.clone(),
+            policies,
         };
-        agent.spawn(&world.policies);
+        agent.spawn();
         agent
     }
 
-    fn spawn(&mut self, policies: &Path) {
+    fn spawn(&mut self) {
         let _ = fs::remove_file(&self.status);
         let open = |p: &Path| {
             fs::OpenOptions::new()
@@ -167,8 +177,9 @@ impl Agent {
         };
         let child = Command::new(ENFORCER)
             .arg("run")
+            .current_dir(&self.cwd)
             .arg("--policies")
-            .arg(policies)
+            .arg(&self.policies)
             .args([
                 "--bpffs-root",
                 &self.pin_root,
@@ -197,9 +208,9 @@ impl Agent {
         }
     }
 
-    pub fn restart(&mut self, world: &World) {
+    pub fn restart(&mut self) {
         self.stop();
-        self.spawn(&world.policies);
+        self.spawn();
     }
 
     /// The agent's JSON status.

@@ -110,7 +110,7 @@ fn enforcement_survives_an_agent_restart() {
     check(&agent, "default", "tcp", "198.51.100.11", 5432, Denied);
     check(&agent, "default", "tcp", "198.51.100.10", 5432, Allowed);
 
-    agent.restart(&world);
+    agent.restart();
     assert!(agent.log().contains("adopted 1 cgroups"), "{}", agent.log());
     check(&agent, "default", "tcp", "198.51.100.11", 5432, Denied);
     check(&agent, "default", "tcp", "198.51.100.10", 5432, Allowed);
@@ -163,4 +163,25 @@ fn unrelated_files_beside_the_mesh_config_do_not_trigger_reloads() {
     agent.wait_for(std::time::Duration::from_secs(5), "a reload", || {
         reloads() > before
     });
+}
+
+#[test]
+fn relative_paths_are_watched_too() {
+    let world = World::new("relpath");
+    let _hosts = Hosts::new(&world);
+    std::fs::write(world.dir.join("mesh.yaml"), REGISTRY_ONLY).expect("mesh");
+    let agent = Agent::start_with(
+        &world,
+        "policies".into(),
+        &["--mesh-config", "mesh.yaml", "--namespace", "default"],
+    );
+    check(&agent, "default", "tcp", "198.51.100.10", 5432, Denied);
+    world.write_policy("db.yaml", &entry("db", "198.51.100.10", 5432));
+    agent.eventually("default", "tcp", "198.51.100.10", 5432, Allowed);
+    std::fs::write(
+        world.dir.join("mesh.yaml"),
+        "outboundTrafficPolicy:\n  mode: ALLOW_ANY\n",
+    )
+    .expect("mesh");
+    agent.eventually("default", "tcp", "198.51.100.11", 5432, Allowed);
 }
