@@ -185,3 +185,70 @@ fn relative_paths_are_watched_too() {
     .expect("mesh");
     agent.eventually("default", "tcp", "198.51.100.11", 5432, Allowed);
 }
+
+#[test]
+fn an_unreachable_dns_server_keeps_the_last_good_answer() {
+    let world = World::new("dnsdown");
+    let _hosts = Hosts::new(&world);
+    let dns = Dns::new(&world, 1, &[("api.example.com", "198.51.100.10")]);
+    world.write_policy(
+        "api.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: https, protocol: HTTPS}]\n  resolution: DNS\n",
+    );
+    let agent = start(&world, &["--dns-server", &dns.addr(), "--dns-min-ttl", "1"]);
+    check(&agent, "default", "tcp", "198.51.100.10", 443, Allowed);
+
+    drop(dns);
+    agent.wait_for(
+        std::time::Duration::from_secs(10),
+        "a resolver error",
+        || agent.log().contains("keeping the last answer"),
+    );
+    check(&agent, "default", "tcp", "198.51.100.10", 443, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
+}
+
+#[test]
+fn a_full_map_never_widens_what_is_allowed() {
+    use crate::harness::Outcome;
+    let world = World::new("full");
+    let _hosts = Hosts::new(&world);
+    // 5 addresses on 2 ports need 10 exact entries; the map holds 6.
+    let hosts = [
+        "198.51.100.10",
+        "198.51.100.11",
+        "198.51.100.12",
+        "198.51.100.20",
+        "198.51.100.21",
+    ];
+    let list: String = hosts.iter().map(|h| format!("  - {h}\n")).collect();
+    world.write_policy(
+        "many.yaml",
+        &format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: many}}\nspec:\n  hosts: [many.example.com]\n  resolution: STATIC\n  ports: [{{number: 80, name: http}}, {{number: 443, name: https}}]\n  addresses:\n{list}"),
+    );
+    let agent = start(&world, &["--max-entries", "6"]);
+    agent.wait_for(
+        std::time::Duration::from_secs(5),
+        "the map-full error",
+        || agent.log().contains("fail closed"),
+    );
+
+    let (mut allowed, mut refused) = (0, 0);
+    for host in hosts {
+        for port in [80, 443] {
+            match agent.probe("default", "tcp", host, port) {
+                Outcome::Ok(_) => allowed += 1,
+                Outcome::Eperm => refused += 1,
+                other => panic!("{host}:{port}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(allowed + refused, 10);
+    assert!(
+        (1..=6).contains(&allowed),
+        "what fitted is allowed, the rest refused: {allowed} allowed"
+    );
+    // Nothing outside the entry gains access, and REGISTRY_ONLY still holds.
+    check(&agent, "default", "tcp", "203.0.113.30", 80, Denied);
+    check(&agent, "default", "tcp", "198.51.100.10", 8080, Denied);
+}
