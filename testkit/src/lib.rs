@@ -215,6 +215,17 @@ impl Dnsmasq {
         ttl: u32,
         records: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_with_cnames(addr, dir, ttl, records, &[])
+    }
+
+    /// As `start`, with CNAME records `(alias, target)`; targets must be among `records`.
+    pub fn start_with_cnames(
+        addr: SocketAddr,
+        dir: &Path,
+        ttl: u32,
+        records: &[(&str, &str)],
+        cnames: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let addr = if addr.port() == 0 {
             UdpSocket::bind(addr)?.local_addr()?
         } else {
@@ -235,6 +246,11 @@ impl Dnsmasq {
             .arg(format!("--port={}", addr.port()))
             .arg(format!("--local-ttl={ttl}"))
             .arg(format!("--addn-hosts={}", hosts_file.display()))
+            .args(
+                cnames
+                    .iter()
+                    .map(|(alias, target)| format!("--cname={alias},{target}")),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -5,7 +5,11 @@ use clap::Args;
 use ipnet::IpNet;
 
 use super::Placement;
-use crate::{agent::AgentConfig, datapath, resolver::DnsSettings};
+use crate::{
+    agent::AgentConfig,
+    datapath,
+    resolver::{DnsSettings, Lifetimes},
+};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -24,6 +28,13 @@ pub struct RunArgs {
     /// Longest TTL honoured, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     dns_max_ttl: u64,
+    /// How long an address a name no longer resolves to stays allowed, in seconds
+    /// [default: the larger of its TTL and 120].
+    #[arg(long, value_name = "SECS")]
+    dns_grace: Option<u64>,
+    /// Most addresses kept per name, current ones first.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    dns_max_ips: usize,
     /// Always allowed for every namespace (loopback always is). Repeatable.
     #[arg(long, value_name = "CIDR")]
     allow_cidr: Vec<IpNet>,
@@ -89,8 +100,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         mesh_config,
         dns: DnsSettings {
             server: args.dns_server,
-            min_ttl: Duration::from_secs(args.dns_min_ttl),
-            max_ttl: Duration::from_secs(args.dns_max_ttl),
+            lifetimes: Lifetimes {
+                min_ttl: Duration::from_secs(args.dns_min_ttl),
+                max_ttl: Duration::from_secs(args.dns_max_ttl),
+                grace: args.dns_grace.map(Duration::from_secs),
+                max_ips: args.dns_max_ips.max(1),
+            },
         },
         allow_cidrs: args.allow_cidr,
         istio_compat: args.istio_compat,

@@ -121,6 +121,14 @@ impl Dns {
         Self(Dnsmasq::start(any_port, &world.dir, ttl, records).expect("starting dnsmasq"))
     }
 
+    pub fn with_cnames(world: &World, records: &[(&str, &str)], cnames: &[(&str, &str)]) -> Self {
+        let any_port = "127.0.0.1:0".parse().expect("address");
+        Self(
+            Dnsmasq::start_with_cnames(any_port, &world.dir, 60, records, cnames)
+                .expect("starting dnsmasq"),
+        )
+    }
+
     pub fn addr(&self) -> String {
         self.0.addr.to_string()
     }

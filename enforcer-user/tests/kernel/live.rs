@@ -76,7 +76,7 @@ fn an_invalid_file_next_to_valid_ones_is_reported_and_skipped() {
 }
 
 #[test]
-fn a_dns_answer_that_changes_after_its_ttl() {
+fn a_dns_answer_that_changes_after_its_ttl_keeps_the_old_address_for_the_grace_period() {
     let world = World::new("ttl");
     let _hosts = Hosts::new(&world);
     let dns = Dns::new(&world, 1, &[("api.example.com", "198.51.100.10")]);
@@ -84,16 +84,45 @@ fn a_dns_answer_that_changes_after_its_ttl() {
         "api.yaml",
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: https, protocol: HTTPS}]\n  resolution: DNS\n",
     );
-    let agent = start(&world, &["--dns-server", &dns.addr(), "--dns-min-ttl", "1"]);
+    let agent = start(
+        &world,
+        &[
+            "--dns-server",
+            &dns.addr(),
+            "--dns-min-ttl",
+            "1",
+            "--dns-grace",
+            "3",
+        ],
+    );
     check(&agent, "default", "tcp", "198.51.100.10", 443, Allowed);
     check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
 
     dns.set_records(&[("api.example.com", "198.51.100.11")]);
     agent.eventually("default", "tcp", "198.51.100.11", 443, Allowed);
-    check(&agent, "default", "tcp", "198.51.100.10", 443, Denied);
+    let changed = std::time::Instant::now();
+    // An application that cached the old answer keeps working for the grace period...
+    check(&agent, "default", "tcp", "198.51.100.10", 443, Allowed);
     assert!(
-        agent.log().contains("answer changed"),
-        "the change is logged"
+        changed.elapsed() < std::time::Duration::from_secs(2),
+        "the check above ran inside the grace period"
+    );
+    // ...and is refused once it ends.
+    agent.eventually("default", "tcp", "198.51.100.10", 443, Denied);
+    assert!(
+        changed.elapsed() >= std::time::Duration::from_secs(2),
+        "refused before the grace period ended"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("answer changed") && log.contains("kept in grace: [198.51.100.10]"),
+        "{log}"
+    );
+    assert!(log.contains("grace ended"), "{log}");
+    let dns_status = agent.status()["dns"].to_string();
+    assert!(
+        dns_status.contains("api.example.com -> [198.51.100.11]"),
+        "{dns_status}"
     );
 }
 

@@ -252,3 +252,36 @@ spec: {hosts: [one.example.com], addresses: [198.51.100.10], ports: [{number: 80
         "the mapped refusal is reported as its IPv4 address: {d:?}"
     );
 }
+
+#[test]
+fn cname_chains_are_followed() {
+    let world = World::new("cname");
+    let _hosts = Hosts::new(&world);
+    // api.example.com -> edge.example.net -> lb.example.net -> 198.51.100.12
+    let dns = Dns::with_cnames(
+        &world,
+        &[("lb.example.net", "198.51.100.12")],
+        &[
+            ("api.example.com", "edge.example.net"),
+            ("edge.example.net", "lb.example.net"),
+        ],
+    );
+    world.write_policy(
+        "api.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: https, protocol: HTTPS}]\n  resolution: DNS\n",
+    );
+    let mesh = registry_only(&world);
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--dns-server",
+            &dns.addr(),
+            "--namespace",
+            "default",
+        ],
+    );
+    check(&agent, "default", "tcp", "198.51.100.12", 443, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
+}

@@ -1,7 +1,13 @@
 //! Resolves ServiceEntry hosts (A and AAAA) and keeps the answers fresh according to their TTL.
 //!
 //! On a resolver error the last good answer is kept and the failure is reported: an unreachable
-//! DNS server must neither widen nor suddenly empty what is allowed.
+//! DNS server must neither widen nor suddenly empty what is allowed. Superseded addresses stay
+//! allowed for a grace period (see `record`). CNAME chains are followed by the resolver.
+
+mod record;
+
+use record::HostRecord;
+pub use record::{Lifetimes, DEFAULT_GRACE_FLOOR};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -22,23 +28,13 @@ use tokio::{task::JoinSet, time::Instant};
 pub struct DnsSettings {
     /// Use this server instead of the system's (`/etc/resolv.conf`).
     pub server: Option<SocketAddr>,
-    pub min_ttl: Duration,
-    pub max_ttl: Duration,
-}
-
-#[derive(Clone, Debug)]
-struct Answer {
-    ips: Vec<IpAddr>,
-    /// When the answer is refreshed: 80% of its TTL, so it is renewed before it expires.
-    refresh_at: Instant,
-    expires_at: Instant,
-    last_error: Option<String>,
+    pub lifetimes: Lifetimes,
 }
 
 pub struct Resolver {
     inner: Arc<TokioResolver>,
     settings: DnsSettings,
-    answers: HashMap<String, Answer>,
+    answers: HashMap<String, HostRecord>,
     servers: Vec<IpAddr>,
 }
 
@@ -98,6 +94,15 @@ impl Resolver {
         report.changed |= before != self.answers.len();
 
         let now = Instant::now();
+        for (name, record) in &mut self.answers {
+            if record.expire(now) {
+                log::info!(
+                    "DNS {name}: grace ended for superseded addresses; now {:?}",
+                    record.allowed()
+                );
+                report.changed = true;
+            }
+        }
         let mut lookups = JoinSet::new();
         for name in names {
             if self.answers.get(name).is_some_and(|a| a.refresh_at > now) {
@@ -110,51 +115,49 @@ impl Resolver {
                 (name, result)
             });
         }
+        let life = self.settings.lifetimes;
         while let Some(joined) = lookups.join_next().await {
             let Ok((name, result)) = joined else { continue };
             let now = Instant::now();
+            let record = self.answers.entry(name.clone()).or_insert_with(|| {
+                report.changed = true;
+                HostRecord::unresolved(now, life.min_ttl)
+            });
             match result {
-                Ok((mut ips, ttl)) => {
-                    ips.sort();
-                    ips.dedup();
-                    let ttl = ttl.clamp(self.settings.min_ttl, self.settings.max_ttl);
-                    let old = self.answers.get(&name).map(|a| a.ips.clone());
-                    report.changed |= old.as_ref() != Some(&ips);
-                    if old.is_some_and(|o| o != ips) {
-                        log::info!(
-                            "DNS {name}: answer changed to {ips:?} (ttl {}s)",
+                Ok((ips, ttl)) => {
+                    let previous = record.current().to_vec();
+                    if record.update(ips, ttl, now, fastrand::f32(), &life) {
+                        report.changed = true;
+                    }
+                    if previous.is_empty() || previous == record.current() {
+                        log::debug!(
+                            "DNS {name}: {:?} (ttl {}s)",
+                            record.current(),
                             ttl.as_secs()
                         );
                     } else {
-                        log::debug!("DNS {name}: {ips:?} (ttl {}s)", ttl.as_secs());
+                        log::info!(
+                            "DNS {name}: answer changed to {:?} (ttl {}s); kept in grace: {:?}",
+                            record.current(),
+                            ttl.as_secs(),
+                            record
+                                .retired()
+                                .iter()
+                                .map(|(ip, _)| ip)
+                                .collect::<Vec<_>>()
+                        );
                     }
-                    self.answers.insert(
-                        name,
-                        Answer {
-                            ips,
-                            refresh_at: now + ttl.mul_f32(0.8),
-                            expires_at: now + ttl,
-                            last_error: None,
-                        },
-                    );
                 }
                 Err(err) => {
-                    let retry = now + self.settings.min_ttl;
-                    let entry = self.answers.entry(name.clone()).or_insert_with(|| {
-                        report.changed = true;
-                        Answer {
-                            ips: Vec::new(),
-                            refresh_at: retry,
-                            expires_at: retry,
-                            last_error: None,
-                        }
-                    });
-                    entry.refresh_at = retry;
-                    entry.last_error = Some(err.clone());
-                    report.errors.push(if entry.ips.is_empty() {
+                    record.refresh_at = now + life.min_ttl;
+                    record.last_error = Some(err.clone());
+                    report.errors.push(if record.allowed().is_empty() {
                         format!("DNS {name}: {err}; nothing is allowed for it yet")
                     } else {
-                        format!("DNS {name}: {err}; keeping the last answer {:?}", entry.ips)
+                        format!(
+                            "DNS {name}: {err}; keeping the last answer {:?}",
+                            record.allowed()
+                        )
                     });
                 }
             }
@@ -162,15 +165,19 @@ impl Resolver {
         report
     }
 
-    /// When the next answer is due for refresh.
+    /// When the next answer is due for refresh, or a superseded address leaves.
     pub fn next_refresh(&self) -> Option<Instant> {
-        self.answers.values().map(|a| a.refresh_at).min()
+        self.answers
+            .values()
+            .flat_map(|a| [Some(a.refresh_at), a.next_expiry()])
+            .flatten()
+            .min()
     }
 
     pub fn answers(&self) -> BTreeMap<String, Vec<IpAddr>> {
         self.answers
             .iter()
-            .map(|(k, v)| (k.clone(), v.ips.clone()))
+            .map(|(k, v)| (k.clone(), v.allowed()))
             .collect()
     }
 
@@ -187,7 +194,20 @@ impl Resolver {
                     .as_deref()
                     .map(|e| format!(" (last error: {e})"))
                     .unwrap_or_default();
-                format!("{name} -> {:?}, expires in {left}s{err}", a.ips)
+                let grace: Vec<String> = a
+                    .retired()
+                    .iter()
+                    .map(|(ip, until)| {
+                        format!(
+                            "{ip} for {}s",
+                            until.saturating_duration_since(now).as_secs()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{name} -> {:?}, expires in {left}s, in grace: {grace:?}{err}",
+                    a.current()
+                )
             })
             .collect();
         lines.sort();
