@@ -19,7 +19,7 @@ use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, plan, Datapath},
     events::{self, Explainer},
-    istio::{OutboundMode, ServiceEntry},
+    istio::{OutboundMode, ServiceEntry, Sidecar},
     policy::{self, Desired, MeshSettings},
     resolver::{DnsSettings, Resolver},
     sources::{files, Snapshot},
@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub istio_compat: bool,
     pub datapath: datapath::Options,
     pub cgroups: Layout,
+    /// Sidecars without a workloadSelector here set the default for every namespace.
+    pub root_namespace: String,
     /// Namespaces whose cgroups are created at start, before any `enforcer exec`.
     pub namespaces: Vec<String>,
     /// Written (JSON) after every apply: generation, problems and notes.
@@ -43,6 +45,7 @@ pub struct AgentConfig {
 /// The sources, validated: what the compiler needs besides DNS answers and cgroups.
 struct Sources {
     entries: Vec<ServiceEntry>,
+    sidecars: Vec<Sidecar>,
     mesh: MeshSettings,
     problems: Vec<String>,
 }
@@ -163,34 +166,29 @@ fn load_sources(cfg: &AgentConfig) -> Sources {
 
 /// Keeps the valid objects; every problem is logged with its file, object and field.
 fn validate(snap: Snapshot) -> Sources {
-    let mut problems: Vec<String> = snap.problems.iter().map(ToString::to_string).collect();
-    let mut entries = Vec::new();
-    for se in snap.service_entries {
-        let errs = policy::validate_service_entry(&se);
-        if errs.is_empty() {
-            entries.push(se);
+    let checked = policy::check::check(snap);
+    let mut problems: Vec<String> = Vec::new();
+    for p in &checked.problems {
+        if p.is_error() {
+            log::error!("{p}");
+            problems.push(p.to_string());
         } else {
-            problems.extend(errs.iter().map(ToString::to_string));
+            log::warn!("{p}");
+            problems.push(format!("warning: {p}"));
         }
     }
-    // Two objects with the same identity: keep neither, as neither is clearly the one meant.
-    let mut seen = BTreeMap::<String, usize>::new();
-    for se in &entries {
-        *seen.entry(se.id()).or_default() += 1;
-    }
-    entries.retain(|se| {
-        let dup = seen[&se.id()] > 1;
-        if dup {
-            problems.push(format!(
-                "{}: ServiceEntry {}: metadata.name: defined more than once; skipped",
-                se.origin,
-                se.id()
-            ));
+    let mut errors = Vec::new();
+    let mesh = match checked.mesh.as_slice() {
+        [] if checked.mesh_unreadable => {
+            errors.push(
+                "the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed"
+                    .to_string(),
+            );
+            MeshSettings {
+                mode: OutboundMode::RegistryOnly,
+                ..MeshSettings::default()
+            }
         }
-        !dup
-    });
-
-    let mesh = match snap.mesh.as_slice() {
         [] => MeshSettings::default(),
         [(origin, mesh)] => {
             let mut settings = MeshSettings {
@@ -202,7 +200,7 @@ fn validate(snap: Snapshot) -> Sources {
                 if errs.is_empty() {
                     settings.default_export_to = list.clone();
                 } else {
-                    problems.extend(
+                    errors.extend(
                         errs.iter()
                             .map(|e| format!("{origin}: defaultServiceExportTo: {e}")),
                     );
@@ -212,7 +210,7 @@ fn validate(snap: Snapshot) -> Sources {
         }
         many => {
             let origins: Vec<&str> = many.iter().map(|(o, _)| o.as_str()).collect();
-            problems.push(format!(
+            errors.push(format!(
                 "more than one mesh config ({}); enforcing REGISTRY_ONLY until one remains",
                 origins.join(", ")
             ));
@@ -222,35 +220,26 @@ fn validate(snap: Snapshot) -> Sources {
             }
         }
     };
-    // An unreadable mesh config must not leave the mesh open: fail closed.
-    let mesh_broken = snap.problems.iter().any(|p| {
-        p.object == "MeshConfig"
-            || p.field.starts_with("spec.meshConfig")
-            || p.field.starts_with("data.mesh")
-    });
-    let mesh = if mesh_broken && snap.mesh.is_empty() {
-        problems.push(
-            "the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed"
-                .to_string(),
+    for e in &errors {
+        log::error!("{e}");
+    }
+    problems.extend(errors);
+    if !checked.workload_entries.is_empty() {
+        log::warn!(
+            "{} WorkloadEntries are validated but do not yet add endpoints (workloadSelector is not enforced)",
+            checked.workload_entries.len()
         );
-        MeshSettings {
-            mode: OutboundMode::RegistryOnly,
-            ..mesh
-        }
-    } else {
-        mesh
-    };
-    for p in &problems {
-        log::error!("{p}");
     }
     log::info!(
-        "policy: {} ServiceEntries, mesh mode {}, {} problems",
-        entries.len(),
+        "policy: {} ServiceEntries, {} Sidecars, mesh mode {}, {} problems",
+        checked.service_entries.len(),
+        checked.sidecars.len(),
         mesh.mode,
         problems.len()
     );
     Sources {
-        entries,
+        entries: checked.service_entries,
+        sidecars: checked.sidecars,
         mesh,
         problems,
     }
@@ -277,6 +266,8 @@ fn compile(
         dns_servers: &dns_servers,
         allow_cidrs: &cfg.allow_cidrs,
         istio_compat: cfg.istio_compat,
+        sidecars: &sources.sidecars,
+        root_namespace: &cfg.root_namespace,
     })
 }
 

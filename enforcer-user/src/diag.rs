@@ -2,7 +2,16 @@
 
 use serde::Serialize;
 
-/// One invalid object or document. The object it names is skipped; everything else is applied.
+/// An error makes the object it names invalid (it is skipped; everything else is applied). A
+/// warning is reported and the object is used, as `istioctl validate` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem in an object or document, located by file, object and field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{file}: {object}: {field}: {message}")]
 pub struct Problem {
@@ -13,6 +22,7 @@ pub struct Problem {
     /// A field path such as `spec.ports[0].number`, or `-` when the whole document is unreadable.
     pub field: String,
     pub message: String,
+    pub severity: Severity,
 }
 
 impl Problem {
@@ -27,6 +37,23 @@ impl Problem {
             object: object.into(),
             field: field.into(),
             message: message.into(),
+            severity: Severity::Error,
         }
+    }
+
+    pub fn warning(
+        file: impl Into<String>,
+        object: impl Into<String>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::new(file, object, field, message)
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
     }
 }

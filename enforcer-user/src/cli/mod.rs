@@ -3,6 +3,7 @@
 mod exec;
 mod run;
 mod teardown;
+mod validate;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Detach the programs and remove everything the agent pinned. Enforcement stops.
     Teardown(teardown::TeardownArgs),
+    /// Check ServiceEntry, WorkloadEntry and Sidecar files with Istio's rules.
+    Validate(validate::ValidateArgs),
 }
 
 /// Where the agent keeps its state; agents and commands that share these see each other.
@@ -61,5 +64,6 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Run(args) => run::run(args).map(|()| 0),
         Command::Exec(args) => exec::exec(args),
         Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
+        Command::Validate(args) => validate::validate(args),
     }
 }

@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// Always allowed for every namespace (loopback always is). Repeatable.
     #[arg(long, value_name = "CIDR")]
     allow_cidr: Vec<IpNet>,
+    /// Namespace whose Sidecar without a workloadSelector is the default for all namespaces.
+    #[arg(long, value_name = "NS", default_value = "istio-system")]
+    root_namespace: String,
     /// Follow Istio where `resolution: NONE` has no addresses: any IP on an opaque TCP port.
     #[arg(long)]
     istio_compat: bool,
@@ -116,6 +119,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             max_cidr: args.max_cidr_entries,
         },
         cgroups,
+        root_namespace: args.root_namespace,
         namespaces: args.namespaces,
         status_file: args.status_file,
     };

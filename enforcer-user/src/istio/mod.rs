@@ -3,9 +3,14 @@
 
 mod mesh;
 mod service_entry;
+mod workload;
 
-pub use mesh::{MeshConfig, OutboundMode};
+pub use mesh::{MeshConfig, OutboundMode, OutboundTrafficPolicy};
 pub use service_entry::{Endpoint, Port, Resolution, ServiceEntrySpec};
+pub use workload::{
+    EgressListener, Object, Sidecar, SidecarSpec, WorkloadEntry, WorkloadEntrySpec,
+    WorkloadSelector,
+};
 
 use serde::Deserialize;
 
@@ -20,21 +25,7 @@ pub struct ObjectMeta {
 }
 
 /// A ServiceEntry with the metadata and the origin it was read from.
-#[derive(Debug, Clone)]
-pub struct ServiceEntry {
-    pub namespace: String,
-    pub name: String,
-    pub spec: ServiceEntrySpec,
-    /// Where it came from, for error messages: a file path, or `kubernetes`.
-    pub origin: String,
-}
-
-impl ServiceEntry {
-    /// `namespace/name`, as istioctl prints it.
-    pub fn id(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
+pub type ServiceEntry = Object<ServiceEntrySpec>;
 
 /// Namespace of an object that does not name one, as `kubectl apply` would use.
 pub const DEFAULT_NAMESPACE: &str = "default";

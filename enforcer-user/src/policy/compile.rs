@@ -8,9 +8,11 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{is_opaque_tcp, l4_of_protocol, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
+use super::{
+    is_opaque_tcp, l4_of_protocol, sidecar, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
+};
 use crate::{
-    istio::{OutboundMode, Port, Resolution, ServiceEntry},
+    istio::{OutboundMode, Port, Resolution, ServiceEntry, Sidecar},
     net::parse_ip_or_cidr,
 };
 
@@ -44,6 +46,10 @@ pub struct Inputs<'a> {
     pub allow_cidrs: &'a [IpNet],
     /// Istio's reading of `resolution: NONE` without addresses: any IP on an opaque TCP port.
     pub istio_compat: bool,
+    /// Only valid objects.
+    pub sidecars: &'a [Sidecar],
+    /// Where a Sidecar without a selector sets the default for every namespace.
+    pub root_namespace: &'a str,
 }
 
 /// The names the agent must resolve for these ServiceEntries.
@@ -102,9 +108,18 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
 
     let mut out = Desired::default();
     let dns_origin = Arc::new(Origin::builtin("DNS server"));
+    let sidecars: BTreeMap<&String, sidecar::NamespaceSidecar<'_>> = all
+        .iter()
+        .map(|ns| {
+            (
+                ns,
+                sidecar::for_namespace(ns, inp.sidecars, inp.root_namespace, inp.mesh.mode),
+            )
+        })
+        .collect();
     for ns in &all {
         let mut scope = ScopePolicy {
-            mode: inp.mesh.mode,
+            mode: sidecars[ns].mode,
             rules: BTreeMap::new(),
         };
         for &server in inp.dns_servers {
@@ -149,6 +164,9 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
             Some(set) => set.iter().collect(),
         };
         for ns in targets {
+            if !sidecars.get(ns).is_none_or(|s| s.imports(ns, se)) {
+                continue;
+            }
             if let Some(scope) = out.scopes.get_mut(ns) {
                 for (rule, origin) in &entry.out {
                     add_unique(scope.rules.entry(*rule).or_default(), origin);
@@ -156,6 +174,8 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
             }
         }
     }
+    out.notes
+        .extend(sidecars.values().flat_map(|s| s.notes.iter().cloned()));
     out.notes.sort();
     out.notes.dedup();
     out

@@ -56,6 +56,8 @@ impl Case {
             dns_servers: &[],
             allow_cidrs: &[],
             istio_compat: self.compat,
+            sidecars: &[],
+            root_namespace: "istio-system",
         })
     }
 }
@@ -328,6 +330,8 @@ fn builtins_dns_servers_and_global_cidrs() {
         dns_servers: &servers,
         allow_cidrs: &cidrs,
         istio_compat: false,
+        sidecars: &[],
+        root_namespace: "istio-system",
     });
     assert_eq!(
         d.scopes["x"].mode,

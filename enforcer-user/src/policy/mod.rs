@@ -2,13 +2,17 @@
 //!
 //! Everything here is pure (no I/O), so the semantics are unit-tested without a kernel.
 
+pub mod check;
 mod compile;
 mod model;
+mod sidecar;
 mod validate;
+mod validate_workload;
 
 pub use compile::{compile, dns_names, Inputs, MeshSettings};
 pub use model::{canonical_ip, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
 pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
+pub use validate_workload::{validate_sidecar, validate_workload_entry};
 
 /// The transport an Istio port protocol rides on; `None` for an unknown protocol.
 pub fn l4_of_protocol(protocol: Option<&str>) -> Option<L4> {

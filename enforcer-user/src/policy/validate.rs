@@ -7,18 +7,15 @@ use std::net::IpAddr;
 
 use crate::{
     diag::Problem,
-    istio::{Resolution, ServiceEntry},
+    istio::{Object, Resolution, ServiceEntry},
     net::parse_ip_or_cidr,
 };
 
 use super::l4_of_protocol;
 
-/// Returns every error found in `se` (empty when it is valid).
+/// Returns every problem found in `se`: errors make it invalid, warnings do not.
 pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
-    let mut errs = Errors {
-        se,
-        out: Vec::new(),
-    };
+    let mut errs = Errors::new("ServiceEntry", se);
     let spec = &se.spec;
 
     if !is_dns1123_label(&se.namespace) {
@@ -33,7 +30,32 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
     for (i, host) in spec.hosts.iter().enumerate() {
         if let Err(msg) = check_host(host) {
             errs.push(format!("spec.hosts[{i}]"), msg);
+        } else if is_partial_wildcard(host) {
+            errs.warn(
+                format!("spec.hosts[{i}]"),
+                format!("partial wildcard {host:?} not allowed"),
+            );
         }
+    }
+    // Istio: without NONE resolution, several hosts can share only HTTP or TLS ports.
+    let http_or_tls = |p: &crate::istio::Port| {
+        matches!(
+            p.protocol
+                .as_deref()
+                .unwrap_or_default()
+                .to_ascii_uppercase()
+                .as_str(),
+            "HTTP" | "HTTP2" | "HTTP_PROXY" | "GRPC" | "GRPC-WEB" | "HTTPS" | "TLS"
+        )
+    };
+    if spec.resolution != Resolution::None
+        && spec.hosts.len() > 1
+        && !spec.ports.iter().all(http_or_tls)
+    {
+        errs.push(
+            "spec.hosts",
+            "multiple hosts provided with non-HTTP, non-TLS ports",
+        );
     }
 
     for (i, addr) in spec.addresses.iter().enumerate() {
@@ -59,6 +81,13 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
         errs.push("spec.ports", "at least one port is required");
     }
     for (i, port) in spec.ports.iter().enumerate() {
+        let name = port.name.as_deref().unwrap_or_default();
+        if !is_dns1123_label(name) {
+            errs.push(
+                format!("spec.ports[{i}].name"),
+                format!("invalid port name: {name:?}"),
+            );
+        }
         if !(1..=65535).contains(&port.number) {
             errs.push(
                 format!("spec.ports[{i}].number"),
@@ -133,7 +162,26 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
                 errs.push(field, "an address or a network is required")
             }
             None | Some("") => {}
-            Some(a) if a.starts_with("unix://") => {}
+            Some(a) if a.starts_with("unix://") => {
+                if spec.resolution != Resolution::Static {
+                    errs.push(
+                        field,
+                        format!("endpoint address {a:?} is not a valid FQDN or an IP address"),
+                    );
+                } else if let Err(msg) = check_unix_address(a) {
+                    errs.push(field, msg);
+                } else if !ep.ports.is_empty() {
+                    errs.push(
+                        format!("spec.endpoints[{i}].ports"),
+                        format!("unix endpoint {a} must not include ports"),
+                    );
+                } else if spec.ports.len() != 1 {
+                    errs.push(
+                        "spec.ports",
+                        "exactly 1 service port required for unix endpoints",
+                    );
+                }
+            }
             Some(a) if spec.resolution == Resolution::Static && a.parse::<IpAddr>().is_err() => {
                 errs.push(
                     field,
@@ -175,6 +223,15 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
 
     if let Some(export_to) = &spec.export_to {
         check_export_to(export_to, "spec.exportTo", &mut errs);
+        if export_to.iter().any(|v| v == ".") && export_to.contains(&se.namespace) {
+            errs.push(
+                "spec.exportTo",
+                format!(
+                    "duplicate entries in exportTo: . and current namespace {}",
+                    se.namespace
+                ),
+            );
+        }
     }
     errs.out
 }
@@ -184,46 +241,82 @@ pub fn export_to_errors(list: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, v) in list.iter().enumerate() {
         if list[..i].contains(v) {
-            out.push(format!("{v:?} is listed twice"));
+            out.push(format!("duplicate entries in exportTo for entry {v}"));
         }
         if !(v == "." || v == "*" || v == "~" || is_dns1123_label(v)) {
             out.push(format!(
-                "{v:?} is neither '.', '*', '~' nor a namespace name"
+                "{v:?}: only ., *, ~, or a valid DNS 1123 label is allowed as exportTo entry"
             ));
         }
     }
-    if list.iter().any(|v| v == "~") && list.len() > 1 {
-        out.push("'~' must be the only entry".to_string());
+    if list.iter().any(|v| v == "*") && list.len() > 1 {
+        out.push(
+            "cannot have both public (*) and non-public exportTo values for a resource".to_string(),
+        );
     }
-    if list.iter().any(|v| v == ".") && list.iter().any(|v| v == "*") {
-        out.push("'.' and '*' cannot be used together".to_string());
+    if list.iter().any(|v| v == "~") && list.len() > 1 {
+        out.push("cannot export service entry to no one (~) and someone".to_string());
     }
     out
 }
 
-fn check_export_to(list: &[String], field: &str, errs: &mut Errors<'_>) {
+fn check_export_to(list: &[String], field: &str, errs: &mut Errors) {
     for msg in export_to_errors(list) {
         errs.push(field, msg);
     }
 }
 
-fn check_host(host: &str) -> Result<(), String> {
+/// Istio's `ValidateWildcardDomain`: the first label may be `*`, `*label` or `*-label`, the
+/// others are DNS-1123 labels, and the top-level domain is not all digits.
+pub(super) fn check_host(host: &str) -> Result<(), String> {
     if host == "*" {
         return Err("'*' alone is not a valid host".to_string());
     }
-    let name = host
-        .strip_prefix("*.")
-        .or_else(|| host.strip_prefix('*'))
-        .unwrap_or(host);
-    if name.is_empty() || name.contains('*') {
+    if host.is_empty() || host.len() > 255 {
         return Err(format!(
-            "{host:?}: a wildcard is allowed only as the first label"
+            "{host:?} is not a valid DNS name (1-255 characters)"
         ));
     }
-    if name.len() > 253 || !name.trim_end_matches('.').split('.').all(is_dns1123_label) {
-        return Err(format!("{host:?} is not a valid DNS name"));
+    let labels: Vec<&str> = host.trim_end_matches('.').split('.').collect();
+    let first_ok = |l: &str| match l.strip_prefix('*') {
+        Some("") => true,
+        Some(rest) => is_dns1123_label(rest.strip_prefix('-').unwrap_or(rest)),
+        None => is_dns1123_label(l),
+    };
+    if !first_ok(labels[0]) {
+        return Err(format!("{host:?}: label {:?} is invalid (a wildcard is allowed only at the start of the first label)", labels[0]));
+    }
+    if let Some(bad) = labels[1..].iter().find(|l| !is_dns1123_label(l)) {
+        return Err(format!("{host:?}: label {bad:?} is invalid"));
+    }
+    if labels.len() > 1
+        && labels
+            .last()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "{host:?}: the top-level domain cannot be all digits"
+        ));
     }
     Ok(())
+}
+
+/// `unix:///absolute/path` or an abstract socket `unix://@name`.
+pub(super) fn check_unix_address(address: &str) -> Result<(), String> {
+    let path = address.trim_start_matches("unix://");
+    if path.is_empty() {
+        return Err("unix address must not be empty".to_string());
+    }
+    if path.starts_with('@') || (path.starts_with('/') && !path.ends_with('/')) {
+        Ok(())
+    } else {
+        Err(format!("{path} is not an absolute path to a file"))
+    }
+}
+
+/// `*foo.com`: valid for Istio, but it matches more than a `*.` wildcard would.
+pub(super) fn is_partial_wildcard(host: &str) -> bool {
+    host.contains('*') && host.len() > 1 && !host.starts_with("*.")
 }
 
 /// A DNS-1123 label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
@@ -236,16 +329,30 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-struct Errors<'a> {
-    se: &'a ServiceEntry,
-    out: Vec<Problem>,
+/// Collects the problems of one object.
+pub(super) struct Errors {
+    origin: String,
+    object: String,
+    pub(super) out: Vec<Problem>,
 }
 
-impl Errors<'_> {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        let object = format!("ServiceEntry {}", self.se.id());
+impl Errors {
+    pub(super) fn new<T>(kind: &str, object: &Object<T>) -> Self {
+        Self {
+            origin: object.origin.clone(),
+            object: format!("{kind} {}", object.id()),
+            out: Vec::new(),
+        }
+    }
+
+    pub(super) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.out
-            .push(Problem::new(&self.se.origin, object, field, message));
+            .push(Problem::new(&self.origin, &self.object, field, message));
+    }
+
+    pub(super) fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.out
+            .push(Problem::warning(&self.origin, &self.object, field, message));
     }
 }
 
@@ -285,7 +392,29 @@ mod tests {
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: [Not_A_Namespace]}", Some("spec.exportTo")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['.', ns1, ns2]}", None),
         ("{hosts: [a.example.com], ports: [{number: 53, name: dns, protocol: udp}], resolution: STATIC, endpoints: [{address: 'unix:///var/run/x.sock'}]}", None),
+        ("{hosts: [a.example.com], ports: [{number: 53, name: dns}], resolution: STATIC, endpoints: [{address: 'unix://./rel.sock'}]}", Some("spec.endpoints[0].address")),
+        ("{hosts: [a.example.com], ports: [{number: 53, name: dns}], resolution: STATIC, endpoints: [{address: 'unix:///x.sock', ports: {dns: 53}}]}", Some("spec.endpoints[0].ports")),
+        ("{hosts: [a.example.com], ports: [{number: 53, name: dns}, {number: 54, name: d2}], resolution: STATIC, endpoints: [{address: 'unix:///x.sock'}]}", Some("spec.ports")),
+        ("{hosts: [a.example.com], ports: [{number: 53, name: dns}], resolution: DNS, endpoints: [{address: 'unix:///x.sock'}]}", Some("spec.endpoints[0].address")),
+        ("{hosts: [a.example.com], ports: [{number: 80}]}", Some("spec.ports[0].name")),
+        ("{hosts: [a.example.com, b.example.com], ports: [{number: 5432, name: db, protocol: TCP}], resolution: DNS}", Some("spec.hosts")),
+        ("{hosts: [a.example.com, b.example.com], ports: [{number: 5432, name: db, protocol: TCP}], resolution: NONE}", None),
+        ("{hosts: [a.example.com, b.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}", None),
+        ("{hosts: ['*-foo.example.com'], ports: [{number: 80, name: http}]}", None),
+        ("{hosts: [foo.123], ports: [{number: 80, name: http}]}", Some("spec.hosts[0]")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['.', default]}", Some("spec.exportTo")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['*', ns1]}", Some("spec.exportTo")),
     ];
+
+    #[test]
+    fn partial_wildcard_only_warns() {
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: w}\nspec: {hosts: ['*washingtonpost.com'], ports: [{number: 443, name: https, protocol: TLS}]}\n";
+        let snap = parse_documents("w.yaml", yaml);
+        let found = validate_service_entry(&snap.service_entries[0]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(!found[0].is_error());
+        assert!(found[0].message.contains("partial wildcard"));
+    }
 
     #[test]
     fn validation_table() {
@@ -297,7 +426,10 @@ mod tests {
                 "case {i} did not parse: {:?}",
                 snap.problems
             );
-            let problems = validate_service_entry(&snap.service_entries[0]);
+            let problems: Vec<Problem> = validate_service_entry(&snap.service_entries[0])
+                .into_iter()
+                .filter(Problem::is_error)
+                .collect();
             match want {
                 None => assert!(
                     problems.is_empty(),

@@ -6,10 +6,7 @@ use serde_yaml::Value;
 use super::Snapshot;
 use crate::{
     diag::Problem,
-    istio::{
-        MeshConfig, ObjectMeta, ServiceEntry, ServiceEntrySpec, DEFAULT_NAMESPACE,
-        NETWORKING_VERSIONS,
-    },
+    istio::{MeshConfig, Object, ObjectMeta, DEFAULT_NAMESPACE, NETWORKING_VERSIONS},
 };
 
 /// Parses every document in `text`. `origin` names the file in problems.
@@ -83,41 +80,39 @@ fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
 
     match kind.as_str() {
         "ServiceEntry" => {
-            if !NETWORKING_VERSIONS.contains(&api_version.as_str()) {
-                out.problems.push(Problem::new(
-                    origin,
-                    object,
-                    "apiVersion",
-                    format!("unsupported apiVersion {api_version:?}; expected one of {NETWORKING_VERSIONS:?}"),
-                ));
-                return;
+            if let Some(se) = networking(
+                origin,
+                &object,
+                &meta,
+                &api_version,
+                &value,
+                &mut out.problems,
+            ) {
+                out.service_entries.push(se);
             }
-            let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
-                out.problems.push(Problem::new(
-                    origin,
-                    object,
-                    "metadata.name",
-                    "a name is required",
-                ));
-                return;
-            };
-            let spec = value.get("spec").cloned().unwrap_or(Value::Null);
-            match typed::<ServiceEntrySpec>(spec) {
-                Ok(spec) => out.service_entries.push(ServiceEntry {
-                    namespace: meta
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
-                    name,
-                    spec,
-                    origin: origin.to_string(),
-                }),
-                Err((field, message)) => out.problems.push(Problem::new(
-                    origin,
-                    object,
-                    format!("spec.{field}"),
-                    message,
-                )),
+        }
+        "WorkloadEntry" => {
+            if let Some(we) = networking(
+                origin,
+                &object,
+                &meta,
+                &api_version,
+                &value,
+                &mut out.problems,
+            ) {
+                out.workload_entries.push(we);
+            }
+        }
+        "Sidecar" => {
+            if let Some(sc) = networking(
+                origin,
+                &object,
+                &meta,
+                &api_version,
+                &value,
+                &mut out.problems,
+            ) {
+                out.sidecars.push(sc);
             }
         }
         "IstioOperator" => {
@@ -159,6 +154,58 @@ fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
         _ => out.ignored.push(format!(
             "{origin}: {object} ({api_version}) is not enforced by enforcer"
         )),
+    }
+}
+
+/// A `networking.istio.io` object: checks the version and the name, then types the spec.
+fn networking<T: DeserializeOwned>(
+    origin: &str,
+    object: &str,
+    meta: &ObjectMeta,
+    api_version: &str,
+    value: &Value,
+    problems: &mut Vec<Problem>,
+) -> Option<Object<T>> {
+    if !NETWORKING_VERSIONS.contains(&api_version) {
+        problems.push(Problem::new(
+            origin,
+            object,
+            "apiVersion",
+            format!(
+                "unsupported apiVersion {api_version:?}; expected one of {NETWORKING_VERSIONS:?}"
+            ),
+        ));
+        return None;
+    }
+    let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
+        problems.push(Problem::new(
+            origin,
+            object,
+            "metadata.name",
+            "a name is required",
+        ));
+        return None;
+    };
+    let spec = value.get("spec").cloned().unwrap_or(Value::Null);
+    match typed::<T>(spec) {
+        Ok(spec) => Some(Object {
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+            name,
+            spec,
+            origin: origin.to_string(),
+        }),
+        Err((field, message)) => {
+            problems.push(Problem::new(
+                origin,
+                object,
+                format!("spec.{field}"),
+                message,
+            ));
+            None
+        }
     }
 }
 

@@ -6,13 +6,15 @@ pub mod files;
 
 use crate::{
     diag::Problem,
-    istio::{MeshConfig, ServiceEntry},
+    istio::{MeshConfig, ServiceEntry, Sidecar, WorkloadEntry},
 };
 
 /// Everything read from the sources at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub service_entries: Vec<ServiceEntry>,
+    pub workload_entries: Vec<WorkloadEntry>,
+    pub sidecars: Vec<Sidecar>,
     /// Mesh configs found, with their origin. More than one is an error.
     pub mesh: Vec<(String, MeshConfig)>,
     pub problems: Vec<Problem>,
@@ -23,6 +25,8 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn merge(&mut self, other: Snapshot) {
         self.service_entries.extend(other.service_entries);
+        self.workload_entries.extend(other.workload_entries);
+        self.sidecars.extend(other.sidecars);
         self.mesh.extend(other.mesh);
         self.problems.extend(other.problems);
         self.ignored.extend(other.ignored);

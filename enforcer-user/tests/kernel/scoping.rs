@@ -203,3 +203,91 @@ spec: {hosts: [one.example.com], addresses: [198.51.100.10], ports: [{number: 80
         "descendants of a mapped cgroup belong to its namespace"
     );
 }
+
+#[test]
+fn sidecar_overrides_the_mesh_per_namespace_and_narrows_imports() {
+    let world = World::new("sidecar");
+    let _hosts = Hosts::new(&world);
+    world.write_policy(
+        "sidecars.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: legacy}
+spec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: platform}
+spec:
+  hosts: [api.example.com]
+  addresses: [198.51.100.10]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  exportTo: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mail, namespace: platform}
+spec:
+  hosts: [smtp.example.com]
+  addresses: [198.51.100.11]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  exportTo: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: shop}
+spec: {egress: [{hosts: ["platform/api.example.com"]}]}
+"#,
+    );
+    let mesh = world.dir.join("mesh.yaml");
+    std::fs::write(&mesh, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").expect("mesh");
+    let mesh = mesh.display().to_string();
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "legacy",
+            "--namespace",
+            "shop",
+            "--namespace",
+            "default",
+        ],
+    );
+
+    // REGISTRY_ONLY mesh, ALLOW_ANY namespace.
+    check(&agent, "legacy", "tcp", "203.0.113.30", 80, Allowed);
+    check(&agent, "default", "tcp", "203.0.113.30", 80, Denied);
+    // egress.hosts imports only platform/api.example.com into shop.
+    check(&agent, "shop", "tcp", "198.51.100.10", 443, Allowed);
+    check(&agent, "shop", "tcp", "198.51.100.11", 443, Denied);
+    check(&agent, "default", "tcp", "198.51.100.11", 443, Allowed);
+    drop(agent);
+
+    // The reverse: ALLOW_ANY mesh, a root-namespace Sidecar makes every namespace REGISTRY_ONLY,
+    // and legacy's own Sidecar still wins for legacy.
+    std::fs::write(
+        world.dir.join("mesh.yaml"),
+        "outboundTrafficPolicy:\n  mode: ALLOW_ANY\n",
+    )
+    .expect("mesh");
+    world.write_policy(
+        "root.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: istio-system}\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n",
+    );
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "legacy",
+            "--namespace",
+            "default",
+        ],
+    );
+    check(&agent, "default", "tcp", "203.0.113.30", 80, Denied);
+    check(&agent, "legacy", "tcp", "203.0.113.30", 80, Allowed);
+}

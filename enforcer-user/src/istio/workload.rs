@@ -1,0 +1,74 @@
+//! WorkloadEntry and Sidecar: the objects that add endpoints to a ServiceEntry and override a
+//! namespace's or a workload's outbound policy.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::mesh::OutboundTrafficPolicy;
+
+/// `spec` of a WorkloadEntry (the same shape as a ServiceEntry endpoint).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// `spec` of a Sidecar, the parts that decide egress.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub egress: Vec<EgressListener>,
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// Not enforced here; read so that an ingress-only Sidecar is not taken for an empty one.
+    #[serde(default)]
+    pub ingress: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressListener {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub port: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub bind: Option<String>,
+}
+
+/// A namespaced object with where it came from, for errors.
+#[derive(Debug, Clone)]
+pub struct Object<T> {
+    pub namespace: String,
+    pub name: String,
+    pub spec: T,
+    pub origin: String,
+}
+
+impl<T> Object<T> {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+pub type WorkloadEntry = Object<WorkloadEntrySpec>;
+pub type Sidecar = Object<SidecarSpec>;

@@ -1,0 +1,324 @@
+//! Istio's validation of WorkloadEntry and Sidecar objects.
+
+use std::net::IpAddr;
+
+use super::validate::{
+    check_host, check_unix_address, is_dns1123_label, is_partial_wildcard, Errors,
+};
+use crate::{
+    diag::Problem,
+    istio::{OutboundMode, Sidecar, WorkloadEntry},
+};
+
+pub fn validate_workload_entry(we: &WorkloadEntry) -> Vec<Problem> {
+    let mut errs = Errors::new("WorkloadEntry", we);
+    let spec = &we.spec;
+    match spec.address.as_deref() {
+        None | Some("") if spec.network.as_deref().unwrap_or_default().is_empty() => errs.push(
+            "spec.address",
+            "an address is required when no network is given",
+        ),
+        None | Some("") => errs.warn(
+            "spec.address",
+            format!(
+                "address is unset with network {:?}",
+                spec.network.as_deref().unwrap_or_default()
+            ),
+        ),
+        Some(uds) if uds.starts_with("unix://") => {
+            if let Err(msg) = check_unix_address(uds) {
+                errs.push("spec.address", msg);
+            }
+            if !spec.ports.is_empty() {
+                errs.push(
+                    "spec.ports",
+                    format!("unix endpoint {uds} must not include ports"),
+                );
+            }
+        }
+        Some(addr) if addr.parse::<IpAddr>().is_ok() => {}
+        Some(addr) => {
+            // A name: used when the selecting ServiceEntry has DNS resolution.
+            if let Err(msg) = check_host(addr).and_then(|()| {
+                if addr.contains('*') {
+                    Err("an address cannot be a wildcard".to_string())
+                } else {
+                    Ok(())
+                }
+            }) {
+                errs.push("spec.address", msg);
+            }
+        }
+    }
+    for (name, number) in &spec.ports {
+        if !is_dns1123_label(name) {
+            errs.push(
+                format!("spec.ports.{name}"),
+                format!("{name:?} is not a valid port name"),
+            );
+        }
+        if !(1..=65535).contains(number) {
+            errs.push(
+                format!("spec.ports.{name}"),
+                format!("{number} is not a port number (1-65535)"),
+            );
+        }
+    }
+    check_labels(&spec.labels, "spec.labels", &mut errs);
+    errs.out
+}
+
+pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
+    let mut errs = Errors::new("Sidecar", sc);
+    let spec = &sc.spec;
+    if spec.egress.is_empty() && spec.ingress.is_empty() && spec.outbound_traffic_policy.is_none() {
+        errs.push("spec", "sidecar: empty configuration provided");
+    }
+    if let Some(selector) = &spec.workload_selector {
+        if selector.labels.is_empty() {
+            errs.warn(
+                "spec.workloadSelector.labels",
+                "workload selector specified without labels, will be applied to all workloads in the namespace",
+            );
+        }
+        for (key, value) in &selector.labels {
+            if key.is_empty() || key.contains('*') || value.contains('*') {
+                errs.push(
+                    format!("spec.workloadSelector.labels.{key}"),
+                    "empty keys and wildcards are not supported in selectors",
+                );
+            }
+        }
+        check_labels(&selector.labels, "spec.workloadSelector.labels", &mut errs);
+    }
+    for (i, egress) in spec.egress.iter().enumerate() {
+        if egress.hosts.is_empty() {
+            errs.push(
+                format!("spec.egress[{i}].hosts"),
+                "at least one host is required",
+            );
+        }
+        for (j, host) in egress.hosts.iter().enumerate() {
+            if let Err(msg) = check_import(host) {
+                errs.push(format!("spec.egress[{i}].hosts[{j}]"), msg);
+            }
+        }
+    }
+    if let Some(mode) = spec.outbound_traffic_policy.as_ref().and_then(|p| p.mode) {
+        if mode == OutboundMode::Audit {
+            errs.warn(
+                "spec.outboundTrafficPolicy.mode",
+                "AUDIT is an enforcer extension; Istio accepts only REGISTRY_ONLY and ALLOW_ANY here",
+            );
+        }
+    }
+    errs.out
+}
+
+/// A Sidecar egress host: `namespace/dnsName`, where namespace is `.`, `*`, `~` or a name, and
+/// dnsName is `*` or a host name, possibly with a leading wildcard.
+fn check_import(host: &str) -> Result<(), String> {
+    let Some((ns, name)) = host.split_once('/') else {
+        return Err(format!(
+            "{host:?} must have the form namespace/dnsName (for example ./* or */api.example.com)"
+        ));
+    };
+    if !(ns == "." || ns == "*" || ns == "~" || is_dns1123_label(ns)) {
+        return Err(format!(
+            "{ns:?} is neither '.', '*', '~' nor a namespace name"
+        ));
+    }
+    if name == "*" {
+        return Ok(());
+    }
+    if !name.contains('.') {
+        return Err(format!("{name:?}: short names (non FQDN) are not allowed"));
+    }
+    if is_partial_wildcard(name) {
+        return Err(format!("partial wildcard {name:?} not allowed"));
+    }
+    check_host(name)
+}
+
+/// Kubernetes label keys (optionally prefixed) and values.
+fn check_labels(
+    labels: &std::collections::BTreeMap<String, String>,
+    field: &str,
+    errs: &mut Errors,
+) {
+    let part = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    for (key, value) in labels {
+        let name = key.rsplit('/').next().unwrap_or(key);
+        let prefix_ok = key
+            .split_once('/')
+            .is_none_or(|(p, _)| p.split('.').all(is_dns1123_label));
+        if !part(name, 63) || !prefix_ok {
+            errs.push(
+                format!("{field}.{key}"),
+                format!("{key:?} is not a valid label key"),
+            );
+        }
+        if !value.is_empty() && !part(value, 63) {
+            errs.push(
+                format!("{field}.{key}"),
+                format!("{value:?} is not a valid label value"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::documents::parse_documents;
+
+    fn problems(kind: &str, spec: &str) -> Vec<Problem> {
+        let yaml = format!("apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\nspec: {spec}\n");
+        let snap = parse_documents("t.yaml", &yaml);
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        match kind {
+            "WorkloadEntry" => validate_workload_entry(&snap.workload_entries[0]),
+            _ => validate_sidecar(&snap.sidecars[0]),
+        }
+    }
+
+    const CASES: &[(&str, &str, Option<&str>)] = &[
+        (
+            "WorkloadEntry",
+            "{address: 198.51.100.5, ports: {http: 8080}, labels: {app: db}}",
+            None,
+        ),
+        (
+            "WorkloadEntry",
+            "{address: vm1.example.com, labels: {app: db}}",
+            None,
+        ),
+        ("WorkloadEntry", "{labels: {app: db}}", Some("spec.address")),
+        ("WorkloadEntry", "{network: vpc-1}", None),
+        ("WorkloadEntry", "{address: 'unix://@abstract'}", None),
+        (
+            "WorkloadEntry",
+            "{address: 'unix:///var/run/db.sock'}",
+            None,
+        ),
+        (
+            "WorkloadEntry",
+            "{address: 'unix:///var/run/db.sock', ports: {http: 80}}",
+            Some("spec.ports"),
+        ),
+        (
+            "WorkloadEntry",
+            "{address: '*.example.com'}",
+            Some("spec.address"),
+        ),
+        (
+            "WorkloadEntry",
+            "{address: 198.51.100.5, ports: {http: 0}}",
+            Some("spec.ports.http"),
+        ),
+        (
+            "WorkloadEntry",
+            "{address: 198.51.100.5, labels: {'-bad': x}}",
+            Some("spec.labels.-bad"),
+        ),
+        (
+            "WorkloadEntry",
+            "{address: 'unix://relative.sock'}",
+            Some("spec.address"),
+        ),
+        (
+            "Sidecar",
+            "{outboundTrafficPolicy: {mode: REGISTRY_ONLY}}",
+            None,
+        ),
+        (
+            "Sidecar",
+            "{workloadSelector: {labels: {app: web}}}",
+            Some("spec"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['*/api']}]}",
+            Some("spec.egress[0].hosts[0]"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['*/*api.example.com']}]}",
+            Some("spec.egress[0].hosts[0]"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['ns1/*']}], workloadSelector: {labels: {'app*': x}}}",
+            Some("spec.workloadSelector.labels.app*"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['./*', 'istio-system/*', '*/api.example.com', '~/*']}]}",
+            None,
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['api.example.com']}]}",
+            Some("spec.egress[0].hosts[0]"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['Bad_NS/*']}]}",
+            Some("spec.egress[0].hosts[0]"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: []}]}",
+            Some("spec.egress[0].hosts"),
+        ),
+        (
+            "Sidecar",
+            "{workloadSelector: {labels: {}}, egress: [{hosts: ['./*']}]}",
+            None,
+        ),
+        (
+            "Sidecar",
+            "{workloadSelector: {labels: {app: web}}, outboundTrafficPolicy: {mode: ALLOW_ANY}}",
+            None,
+        ),
+    ];
+
+    #[test]
+    fn validation_table() {
+        for (i, (kind, spec, want)) in CASES.iter().enumerate() {
+            let found = problems(kind, spec);
+            let errors: Vec<&Problem> = found.iter().filter(|p| p.is_error()).collect();
+            match want {
+                None => assert!(
+                    errors.is_empty(),
+                    "case {i} ({kind} {spec}) should be valid: {errors:?}"
+                ),
+                Some(field) => assert!(
+                    errors.iter().any(|p| p.field == *field),
+                    "case {i} ({kind} {spec}) wanted an error at {field}: {found:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn audit_in_a_sidecar_is_a_warning() {
+        let found = problems("Sidecar", "{outboundTrafficPolicy: {mode: AUDIT}}");
+        assert_eq!(found.len(), 1);
+        assert!(!found[0].is_error());
+    }
+
+    #[test]
+    fn unknown_sidecar_mode_is_an_error_with_its_field() {
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: x}\nspec: {outboundTrafficPolicy: {mode: SOMETIMES}}\n";
+        let snap = parse_documents("t.yaml", yaml);
+        assert_eq!(snap.problems[0].field, "spec.outboundTrafficPolicy.mode");
+    }
+}
