@@ -19,7 +19,7 @@ use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, plan, Datapath},
     events::{self, Explainer},
-    istio::{OutboundMode, ServiceEntry, Sidecar},
+    istio::{OutboundMode, ServiceEntry, Sidecar, WorkloadEntry},
     policy::{self, Desired, MeshSettings},
     resolver::{DnsSettings, Resolver},
     sources::{files, Snapshot},
@@ -45,6 +45,7 @@ pub struct AgentConfig {
 /// The sources, validated: what the compiler needs besides DNS answers and cgroups.
 struct Sources {
     entries: Vec<ServiceEntry>,
+    workloads: Vec<WorkloadEntry>,
     sidecars: Vec<Sidecar>,
     mesh: MeshSettings,
     problems: Vec<String>,
@@ -90,7 +91,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     loop {
         // Resolve before applying, so that a restart never drops answers that are merely unknown yet.
-        let names = policy::dns_names(&sources.entries, cfg.istio_compat);
+        let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
         let dns_report = resolver.refresh(&names).await;
         for err in &dns_report.errors {
             log::warn!("{err}");
@@ -224,21 +225,17 @@ fn validate(snap: Snapshot) -> Sources {
         log::error!("{e}");
     }
     problems.extend(errors);
-    if !checked.workload_entries.is_empty() {
-        log::warn!(
-            "{} WorkloadEntries are validated but do not yet add endpoints (workloadSelector is not enforced)",
-            checked.workload_entries.len()
-        );
-    }
     log::info!(
-        "policy: {} ServiceEntries, {} Sidecars, mesh mode {}, {} problems",
+        "policy: {} ServiceEntries, {} WorkloadEntries, {} Sidecars, mesh mode {}, {} problems",
         checked.service_entries.len(),
+        checked.workload_entries.len(),
         checked.sidecars.len(),
         mesh.mode,
         problems.len()
     );
     Sources {
         entries: checked.service_entries,
+        workloads: checked.workload_entries,
         sidecars: checked.sidecars,
         mesh,
         problems,
@@ -267,6 +264,7 @@ fn compile(
         allow_cidrs: &cfg.allow_cidrs,
         istio_compat: cfg.istio_compat,
         sidecars: &sources.sidecars,
+        workload_entries: &sources.workloads,
         root_namespace: &cfg.root_namespace,
     })
 }

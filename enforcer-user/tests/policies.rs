@@ -29,6 +29,7 @@ fn example_service_entries_are_valid() {
             "default/external-svc-https",
             "default/external-svc-mongocluster",
             "default/wikipedia-egress",
+            "default/external-svc",
         ]
     );
     for se in &snap.service_entries {
@@ -52,4 +53,41 @@ fn example_mesh_configs() {
         assert_eq!(snap.mesh.len(), 1, "{file}");
         assert_eq!(snap.mesh[0].1.mode(), mode, "{file}");
     }
+}
+
+#[test]
+fn validate_command_accepts_the_examples_and_locates_errors() {
+    let enforcer = env!("CARGO_BIN_EXE_enforcer");
+    let out = std::process::Command::new(enforcer)
+        .arg("validate")
+        .arg("-f")
+        .arg(policies())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("0 errors"), "{text}");
+
+    let dir = std::env::temp_dir().join(format!("enforcer-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad, namespace: ns1}\nspec: {hosts: ['*foo.com', a.example.com], ports: [{number: 5432, name: db, protocol: TCP}], resolution: DNS}\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(enforcer)
+        .arg("validate")
+        .arg("-f")
+        .arg(&dir)
+        .output()
+        .expect("run");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("error: {}: ServiceEntry ns1/bad: spec.hosts: multiple hosts provided with non-HTTP, non-TLS ports", bad.display())), "{text}");
+    assert!(
+        text.contains("warning:") && text.contains("partial wildcard"),
+        "{text}"
+    );
 }

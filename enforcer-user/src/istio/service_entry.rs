@@ -21,7 +21,7 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub export_to: Option<Vec<String>>,
     #[serde(default)]
-    pub workload_selector: Option<serde_yaml::Value>,
+    pub workload_selector: Option<super::WorkloadSelector>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

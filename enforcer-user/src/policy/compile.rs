@@ -12,7 +12,7 @@ use super::{
     is_opaque_tcp, l4_of_protocol, sidecar, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
 };
 use crate::{
-    istio::{OutboundMode, Port, Resolution, ServiceEntry, Sidecar},
+    istio::{OutboundMode, Port, Resolution, ServiceEntry, Sidecar, WorkloadEntry},
     net::parse_ip_or_cidr,
 };
 
@@ -48,28 +48,32 @@ pub struct Inputs<'a> {
     pub istio_compat: bool,
     /// Only valid objects.
     pub sidecars: &'a [Sidecar],
+    /// Only valid objects; selected by a ServiceEntry's `workloadSelector`.
+    pub workload_entries: &'a [WorkloadEntry],
     /// Where a Sidecar without a selector sets the default for every namespace.
     pub root_namespace: &'a str,
 }
 
 /// The names the agent must resolve for these ServiceEntries.
-pub fn dns_names(entries: &[ServiceEntry], istio_compat: bool) -> BTreeSet<String> {
+pub fn dns_names(
+    entries: &[ServiceEntry],
+    workloads: &[WorkloadEntry],
+    istio_compat: bool,
+) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for se in entries {
         let spec = &se.spec;
+        let endpoints = endpoints_of(se, workloads);
         match spec.resolution {
-            Resolution::Dns | Resolution::DnsRoundRobin if !spec.endpoints.is_empty() => {
-                names.extend(
-                    spec.endpoints
-                        .iter()
-                        .filter_map(|ep| ep.address.as_deref())
+            Resolution::Dns | Resolution::DnsRoundRobin => match endpoints {
+                Some(eps) => names.extend(
+                    eps.iter()
+                        .filter_map(|ep| ep.address)
                         .filter(|a| is_name(a))
                         .map(str::to_string),
-                );
-            }
-            Resolution::Dns | Resolution::DnsRoundRobin => {
-                names.extend(spec.hosts.iter().filter(|h| is_name(h)).cloned());
-            }
+                ),
+                None => names.extend(spec.hosts.iter().filter(|h| is_name(h)).cloned()),
+            },
             Resolution::None if spec.addresses.is_empty() => {
                 let all_opaque = spec
                     .ports
@@ -83,6 +87,51 @@ pub fn dns_names(entries: &[ServiceEntry], istio_compat: bool) -> BTreeSet<Strin
         }
     }
     names
+}
+
+/// An endpoint of a ServiceEntry: inline in `endpoints`, or a WorkloadEntry it selects.
+struct EndpointRef<'a> {
+    address: Option<&'a str>,
+    ports: &'a BTreeMap<String, u32>,
+}
+
+/// The entry's endpoints, or `None` when it has neither `endpoints` nor a `workloadSelector`
+/// (then its hosts are the endpoints). A selector picks the WorkloadEntries of the entry's
+/// namespace whose labels include all of the selector's.
+fn endpoints_of<'a>(
+    se: &'a ServiceEntry,
+    workloads: &'a [WorkloadEntry],
+) -> Option<Vec<EndpointRef<'a>>> {
+    if let Some(selector) = &se.spec.workload_selector {
+        let selected = workloads.iter().filter(|we| {
+            we.namespace == se.namespace
+                && selector
+                    .labels
+                    .iter()
+                    .all(|(k, v)| we.spec.labels.get(k) == Some(v))
+        });
+        return Some(
+            selected
+                .map(|we| EndpointRef {
+                    address: we.spec.address.as_deref(),
+                    ports: &we.spec.ports,
+                })
+                .collect(),
+        );
+    }
+    if se.spec.endpoints.is_empty() {
+        return None;
+    }
+    Some(
+        se.spec
+            .endpoints
+            .iter()
+            .map(|ep| EndpointRef {
+                address: ep.address.as_deref(),
+                ports: &ep.ports,
+            })
+            .collect(),
+    )
 }
 
 fn is_name(s: &str) -> bool {
@@ -142,7 +191,7 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
 
     for se in inp.service_entries {
         let visible = visible_to(se, &inp.mesh.default_export_to);
-        let mut entry = EntryRules::new(se, inp.dns);
+        let mut entry = EntryRules::new(se, inp.workload_entries, inp.dns);
         entry.collect(inp.istio_compat);
         out.notes.append(&mut entry.notes);
 
@@ -210,6 +259,7 @@ fn add_unique<T: PartialEq>(list: &mut Vec<Arc<T>>, item: &Arc<T>) {
 /// The rules one ServiceEntry asks for, sharing one origin per host.
 struct EntryRules<'a> {
     se: &'a ServiceEntry,
+    workloads: &'a [WorkloadEntry],
     dns: &'a BTreeMap<String, Vec<IpAddr>>,
     origins: BTreeMap<Option<&'a str>, Arc<Origin>>,
     out: Vec<(Rule, Arc<Origin>)>,
@@ -217,9 +267,14 @@ struct EntryRules<'a> {
 }
 
 impl<'a> EntryRules<'a> {
-    fn new(se: &'a ServiceEntry, dns: &'a BTreeMap<String, Vec<IpAddr>>) -> Self {
+    fn new(
+        se: &'a ServiceEntry,
+        workloads: &'a [WorkloadEntry],
+        dns: &'a BTreeMap<String, Vec<IpAddr>>,
+    ) -> Self {
         Self {
             se,
+            workloads,
             dns,
             origins: BTreeMap::new(),
             out: Vec::new(),
@@ -258,6 +313,14 @@ impl<'a> EntryRules<'a> {
 
     fn collect(&mut self, istio_compat: bool) {
         let spec = &self.se.spec;
+        let endpoints = endpoints_of(self.se, self.workloads);
+        if spec.workload_selector.is_some() && endpoints.as_ref().is_some_and(Vec::is_empty) {
+            self.notes.push(format!(
+                "ServiceEntry {}: workloadSelector matches no WorkloadEntry in namespace {}; nothing is allowed for it",
+                self.se.id(),
+                self.se.namespace
+            ));
+        }
         // Literal addresses belong to the entry's hosts as much as resolved ones do.
         let declared = spec.hosts.first().map(String::as_str);
         for port in &spec.ports {
@@ -275,12 +338,13 @@ impl<'a> EntryRules<'a> {
             } else {
                 &[number, target]
             };
-            match spec.resolution {
-                Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin
-                    if !spec.endpoints.is_empty() =>
-                {
-                    for ep in &spec.endpoints {
-                        let Some(addr) = ep.address.as_deref() else {
+            match (spec.resolution, &endpoints) {
+                (
+                    Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin,
+                    Some(endpoints),
+                ) => {
+                    for ep in endpoints {
+                        let Some(addr) = ep.address else {
                             continue;
                         };
                         let ep_port = port
@@ -295,12 +359,12 @@ impl<'a> EntryRules<'a> {
                         }
                     }
                 }
-                Resolution::Dns | Resolution::DnsRoundRobin => {
+                (Resolution::Dns | Resolution::DnsRoundRobin, None) => {
                     for host in spec.hosts.iter().filter(|h| is_name(h)) {
                         self.resolved(host, l4, host_ports);
                     }
                 }
-                Resolution::None if spec.addresses.is_empty() => {
+                (Resolution::None, _) if spec.addresses.is_empty() => {
                     if istio_compat && is_opaque_tcp(port.protocol.as_deref()) {
                         for any in ["0.0.0.0/0", "::/0"] {
                             if let Some(net) = parse_ip_or_cidr(any) {
@@ -320,7 +384,7 @@ impl<'a> EntryRules<'a> {
                         }
                     }
                 }
-                Resolution::None | Resolution::Static => {}
+                (Resolution::None | Resolution::Static, _) => {}
             }
         }
     }

@@ -21,11 +21,14 @@ struct Case {
     namespaces: BTreeSet<String>,
     dns: BTreeMap<String, Vec<IpAddr>>,
     compat: bool,
+    workloads: Vec<crate::istio::WorkloadEntry>,
 }
 
 impl Case {
     fn new(yaml: &str) -> Self {
+        let snap = parse_documents("test.yaml", yaml);
         Self {
+            workloads: snap.workload_entries,
             ses: entries(yaml),
             mesh: MeshSettings {
                 mode: OutboundMode::RegistryOnly,
@@ -57,6 +60,7 @@ impl Case {
             allow_cidrs: &[],
             istio_compat: self.compat,
             sidecars: &[],
+            workload_entries: &self.workloads,
             root_namespace: "istio-system",
         })
     }
@@ -102,7 +106,7 @@ fn dns_resolution_allows_every_answer_on_every_port() {
     );
     assert_eq!(d.scopes["default"].mode, OutboundMode::RegistryOnly);
     assert_eq!(
-        dns_names(&c.ses, false),
+        dns_names(&c.ses, &c.workloads, false),
         ["www.wikipedia.org".to_string()].into()
     );
     let origin = d.scopes["default"]
@@ -243,7 +247,7 @@ spec:
         .dns("lb.example.net", &["203.0.113.8"])
         .dns("api.example.com", &["192.0.2.99"]);
     assert_eq!(
-        dns_names(&c.ses, false),
+        dns_names(&c.ses, &c.workloads, false),
         ["lb.example.net".to_string()].into()
     );
     assert_eq!(
@@ -265,7 +269,7 @@ spec:
   resolution: NONE
 "#;
     let c = Case::new(yaml);
-    assert!(dns_names(&c.ses, false).is_empty());
+    assert!(dns_names(&c.ses, &c.workloads, false).is_empty());
     assert_eq!(
         rules(&c.compile(), "default"),
         sorted(["203.0.113.0/24:8080/tcp", "2001:db8:1::/48:8080/tcp"])
@@ -293,7 +297,7 @@ spec:
         .iter()
         .any(|n| n.contains("wildcard host *.example.org")));
     c.compat = true;
-    assert!(dns_names(&c.ses, true).is_empty());
+    assert!(dns_names(&c.ses, &c.workloads, true).is_empty());
     assert_eq!(
         rules(&c.compile(), "default"),
         ["0.0.0.0/0:5432/tcp", "::/0:5432/tcp"]
@@ -331,6 +335,7 @@ fn builtins_dns_servers_and_global_cidrs() {
         allow_cidrs: &cidrs,
         istio_compat: false,
         sidecars: &[],
+        workload_entries: &[],
         root_namespace: "istio-system",
     });
     assert_eq!(
@@ -369,4 +374,79 @@ spec: {hosts: [b.example.com], ports: [{number: 443, name: https, protocol: TLS}
         2,
         "removing one entry must not remove the other's access"
     );
+}
+
+#[test]
+fn workload_selector_selects_workload_entries_with_their_ports() {
+    // Seed 002: one name served by WorkloadEntries that share a label.
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external-svc}
+spec:
+  hosts: [app.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: external}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm}
+spec: {address: 198.51.100.20, labels: {app: external}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other-port}
+spec: {address: 198.51.100.21, labels: {app: external, tier: edge}, ports: {http: 8080}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: unrelated}
+spec: {address: 198.51.100.22, labels: {app: internal}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: elsewhere, namespace: other}
+spec: {address: 198.51.100.23, labels: {app: external}}
+"#;
+    let mut c = Case::new(yaml);
+    assert_eq!(
+        rules(&c.compile(), "default"),
+        sorted(["198.51.100.20:80/tcp", "198.51.100.21:8080/tcp"])
+    );
+    c.workloads.clear();
+    let d = c.compile();
+    assert!(rules(&d, "default").is_empty());
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("matches no WorkloadEntry")),
+        "{:?}",
+        d.notes
+    );
+}
+
+#[test]
+fn dns_workload_entries_are_resolved() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-name}
+spec:
+  hosts: [app.internal.com]
+  ports: [{number: 443, name: https, protocol: TLS}]
+  resolution: DNS
+  workloadSelector: {labels: {app: vm}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm}
+spec: {address: vm1.example.net, labels: {app: vm}}
+"#;
+    let c = Case::new(yaml).dns("vm1.example.net", &["203.0.113.7"]);
+    assert_eq!(
+        dns_names(&c.ses, &c.workloads, false),
+        ["vm1.example.net".to_string()].into()
+    );
+    assert_eq!(rules(&c.compile(), "default"), ["203.0.113.7:443/tcp"]);
 }

@@ -128,6 +128,28 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
         }
     }
 
+    if let Some(selector) = &spec.workload_selector {
+        if selector.labels.is_empty() {
+            errs.warn(
+                "spec.workloadSelector.labels",
+                "workload selector specified without labels, will be applied to all workloads in the namespace",
+            );
+        }
+        for (key, value) in &selector.labels {
+            if key.is_empty() || key.contains('*') || value.contains('*') {
+                errs.push(
+                    format!("spec.workloadSelector.labels.{key}"),
+                    "empty keys and wildcards are not supported in selectors",
+                );
+            }
+        }
+        if spec.resolution == Resolution::None {
+            errs.warn(
+                "spec.workloadSelector",
+                "workloadSelector should not be set when resolution mode is NONE",
+            );
+        }
+    }
     if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
         errs.push(
             "spec.workloadSelector",
@@ -386,6 +408,8 @@ mod tests {
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: DNS, endpoints: [{address: '*.example.net'}]}", Some("spec.endpoints[0].address")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: DNS, endpoints: [{address: b.example.net}]}", None),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: STATIC, endpoints: [{address: 198.51.100.1}], workloadSelector: {labels: {app: x}}}", Some("spec.workloadSelector")),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: STATIC, workloadSelector: {labels: {app: x}}}", None),
+        ("{hosts: [a.example.com], ports: [{number: 80, name: x}], resolution: STATIC, workloadSelector: {labels: {'*': x}}}", Some("spec.workloadSelector.labels.*")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['.', '*']}", Some("spec.exportTo")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: ['~', 'ns1']}", Some("spec.exportTo")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}], exportTo: [ns1, ns1]}", Some("spec.exportTo")),

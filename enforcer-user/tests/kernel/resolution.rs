@@ -285,3 +285,33 @@ fn cname_chains_are_followed() {
     check(&agent, "default", "tcp", "198.51.100.12", 443, Allowed);
     check(&agent, "default", "tcp", "198.51.100.11", 443, Denied);
 }
+
+#[test]
+fn workload_entries_selected_by_label_serve_one_host_live() {
+    let world = World::new("seed002");
+    let _hosts = Hosts::new(&world);
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/002-workload-entry.yaml"
+    ))
+    .expect("seed 002 policy");
+    world.write_policy("002.yaml", &seed);
+    let mesh = registry_only(&world);
+    let agent = Agent::start(&world, &["--mesh-config", &mesh, "--namespace", "default"]);
+
+    // Both endpoints behind app.internal.com are allowed; an unrelated address is not.
+    check(&agent, "default", "tcp", "198.51.100.20", 80, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.21", 80, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.12", 80, Denied);
+
+    // A WorkloadEntry added with the label joins, live; one removed leaves.
+    world.write_policy(
+        "third.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: third}\nspec: {address: 198.51.100.12, labels: {app: external}, ports: {http: 8080}}\n",
+    );
+    agent.eventually("default", "tcp", "198.51.100.12", 8080, Allowed);
+    check(&agent, "default", "tcp", "198.51.100.12", 80, Denied);
+    world.write_policy("002.yaml", &seed.replace("  name: second-endpoint\nspec:\n  address: 198.51.100.21\n  labels:\n    app: external\n", "  name: second-endpoint\nspec:\n  address: 198.51.100.21\n  labels:\n    app: retired\n"));
+    agent.eventually("default", "tcp", "198.51.100.21", 80, Denied);
+    check(&agent, "default", "tcp", "198.51.100.20", 80, Allowed);
+}
