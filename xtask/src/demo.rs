@@ -31,6 +31,9 @@ const RECORDS: &[(&str, &str)] = &[
     ("www.wikipedia.org", "2001:db8::10"),
     ("db.example.com", "198.51.100.20"),
     ("www.example.org", "203.0.113.30"),
+    // Seed 002: one name, two WorkloadEntries.
+    ("app.internal.com", "203.0.113.40"),
+    ("app.internal.com", "203.0.113.41"),
 ];
 
 struct Demo {
@@ -113,6 +116,20 @@ impl Demo {
         self.expect_tcp("frontend", "db.example.com", 5432, true)?;
         self.expect_tcp("default", "db.example.com", 5432, false)?;
         self.show_last_denial()?;
+
+        title("Step 5 (seed 002): app.internal.com served by two WorkloadEntries labelled app=external (policies/002-workload-entry.yaml)");
+        self.expect_curl("default", "http://app.internal.com/", false)?;
+        self.change(
+            || copy("002-workload-entry.yaml"),
+            "default",
+            "203.0.113.40",
+            80,
+            true,
+        )?;
+        self.expect_curl("default", "http://app.internal.com/", true)?;
+        self.expect_tcp("default", "203.0.113.40", 80, true)?;
+        self.expect_tcp("default", "203.0.113.41", 80, true)?;
+        self.expect_tcp("default", "www.example.org", 80, false)?;
         Ok(())
     }
 

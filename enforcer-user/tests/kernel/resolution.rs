@@ -300,8 +300,8 @@ fn workload_entries_selected_by_label_serve_one_host_live() {
     let agent = Agent::start(&world, &["--mesh-config", &mesh, "--namespace", "default"]);
 
     // Both endpoints behind app.internal.com are allowed; an unrelated address is not.
-    check(&agent, "default", "tcp", "198.51.100.20", 80, Allowed);
-    check(&agent, "default", "tcp", "198.51.100.21", 80, Allowed);
+    check(&agent, "default", "tcp", "203.0.113.40", 80, Allowed);
+    check(&agent, "default", "tcp", "203.0.113.41", 80, Allowed);
     check(&agent, "default", "tcp", "198.51.100.12", 80, Denied);
 
     // A WorkloadEntry added with the label joins, live; one removed leaves.
@@ -311,7 +311,7 @@ fn workload_entries_selected_by_label_serve_one_host_live() {
     );
     agent.eventually("default", "tcp", "198.51.100.12", 8080, Allowed);
     check(&agent, "default", "tcp", "198.51.100.12", 80, Denied);
-    world.write_policy("002.yaml", &seed.replace("  name: second-endpoint\nspec:\n  address: 198.51.100.21\n  labels:\n    app: external\n", "  name: second-endpoint\nspec:\n  address: 198.51.100.21\n  labels:\n    app: retired\n"));
-    agent.eventually("default", "tcp", "198.51.100.21", 80, Denied);
-    check(&agent, "default", "tcp", "198.51.100.20", 80, Allowed);
+    world.write_policy("002.yaml", &seed.replace("  name: second-endpoint\nspec:\n  address: 203.0.113.41\n  labels:\n    app: external\n", "  name: second-endpoint\nspec:\n  address: 203.0.113.41\n  labels:\n    app: retired\n"));
+    agent.eventually("default", "tcp", "203.0.113.41", 80, Denied);
+    check(&agent, "default", "tcp", "203.0.113.40", 80, Allowed);
 }
