@@ -1,5 +1,3 @@
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 /// `spec` of a `networking.istio.io` ServiceEntry.
@@ -36,20 +34,8 @@ pub struct Port {
     pub target_port: Option<u32>,
 }
 
-/// A `WorkloadEntry` inlined in `spec.endpoints`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Endpoint {
-    #[serde(default)]
-    pub address: Option<String>,
-    /// Port name to number on this endpoint.
-    #[serde(default)]
-    pub ports: BTreeMap<String, u32>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub network: Option<String>,
-}
+/// An endpoint in `spec.endpoints`: Istio defines it as an inline WorkloadEntry.
+pub type Endpoint = super::WorkloadEntrySpec;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
