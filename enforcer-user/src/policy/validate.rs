@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use crate::{
     diag::Problem,
-    istio::{Object, Resolution, ServiceEntry},
+    istio::{Object, Resolution, ServiceEntry, WorkloadSelector},
     net::parse_ip_or_cidr,
 };
 
@@ -129,20 +129,7 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
     }
 
     if let Some(selector) = &spec.workload_selector {
-        if selector.labels.is_empty() {
-            errs.warn(
-                "spec.workloadSelector.labels",
-                "workload selector specified without labels, will be applied to all workloads in the namespace",
-            );
-        }
-        for (key, value) in &selector.labels {
-            if key.is_empty() || key.contains('*') || value.contains('*') {
-                errs.push(
-                    format!("spec.workloadSelector.labels.{key}"),
-                    "empty keys and wildcards are not supported in selectors",
-                );
-            }
-        }
+        check_selector(selector, &mut errs);
         if spec.resolution == Resolution::None {
             errs.warn(
                 "spec.workloadSelector",
@@ -321,6 +308,24 @@ pub(super) fn check_host(host: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Istio's `ValidateAlphaWorkloadSelector`, for ServiceEntry and Sidecar alike.
+pub(super) fn check_selector(selector: &WorkloadSelector, errs: &mut Errors) {
+    if selector.labels.is_empty() {
+        errs.warn(
+                "spec.workloadSelector.labels",
+                "workload selector specified without labels, will be applied to all workloads in the namespace",
+            );
+    }
+    for (key, value) in &selector.labels {
+        if key.is_empty() || key.contains('*') || value.contains('*') {
+            errs.push(
+                format!("spec.workloadSelector.labels.{key}"),
+                "empty keys and wildcards are not supported in selectors",
+            );
+        }
+    }
 }
 
 /// `unix:///absolute/path` or an abstract socket `unix://@name`.

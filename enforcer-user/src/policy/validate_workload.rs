@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use super::validate::{
-    check_host, check_unix_address, is_dns1123_label, is_partial_wildcard, Errors,
+    check_host, check_selector, check_unix_address, is_dns1123_label, is_partial_wildcard, Errors,
 };
 use crate::{
     diag::Problem,
@@ -75,20 +75,7 @@ pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
         errs.push("spec", "sidecar: empty configuration provided");
     }
     if let Some(selector) = &spec.workload_selector {
-        if selector.labels.is_empty() {
-            errs.warn(
-                "spec.workloadSelector.labels",
-                "workload selector specified without labels, will be applied to all workloads in the namespace",
-            );
-        }
-        for (key, value) in &selector.labels {
-            if key.is_empty() || key.contains('*') || value.contains('*') {
-                errs.push(
-                    format!("spec.workloadSelector.labels.{key}"),
-                    "empty keys and wildcards are not supported in selectors",
-                );
-            }
-        }
+        check_selector(selector, &mut errs);
         check_labels(&selector.labels, "spec.workloadSelector.labels", &mut errs);
     }
     for (i, egress) in spec.egress.iter().enumerate() {

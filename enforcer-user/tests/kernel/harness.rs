@@ -367,3 +367,10 @@ pub fn check(agent: &Agent, ns: &str, kind: &str, host: &str, port: u16, want: W
 }
 
 pub const REGISTRY_ONLY: &str = "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n";
+
+/// Writes a REGISTRY_ONLY mesh config beside the policies and returns its path, for `--mesh-config`.
+pub fn registry_only(world: &World) -> String {
+    let mesh = world.dir.join("mesh.yaml");
+    fs::write(&mesh, REGISTRY_ONLY).expect("writing the mesh config");
+    mesh.display().to_string()
+}

@@ -1,6 +1,6 @@
 //! Changes while running: files added, removed and broken; DNS answers that change; restarts.
 
-use crate::harness::{check, Agent, Dns, Hosts, Want::*, World, ENFORCER, REGISTRY_ONLY};
+use crate::harness::{check, registry_only, Agent, Dns, Hosts, Want::*, World, ENFORCER};
 
 fn entry(name: &str, ip: &str, port: u16) -> String {
     format!(
@@ -9,11 +9,9 @@ fn entry(name: &str, ip: &str, port: u16) -> String {
 }
 
 fn start(world: &World, extra: &[&str]) -> Agent {
-    let mesh = world.dir.join("mesh.yaml");
-    std::fs::write(&mesh, REGISTRY_ONLY).expect("mesh");
     let mut args = vec![
         "--mesh-config".to_string(),
-        mesh.display().to_string(),
+        registry_only(world),
         "--namespace".into(),
         "default".into(),
     ];
@@ -198,7 +196,7 @@ fn unrelated_files_beside_the_mesh_config_do_not_trigger_reloads() {
 fn relative_paths_are_watched_too() {
     let world = World::new("relpath");
     let _hosts = Hosts::new(&world);
-    std::fs::write(world.dir.join("mesh.yaml"), REGISTRY_ONLY).expect("mesh");
+    registry_only(&world);
     let agent = Agent::start_with(
         &world,
         "policies".into(),

@@ -1,12 +1,6 @@
 //! Every resolution mode, IPv4 and IPv6, TCP and UDP, and the IPv4-mapped bypass attempt.
 
-use crate::harness::{check, Agent, Dns, Hosts, Want::*, World, REGISTRY_ONLY};
-
-fn registry_only(world: &World) -> String {
-    let mesh = world.dir.join("mesh.yaml");
-    std::fs::write(&mesh, REGISTRY_ONLY).expect("mesh config");
-    mesh.display().to_string()
-}
+use crate::harness::{check, registry_only, Agent, Dns, Hosts, Want::*, World};
 
 #[test]
 fn dns_resolution_allows_a_and_aaaa_on_declared_ports_only() {

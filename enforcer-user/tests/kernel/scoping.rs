@@ -1,6 +1,6 @@
 //! Namespaces: exportTo visibility, the mesh modes, and mapping existing cgroups.
 
-use crate::harness::{check, Agent, Hosts, Want::*, World};
+use crate::harness::{check, registry_only, Agent, Hosts, Want::*, World};
 
 const EXPORTS: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -45,9 +45,7 @@ fn export_to_scopes_entries_across_namespaces() {
     let world = World::new("export");
     let _hosts = Hosts::new(&world);
     world.write_policy("exports.yaml", EXPORTS);
-    let mesh = world.dir.join("mesh.yaml");
-    std::fs::write(&mesh, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").expect("mesh");
-    let mesh = mesh.display().to_string();
+    let mesh = registry_only(&world);
     // `default` is not named by any object: its cgroup appears through `enforcer exec`.
     let agent = Agent::start(
         &world,
@@ -157,9 +155,7 @@ spec: {hosts: [one.example.com], addresses: [198.51.100.10], ports: [{number: 80
     let service = format!("enforcer-svc-{}", world.id);
     let child = root.join(&service).join("worker");
     std::fs::create_dir_all(&child).expect("creating a service cgroup");
-    let mesh = world.dir.join("mesh.yaml");
-    std::fs::write(&mesh, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").expect("mesh");
-    let mesh = mesh.display().to_string();
+    let mesh = registry_only(&world);
     let agent = Agent::start(
         &world,
         &[
@@ -240,9 +236,7 @@ metadata: {name: default, namespace: shop}
 spec: {egress: [{hosts: ["platform/api.example.com"]}]}
 "#,
     );
-    let mesh = world.dir.join("mesh.yaml");
-    std::fs::write(&mesh, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").expect("mesh");
-    let mesh = mesh.display().to_string();
+    let mesh = registry_only(&world);
     let agent = Agent::start(
         &world,
         &[
