@@ -1,7 +1,10 @@
 //! cgroup v2: where it is mounted, and which cgroups belong to which namespace in local mode.
 //!
-//! Agent-managed namespaces are directories `<cgroup2>/<parent>/<namespace>`. Existing cgroups
-//! (systemd services, say) can be mapped to a namespace too; their descendants come along.
+//! Agent-managed namespaces are directories `<cgroup2>/<parent>/<namespace>`. A workload with
+//! labels (`enforcer exec --label app=db`) lives in a child named by its labels,
+//! `<namespace>/app=db,tier=data`, so the labels are visible in `/proc/PID/cgroup` and need no
+//! other state. Existing cgroups (systemd services, say) can be mapped to a namespace too; their
+//! descendants come along.
 
 use std::{
     collections::BTreeMap,
@@ -82,6 +85,23 @@ impl Layout {
         Ok(self.managed.join(namespace))
     }
 
+    /// The cgroup of workloads in `namespace` with `labels` (the namespace's own when empty).
+    pub fn workload_dir(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> anyhow::Result<PathBuf> {
+        let dir = self.namespace_dir(namespace)?;
+        if labels.is_empty() {
+            return Ok(dir);
+        }
+        let name = encode_labels(labels);
+        if name.len() > 255 {
+            bail!("the labels make a cgroup name longer than 255 bytes: {name}");
+        }
+        Ok(dir.join(name))
+    }
+
     /// Every cgroup that belongs to a namespace now, by id. An error means the caller should keep
     /// its previous view: forgetting a cgroup would stop enforcing it.
     pub fn discover(&self) -> anyhow::Result<BTreeMap<u64, Assignment>> {
@@ -91,7 +111,7 @@ impl Layout {
                 for entry in entries.filter_map(Result::ok) {
                     let name = entry.file_name().to_string_lossy().into_owned();
                     if entry.path().is_dir() && is_dns1123_label(&name) {
-                        walk(&entry.path(), &name, &mut out);
+                        walk(&entry.path(), &name, &BTreeMap::new(), true, &mut out);
                     }
                 }
             }
@@ -101,15 +121,23 @@ impl Layout {
             }
         }
         for (ns, path) in &self.mapped {
-            walk(path, ns, &mut out);
+            walk(path, ns, &BTreeMap::new(), false, &mut out);
         }
         Ok(out)
     }
 
-    /// Removes the managed namespace directories that hold no process, then the parent.
+    /// Removes the managed cgroups that hold no process (workloads, then namespaces), then the
+    /// parent.
     pub fn remove_empty(&self) {
         if let Ok(entries) = std::fs::read_dir(&self.managed) {
             for entry in entries.filter_map(Result::ok) {
+                if let Ok(children) = std::fs::read_dir(entry.path()) {
+                    for child in children.filter_map(Result::ok) {
+                        if child.file_type().is_ok_and(|t| t.is_dir()) {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
+                    }
+                }
                 let _ = std::fs::remove_dir(entry.path());
             }
         }
@@ -120,10 +148,20 @@ impl Layout {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
     pub namespace: String,
+    /// The workload's labels, which select Sidecars.
+    pub labels: BTreeMap<String, String>,
     pub path: PathBuf,
 }
 
-fn walk(dir: &Path, ns: &str, out: &mut BTreeMap<u64, Assignment>) {
+/// `dir` and its descendants belong to `ns`. In a managed namespace directory, children named
+/// by labels are workloads; everything below them inherits their labels.
+fn walk(
+    dir: &Path,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+    managed_ns_dir: bool,
+    out: &mut BTreeMap<u64, Assignment>,
+) {
     let Ok(meta) = std::fs::metadata(dir) else {
         return;
     };
@@ -131,16 +169,73 @@ fn walk(dir: &Path, ns: &str, out: &mut BTreeMap<u64, Assignment>) {
         meta.ino(),
         Assignment {
             namespace: ns.to_string(),
+            labels: labels.clone(),
             path: dir.to_path_buf(),
         },
     );
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.filter_map(Result::ok) {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                walk(&entry.path(), ns, out);
+                let child_labels = managed_ns_dir
+                    .then(|| decode_labels(&entry.file_name().to_string_lossy()))
+                    .flatten();
+                walk(
+                    &entry.path(),
+                    ns,
+                    child_labels.as_ref().unwrap_or(labels),
+                    false,
+                    out,
+                );
             }
         }
     }
+}
+
+/// `app=db,tier=data`; `%`, `,` and `/` (label key prefixes) are percent-encoded.
+pub fn encode_labels(labels: &BTreeMap<String, String>) -> String {
+    let esc = |s: &str| {
+        s.replace('%', "%25")
+            .replace(',', "%2C")
+            .replace('/', "%2F")
+    };
+    labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The labels a workload cgroup's name encodes; `None` for a name that is not a label list.
+pub fn decode_labels(name: &str) -> Option<BTreeMap<String, String>> {
+    let unesc = |s: &str| {
+        s.replace("%2F", "/")
+            .replace("%2C", ",")
+            .replace("%25", "%")
+    };
+    name.split(',')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (!k.is_empty()).then(|| (unesc(k), unesc(v)))
+        })
+        .collect()
+}
+
+/// Parses `k=v,k2=v2` (as given to `--label` or `--workload`).
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        if !crate::policy::is_label_key(k) {
+            return Err(format!("{k:?} is not a valid label key"));
+        }
+        if !crate::policy::is_label_value(v) {
+            return Err(format!("{v:?} is not a valid label value"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
 }
 
 /// Moves the calling process into the cgroup at `dir`.
@@ -152,6 +247,20 @@ pub fn enter(dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_round_trip_through_cgroup_names() {
+        let labels = parse_labels("app=db,example.com/tier=data%1").unwrap_err();
+        assert!(labels.contains("label value"), "{labels}");
+        let labels = parse_labels("app=db,example.com/tier=data").unwrap();
+        let name = encode_labels(&labels);
+        assert_eq!(name, "app=db,example.com%2Ftier=data");
+        assert!(!name.contains('/'));
+        assert_eq!(decode_labels(&name), Some(labels));
+        assert_eq!(decode_labels("worker"), None, "not a label list");
+        assert_eq!(decode_labels("=x"), None);
+        assert!(parse_labels("app").is_err());
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {

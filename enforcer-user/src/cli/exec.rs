@@ -1,4 +1,5 @@
 use std::{
+    collections::BTreeMap,
     os::unix::process::CommandExt as _,
     process::Command,
     time::{Duration, Instant},
@@ -15,6 +16,10 @@ pub struct ExecArgs {
     /// Namespace whose cgroup the command runs in; created when needed.
     #[arg(long, short = 'n', value_name = "NS")]
     namespace: String,
+    /// A workload label, which Sidecar workloadSelectors match (`app=db`, or `a=1,b=2`).
+    /// Repeatable.
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = cgroup::parse_labels)]
+    labels: Vec<BTreeMap<String, String>>,
     /// How long to wait for the agent to claim a new namespace cgroup, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     wait_ms: u64,
@@ -28,7 +33,8 @@ pub struct ExecArgs {
 /// Never runs the command unenforced: it waits until the agent has mapped the cgroup.
 pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
     let layout = args.placement.layout(&[])?;
-    let dir = layout.namespace_dir(&args.namespace)?;
+    let labels: BTreeMap<String, String> = args.labels.into_iter().flatten().collect();
+    let dir = layout.workload_dir(&args.namespace, &labels)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     let id = cgroup::cgroup_id(&dir)?;
 

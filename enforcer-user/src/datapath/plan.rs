@@ -28,8 +28,8 @@ pub fn mode_value(mode: OutboundMode) -> u32 {
     }
 }
 
-/// `scope_ids` must hold an id for every namespace in `desired.scopes`; a cgroup whose namespace
-/// has none is left out (and so stays unenforced only until the id exists).
+/// `scope_ids` must hold an id for every scope in `desired.scopes`; a cgroup whose scope has none
+/// is left out (and so stays unenforced only until the id exists).
 pub fn build(
     desired: &Desired,
     cgroups: &BTreeMap<u64, Assignment>,
@@ -70,10 +70,10 @@ pub fn build(
             .insert((POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(net)), key));
     }
     for (&id, assignment) in cgroups {
-        let (Some(&scope), Some(policy)) = (
-            scope_ids.get(&assignment.namespace),
-            desired.scopes.get(&assignment.namespace),
-        ) else {
+        let Some(name) = desired.scope_for(&assignment.namespace, &assignment.labels) else {
+            continue;
+        };
+        let (Some(&scope), Some(policy)) = (scope_ids.get(name), desired.scopes.get(name)) else {
             continue;
         };
         plan.cgroups.insert(
@@ -111,21 +111,35 @@ mod tests {
             ScopePolicy {
                 mode: OutboundMode::RegistryOnly,
                 rules,
+                ..ScopePolicy::default()
             },
         );
         desired.scopes.insert(
             "b".into(),
             ScopePolicy {
                 mode: OutboundMode::Audit,
-                rules: BTreeMap::new(),
+                ..ScopePolicy::default()
             },
         );
+        // Workloads in b labelled app=db have a scope of their own.
+        desired.scopes.insert(
+            "b/db".into(),
+            ScopePolicy {
+                mode: OutboundMode::AllowAny,
+                ..ScopePolicy::default()
+            },
+        );
+        let db = BTreeMap::from([("app".to_string(), "db".to_string())]);
+        desired
+            .selectors
+            .insert("b".into(), vec![(db.clone(), "b/db".into())]);
         desired.global.insert("127.0.0.0/8".parse().unwrap());
         let cgroups = BTreeMap::from([
             (
                 100,
                 Assignment {
                     namespace: "a".into(),
+                    labels: db.clone(),
                     path: PathBuf::from("/x/a"),
                 },
             ),
@@ -133,18 +147,32 @@ mod tests {
                 200,
                 Assignment {
                     namespace: "b".into(),
+                    labels: BTreeMap::new(),
                     path: PathBuf::from("/x/b"),
+                },
+            ),
+            (
+                201,
+                Assignment {
+                    namespace: "b".into(),
+                    labels: db.clone(),
+                    path: PathBuf::from("/x/b/app=db"),
                 },
             ),
             (
                 300,
                 Assignment {
                     namespace: "unknown".into(),
+                    labels: BTreeMap::new(),
                     path: PathBuf::from("/x/u"),
                 },
             ),
         ]);
-        let ids = BTreeMap::from([("a".to_string(), 7), ("b".to_string(), 9)]);
+        let ids = BTreeMap::from([
+            ("a".to_string(), 7),
+            ("b".to_string(), 9),
+            ("b/db".to_string(), 11),
+        ]);
         let plan = build(&desired, &cgroups, &ids);
 
         assert_eq!(
@@ -160,6 +188,18 @@ mod tests {
                 scope: 9,
                 mode: mode::AUDIT
             }
+        );
+        assert_eq!(
+            plan.cgroups[&201],
+            CgroupScope {
+                scope: 11,
+                mode: mode::ALLOW_ANY
+            },
+            "a workload a Sidecar selects gets that Sidecar's scope"
+        );
+        assert_eq!(
+            plan.cgroups[&100].scope, 7,
+            "labels only matter where a Sidecar selects them"
         );
         assert!(!plan.cgroups.contains_key(&300));
 

@@ -15,6 +15,7 @@ pub use workload::{
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     #[serde(default)]
     pub name: Option<String>,
@@ -22,6 +23,8 @@ pub struct ObjectMeta {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 /// A ServiceEntry with the metadata and the origin it was read from.

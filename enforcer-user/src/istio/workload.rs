@@ -49,8 +49,9 @@ pub struct WorkloadSelector {
 pub struct EgressListener {
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// A listener with a port imports its hosts on that port only.
     #[serde(default)]
-    pub port: Option<serde_yaml::Value>,
+    pub port: Option<super::Port>,
     #[serde(default)]
     pub bind: Option<String>,
 }
@@ -62,11 +63,24 @@ pub struct Object<T> {
     pub name: String,
     pub spec: T,
     pub origin: String,
+    /// `metadata.creationTimestamp` (RFC 3339, so it sorts as text). Istio lets the oldest of
+    /// two conflicting objects win; local files usually have none and then the name decides.
+    pub created: Option<String>,
 }
 
 impl<T> Object<T> {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Istio's precedence among conflicting objects: oldest first, then by name.
+    pub fn age_key(&self) -> (bool, &str, &str, &str) {
+        (
+            self.created.is_none(),
+            self.created.as_deref().unwrap_or_default(),
+            &self.namespace,
+            &self.name,
+        )
     }
 }
 

@@ -9,7 +9,8 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    is_opaque_tcp, l4_of_protocol, sidecar, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
+    is_opaque_tcp, l4_of_protocol, model::scope_name, sidecar, Desired, HostRef, Origin, Rule,
+    ScopePolicy, L4,
 };
 use crate::{
     istio::{OutboundMode, Port, Resolution, ServiceEntry, Sidecar, WorkloadEntry},
@@ -154,33 +155,53 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
                 .cloned(),
         );
     }
+    all.extend(inp.sidecars.iter().map(|s| s.namespace.clone()));
 
     let mut out = Desired::default();
     let dns_origin = Arc::new(Origin::builtin("DNS server"));
-    let sidecars: BTreeMap<&String, sidecar::NamespaceSidecar<'_>> = all
-        .iter()
-        .map(|ns| {
-            (
-                ns,
-                sidecar::for_namespace(ns, inp.sidecars, inp.root_namespace, inp.mesh.mode),
-            )
-        })
-        .collect();
+    // Per namespace, the names of its scopes: the namespace's own first.
+    let mut scopes_of: BTreeMap<&String, Vec<String>> = BTreeMap::new();
     for ns in &all {
-        let mut scope = ScopePolicy {
-            mode: sidecars[ns].mode,
-            rules: BTreeMap::new(),
-        };
-        for &server in inp.dns_servers {
-            for l4 in [L4::Udp, L4::Tcp] {
-                scope
-                    .rules
-                    .entry(Rule::host(l4, 53, server))
-                    .or_default()
-                    .push(Arc::clone(&dns_origin));
+        let (scopes, mut notes) =
+            sidecar::scopes_for_namespace(ns, inp.sidecars, inp.root_namespace, inp.mesh.mode);
+        out.notes.append(&mut notes);
+        for sc in scopes {
+            let selector = sc.selector.clone();
+            let name = match &selector {
+                None => ns.clone(),
+                Some(_) => scope_name(
+                    ns,
+                    sc.sidecar
+                        .as_deref()
+                        .and_then(|id| id.split_once('/'))
+                        .map(|(_, n)| n),
+                ),
+            };
+            let mut scope = ScopePolicy {
+                namespace: ns.clone(),
+                sidecar: sc.sidecar,
+                mode: sc.mode,
+                rules: BTreeMap::new(),
+                imports: sc.imports,
+            };
+            for &server in inp.dns_servers {
+                for l4 in [L4::Udp, L4::Tcp] {
+                    scope
+                        .rules
+                        .entry(Rule::host(l4, 53, server))
+                        .or_default()
+                        .push(Arc::clone(&dns_origin));
+                }
             }
+            if let Some(selector) = selector {
+                out.selectors
+                    .entry(ns.clone())
+                    .or_default()
+                    .push((selector, name.clone()));
+            }
+            scopes_of.entry(ns).or_default().push(name.clone());
+            out.scopes.insert(name, scope);
         }
-        out.scopes.insert(ns.clone(), scope);
     }
     out.global.extend(
         ["127.0.0.0/8", "::1/128"]
@@ -196,8 +217,8 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
         out.notes.append(&mut entry.notes);
 
         let mut refs: BTreeMap<&str, Arc<HostRef>> = BTreeMap::new();
-        for (rule, origin) in &entry.out {
-            if let Some(host) = origin.host.as_deref() {
+        for emitted in &entry.out {
+            if let Some(host) = emitted.origin.host.as_deref() {
                 let r = refs.entry(host).or_insert_with(|| {
                     Arc::new(HostRef {
                         host: host.to_string(),
@@ -205,7 +226,10 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
                         visible_to: visible.clone(),
                     })
                 });
-                add_unique(out.hosts_by_ip.entry(rule.net.addr()).or_default(), r);
+                add_unique(
+                    out.hosts_by_ip.entry(emitted.rule.net.addr()).or_default(),
+                    r,
+                );
             }
         }
         let targets: Vec<&String> = match &visible {
@@ -213,18 +237,30 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
             Some(set) => set.iter().collect(),
         };
         for ns in targets {
-            if !sidecars.get(ns).is_none_or(|s| s.imports(ns, se)) {
-                continue;
-            }
-            if let Some(scope) = out.scopes.get_mut(ns) {
-                for (rule, origin) in &entry.out {
-                    add_unique(scope.rules.entry(*rule).or_default(), origin);
+            for name in scopes_of.get(ns).into_iter().flatten() {
+                let Some(scope) = out.scopes.get_mut(name) else {
+                    continue;
+                };
+                let imports = scope.imports.clone();
+                for emitted in &entry.out {
+                    let imported = imports.as_ref().is_none_or(|i| match emitted.for_host {
+                        Some(host) => i.imports(&se.namespace, host, emitted.service_port),
+                        None => se
+                            .spec
+                            .hosts
+                            .iter()
+                            .any(|h| i.imports(&se.namespace, h, emitted.service_port)),
+                    });
+                    if imported {
+                        add_unique(
+                            scope.rules.entry(emitted.rule).or_default(),
+                            &emitted.origin,
+                        );
+                    }
                 }
             }
         }
     }
-    out.notes
-        .extend(sidecars.values().flat_map(|s| s.notes.iter().cloned()));
     out.notes.sort();
     out.notes.dedup();
     out
@@ -256,14 +292,27 @@ fn add_unique<T: PartialEq>(list: &mut Vec<Arc<T>>, item: &Arc<T>) {
     }
 }
 
+/// One rule a ServiceEntry asks for, with what a Sidecar's imports are checked against.
+struct Emitted<'a> {
+    rule: Rule,
+    /// The entry's port (not `targetPort`): Sidecar listeners match service ports.
+    service_port: u16,
+    /// The entry host whose resolution produced the rule; `None` for what all its hosts share
+    /// (endpoints, `addresses`).
+    for_host: Option<&'a str>,
+    origin: Arc<Origin>,
+}
+
 /// The rules one ServiceEntry asks for, sharing one origin per host.
 struct EntryRules<'a> {
     se: &'a ServiceEntry,
     workloads: &'a [WorkloadEntry],
     dns: &'a BTreeMap<String, Vec<IpAddr>>,
     origins: BTreeMap<Option<&'a str>, Arc<Origin>>,
-    out: Vec<(Rule, Arc<Origin>)>,
+    out: Vec<Emitted<'a>>,
     notes: Vec<String>,
+    /// The port being collected.
+    service_port: u16,
 }
 
 impl<'a> EntryRules<'a> {
@@ -279,10 +328,12 @@ impl<'a> EntryRules<'a> {
             origins: BTreeMap::new(),
             out: Vec::new(),
             notes: Vec::new(),
+            service_port: 0,
         }
     }
 
-    fn push(&mut self, rule: Rule, host: Option<&'a str>) {
+    /// `host` names the origin; `for_host` is the entry host the rule belongs to, if only one.
+    fn push(&mut self, rule: Rule, host: Option<&'a str>, for_host: Option<&'a str>) {
         let se = self.se;
         let origin = self.origins.entry(host).or_insert_with(|| {
             Arc::new(Origin {
@@ -290,17 +341,23 @@ impl<'a> EntryRules<'a> {
                 host: host.map(str::to_string),
             })
         });
-        self.out.push((rule, Arc::clone(origin)));
+        self.out.push(Emitted {
+            rule,
+            service_port: self.service_port,
+            for_host,
+            origin: Arc::clone(origin),
+        });
     }
 
-    /// Every address `name` resolves to, on `ports`; a note when it has none yet.
-    fn resolved(&mut self, name: &'a str, l4: L4, ports: &[u16]) {
+    /// Every address `name` resolves to, on `ports`; a note when it has none yet. `own` says
+    /// whether `name` is one of the entry's hosts (rather than an endpoint's address).
+    fn resolved(&mut self, name: &'a str, l4: L4, ports: &[u16], own: bool) {
         let dns = self.dns;
         match dns.get(name) {
             Some(ips) if !ips.is_empty() => {
                 for ip in ips {
                     for &port in ports {
-                        self.push(Rule::host(l4, port, *ip), Some(name));
+                        self.push(Rule::host(l4, port, *ip), Some(name), own.then_some(name));
                     }
                 }
             }
@@ -328,9 +385,10 @@ impl<'a> EntryRules<'a> {
                 continue;
             };
             let (number, target) = port_numbers(port);
+            self.service_port = number;
             for addr in &spec.addresses {
                 if let Some(net) = parse_ip_or_cidr(addr) {
-                    self.push(Rule::new(l4, number, net), declared);
+                    self.push(Rule::new(l4, number, net), declared, None);
                 }
             }
             let host_ports: &[u16] = if target == number {
@@ -353,28 +411,28 @@ impl<'a> EntryRules<'a> {
                             .and_then(|n| ep.ports.get(n))
                             .map_or(target, |&p| p as u16);
                         if let Ok(ip) = addr.parse::<IpAddr>() {
-                            self.push(Rule::host(l4, ep_port, ip), declared);
+                            self.push(Rule::host(l4, ep_port, ip), declared, None);
                         } else if is_name(addr) {
-                            self.resolved(addr, l4, &[ep_port]);
+                            self.resolved(addr, l4, &[ep_port], false);
                         }
                     }
                 }
                 (Resolution::Dns | Resolution::DnsRoundRobin, None) => {
                     for host in spec.hosts.iter().filter(|h| is_name(h)) {
-                        self.resolved(host, l4, host_ports);
+                        self.resolved(host, l4, host_ports, true);
                     }
                 }
                 (Resolution::None, _) if spec.addresses.is_empty() => {
                     if istio_compat && is_opaque_tcp(port.protocol.as_deref()) {
                         for any in ["0.0.0.0/0", "::/0"] {
                             if let Some(net) = parse_ip_or_cidr(any) {
-                                self.push(Rule::new(l4, number, net), None);
+                                self.push(Rule::new(l4, number, net), None, None);
                             }
                         }
                     } else {
                         for host in &spec.hosts {
                             if is_name(host) {
-                                self.resolved(host, l4, &[number]);
+                                self.resolved(host, l4, &[number], true);
                             } else {
                                 self.notes.push(format!(
                                     "ServiceEntry {}: wildcard host {host} cannot be enforced by address; nothing is allowed for it",

@@ -22,6 +22,7 @@ struct Case {
     dns: BTreeMap<String, Vec<IpAddr>>,
     compat: bool,
     workloads: Vec<crate::istio::WorkloadEntry>,
+    sidecars: Vec<crate::istio::Sidecar>,
 }
 
 impl Case {
@@ -29,6 +30,7 @@ impl Case {
         let snap = parse_documents("test.yaml", yaml);
         Self {
             workloads: snap.workload_entries,
+            sidecars: snap.sidecars,
             ses: entries(yaml),
             mesh: MeshSettings {
                 mode: OutboundMode::RegistryOnly,
@@ -59,7 +61,7 @@ impl Case {
             dns_servers: &[],
             allow_cidrs: &[],
             istio_compat: self.compat,
-            sidecars: &[],
+            sidecars: &self.sidecars,
             workload_entries: &self.workloads,
             root_namespace: "istio-system",
         })
@@ -449,4 +451,95 @@ spec: {address: vm1.example.net, labels: {app: vm}}
         ["vm1.example.net".to_string()].into()
     );
     assert_eq!(rules(&c.compile(), "default"), ["203.0.113.7:443/tcp"]);
+}
+
+const SHOP: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports:
+  - {number: 443, name: tls, protocol: TLS}
+  - {number: 80, name: http, protocol: HTTP}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.shop.internal]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 198.51.100.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: web, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: web}}
+  egress:
+  - port: {number: 443, protocol: TLS, name: tls}
+    hosts: ["./api.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: batch, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: batch}}
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+"#;
+
+#[test]
+fn selecting_sidecars_get_scopes_of_their_own() {
+    let d = Case::new(SHOP)
+        .dns("api.example.com", &["203.0.113.30"])
+        .compile();
+    assert_eq!(
+        rules(&d, "shop"),
+        sorted([
+            "198.51.100.20:5432/tcp",
+            "203.0.113.30:443/tcp",
+            "203.0.113.30:80/tcp"
+        ]),
+        "workloads no Sidecar selects: the whole namespace"
+    );
+    assert_eq!(
+        rules(&d, "shop/web"),
+        ["203.0.113.30:443/tcp"],
+        "the web Sidecar imports api.example.com on its 443 listener only"
+    );
+    assert_eq!(d.scopes["shop/web"].mode, OutboundMode::RegistryOnly);
+    assert_eq!(d.scopes["shop/batch"].mode, OutboundMode::AllowAny);
+    assert_eq!(d.scopes["shop/web"].namespace, "shop");
+    assert_eq!(d.scopes["shop/web"].sidecar.as_deref(), Some("shop/web"));
+
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        d.scope_for("shop", &labels(&[("app", "web"), ("v", "2")])),
+        Some("shop/web")
+    );
+    assert_eq!(
+        d.scope_for("shop", &labels(&[("app", "other")])),
+        Some("shop")
+    );
+    assert_eq!(d.scope_for("shop", &BTreeMap::new()), Some("shop"));
+    assert_eq!(d.scope_for("nowhere", &BTreeMap::new()), None);
+}
+
+#[test]
+fn scope_names_stay_short_and_distinct() {
+    assert_eq!(scope_name("shop", None), "shop");
+    assert_eq!(scope_name("shop", Some("web")), "shop/web");
+    let long = "x".repeat(200);
+    let a = scope_name("shop", Some(&long));
+    let b = scope_name("shop", Some(&format!("{long}y")));
+    assert!(a.len() < 64 && b.len() < 64);
+    assert_ne!(a, b);
+    assert!(scope_name(&"n".repeat(63), Some("w")).len() < 64);
 }

@@ -5,14 +5,16 @@
 pub mod check;
 mod compile;
 mod model;
-mod sidecar;
+pub mod sidecar;
 mod validate;
 mod validate_workload;
 
 pub use compile::{compile, dns_names, Inputs, MeshSettings};
-pub use model::{canonical_ip, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
+pub use model::{canonical_ip, scope_name, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
 pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
-pub use validate_workload::{validate_sidecar, validate_workload_entry};
+pub use validate_workload::{
+    is_label_key, is_label_value, validate_sidecar, validate_workload_entry,
+};
 
 /// The transport an Istio port protocol rides on; `None` for an unknown protocol.
 pub fn l4_of_protocol(protocol: Option<&str>) -> Option<L4> {

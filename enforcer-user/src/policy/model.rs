@@ -1,4 +1,5 @@
-//! What the compiler produces: per namespace, a mode and the (protocol, port, address) rules.
+//! What the compiler produces: per scope (a namespace, or the workloads a Sidecar selects), a
+//! mode and the (protocol, port, address) rules.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,6 +11,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Serialize;
 
+use super::sidecar::Imports;
 use crate::istio::OutboundMode;
 
 /// Transport protocol of a rule. Istio's application protocols all ride on TCP except UDP.
@@ -117,12 +119,36 @@ impl Origin {
     }
 }
 
+/// What one scope (a namespace, or the workloads one Sidecar selects in it) may reach.
 /// Origins are shared: one entry can produce 100,000 rules, and they all name the same object.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScopePolicy {
+    pub namespace: String,
+    /// The Sidecar in force (`namespace/name`), if any.
+    pub sidecar: Option<String>,
     pub mode: OutboundMode,
     /// Each rule with the (usually one or two) origins that ask for it.
     pub rules: BTreeMap<Rule, Vec<Arc<Origin>>>,
+    /// The Sidecar's `egress` imports; `None` imports everything visible.
+    pub imports: Option<Arc<Imports>>,
+}
+
+/// The scope of workloads in `namespace` that the Sidecar `sidecar` selects is
+/// `namespace/sidecar`; the namespace's own scope is its name. Names are kept under 64 bytes
+/// (the pinned name map's key), with a stable hash when a Sidecar name is long.
+pub fn scope_name(namespace: &str, sidecar: Option<&str>) -> String {
+    let Some(name) = sidecar else {
+        return namespace.to_string();
+    };
+    let full = format!("{namespace}/{name}");
+    if full.len() < 64 {
+        return full;
+    }
+    // FNV-1a: stable across builds, unlike std's hasher.
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}/~{hash:016x}", &namespace[..namespace.len().min(44)])
 }
 
 /// A host name some ServiceEntry declares, and where it is visible: used to explain refusals.
@@ -137,12 +163,32 @@ pub struct HostRef {
 /// The whole desired state, before scope ids and cgroups are attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Per namespace. Every namespace the agent knows about has an entry.
+    /// By scope name (see [`scope_name`]). Every namespace the agent knows about has one.
     pub scopes: BTreeMap<String, ScopePolicy>,
+    /// Per namespace, the selecting Sidecars' scopes in precedence order (oldest first).
+    pub selectors: BTreeMap<String, Vec<(BTreeMap<String, String>, String)>>,
     /// Allowed for every scope, on every port and protocol (loopback, `--allow-cidr`).
     pub global: BTreeSet<IpNet>,
     /// Resolved address to the declared hosts it came from.
     pub hosts_by_ip: BTreeMap<IpAddr, Vec<Arc<HostRef>>>,
     /// Things that are valid but cannot be fully enforced, such as an unresolved host.
     pub notes: Vec<String>,
+}
+
+impl Desired {
+    /// The scope of a workload: the first Sidecar that selects its labels, else its namespace.
+    pub fn scope_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Option<&str> {
+        self.selectors
+            .get(namespace)
+            .and_then(|list| {
+                list.iter()
+                    .find(|(selector, _)| super::sidecar::selects(selector, labels))
+            })
+            .map(|(_, scope)| scope.as_str())
+            .or_else(|| {
+                self.scopes
+                    .get_key_value(namespace)
+                    .map(|(k, _)| k.as_str())
+            })
+    }
 }

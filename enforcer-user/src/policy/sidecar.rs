@@ -1,107 +1,169 @@
-//! Sidecar semantics per namespace, with Istio's precedence: the namespace's Sidecar without a
-//! workloadSelector, else the root namespace's, else the mesh. Sidecars that select workloads
-//! cannot be honoured per workload yet, so they may only tighten their namespace (fail closed).
+//! Which Sidecar applies to a workload, and what it imports, following Istio's
+//! `pilot/pkg/model/sidecar.go`: a Sidecar selecting the workload (oldest first), else the
+//! namespace's Sidecar without a selector, else the root namespace's, else the mesh defaults.
+//! A Sidecar's unset `outboundTrafficPolicy` means the mesh's, not another Sidecar's.
 
-use crate::istio::{OutboundMode, ServiceEntry, Sidecar};
+use std::{collections::BTreeMap, sync::Arc};
 
-/// What applies to one namespace.
-#[derive(Debug, Default)]
-pub struct NamespaceSidecar<'a> {
-    /// The Sidecar in force, if any.
-    pub sidecar: Option<&'a Sidecar>,
-    pub mode: OutboundMode,
-    pub notes: Vec<String>,
+use crate::istio::{OutboundMode, Sidecar};
+
+/// One egress listener: on `port` (or every port), the `namespace -> hosts` it imports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Listener {
+    port: Option<u16>,
+    hosts: BTreeMap<String, Vec<String>>,
 }
 
-pub fn for_namespace<'a>(
+/// What a Sidecar's `egress` imports, for the namespace it takes effect in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imports {
+    listeners: Vec<Listener>,
+}
+
+impl Imports {
+    fn new(sidecar: &Sidecar, config_ns: &str) -> Self {
+        let listeners = if sidecar.spec.egress.is_empty() {
+            vec![Listener {
+                port: None,
+                hosts: BTreeMap::from([("*".to_string(), vec!["*".to_string()])]),
+            }]
+        } else {
+            sidecar
+                .spec
+                .egress
+                .iter()
+                .map(|e| {
+                    let mut hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                    for pattern in &e.hosts {
+                        if let Some((ns, host)) = pattern.split_once('/') {
+                            let ns = if ns == "." { config_ns } else { ns };
+                            hosts
+                                .entry(ns.to_string())
+                                .or_default()
+                                .push(host.to_string());
+                        }
+                    }
+                    // An HTTP_PROXY listener is a generic proxy: Istio does not match its port.
+                    let port = e.port.as_ref().and_then(|p| {
+                        let proxy = p
+                            .protocol
+                            .as_deref()
+                            .is_some_and(|x| x.eq_ignore_ascii_case("HTTP_PROXY"));
+                        (!proxy && p.number != 0)
+                            .then(|| u16::try_from(p.number).ok())
+                            .flatten()
+                    });
+                    Listener { port, hosts }
+                })
+                .collect()
+        };
+        Self { listeners }
+    }
+
+    /// Whether `host` of a ServiceEntry in `se_ns` is imported on service port `port`. As in
+    /// Istio, an import naming the entry's namespace hides the `*/` imports of that listener.
+    pub fn imports(&self, se_ns: &str, host: &str, port: u16) -> bool {
+        self.listeners.iter().any(|l| {
+            l.port.is_none_or(|p| p == port)
+                && l.hosts
+                    .get(se_ns)
+                    .or_else(|| l.hosts.get("*"))
+                    .is_some_and(|patterns| patterns.iter().any(|p| host_matches(p, host)))
+        })
+    }
+
+    /// The listener ports that narrow imports, for messages.
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.iter().filter_map(|l| l.port).collect()
+    }
+}
+
+/// The Sidecar in force for one scope: a namespace, or the workloads a Sidecar selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarScope {
+    /// `namespace/name` of the Sidecar in force; `None` for the mesh defaults.
+    pub sidecar: Option<String>,
+    /// `Some` for a Sidecar that selects workloads by these labels.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: OutboundMode,
+    /// `None` imports everything visible to the namespace.
+    pub imports: Option<Arc<Imports>>,
+}
+
+impl SidecarScope {
+    fn of(sidecar: Option<&Sidecar>, ns: &str, mesh_mode: OutboundMode) -> Self {
+        Self {
+            sidecar: sidecar.map(Sidecar::id),
+            selector: sidecar
+                .and_then(|s| s.spec.workload_selector.as_ref())
+                .map(|w| w.labels.clone()),
+            mode: sidecar
+                .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
+                .and_then(|p| p.mode)
+                .unwrap_or(mesh_mode),
+            imports: sidecar.map(|s| Arc::new(Imports::new(s, ns))),
+        }
+    }
+
+    pub fn imports(&self, se_ns: &str, host: &str, port: u16) -> bool {
+        self.imports
+            .as_ref()
+            .is_none_or(|i| i.imports(se_ns, host, port))
+    }
+}
+
+/// The scopes of namespace `ns`: first its default (for workloads no Sidecar selects), then one
+/// per selecting Sidecar in precedence order. Notes say where Istio would have been ambiguous.
+pub fn scopes_for_namespace(
     ns: &str,
-    sidecars: &'a [Sidecar],
+    sidecars: &[Sidecar],
     root_namespace: &str,
     mesh_mode: OutboundMode,
-) -> NamespaceSidecar<'a> {
-    let unselected = |in_ns: &str| {
-        let mut found = sidecars
-            .iter()
-            .filter(move |s| s.namespace == in_ns && s.spec.workload_selector.is_none());
-        let first = found.next();
-        (first, found.next().is_some())
+) -> (Vec<SidecarScope>, Vec<String>) {
+    let mut in_ns: Vec<&Sidecar> = sidecars.iter().filter(|s| s.namespace == ns).collect();
+    in_ns.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+    let unselected = |list: &[&Sidecar]| -> Vec<String> {
+        list.iter()
+            .filter(|s| s.spec.workload_selector.is_none())
+            .map(|s| s.id())
+            .collect()
     };
     let mut notes = Vec::new();
-    let (own, own_ambiguous) = unselected(ns);
-    let sidecar = own.or_else(|| unselected(root_namespace).0);
-    if own_ambiguous {
+    let own: Vec<String> = unselected(&in_ns);
+    if own.len() > 1 {
         notes.push(format!(
-            "namespace {ns} has more than one Sidecar without a workloadSelector; using {}",
-            own.map(|s| s.id()).unwrap_or_default()
+            "namespace {ns} has more than one Sidecar without a workloadSelector ({}); using the oldest, {}",
+            own.join(", "),
+            own[0]
         ));
     }
-    let mut mode = sidecar
-        .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
-        .and_then(|p| p.mode)
-        .unwrap_or(mesh_mode);
-    for selecting in sidecars
+    let mut root: Vec<&Sidecar> = sidecars
         .iter()
-        .filter(|s| s.namespace == ns && s.spec.workload_selector.is_some())
-    {
-        let wants = selecting
-            .spec
-            .outbound_traffic_policy
-            .as_ref()
-            .and_then(|p| p.mode);
-        match wants {
-            Some(OutboundMode::RegistryOnly) if mode != OutboundMode::RegistryOnly => {
-                mode = OutboundMode::RegistryOnly;
-                notes.push(format!(
-                    "Sidecar {} selects workloads; per-workload policy is not enforced yet, so all of namespace {ns} is REGISTRY_ONLY (fail closed)",
-                    selecting.id()
-                ));
-            }
-            Some(_) => notes.push(format!(
-                "Sidecar {} selects workloads; per-workload policy is not enforced yet and it cannot loosen namespace {ns}",
-                selecting.id()
-            )),
-            None => {}
-        }
-    }
-    NamespaceSidecar {
-        sidecar,
-        mode,
-        notes,
-    }
-}
-
-impl NamespaceSidecar<'_> {
-    /// Whether namespace `ns` imports `se`: a Sidecar with egress hosts imports only the
-    /// entries one of its `namespace/host` patterns matches; without egress, everything visible.
-    pub fn imports(&self, ns: &str, se: &ServiceEntry) -> bool {
-        let Some(sidecar) = self.sidecar else {
-            return true;
-        };
-        if sidecar.spec.egress.is_empty() {
-            return true;
-        }
-        sidecar
-            .spec
-            .egress
+        .filter(|s| s.namespace == root_namespace && s.spec.workload_selector.is_none())
+        .collect();
+    root.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+    let default = in_ns
+        .iter()
+        .find(|s| s.spec.workload_selector.is_none())
+        .or(root.first())
+        .copied();
+    let mut scopes = vec![SidecarScope::of(default, ns, mesh_mode)];
+    scopes.extend(
+        in_ns
             .iter()
-            .flat_map(|e| &e.hosts)
-            .any(|pattern| {
-                let Some((want_ns, want_host)) = pattern.split_once('/') else {
-                    return false;
-                };
-                let ns_ok = match want_ns {
-                    "*" => true,
-                    "~" => false,
-                    "." => se.namespace == ns,
-                    other => se.namespace == other,
-                };
-                ns_ok && se.spec.hosts.iter().any(|h| host_matches(want_host, h))
-            })
-    }
+            .filter(|s| s.spec.workload_selector.is_some())
+            .map(|s| SidecarScope::of(Some(s), ns, mesh_mode)),
+    );
+    (scopes, notes)
 }
 
-/// `*` matches all; `*.example.com` matches names under it (and `*.example.com` itself); a plain
-/// name matches itself.
+/// Whether labels satisfy a selector: every selector label is present with the same value.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Istio's `SubsetOf` for an import pattern: `*` matches all; `*.example.com` matches names
+/// under it (and `*.example.com` itself); a plain name matches itself.
 fn host_matches(pattern: &str, host: &str) -> bool {
     if pattern == "*" || pattern == host {
         return true;
@@ -113,110 +175,5 @@ fn host_matches(pattern: &str, host: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sources::documents::parse_documents;
-
-    fn load(yaml: &str) -> (Vec<Sidecar>, Vec<ServiceEntry>) {
-        let snap = parse_documents("t.yaml", yaml);
-        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
-        (snap.sidecars, snap.service_entries)
-    }
-
-    const OBJECTS: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {name: default, namespace: istio-system}
-spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {name: default, namespace: legacy}
-spec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {name: default, namespace: shop}
-spec: {egress: [{hosts: ["./*", "platform/*.payments.example.com"]}]}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {name: locked, namespace: open}
-spec: {workloadSelector: {labels: {app: db}}, outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: pay, namespace: platform}
-spec: {hosts: [api.payments.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: mail, namespace: platform}
-spec: {hosts: [smtp.example.com], ports: [{number: 25, name: smtp, protocol: TCP}], resolution: DNS}
-"#;
-
-    #[test]
-    fn precedence_namespace_then_root_then_mesh() {
-        let (sidecars, _) = load(OBJECTS);
-        let mode =
-            |ns: &str, root: &str| for_namespace(ns, &sidecars, root, OutboundMode::AllowAny).mode;
-        assert_eq!(
-            mode("legacy", "istio-system"),
-            OutboundMode::AllowAny,
-            "the namespace's own Sidecar wins"
-        );
-        assert_eq!(
-            mode("frontend", "istio-system"),
-            OutboundMode::RegistryOnly,
-            "then the root namespace's"
-        );
-        assert_eq!(
-            mode("frontend", "elsewhere"),
-            OutboundMode::AllowAny,
-            "then the mesh"
-        );
-        // shop's Sidecar sets no mode: the mesh decides.
-        assert_eq!(mode("shop", "istio-system"), OutboundMode::AllowAny);
-    }
-
-    #[test]
-    fn a_selecting_sidecar_only_tightens_its_namespace() {
-        let (sidecars, _) = load(OBJECTS);
-        let open = for_namespace("open", &sidecars, "nowhere", OutboundMode::AllowAny);
-        assert_eq!(open.mode, OutboundMode::RegistryOnly);
-        assert!(open.notes[0].contains("fail closed"));
-    }
-
-    #[test]
-    fn egress_hosts_narrow_imports() {
-        let (sidecars, entries) = load(OBJECTS);
-        let shop = for_namespace(
-            "shop",
-            &sidecars,
-            "istio-system",
-            OutboundMode::RegistryOnly,
-        );
-        let (pay, mail) = (&entries[0], &entries[1]);
-        assert!(shop.imports("shop", pay), "platform/*.payments.example.com");
-        assert!(!shop.imports("shop", mail));
-        let frontend = for_namespace(
-            "frontend",
-            &sidecars,
-            "istio-system",
-            OutboundMode::RegistryOnly,
-        );
-        assert!(
-            frontend.imports("frontend", mail),
-            "no egress section: everything visible"
-        );
-    }
-
-    #[test]
-    fn host_patterns() {
-        assert!(host_matches("*", "a.b"));
-        assert!(host_matches("*.example.com", "api.example.com"));
-        assert!(!host_matches("*.example.com", "example.com"));
-        assert!(host_matches("api.example.com", "api.example.com"));
-        assert!(!host_matches("api.example.com", "www.example.com"));
-    }
-}
+#[path = "sidecar_tests.rs"]
+mod tests;

@@ -2,12 +2,16 @@
 
 use std::net::IpAddr;
 
-use super::validate::{
-    check_host, check_selector, check_unix_address, is_dns1123_label, is_partial_wildcard, Errors,
+use super::{
+    l4_of_protocol,
+    validate::{
+        check_host, check_selector, check_unix_address, is_dns1123_label, is_partial_wildcard,
+        Errors,
+    },
 };
 use crate::{
     diag::Problem,
-    istio::{OutboundMode, Sidecar, WorkloadEntry},
+    istio::{EgressListener, OutboundMode, Sidecar, WorkloadEntry},
 };
 
 pub fn validate_workload_entry(we: &WorkloadEntry) -> Vec<Problem> {
@@ -91,6 +95,7 @@ pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
             }
         }
     }
+    check_egress_ports(&spec.egress, &mut errs);
     if let Some(mode) = spec.outbound_traffic_policy.as_ref().and_then(|p| p.mode) {
         if mode == OutboundMode::Audit {
             errs.warn(
@@ -100,6 +105,52 @@ pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
         }
     }
     errs.out
+}
+
+/// Istio's listener rules: one catch-all listener (no port), last; unique ports; known protocols.
+fn check_egress_ports(listeners: &[EgressListener], errs: &mut Errors) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut catch_all = false;
+    for (i, listener) in listeners.iter().enumerate() {
+        let Some(port) = &listener.port else {
+            if catch_all {
+                errs.push(
+                    format!("spec.egress[{i}]"),
+                    "sidecar: egress can have only one listener with empty port",
+                );
+            } else if i + 1 != listeners.len() {
+                errs.push(
+                    format!("spec.egress[{i}]"),
+                    "sidecar: the egress listener with empty port should be the last listener in the list",
+                );
+            }
+            catch_all = true;
+            continue;
+        };
+        let uds = listener
+            .bind
+            .as_deref()
+            .is_some_and(|b| b.starts_with("unix://"));
+        if !(1..=65535).contains(&port.number) && !(uds && port.number == 0) {
+            errs.push(
+                format!("spec.egress[{i}].port.number"),
+                format!("{} is not a port number (1-65535)", port.number),
+            );
+        }
+        let protocol = port.protocol.as_deref();
+        if l4_of_protocol(protocol).is_none() {
+            errs.push(
+                format!("spec.egress[{i}].port.protocol"),
+                format!("unrecognized protocol {:?}", protocol.unwrap_or_default()),
+            );
+        }
+        if port.number != 0 && !seen.insert(port.number) {
+            errs.push(
+                format!("spec.egress[{i}].port.number"),
+                "sidecar: ports on IP bound listeners must be unique",
+            );
+        }
+    }
 }
 
 /// A Sidecar egress host: `namespace/dnsName`, where namespace is `.`, `*`, `~` or a name, and
@@ -127,32 +178,42 @@ fn check_import(host: &str) -> Result<(), String> {
     check_host(name)
 }
 
-/// Kubernetes label keys (optionally prefixed) and values.
+/// A Kubernetes label key: an optional DNS prefix and `/`, then a name of at most 63 characters.
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    label_part(name) && prefix.is_none_or(|p| p.split('.').all(is_dns1123_label))
+}
+
+/// A Kubernetes label value: empty, or like a label name.
+pub fn is_label_value(value: &str) -> bool {
+    value.is_empty() || label_part(value)
+}
+
+fn label_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
 fn check_labels(
     labels: &std::collections::BTreeMap<String, String>,
     field: &str,
     errs: &mut Errors,
 ) {
-    let part = |s: &str, max: usize| {
-        !s.is_empty()
-            && s.len() <= max
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
-    };
     for (key, value) in labels {
-        let name = key.rsplit('/').next().unwrap_or(key);
-        let prefix_ok = key
-            .split_once('/')
-            .is_none_or(|(p, _)| p.split('.').all(is_dns1123_label));
-        if !part(name, 63) || !prefix_ok {
+        if !is_label_key(key) {
             errs.push(
                 format!("{field}.{key}"),
                 format!("{key:?} is not a valid label key"),
             );
         }
-        if !value.is_empty() && !part(value, 63) {
+        if !is_label_value(value) {
             errs.push(
                 format!("{field}.{key}"),
                 format!("{value:?} is not a valid label value"),
@@ -274,6 +335,31 @@ mod tests {
             "Sidecar",
             "{workloadSelector: {labels: {app: web}}, outboundTrafficPolicy: {mode: ALLOW_ANY}}",
             None,
+        ),
+        (
+            "Sidecar",
+            "{egress: [{port: {number: 443, protocol: TLS, name: tls}, hosts: ['*/*']}, {hosts: ['./*']}]}",
+            None,
+        ),
+        (
+            "Sidecar",
+            "{egress: [{hosts: ['./*']}, {port: {number: 443, protocol: TLS, name: tls}, hosts: ['*/*']}]}",
+            Some("spec.egress[0]"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{port: {number: 443, protocol: TLS}, hosts: ['*/*']}, {port: {number: 443, protocol: TCP}, hosts: ['./*']}]}",
+            Some("spec.egress[1].port.number"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{port: {number: 70000, protocol: TCP}, hosts: ['*/*']}]}",
+            Some("spec.egress[0].port.number"),
+        ),
+        (
+            "Sidecar",
+            "{egress: [{port: {number: 25, protocol: SMTP}, hosts: ['*/*']}]}",
+            Some("spec.egress[0].port.protocol"),
         ),
     ];
 

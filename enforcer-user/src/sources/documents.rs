@@ -196,6 +196,7 @@ fn networking<T: DeserializeOwned>(
             name,
             spec,
             origin: origin.to_string(),
+            created: meta.creation_timestamp.clone(),
         }),
         Err((field, message)) => {
             problems.push(Problem::new(
