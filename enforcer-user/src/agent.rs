@@ -97,18 +97,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             log::warn!("{err}");
         }
         if dirty || dns_report.changed {
-            let mut desired = compile(&cfg, &sources, &assignments, &resolver);
+            let desired = compile(&cfg, &sources, &assignments, &resolver);
             generation += 1;
             let complete = apply(&mut dp, &desired, &assignments, &explainer)?;
             for note in &desired.notes {
                 log::warn!("{note}");
             }
             write_status(&cfg, generation, &sources, &desired, &resolver);
-            // Moved, not cloned: at 100,000 entries this index is the agent's largest structure.
-            explainer
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .hosts_by_ip = std::mem::take(&mut desired.hosts_by_ip);
+            // Moved, not cloned: at 100,000 entries this is the agent's largest structure.
+            explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::new(desired);
             // After a partial failure, try again at the next tick.
             dirty = !complete;
         }
@@ -292,7 +289,7 @@ fn apply(
         started.elapsed()
     );
     let mut ex = explainer.write().unwrap_or_else(|p| p.into_inner());
-    ex.namespaces = dp
+    ex.scopes = dp
         .scope_ids()
         .iter()
         .map(|(ns, id)| (*id, ns.clone()))

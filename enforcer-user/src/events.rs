@@ -3,7 +3,6 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    net::IpAddr,
     path::PathBuf,
     sync::{Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
@@ -15,16 +14,18 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    net::{from_key_bytes, SocketFmt},
-    policy::{HostRef, L4},
+    net::from_key_bytes,
+    policy::{decide, Desired, L4},
 };
 
 /// What the agent knows that turns an id-only kernel record into a readable one.
 #[derive(Debug, Default)]
 pub struct Explainer {
-    pub namespaces: BTreeMap<u32, String>,
+    /// Scope id to scope name.
+    pub scopes: BTreeMap<u32, String>,
     pub cgroups: BTreeMap<u64, PathBuf>,
-    pub hosts_by_ip: BTreeMap<IpAddr, Vec<Arc<HostRef>>>,
+    /// The state the kernel maps were last brought to.
+    pub desired: Arc<Desired>,
 }
 
 #[derive(Debug, Serialize)]
@@ -33,6 +34,8 @@ pub struct DenyRecord {
     /// `denied`, or `audit` for what REGISTRY_ONLY would have refused.
     pub verdict: &'static str,
     pub namespace: String,
+    /// The Sidecar in force for the workload, if any.
+    pub sidecar: Option<String>,
     pub pid: u32,
     pub comm: String,
     pub cgroup: String,
@@ -46,42 +49,28 @@ pub struct DenyRecord {
 impl Explainer {
     pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
         let ip = from_key_bytes(ev.addr);
-        let namespace = self
-            .namespaces
+        let scope = self
+            .scopes
             .get(&ev.scope)
             .cloned()
             .unwrap_or_else(|| format!("scope-{}", ev.scope));
-        let proto = L4::from_ip_proto(ev.proto)
-            .map_or_else(|| format!("ip-proto-{}", ev.proto), |l4| l4.to_string());
-        let refs = self.hosts_by_ip.get(&ip);
-        let host = refs.and_then(|r| r.iter().next()).map(|r| r.host.clone());
-
-        let mut reason = format!(
-            "no ServiceEntry visible to namespace {namespace} allows {}/{proto}",
-            SocketFmt(ip, ev.port)
+        let policy = self.desired.scopes.get(&scope);
+        let namespace = policy.map_or_else(
+            || scope.split('/').next().unwrap_or_default().to_string(),
+            |p| p.namespace.clone(),
         );
-        if let Some(refs) = refs {
-            for r in refs {
-                let visible = r
-                    .visible_to
-                    .as_ref()
-                    .is_none_or(|set| set.contains(&namespace));
-                if visible {
-                    reason.push_str(&format!(
-                        "; ServiceEntry {} declares {} on other ports or protocols",
-                        r.service_entry, r.host
-                    ));
-                } else {
-                    let to: Vec<&str> = r.visible_to.iter().flatten().map(String::as_str).collect();
-                    reason.push_str(&format!(
-                        "; {} is declared by ServiceEntry {}, exported only to [{}]",
-                        r.host,
-                        r.service_entry,
-                        to.join(", ")
-                    ));
-                }
-            }
-        }
+        let l4 = L4::from_ip_proto(ev.proto);
+        let proto = l4.map_or_else(|| format!("ip-proto-{}", ev.proto), |l4| l4.to_string());
+        let host = self
+            .desired
+            .hosts_by_ip
+            .get(&ip)
+            .and_then(|r| r.first())
+            .map(|r| r.host.clone());
+        let mut reason = match l4 {
+            Some(l4) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
+            None => format!("protocol {} is never allowed by a ServiceEntry", ev.proto),
+        };
         let audit = ev.verdict == verdict::AUDIT;
         if audit {
             reason = format!("AUDIT: REGISTRY_ONLY would refuse this: {reason}");
@@ -93,6 +82,7 @@ impl Explainer {
                 .unwrap_or_default(),
             verdict: if audit { "audit" } else { "denied" },
             namespace,
+            sidecar: policy.and_then(|p| p.sidecar.clone()),
             pid: ev.pid,
             comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
                 .into_owned(),
@@ -144,10 +134,18 @@ mod tests {
 
     #[test]
     fn explains_a_refusal_with_the_host_and_its_export() {
-        let ip: IpAddr = "198.51.100.20".parse().unwrap();
-        let mut ex = Explainer::default();
-        ex.namespaces.insert(2, "default".into());
-        ex.hosts_by_ip
+        use crate::policy::{HostRef, ScopePolicy};
+        let ip: std::net::IpAddr = "198.51.100.20".parse().unwrap();
+        let mut desired = Desired::default();
+        desired.scopes.insert(
+            "default".into(),
+            ScopePolicy {
+                namespace: "default".into(),
+                ..ScopePolicy::default()
+            },
+        );
+        desired
+            .hosts_by_ip
             .entry(ip)
             .or_default()
             .push(Arc::new(HostRef {
@@ -155,6 +153,11 @@ mod tests {
                 service_entry: "frontend/postgres-db".into(),
                 visible_to: Some(["frontend".to_string()].into()),
             }));
+        let mut ex = Explainer {
+            desired: Arc::new(desired),
+            ..Explainer::default()
+        };
+        ex.scopes.insert(2, "default".into());
         let ev = DenyEvent {
             ts_ns: 0,
             cgroup_id: 42,

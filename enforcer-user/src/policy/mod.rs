@@ -4,6 +4,7 @@
 
 pub mod check;
 mod compile;
+pub mod decide;
 mod model;
 pub mod sidecar;
 mod validate;

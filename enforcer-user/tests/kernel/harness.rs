@@ -244,19 +244,25 @@ impl Agent {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Runs `probe.py` through `enforcer exec` in namespace `ns`.
-    pub fn probe(&self, ns: &str, kind: &str, host: &str, port: u16) -> Outcome {
-        let out = Command::new(ENFORCER)
-            .args([
-                "exec",
-                "--namespace",
-                ns,
-                "--bpffs-root",
-                &self.pin_root,
-                "--cgroup-parent",
-                &self.cgroup_parent,
-                "--",
-            ])
+    /// Runs `probe.py` through `enforcer exec` as a workload: `ns`, or `ns:k=v,k2=v2` for a
+    /// workload with labels.
+    pub fn probe(&self, workload: &str, kind: &str, host: &str, port: u16) -> Outcome {
+        let (ns, labels) = workload.split_once(':').unwrap_or((workload, ""));
+        let mut cmd = Command::new(ENFORCER);
+        cmd.args([
+            "exec",
+            "--namespace",
+            ns,
+            "--bpffs-root",
+            &self.pin_root,
+            "--cgroup-parent",
+            &self.cgroup_parent,
+        ]);
+        if !labels.is_empty() {
+            cmd.args(["--label", labels]);
+        }
+        let out = cmd
+            .arg("--")
             .arg(python())
             .arg(script("probe.py"))
             .args([kind, host, &port.to_string()])

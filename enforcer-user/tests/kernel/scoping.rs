@@ -285,3 +285,94 @@ spec: {egress: [{hosts: ["platform/api.example.com"]}]}
     check(&agent, "default", "tcp", "203.0.113.30", 80, Denied);
     check(&agent, "legacy", "tcp", "203.0.113.30", 80, Allowed);
 }
+
+/// A Sidecar that selects workloads by label governs those workloads only, and a listener with a
+/// port imports its hosts on that port only.
+#[test]
+fn workload_sidecars_select_by_label_and_listeners_by_port() {
+    let world = World::new("wlsidecar");
+    let _hosts = Hosts::new(&world);
+    world.write_policy(
+        "shop.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [198.51.100.10]
+  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: web, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: web}}
+  egress:
+  - port: {number: 443, protocol: HTTPS, name: https}
+    hosts: ["./api.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: batch, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: batch}}
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+"#,
+    );
+    let mesh = registry_only(&world);
+    let agent = Agent::start(&world, &["--mesh-config", &mesh, "--namespace", "shop"]);
+
+    // Unlabelled workloads: the namespace's scope, both ports of the entry, nothing else.
+    check(&agent, "shop", "tcp", "198.51.100.10", 443, Allowed);
+    check(&agent, "shop", "tcp", "198.51.100.10", 80, Allowed);
+    check(&agent, "shop", "tcp", "203.0.113.30", 80, Denied);
+    // app=web: only the 443 listener imports the entry.
+    check(&agent, "shop:app=web", "tcp", "198.51.100.10", 443, Allowed);
+    check(
+        &agent,
+        "shop:app=web,version=v2",
+        "tcp",
+        "198.51.100.10",
+        80,
+        Denied,
+    );
+    // app=batch: ALLOW_ANY for that workload only.
+    check(&agent, "shop:app=batch", "tcp", "203.0.113.30", 80, Allowed);
+    check(&agent, "shop:app=other", "tcp", "203.0.113.30", 80, Denied);
+
+    let denial = agent
+        .denials()
+        .into_iter()
+        .find(|d| d["sidecar"] == "shop/web")
+        .expect("a refusal record for the web workload");
+    let reason = denial["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("does not import shop/api.example.com on port 80"),
+        "{denial}"
+    );
+    assert!(
+        denial["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("/shop/app=web,version=v2")),
+        "{denial}"
+    );
+
+    // Deleting the Sidecar puts its workloads back in the namespace's scope, live.
+    world.write_policy(
+        "shop.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [198.51.100.10]
+  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+"#,
+    );
+    agent.eventually("shop:app=web", "tcp", "198.51.100.10", 80, Allowed);
+    agent.eventually("shop:app=batch", "tcp", "203.0.113.30", 80, Denied);
+}
