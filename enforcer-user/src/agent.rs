@@ -12,17 +12,16 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::IpNet;
-use serde::Serialize;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, plan, Datapath},
     events::{self, Explainer},
-    istio::{OutboundMode, ServiceEntry, Sidecar, WorkloadEntry},
-    policy::{self, Desired, MeshSettings},
+    policy::{self, Desired},
     resolver::{DnsSettings, Resolver},
-    sources::{files, Snapshot},
+    sources::{files, Sources},
+    status::{Inputs, Status},
 };
 
 #[derive(Clone, Debug)]
@@ -38,27 +37,8 @@ pub struct AgentConfig {
     pub root_namespace: String,
     /// Namespaces whose cgroups are created at start, before any `enforcer exec`.
     pub namespaces: Vec<String>,
-    /// Written (JSON) after every apply: generation, problems and notes.
-    pub status_file: Option<PathBuf>,
-}
-
-/// The sources, validated: what the compiler needs besides DNS answers and cgroups.
-struct Sources {
-    entries: Vec<ServiceEntry>,
-    workloads: Vec<WorkloadEntry>,
-    sidecars: Vec<Sidecar>,
-    mesh: MeshSettings,
-    problems: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Status<'a> {
-    generation: u64,
-    service_entries: usize,
-    namespaces: BTreeMap<&'a str, String>,
-    problems: &'a [String],
-    notes: &'a [String],
-    dns: Vec<String>,
+    /// Written (JSON) after every apply: generation, problems, notes and inputs.
+    pub status_file: PathBuf,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -97,13 +77,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             log::warn!("{err}");
         }
         if dirty || dns_report.changed {
-            let desired = compile(&cfg, &sources, &assignments, &resolver);
+            let inputs = inputs(&cfg, &assignments, &resolver);
+            let desired = sources.compile(&inputs);
             generation += 1;
             let complete = apply(&mut dp, &desired, &assignments, &explainer)?;
             for note in &desired.notes {
                 log::warn!("{note}");
             }
-            write_status(&cfg, generation, &sources, &desired, &resolver);
+            write_status(&cfg, generation, &sources, &desired, inputs, &resolver);
             // Moved, not cloned: at 100,000 entries this is the agent's largest structure.
             explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::new(desired);
             // After a partial failure, try again at the next tick.
@@ -152,99 +133,15 @@ fn rediscover(cfg: &AgentConfig, assignments: &mut BTreeMap<u64, Assignment>) ->
 }
 
 fn load_sources(cfg: &AgentConfig) -> Sources {
-    let mut snap = files::load_dir(&cfg.policies);
-    if let Some(path) = &cfg.mesh_config {
-        snap.merge(files::load_mesh_file(path));
-    }
-    for ignored in &snap.ignored {
-        log::info!("{ignored}");
-    }
-    validate(snap)
+    Sources::load(&cfg.policies, cfg.mesh_config.as_deref())
 }
 
-/// Keeps the valid objects; every problem is logged with its file, object and field.
-fn validate(snap: Snapshot) -> Sources {
-    let checked = policy::check::check(snap);
-    let mut problems: Vec<String> = Vec::new();
-    for p in &checked.problems {
-        if p.is_error() {
-            log::error!("{p}");
-            problems.push(p.to_string());
-        } else {
-            log::warn!("{p}");
-            problems.push(format!("warning: {p}"));
-        }
-    }
-    let mut errors = Vec::new();
-    let mesh = match checked.mesh.as_slice() {
-        [] if checked.mesh_unreadable => {
-            errors.push(
-                "the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed"
-                    .to_string(),
-            );
-            MeshSettings {
-                mode: OutboundMode::RegistryOnly,
-                ..MeshSettings::default()
-            }
-        }
-        [] => MeshSettings::default(),
-        [(origin, mesh)] => {
-            let mut settings = MeshSettings {
-                mode: mesh.mode(),
-                ..MeshSettings::default()
-            };
-            if let Some(list) = &mesh.default_service_export_to {
-                let errs = policy::export_to_errors(list);
-                if errs.is_empty() {
-                    settings.default_export_to = list.clone();
-                } else {
-                    errors.extend(
-                        errs.iter()
-                            .map(|e| format!("{origin}: defaultServiceExportTo: {e}")),
-                    );
-                }
-            }
-            settings
-        }
-        many => {
-            let origins: Vec<&str> = many.iter().map(|(o, _)| o.as_str()).collect();
-            errors.push(format!(
-                "more than one mesh config ({}); enforcing REGISTRY_ONLY until one remains",
-                origins.join(", ")
-            ));
-            MeshSettings {
-                mode: OutboundMode::RegistryOnly,
-                ..MeshSettings::default()
-            }
-        }
-    };
-    for e in &errors {
-        log::error!("{e}");
-    }
-    problems.extend(errors);
-    log::info!(
-        "policy: {} ServiceEntries, {} WorkloadEntries, {} Sidecars, mesh mode {}, {} problems",
-        checked.service_entries.len(),
-        checked.workload_entries.len(),
-        checked.sidecars.len(),
-        mesh.mode,
-        problems.len()
-    );
-    Sources {
-        entries: checked.service_entries,
-        workloads: checked.workload_entries,
-        sidecars: checked.sidecars,
-        mesh,
-        problems,
-    }
-}
-
-fn compile(
+/// What the compiler needs besides the policy files; kept in the status for `explain`.
+fn inputs(
     cfg: &AgentConfig,
-    sources: &Sources,
     assignments: &BTreeMap<u64, Assignment>,
     resolver: &Resolver,
-) -> Desired {
+) -> Inputs {
     let mut namespaces: BTreeSet<String> =
         assignments.values().map(|a| a.namespace.clone()).collect();
     namespaces.extend(cfg.namespaces.iter().cloned());
@@ -252,18 +149,16 @@ fn compile(
     if let Some(server) = cfg.dns.server {
         dns_servers.push(server.ip());
     }
-    policy::compile(&policy::Inputs {
-        service_entries: &sources.entries,
-        mesh: &sources.mesh,
-        namespaces: &namespaces,
-        dns: &resolver.answers(),
-        dns_servers: &dns_servers,
-        allow_cidrs: &cfg.allow_cidrs,
+    Inputs {
+        policies: cfg.policies.clone(),
+        mesh_config: cfg.mesh_config.clone(),
+        root_namespace: cfg.root_namespace.clone(),
         istio_compat: cfg.istio_compat,
-        sidecars: &sources.sidecars,
-        workload_entries: &sources.workloads,
-        root_namespace: &cfg.root_namespace,
-    })
+        allow_cidrs: cfg.allow_cidrs.clone(),
+        dns_servers,
+        namespaces,
+        answers: resolver.answers(),
+    }
 }
 
 fn apply(
@@ -306,27 +201,23 @@ fn write_status(
     generation: u64,
     sources: &Sources,
     desired: &Desired,
+    inputs: Inputs,
     resolver: &Resolver,
 ) {
-    let Some(path) = &cfg.status_file else { return };
     let status = Status {
         generation,
         service_entries: sources.entries.len(),
-        namespaces: desired
+        scopes: desired
             .scopes
             .iter()
-            .map(|(ns, s)| (ns.as_str(), s.mode.to_string()))
+            .map(|(name, s)| (name.clone(), s.mode.to_string()))
             .collect(),
-        problems: &sources.problems,
-        notes: &desired.notes,
+        problems: sources.problems.clone(),
+        notes: desired.notes.clone(),
         dns: resolver.describe(),
+        inputs,
     };
-    let tmp = path.with_extension("tmp");
-    let written = serde_json::to_vec_pretty(&status)
-        .map_err(anyhow::Error::from)
-        .and_then(|bytes| Ok(std::fs::write(&tmp, bytes)?))
-        .and_then(|()| Ok(std::fs::rename(&tmp, path)?));
-    if let Err(err) = written {
-        log::warn!("writing status file {}: {err:#}", path.display());
+    if let Err(err) = status.write(&cfg.status_file) {
+        log::warn!("writing status file {}: {err:#}", cfg.status_file.display());
     }
 }

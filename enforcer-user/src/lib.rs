@@ -11,3 +11,4 @@ pub mod net;
 pub mod policy;
 pub mod resolver;
 pub mod sources;
+pub mod status;

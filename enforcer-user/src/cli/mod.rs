@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 mod exec;
+mod explain;
 mod run;
 mod teardown;
 mod validate;
@@ -32,6 +33,8 @@ enum Command {
     Teardown(teardown::TeardownArgs),
     /// Check ServiceEntry, WorkloadEntry and Sidecar files with Istio's rules.
     Validate(validate::ValidateArgs),
+    /// Say whether a connection is allowed right now, and why (exit 0 allowed, 1 refused).
+    Explain(explain::ExplainArgs),
 }
 
 /// Where the agent keeps its state; agents and commands that share these see each other.
@@ -65,5 +68,10 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Exec(args) => exec::exec(args),
         Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
         Command::Validate(args) => validate::validate(args),
+        // Exit 1 means refused, so errors take 2.
+        Command::Explain(args) => explain::explain(args).or_else(|err| {
+            eprintln!("enforcer explain: {err:#}");
+            Ok(2)
+        }),
     }
 }

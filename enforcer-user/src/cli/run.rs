@@ -56,9 +56,10 @@ pub struct RunArgs {
     /// Capacity of the CIDR allow trie (used when the maps are first created).
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     max_cidr_entries: u32,
-    /// Write a JSON status (generation, problems, DNS answers) here after every change.
-    #[arg(long, value_name = "FILE")]
-    status_file: Option<PathBuf>,
+    /// Write a JSON status (generation, problems, DNS answers, inputs) here after every change;
+    /// `enforcer explain` reads it.
+    #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
+    status_file: PathBuf,
     #[command(flatten)]
     placement: Placement,
 }

@@ -5,6 +5,7 @@
 //! beside the old ones (multi-attach), and only then are the old links unpinned and detached.
 
 pub mod bpffs;
+pub mod inspect;
 pub mod plan;
 mod sync;
 

@@ -165,6 +165,29 @@ impl Resolver {
         report
     }
 
+    /// Resolves each name once, for commands (`explain`, `analyze`): its addresses or the error.
+    pub async fn resolve_once(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> BTreeMap<String, Result<Vec<IpAddr>, String>> {
+        let mut lookups = JoinSet::new();
+        for name in names {
+            let inner = Arc::clone(&self.inner);
+            let name = name.clone();
+            lookups.spawn(async move {
+                let result = lookup(&inner, &name).await.map(|(ips, _)| ips);
+                (name, result)
+            });
+        }
+        let mut out = BTreeMap::new();
+        while let Some(joined) = lookups.join_next().await {
+            if let Ok((name, result)) = joined {
+                out.insert(name, result);
+            }
+        }
+        out
+    }
+
     /// When the next answer is due for refresh, or a superseded address leaves.
     pub fn next_refresh(&self) -> Option<Instant> {
         self.answers

@@ -17,6 +17,18 @@ pub struct Lifetimes {
 
 pub const DEFAULT_GRACE_FLOOR: Duration = Duration::from_secs(120);
 
+impl Default for Lifetimes {
+    /// The agent's defaults.
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
+            grace: None,
+            max_ips: 1000,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct HostRecord {
     current: Vec<IpAddr>,

@@ -3,6 +3,9 @@
 
 pub mod documents;
 pub mod files;
+mod validated;
+
+pub use validated::Sources;
 
 use crate::{
     diag::Problem,

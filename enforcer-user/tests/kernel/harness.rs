@@ -210,6 +210,29 @@ impl Agent {
         });
     }
 
+    /// Runs `enforcer explain` against this agent; returns the exit code and stdout.
+    pub fn explain(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(ENFORCER)
+            .arg("explain")
+            .args([
+                "--bpffs-root",
+                &self.pin_root,
+                "--cgroup-parent",
+                &self.cgroup_parent,
+            ])
+            .arg("--status-file")
+            .arg(&self.status)
+            .args(args)
+            .output()
+            .expect("running enforcer explain");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
     /// Stops the agent as an operator would (SIGTERM); what is pinned stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,0 +1,278 @@
+//! `enforcer explain`: is this connection allowed right now, and why.
+//!
+//! The policy is compiled again from the agent's own inputs (its status file names the policy
+//! directory and holds its DNS answers), or from `--policies`. When pinned maps exist, the
+//! kernel's entries are looked up too, and a disagreement is reported.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use ipnet::IpNet;
+
+use super::Placement;
+use crate::{
+    cgroup,
+    datapath::{
+        inspect::{KernelMatch, LiveMaps},
+        plan::mode_value,
+    },
+    policy::{
+        decide::{decide, Decision},
+        dns_names, Desired, L4,
+    },
+    resolver::{DnsSettings, Resolver},
+    sources::Sources,
+    status::{Inputs, Status, DEFAULT_PATH},
+};
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Namespace of the connecting workload.
+    #[arg(long, short = 'n', value_name = "NS")]
+    namespace: String,
+    /// The workload's labels, which select Sidecars (`app=web,version=v2`).
+    #[arg(long, value_name = "LABELS", value_parser = cgroup::parse_labels)]
+    workload: Option<BTreeMap<String, String>>,
+    /// Destination: `host:port`, `ip:port` or `[ipv6]:port`.
+    #[arg(value_name = "HOST_OR_IP:PORT")]
+    target: String,
+    /// UDP instead of TCP.
+    #[arg(long)]
+    udp: bool,
+    /// Compile from this directory instead of the running agent's inputs.
+    #[arg(long, value_name = "DIR")]
+    policies: Option<PathBuf>,
+    /// With --policies: the mesh config.
+    #[arg(long, value_name = "FILE")]
+    mesh_config: Option<PathBuf>,
+    /// With --policies: the root namespace.
+    #[arg(long, value_name = "NS", default_value = "istio-system")]
+    root_namespace: String,
+    /// With --policies: Istio's reading of `resolution: NONE` without addresses.
+    #[arg(long)]
+    istio_compat: bool,
+    /// With --policies: always-allowed CIDRs, as given to the agent.
+    #[arg(long, value_name = "CIDR")]
+    allow_cidr: Vec<IpNet>,
+    /// DNS server for names the agent has no answer for [default: the system's].
+    #[arg(long, value_name = "IP:PORT")]
+    dns_server: Option<SocketAddr>,
+    /// The running agent's status file.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_PATH)]
+    status_file: PathBuf,
+    #[command(flatten)]
+    placement: Placement,
+}
+
+/// Exit 0 when every address of the target is allowed, 1 when any is refused.
+pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
+    let (host, port) = parse_target(&args.target)?;
+    let l4 = if args.udp { L4::Udp } else { L4::Tcp };
+    let labels = args.workload.clone().unwrap_or_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let resolver = Resolver::new(DnsSettings {
+        server: args.dns_server,
+        lifetimes: Default::default(),
+    })?;
+    let (mut inputs, source) = inputs(&args)?;
+    inputs.namespaces.insert(args.namespace.clone());
+    let sources = Sources::load(&inputs.policies, inputs.mesh_config.as_deref());
+    if args.policies.is_some() {
+        let names = dns_names(&sources.entries, &sources.workloads, inputs.istio_compat);
+        for (name, answer) in runtime.block_on(resolver.resolve_once(&names)) {
+            match answer {
+                Ok(ips) => {
+                    inputs.answers.insert(name, ips);
+                }
+                Err(err) => {
+                    eprintln!("note: {name} does not resolve ({err}); nothing is allowed for it")
+                }
+            }
+        }
+    }
+    let desired = sources.compile(&inputs);
+
+    let ips = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => match inputs.answers.get(&host) {
+            Some(ips) if !ips.is_empty() => ips.clone(),
+            _ => {
+                let names = BTreeSet::from([host.clone()]);
+                match runtime
+                    .block_on(resolver.resolve_once(&names))
+                    .remove(&host)
+                {
+                    Some(Ok(ips)) if !ips.is_empty() => ips,
+                    Some(Err(err)) => bail!("{host} does not resolve: {err}"),
+                    _ => bail!("{host} does not resolve"),
+                }
+            }
+        },
+    };
+
+    let scope = desired
+        .scope_for(&args.namespace, &labels)
+        .unwrap_or(&args.namespace)
+        .to_string();
+    println!("{}", header(&desired, &args.namespace, &labels, &scope));
+    println!("policy: {source}");
+    let live = LiveMaps::open(&args.placement.pin_root())?;
+    let mut all_allowed = true;
+    for ip in ips {
+        let decision = decide(&desired, &scope, ip, port, l4);
+        all_allowed &= decision.allowed;
+        println!(
+            "  {}: {}",
+            crate::net::SocketFmt(ip, port),
+            decision.describe()
+        );
+        if let Some(live) = &live {
+            println!(
+                "    kernel: {}",
+                kernel_view(live, &scope, &decision, ip, port, l4)
+            );
+        }
+    }
+    if live.is_none() {
+        println!(
+            "kernel: no agent maps are pinned at {}; nothing is enforced now",
+            args.placement.pin_root().display()
+        );
+    }
+    Ok(if all_allowed { 0 } else { 1 })
+}
+
+/// The agent's inputs from its status file, or the command line's with `--policies`.
+fn inputs(args: &ExplainArgs) -> anyhow::Result<(Inputs, String)> {
+    if let Some(policies) = &args.policies {
+        let policies = std::fs::canonicalize(policies)
+            .with_context(|| format!("--policies {}", policies.display()))?;
+        let inputs = Inputs {
+            policies: policies.clone(),
+            mesh_config: args.mesh_config.clone(),
+            root_namespace: args.root_namespace.clone(),
+            istio_compat: args.istio_compat,
+            allow_cidrs: args.allow_cidr.clone(),
+            dns_servers: args.dns_server.map(|s| s.ip()).into_iter().collect(),
+            ..Inputs::default()
+        };
+        return Ok((inputs, format!("compiled from {}", policies.display())));
+    }
+    let status = Status::read(&args.status_file).context(
+        "no running agent's status to explain from; pass --policies DIR (or --status-file)",
+    )?;
+    let source = format!(
+        "the agent's inputs (generation {}, {})",
+        status.generation,
+        status.inputs.policies.display()
+    );
+    Ok((status.inputs, source))
+}
+
+fn header(d: &Desired, ns: &str, labels: &BTreeMap<String, String>, scope: &str) -> String {
+    let workload = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", workload {}", cgroup::encode_labels(labels))
+    };
+    match d.scopes.get(scope) {
+        Some(p) => format!(
+            "namespace {ns}{workload}: mode {}, {}",
+            p.mode,
+            p.sidecar
+                .as_ref()
+                .map_or("no Sidecar".to_string(), |s| format!("Sidecar {s}"))
+        ),
+        None => format!("namespace {ns}{workload}: not known to the policy"),
+    }
+}
+
+/// What the pinned maps say, and whether it agrees with the compiled decision.
+fn kernel_view(
+    live: &LiveMaps,
+    scope: &str,
+    decision: &Decision,
+    ip: IpAddr,
+    port: u16,
+    l4: L4,
+) -> String {
+    let Some(id) = live.scope_id(scope) else {
+        return "no scope of this name in the maps yet (no workload of it has run)".to_string();
+    };
+    let found = live.lookup(id, ip, port, l4);
+    let entry = match found {
+        KernelMatch::Exact => "an exact allow entry",
+        KernelMatch::Cidr => "a CIDR allow entry",
+        KernelMatch::Global => "a global allow entry",
+        KernelMatch::None => "no allow entry",
+    };
+    let modes = live.modes_of(id);
+    let allowed = match modes.as_slice() {
+        [] => {
+            return format!(
+                "{entry} for scope {scope} (id {id}); no cgroup of this scope is mapped now"
+            )
+        }
+        [mode] => *mode != enforcer_common::mode::REGISTRY_ONLY || found != KernelMatch::None,
+        _ => return format!("{entry}; cgroups of scope {scope} disagree on the mode: {modes:?}"),
+    };
+    let expected_mode = decision.mode.map(mode_value);
+    let agrees = allowed == decision.allowed && expected_mode == modes.first().copied();
+    format!(
+        "{entry} for scope {scope} (id {id}), so {}{}",
+        if allowed { "allowed" } else { "refused" },
+        if agrees {
+            ""
+        } else {
+            "; this DISAGREES with the policy files (the agent may not have applied a change yet)"
+        }
+    )
+}
+
+/// `host:port`, `1.2.3.4:port` or `[2001:db8::1]:port`.
+fn parse_target(target: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .with_context(|| format!("{target:?} is not HOST_OR_IP:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .with_context(|| format!("{port:?} is not a port number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        bail!("{target:?} has no host");
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("db.example.com:5432").unwrap(),
+            ("db.example.com".into(), 5432)
+        );
+        assert_eq!(
+            parse_target("[2001:db8::10]:443").unwrap(),
+            ("2001:db8::10".into(), 443)
+        );
+        assert_eq!(
+            parse_target("198.51.100.20:80").unwrap(),
+            ("198.51.100.20".into(), 80)
+        );
+        assert!(parse_target("db.example.com").is_err());
+        assert!(parse_target("db.example.com:0").is_err());
+        assert!(parse_target(":80").is_err());
+    }
+}

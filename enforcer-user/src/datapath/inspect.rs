@@ -1,0 +1,102 @@
+//! Read-only lookups in a running agent's pinned maps, made as the kernel programs make them.
+
+use std::{net::IpAddr, path::Path};
+
+use anyhow::Context as _;
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use enforcer_common::{
+    map_names, proto, CgroupScope, PolicyKey, ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+};
+
+use crate::{net::key_bytes, policy::L4};
+
+/// Which kernel map entry allows a connection, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelMatch {
+    Exact,
+    /// A CIDR entry of the scope.
+    Cidr,
+    /// Loopback or `--allow-cidr`.
+    Global,
+    None,
+}
+
+pub struct LiveMaps {
+    cgroups: HashMap<MapData, u64, CgroupScope>,
+    exact: HashMap<MapData, PolicyKey, u32>,
+    cidr: LpmTrie<MapData, PolicyKey, u32>,
+    names: HashMap<MapData, ScopeName, u32>,
+}
+
+fn open(pin_root: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_root.join("maps").join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+impl LiveMaps {
+    /// `None` when no agent has pinned maps under `pin_root`.
+    pub fn open(pin_root: &Path) -> anyhow::Result<Option<Self>> {
+        if !pin_root.join("maps").join(map_names::ALLOW_EXACT).exists() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            cgroups: HashMap::try_from(Map::HashMap(open(pin_root, map_names::CGROUPS)?))?,
+            exact: HashMap::try_from(Map::HashMap(open(pin_root, map_names::ALLOW_EXACT)?))?,
+            cidr: LpmTrie::try_from(Map::LpmTrie(open(pin_root, map_names::ALLOW_CIDR)?))?,
+            names: HashMap::try_from(Map::HashMap(open(pin_root, map_names::SCOPE_NAMES)?))?,
+        }))
+    }
+
+    pub fn scope_id(&self, scope: &str) -> Option<u32> {
+        let mut key = ScopeName { name: [0; 64] };
+        if scope.len() >= key.name.len() {
+            return None;
+        }
+        key.name[..scope.len()].copy_from_slice(scope.as_bytes());
+        self.names.get(&key, 0).ok()
+    }
+
+    /// The modes the kernel holds for cgroups of this scope (normally one).
+    pub fn modes_of(&self, scope_id: u32) -> Vec<u32> {
+        let mut modes: Vec<u32> = self
+            .cgroups
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| s.scope == scope_id)
+            .map(|(_, s)| s.mode)
+            .collect();
+        modes.sort_unstable();
+        modes.dedup();
+        modes
+    }
+
+    /// The lookups of the connect programs, in their order.
+    pub fn lookup(&self, scope_id: u32, ip: IpAddr, port: u16, l4: L4) -> KernelMatch {
+        let addr = key_bytes(crate::policy::canonical_ip(ip));
+        let key = PolicyKey {
+            scope: scope_id,
+            port,
+            proto: l4.ip_proto(),
+            pad: 0,
+            addr,
+        };
+        if self.exact.get(&key, 0).is_ok() {
+            return KernelMatch::Exact;
+        }
+        let full = POLICY_KEY_HEADER_BITS + 128;
+        if self.cidr.get(&Key::new(full, key), 0).is_ok() {
+            return KernelMatch::Cidr;
+        }
+        let global = PolicyKey {
+            scope: GLOBAL_SCOPE,
+            port: 0,
+            proto: proto::ANY,
+            pad: 0,
+            addr,
+        };
+        if self.cidr.get(&Key::new(full, global), 0).is_ok() {
+            return KernelMatch::Global;
+        }
+        KernelMatch::None
+    }
+}

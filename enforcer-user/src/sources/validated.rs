@@ -1,0 +1,129 @@
+//! The policy sources read and validated: what the compiler needs besides DNS answers and
+//! cgroups. Shared by the agent, `explain` and `analyze`.
+
+use std::path::Path;
+
+use super::files;
+use crate::{
+    istio::{OutboundMode, ServiceEntry, Sidecar, WorkloadEntry},
+    policy::{self, Desired, MeshSettings},
+    sources::Snapshot,
+    status::Inputs,
+};
+
+/// The sources, validated: what the compiler needs besides DNS answers and cgroups.
+pub struct Sources {
+    pub entries: Vec<ServiceEntry>,
+    pub workloads: Vec<WorkloadEntry>,
+    pub sidecars: Vec<Sidecar>,
+    pub mesh: MeshSettings,
+    pub problems: Vec<String>,
+}
+
+impl Sources {
+    /// Reads and validates a policy directory and an optional mesh config file, logging each
+    /// problem.
+    pub fn load(policies: &Path, mesh_config: Option<&Path>) -> Self {
+        let mut snap = files::load_dir(policies);
+        if let Some(path) = mesh_config {
+            snap.merge(files::load_mesh_file(path));
+        }
+        for ignored in &snap.ignored {
+            log::info!("{ignored}");
+        }
+        validate(snap)
+    }
+
+    /// Compiles these sources with the other inputs.
+    pub fn compile(&self, inputs: &Inputs) -> Desired {
+        policy::compile(&policy::Inputs {
+            service_entries: &self.entries,
+            mesh: &self.mesh,
+            namespaces: &inputs.namespaces,
+            dns: &inputs.answers,
+            dns_servers: &inputs.dns_servers,
+            allow_cidrs: &inputs.allow_cidrs,
+            istio_compat: inputs.istio_compat,
+            sidecars: &self.sidecars,
+            workload_entries: &self.workloads,
+            root_namespace: &inputs.root_namespace,
+        })
+    }
+}
+
+/// Keeps the valid objects; every problem is logged with its file, object and field.
+fn validate(snap: Snapshot) -> Sources {
+    let checked = policy::check::check(snap);
+    let mut problems: Vec<String> = Vec::new();
+    for p in &checked.problems {
+        if p.is_error() {
+            log::error!("{p}");
+            problems.push(p.to_string());
+        } else {
+            log::warn!("{p}");
+            problems.push(format!("warning: {p}"));
+        }
+    }
+    let mut errors = Vec::new();
+    let mesh = match checked.mesh.as_slice() {
+        [] if checked.mesh_unreadable => {
+            errors.push(
+                "the mesh config could not be read; enforcing REGISTRY_ONLY until it is fixed"
+                    .to_string(),
+            );
+            MeshSettings {
+                mode: OutboundMode::RegistryOnly,
+                ..MeshSettings::default()
+            }
+        }
+        [] => MeshSettings::default(),
+        [(origin, mesh)] => {
+            let mut settings = MeshSettings {
+                mode: mesh.mode(),
+                ..MeshSettings::default()
+            };
+            if let Some(list) = &mesh.default_service_export_to {
+                let errs = policy::export_to_errors(list);
+                if errs.is_empty() {
+                    settings.default_export_to = list.clone();
+                } else {
+                    errors.extend(
+                        errs.iter()
+                            .map(|e| format!("{origin}: defaultServiceExportTo: {e}")),
+                    );
+                }
+            }
+            settings
+        }
+        many => {
+            let origins: Vec<&str> = many.iter().map(|(o, _)| o.as_str()).collect();
+            errors.push(format!(
+                "more than one mesh config ({}); enforcing REGISTRY_ONLY until one remains",
+                origins.join(", ")
+            ));
+            MeshSettings {
+                mode: OutboundMode::RegistryOnly,
+                ..MeshSettings::default()
+            }
+        }
+    };
+    for e in &errors {
+        log::error!("{e}");
+    }
+    problems.extend(errors);
+    log::info!(
+        "policy: {} ServiceEntries, {} WorkloadEntries, {} Sidecars, mesh mode {}, {} problems",
+        checked.service_entries.len(),
+        checked.workload_entries.len(),
+        checked.sidecars.len(),
+        mesh.mode,
+        problems.len()
+    );
+    Sources {
+        entries: checked.service_entries,
+        workloads: checked.workload_entries,
+        sidecars: checked.sidecars,
+        mesh,
+        problems,
+    }
+}

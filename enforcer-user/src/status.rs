@@ -1,0 +1,62 @@
+//! The agent's status file: what it enforces and the inputs it compiled from, so that
+//! `enforcer explain` can replay the same compilation without resolving names again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Where the agent writes its status unless told otherwise.
+pub const DEFAULT_PATH: &str = "/run/enforcer/status.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub generation: u64,
+    pub service_entries: usize,
+    /// Scope name to mode.
+    pub scopes: BTreeMap<String, String>,
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+    /// Each name's addresses, their expiry and those in grace, for people.
+    pub dns: Vec<String>,
+    pub inputs: Inputs,
+}
+
+/// Everything besides the policy files that the agent's last compilation used.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Inputs {
+    pub policies: PathBuf,
+    pub mesh_config: Option<PathBuf>,
+    pub root_namespace: String,
+    pub istio_compat: bool,
+    pub allow_cidrs: Vec<IpNet>,
+    pub dns_servers: Vec<IpAddr>,
+    pub namespaces: BTreeSet<String>,
+    /// The addresses allowed per name (current and in grace).
+    pub answers: BTreeMap<String, Vec<IpAddr>>,
+}
+
+impl Status {
+    /// Written beside and renamed, so that readers never see half a file.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read(path)
+            .with_context(|| format!("reading the agent status {}", path.display()))?;
+        serde_json::from_slice(&text)
+            .with_context(|| format!("parsing the agent status {}", path.display()))
+    }
+}
