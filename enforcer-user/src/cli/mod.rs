@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod analyze;
 mod exec;
 mod explain;
 mod run;
@@ -33,6 +34,8 @@ enum Command {
     Teardown(teardown::TeardownArgs),
     /// Check ServiceEntry, WorkloadEntry and Sidecar files with Istio's rules.
     Validate(validate::ValidateArgs),
+    /// Report cross-object problems with stable codes, like `istioctl analyze`.
+    Analyze(analyze::AnalyzeArgs),
     /// Say whether a connection is allowed right now, and why (exit 0 allowed, 1 refused).
     Explain(explain::ExplainArgs),
 }
@@ -68,6 +71,7 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Exec(args) => exec::exec(args),
         Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
         Command::Validate(args) => validate::validate(args),
+        Command::Analyze(args) => analyze::analyze(args),
         // Exit 1 means refused, so errors take 2.
         Command::Explain(args) => explain::explain(args).or_else(|err| {
             eprintln!("enforcer explain: {err:#}");

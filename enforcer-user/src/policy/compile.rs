@@ -267,7 +267,7 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
 }
 
 /// The namespaces a ServiceEntry is visible to; `None` means all of them.
-fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>> {
+pub fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>> {
     let list = se.spec.export_to.as_deref().unwrap_or(default);
     if list.iter().any(|v| v == "*") {
         return None;

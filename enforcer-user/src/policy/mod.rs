@@ -2,6 +2,7 @@
 //!
 //! Everything here is pure (no I/O), so the semantics are unit-tested without a kernel.
 
+pub mod analyze;
 pub mod check;
 mod compile;
 pub mod decide;

@@ -160,13 +160,16 @@ pub struct HostRef {
     pub visible_to: Option<BTreeSet<String>>,
 }
 
+/// Kubernetes labels, or a selector's.
+pub type Labels = BTreeMap<String, String>;
+
 /// The whole desired state, before scope ids and cgroups are attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// By scope name (see [`scope_name`]). Every namespace the agent knows about has one.
     pub scopes: BTreeMap<String, ScopePolicy>,
     /// Per namespace, the selecting Sidecars' scopes in precedence order (oldest first).
-    pub selectors: BTreeMap<String, Vec<(BTreeMap<String, String>, String)>>,
+    pub selectors: BTreeMap<String, Vec<(Labels, String)>>,
     /// Allowed for every scope, on every port and protocol (loopback, `--allow-cidr`).
     pub global: BTreeSet<IpNet>,
     /// Resolved address to the declared hosts it came from.

@@ -131,7 +131,8 @@ fn check_egress_ports(listeners: &[EgressListener], errs: &mut Errors) {
             .bind
             .as_deref()
             .is_some_and(|b| b.starts_with("unix://"));
-        if !(1..=65535).contains(&port.number) && !(uds && port.number == 0) {
+        let valid = (1..=65535).contains(&port.number) || (uds && port.number == 0);
+        if !valid {
             errs.push(
                 format!("spec.egress[{i}].port.number"),
                 format!("{} is not a port number (1-65535)", port.number),

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::files;
 use crate::{
+    diag::Problem,
     istio::{OutboundMode, ServiceEntry, Sidecar, WorkloadEntry},
     policy::{self, Desired, MeshSettings},
     sources::Snapshot,
@@ -17,7 +18,10 @@ pub struct Sources {
     pub workloads: Vec<WorkloadEntry>,
     pub sidecars: Vec<Sidecar>,
     pub mesh: MeshSettings,
+    /// Every problem, as logged (warnings prefixed).
     pub problems: Vec<String>,
+    /// The objects' own problems, located, for `analyze`.
+    pub diagnostics: Vec<Problem>,
 }
 
 impl Sources {
@@ -125,5 +129,6 @@ fn validate(snap: Snapshot) -> Sources {
         sidecars: checked.sidecars,
         mesh,
         problems,
+        diagnostics: checked.problems,
     }
 }
