@@ -116,6 +116,16 @@ impl Demo {
         self.expect_tcp("frontend", "db.example.com", 5432, true)?;
         self.expect_tcp("default", "db.example.com", 5432, false)?;
         self.show_last_denial()?;
+        self.explain(
+            &["-n", "default", "db.example.com:5432"],
+            false,
+            "exported only to [frontend]",
+        )?;
+        self.explain(
+            &["-n", "frontend", "db.example.com:5432"],
+            true,
+            "by ServiceEntry frontend/postgres-db",
+        )?;
 
         title("Step 5 (seed 002): app.internal.com served by two WorkloadEntries labelled app=external (policies/002-workload-entry.yaml)");
         self.expect_curl("default", "http://app.internal.com/", false)?;
@@ -278,6 +288,31 @@ impl Demo {
         })
         .with_context(|| format!("the change did not take effect for {host}:{port}"))?;
         println!("  (took effect in {} ms, measured from the file write to the first connect that shows it)", start.elapsed().as_millis());
+        Ok(())
+    }
+
+    /// Runs `enforcer explain` against the demo agent and checks its verdict and reason.
+    fn explain(&self, args: &[&str], allowed: bool, says: &str) -> anyhow::Result<()> {
+        let out = Command::new(&self.bin)
+            .arg("explain")
+            .args(["--bpffs-root", PIN_ROOT, "--cgroup-parent", CGROUP_PARENT])
+            .arg("--status-file")
+            .arg(self.work.join("status.json"))
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("  $ enforcer explain {}", args.join(" "));
+        for line in text.lines() {
+            println!("    {line}");
+        }
+        let as_expected = out.status.code() == Some(if allowed { 0 } else { 1 })
+            && text.contains(says)
+            && !text.contains("DISAGREES");
+        anyhow::ensure!(
+            as_expected,
+            "enforcer explain did not say {says:?} (exit {:?})",
+            out.status.code()
+        );
         Ok(())
     }
 
