@@ -36,10 +36,19 @@ pub fn build(
     scope_ids: &BTreeMap<String, u32>,
 ) -> MapPlan {
     let mut plan = MapPlan::default();
-    for (ns, policy) in &desired.scopes {
-        let Some(&scope) = scope_ids.get(ns) else {
+    // A selecting Sidecar's scope costs map entries only while a workload of it runs. Rules go
+    // in before cgroups, so a new workload never runs ahead of its scope's rules.
+    let used: BTreeSet<&str> = cgroups
+        .values()
+        .filter_map(|a| desired.scope_for(&a.namespace, &a.labels))
+        .collect();
+    for (name, policy) in &desired.scopes {
+        let Some(&scope) = scope_ids.get(name) else {
             continue;
         };
+        if *name != policy.namespace && !used.contains(name.as_str()) {
+            continue;
+        }
         for rule in policy.rules.keys() {
             let key = PolicyKey {
                 scope,
@@ -109,6 +118,7 @@ mod tests {
         desired.scopes.insert(
             "a".into(),
             ScopePolicy {
+                namespace: "a".into(),
                 mode: OutboundMode::RegistryOnly,
                 rules,
                 ..ScopePolicy::default()
@@ -117,6 +127,7 @@ mod tests {
         desired.scopes.insert(
             "b".into(),
             ScopePolicy {
+                namespace: "b".into(),
                 mode: OutboundMode::Audit,
                 ..ScopePolicy::default()
             },
@@ -125,7 +136,21 @@ mod tests {
         desired.scopes.insert(
             "b/db".into(),
             ScopePolicy {
+                namespace: "b".into(),
                 mode: OutboundMode::AllowAny,
+                ..ScopePolicy::default()
+            },
+        );
+        let mut idle_rules = BTreeMap::new();
+        idle_rules.insert(
+            Rule::host(L4::Tcp, 80, "198.51.100.7".parse().unwrap()),
+            Vec::new(),
+        );
+        desired.scopes.insert(
+            "b/idle".into(),
+            ScopePolicy {
+                namespace: "b".into(),
+                rules: idle_rules,
                 ..ScopePolicy::default()
             },
         );
@@ -172,6 +197,7 @@ mod tests {
             ("a".to_string(), 7),
             ("b".to_string(), 9),
             ("b/db".to_string(), 11),
+            ("b/idle".to_string(), 12),
         ]);
         let plan = build(&desired, &cgroups, &ids);
 
@@ -203,6 +229,10 @@ mod tests {
         );
         assert!(!plan.cgroups.contains_key(&300));
 
+        assert!(
+            plan.exact.iter().all(|k| k.scope != 12),
+            "no workload runs in b/idle: its rules stay out of the maps"
+        );
         let exact = plan.exact.iter().next().unwrap();
         assert_eq!((exact.scope, exact.port, exact.proto), (7, 53, proto::UDP));
         assert_eq!(
