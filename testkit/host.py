@@ -51,6 +51,15 @@ class TCPHandler(socketserver.BaseRequestHandler):
             data = self.request.recv(1024)
         except OSError:
             return
+        if data.startswith(b"ECHO"):
+            # A long-lived flow: echo every line until the client stops.
+            try:
+                while data:
+                    self.request.sendall(data)
+                    data = self.request.recv(1024)
+            except OSError:
+                pass
+            return
         body = f"hello from {local(self.request)}\n".encode()
         if data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"POST"):
             head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\nContent-Type: text/plain\r\n\r\n"

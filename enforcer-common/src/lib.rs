@@ -11,6 +11,11 @@ pub mod map_names {
     pub const ALLOW_CIDR: &str = "ENF_ALLOW_CIDR";
     pub const EVENTS: &str = "ENF_EVENTS";
     pub const SCOPE_NAMES: &str = "ENF_SCOPE_NAMES";
+    /// Pod address to scope, for the TC program.
+    pub const POD_SCOPES: &str = "ENF_POD_SCOPES";
+    /// Per-flow verdict cache of the TC program.
+    pub const FLOWS: &str = "ENF_FLOWS";
+    pub const TC_CONFIG: &str = "ENF_TC_CONFIG";
 }
 
 /// Names of the programs in the object file.
@@ -19,6 +24,8 @@ pub mod program_names {
     pub const CONNECT6: &str = "enforcer_connect6";
     pub const SENDMSG4: &str = "enforcer_sendmsg4";
     pub const SENDMSG6: &str = "enforcer_sendmsg6";
+    /// `sched_cls` on the host side of a pod's veth (its ingress is the pod's egress).
+    pub const TC: &str = "enforcer_tc";
 }
 
 /// Scope mode values stored in [`CgroupScope::mode`].
@@ -33,6 +40,8 @@ pub mod mode {
 pub mod verdict {
     pub const DENIED: u8 = 1;
     pub const AUDIT: u8 = 2;
+    /// A flow allowed under an older policy generation is now refused.
+    pub const REVOKED: u8 = 3;
 }
 
 /// Hooks carried by [`DenyEvent::hook`].
@@ -41,13 +50,22 @@ pub mod hook {
     pub const CONNECT6: u8 = 2;
     pub const SENDMSG4: u8 = 3;
     pub const SENDMSG6: u8 = 4;
+    pub const TC: u8 = 5;
 }
 
 /// IP protocol numbers as they appear in keys.
 pub mod proto {
     pub const ANY: u8 = 0;
+    pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Bits of [`TcConfig::flags`].
+pub mod tc_flags {
+    /// Judge ICMP like other traffic (no ServiceEntry allows it); otherwise it passes.
+    pub const JUDGE_ICMP: u32 = 1;
 }
 
 /// Scope id reserved for the always-allowed CIDRs (loopback, `--allow-cidr`).
@@ -110,6 +128,39 @@ pub struct ScopeName {
 }
 const _: () = assert!(core::mem::size_of::<ScopeName>() == 64);
 
+/// Key of `FLOWS`: a pod's flow, as the TC program sees it leave the pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order; 0 for protocols without ports.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of `FLOWS`: the verdict and the policy generation it was decided under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowVerdict {
+    pub generation: u32,
+    pub allowed: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 8);
+
+/// Element 0 of `TC_CONFIG`. The agent bumps `generation` after every change of the allow
+/// maps, which invalidates every cached flow verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcConfig {
+    pub generation: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<TcConfig>() == 8);
+
 /// Maps `a.b.c.d` (bytes in network order) to `::ffff:a.b.c.d`.
 pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
@@ -125,4 +176,7 @@ mod user {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::ScopeName {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowVerdict {}
+    unsafe impl aya::Pod for super::TcConfig {}
 }

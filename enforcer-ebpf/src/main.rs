@@ -1,4 +1,5 @@
-//! Egress enforcement at `connect()` and `sendmsg()` for cgroup v2.
+//! Egress enforcement at `connect()` and `sendmsg()` for cgroup v2, and per packet on pod
+//! veths (`tc.rs`).
 //!
 //! Each hook returns 1 to allow and 0 to refuse (the syscall then fails with EPERM). A cgroup that
 //! no scope claims is not enforced.
@@ -20,6 +21,8 @@ use enforcer_common::{
     hook, ipv4_mapped, mode, proto, verdict, CgroupScope, DenyEvent, PolicyKey, ScopeName,
     GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
+
+mod tc;
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -117,7 +120,9 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         return Ok(ALLOW);
     }
 
-    report(&scope, cgroup_id, &key, hook);
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    report(&scope, cgroup_id, pid, comm, &key, hook, refusal(&scope));
     if scope.mode == mode::AUDIT {
         Ok(ALLOW)
     } else {
@@ -144,27 +149,39 @@ fn allowed(key: &PolicyKey) -> bool {
     ALLOW_CIDR.get(Key::new(full, global)).is_some()
 }
 
-fn report(scope: &CgroupScope, cgroup_id: u64, key: &PolicyKey, hook: u8) {
+/// What a refusal is reported as in this scope's mode.
+fn refusal(scope: &CgroupScope) -> u8 {
+    if scope.mode == mode::AUDIT {
+        verdict::AUDIT
+    } else {
+        verdict::DENIED
+    }
+}
+
+fn report(
+    scope: &CgroupScope,
+    cgroup_id: u64,
+    pid: u32,
+    comm: [u8; 16],
+    key: &PolicyKey,
+    hook: u8,
+    verdict: u8,
+) {
     // A full ring buffer drops the record; the verdict itself never depends on reporting.
     let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
         return;
     };
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
     entry.write(DenyEvent {
-        // SAFETY: the helpers have no preconditions.
+        // SAFETY: the helper has no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id,
         scope: scope.scope,
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        pid,
         comm,
         addr: key.addr,
         port: key.port,
         proto: key.proto,
-        verdict: if scope.mode == mode::AUDIT {
-            verdict::AUDIT
-        } else {
-            verdict::DENIED
-        },
+        verdict,
         hook,
         pad: [0; 3],
     });

@@ -18,6 +18,7 @@ use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, plan, Datapath},
     events::{self, Explainer},
+    pods::Pods,
     policy::{self, Desired},
     resolver::{DnsSettings, Resolver},
     sources::{files, Sources},
@@ -39,6 +40,10 @@ pub struct AgentConfig {
     pub namespaces: Vec<String>,
     /// Written (JSON) after every apply: generation, problems, notes and inputs.
     pub status_file: PathBuf,
+    /// Local pods (`enforcer exec --netns`): their request directory and address range.
+    pub pods: Option<(PathBuf, ipnet::Ipv4Net)>,
+    /// Whether the TC program judges ICMP (otherwise it passes).
+    pub judge_icmp: bool,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -50,6 +55,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("creating cgroup {}", dir.display()))?;
     }
     let (mut dp, ring) = Datapath::open(&cfg.datapath)?;
+    dp.set_tc_flags(if cfg.judge_icmp {
+        enforcer_common::tc_flags::JUDGE_ICMP
+    } else {
+        0
+    })?;
+    let mut pods = match &cfg.pods {
+        Some((dir, cidr)) => Some(Pods::new(
+            dir.clone(),
+            *cidr,
+            cfg.datapath.pin_root.clone(),
+        )?),
+        None => None,
+    };
+    let (pod_tx, mut pod_rx) = mpsc::unbounded_channel();
+    let _pod_watcher = match &pods {
+        Some(p) => Some(files::watch_any(p.dir(), pod_tx)?),
+        None => None,
+    };
     let explainer = Arc::new(RwLock::new(Explainer::default()));
     let events_task = tokio::spawn(events::run(ring, Arc::clone(&explainer)));
     let mut resolver = Resolver::new(cfg.dns.clone())?;
@@ -76,11 +99,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         for err in &dns_report.errors {
             log::warn!("{err}");
         }
+        if let Some(p) = pods.as_mut() {
+            dirty |= p.reconcile(&mut dp);
+        }
         if dirty || dns_report.changed {
             let inputs = inputs(&cfg, &assignments, &resolver);
             let desired = sources.compile(&inputs);
             generation += 1;
-            let complete = apply(&mut dp, &desired, &assignments, &explainer)?;
+            let pod_list = pods.as_ref().map(Pods::assignments).unwrap_or_default();
+            let complete = apply(&mut dp, &desired, &assignments, &pod_list, &explainer)?;
+            if let Some(p) = pods.as_mut() {
+                p.mark_ready();
+            }
             for note in &desired.notes {
                 log::warn!("{note}");
             }
@@ -101,6 +131,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 files::settle(&mut file_rx, Duration::from_millis(20)).await;
                 sources = load_sources(&cfg);
                 dirty = true;
+            }
+            Some(()) = pod_rx.recv() => {
+                while pod_rx.try_recv().is_ok() {}
             }
             Some(()) = cg_rx.recv() => {
                 while cg_rx.try_recv().is_ok() {}
@@ -165,10 +198,11 @@ fn apply(
     dp: &mut Datapath,
     desired: &Desired,
     assignments: &BTreeMap<u64, Assignment>,
+    pods: &[plan::PodAssignment],
     explainer: &RwLock<Explainer>,
 ) -> anyhow::Result<bool> {
     dp.ensure_scope_ids(desired.scopes.keys())?;
-    let plan = plan::build(desired, assignments, dp.scope_ids());
+    let plan = plan::build(desired, assignments, pods, dp.scope_ids());
     let started = std::time::Instant::now();
     let report = dp.apply(&plan);
     for err in &report.errors {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{verdict, DenyEvent};
+use enforcer_common::{hook, verdict, DenyEvent};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
@@ -31,7 +31,8 @@ pub struct Explainer {
 #[derive(Debug, Serialize)]
 pub struct DenyRecord {
     pub time_unix_ms: u128,
-    /// `denied`, or `audit` for what REGISTRY_ONLY would have refused.
+    /// `denied`; `audit` for what REGISTRY_ONLY would have refused; `revoked` for a flow the
+    /// TC program cut after the policy changed.
     pub verdict: &'static str,
     pub namespace: String,
     /// The Sidecar in force for the workload, if any.
@@ -71,25 +72,38 @@ impl Explainer {
             Some(l4) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
             None => format!("protocol {} is never allowed by a ServiceEntry", ev.proto),
         };
-        let audit = ev.verdict == verdict::AUDIT;
-        if audit {
-            reason = format!("AUDIT: REGISTRY_ONLY would refuse this: {reason}");
-        }
+        let kind = match ev.verdict {
+            verdict::AUDIT => {
+                reason = format!("AUDIT: REGISTRY_ONLY would refuse this: {reason}");
+                "audit"
+            }
+            verdict::REVOKED => {
+                reason = format!(
+                    "revoked: this flow was allowed under an earlier policy and its packets are now dropped: {reason}"
+                );
+                "revoked"
+            }
+            _ => "denied",
+        };
         DenyRecord {
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis())
                 .unwrap_or_default(),
-            verdict: if audit { "audit" } else { "denied" },
+            verdict: kind,
             namespace,
             sidecar: policy.and_then(|p| p.sidecar.clone()),
             pid: ev.pid,
             comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
                 .into_owned(),
-            cgroup: self
-                .cgroups
-                .get(&ev.cgroup_id)
-                .map_or_else(|| ev.cgroup_id.to_string(), |p| p.display().to_string()),
+            // The TC program sees packets, not processes.
+            cgroup: if ev.hook == hook::TC {
+                "(packet on a pod veth)".to_string()
+            } else {
+                self.cgroups
+                    .get(&ev.cgroup_id)
+                    .map_or_else(|| ev.cgroup_id.to_string(), |p| p.display().to_string())
+            },
             dst: ip.to_string(),
             port: ev.port,
             proto,

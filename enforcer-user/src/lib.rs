@@ -8,6 +8,7 @@ pub mod diag;
 pub mod events;
 pub mod istio;
 pub mod net;
+pub mod pods;
 pub mod policy;
 pub mod resolver;
 pub mod sources;

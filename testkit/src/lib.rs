@@ -112,6 +112,29 @@ impl TestNet {
         Ok(net)
     }
 
+    /// Routes `cidr` (IPv4, for example local pods behind the host) from the test hosts back
+    /// through the host side of the veth.
+    pub fn route_back(&self, cidr: &str) -> anyhow::Result<()> {
+        let gw = gateways(&self.addrs)
+            .into_iter()
+            .find(|(gw, _)| gw.is_ipv4())
+            .context("no IPv4 test address")?
+            .0
+            .to_string();
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.netns,
+            "ip",
+            "route",
+            "add",
+            cidr,
+            "via",
+            &gw,
+        ])
+    }
+
     /// Starts `host.py` in the namespace: TCP listeners that greet (HTTP 200 for HTTP), and UDP
     /// echo on every address.
     pub fn serve(&mut self, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {

@@ -58,6 +58,13 @@ impl Placement {
             .unwrap_or_else(bpffs::default_pin_root)
     }
 
+    /// Where `exec --netns` asks the agent for pods.
+    pub fn pods_dir(&self) -> PathBuf {
+        PathBuf::from("/run/enforcer")
+            .join(self.cgroup_parent.trim_matches('/').replace('/', "_"))
+            .join("pods")
+    }
+
     pub fn layout(&self, mapped: &[(String, PathBuf)]) -> anyhow::Result<Layout> {
         Layout::new(&self.cgroup_parent, mapped)
     }

@@ -60,6 +60,12 @@ pub struct RunArgs {
     /// `enforcer explain` reads it.
     #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
     status_file: PathBuf,
+    /// Addresses for local pods (`enforcer exec --netns`), a /30 each. Without it, no pods.
+    #[arg(long, value_name = "CIDR")]
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    /// Let ICMP from pods pass the TC program unjudged (by default no ServiceEntry allows it).
+    #[arg(long)]
+    tc_pass_icmp: bool,
     #[command(flatten)]
     placement: Placement,
 }
@@ -123,6 +129,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         namespaces: args.namespaces,
         status_file: args.status_file,
+        pods: args
+            .pod_cidr
+            .map(|cidr| (args.placement.pods_dir(), cidr.trunc())),
+        judge_icmp: !args.tc_pass_icmp,
     };
     anyhow::ensure!(
         cfg.policies.is_dir(),

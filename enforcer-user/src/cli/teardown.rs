@@ -11,6 +11,7 @@ pub struct TeardownArgs {
 
 pub fn teardown(args: TeardownArgs) -> anyhow::Result<()> {
     let root = args.placement.pin_root();
+    crate::pods::remove_all(&args.placement.pods_dir());
     datapath::teardown(&root)?;
     if let Ok(layout) = args.placement.layout(&[]) {
         layout.remove_empty();

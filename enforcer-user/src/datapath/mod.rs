@@ -17,10 +17,10 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{HashMap, LpmTrie, MapData, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -96,7 +96,10 @@ impl Datapath {
                 &mut ebpf,
                 map_names::SCOPE_NAMES,
             )?)?,
+            pods: HashMap::try_from(take(&mut ebpf, map_names::POD_SCOPES)?)?,
+            tc_config: Array::try_from(take(&mut ebpf, map_names::TC_CONFIG)?)?,
         };
+        load_tc(&mut ebpf, &opts.pin_root)?;
         let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
         let applied = maps.read_current();
         let scope_ids = maps.read_scope_ids();
@@ -142,6 +145,40 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the TC program to the ingress of `ifname` (the host side of a pod's veth) and
+    /// pins the link, so that it outlives the agent; deleting the veth detaches it.
+    pub fn attach_tc(&mut self, ifname: &str, pin_root: &Path) -> anyhow::Result<()> {
+        let prog: &mut SchedClassifier = self
+            ._ebpf
+            .program_mut(program_names::TC)
+            .ok_or_else(|| anyhow!("program {} is missing", program_names::TC))?
+            .try_into()?;
+        // Older kernels have no TCX: the classifier goes under clsact.
+        let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+        let id = prog
+            .attach(ifname, TcAttachType::Ingress)
+            .with_context(|| format!("attaching the TC program to {ifname}"))?;
+        let link = prog.take_link(id)?;
+        // A TCX link is pinned to outlive the agent; a netlink filter stays attached on its own.
+        if let Ok(fd_link) = FdLink::try_from(link) {
+            let pin = tc_link_pin(pin_root, ifname);
+            let _ = std::fs::remove_file(&pin);
+            fd_link
+                .pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the pin of a detached TC link (its veth is gone).
+    pub fn forget_tc(&mut self, ifname: &str, pin_root: &Path) {
+        let _ = std::fs::remove_file(tc_link_pin(pin_root, ifname));
+    }
+
+    pub fn set_tc_flags(&mut self, flags: u32) -> anyhow::Result<()> {
+        self.maps.set_tc_flags(flags)
+    }
+
     pub fn scope_ids(&self) -> &BTreeMap<String, u32> {
         &self.scope_ids
     }
@@ -156,6 +193,24 @@ impl Datapath {
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("map {name} is missing from the BPF object"))
+}
+
+fn tc_link_pin(pin_root: &Path, ifname: &str) -> PathBuf {
+    pin_root.join("links").join(format!("tc_{ifname}"))
+}
+
+/// Loads the classifier and pins it; it is attached per pod veth.
+fn load_tc(ebpf: &mut Ebpf, pin_root: &Path) -> anyhow::Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program_names::TC)
+        .ok_or_else(|| anyhow!("program {} is missing", program_names::TC))?
+        .try_into()?;
+    prog.load().context("loading the TC program")?;
+    let pin = pin_root.join("programs").join(program_names::TC);
+    let _ = std::fs::remove_file(&pin);
+    prog.pin(&pin)
+        .with_context(|| format!("pinning program {}", pin.display()))?;
+    Ok(())
 }
 
 fn attach_replacing(

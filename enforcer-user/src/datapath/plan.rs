@@ -15,6 +15,8 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapPlan {
     pub cgroups: BTreeMap<u64, CgroupScope>,
+    /// Local pods' addresses (16-byte key form), for the TC program.
+    pub pods: BTreeMap<[u8; 16], CgroupScope>,
     pub exact: BTreeSet<PolicyKey>,
     /// Trie entries: (prefix length of the whole key, key).
     pub cidr: BTreeSet<(u32, PolicyKey)>,
@@ -30,9 +32,18 @@ pub fn mode_value(mode: OutboundMode) -> u32 {
 
 /// `scope_ids` must hold an id for every scope in `desired.scopes`; a cgroup whose scope has none
 /// is left out (and so stays unenforced only until the id exists).
+/// A pod: its address and the workload it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodAssignment {
+    pub ip: std::net::IpAddr,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
 pub fn build(
     desired: &Desired,
     cgroups: &BTreeMap<u64, Assignment>,
+    pods: &[PodAssignment],
     scope_ids: &BTreeMap<String, u32>,
 ) -> MapPlan {
     let mut plan = MapPlan::default();
@@ -40,7 +51,9 @@ pub fn build(
     // in before cgroups, so a new workload never runs ahead of its scope's rules.
     let used: BTreeSet<&str> = cgroups
         .values()
-        .filter_map(|a| desired.scope_for(&a.namespace, &a.labels))
+        .map(|a| (&a.namespace, &a.labels))
+        .chain(pods.iter().map(|p| (&p.namespace, &p.labels)))
+        .filter_map(|(ns, labels)| desired.scope_for(ns, labels))
         .collect();
     for (name, policy) in &desired.scopes {
         let Some(&scope) = scope_ids.get(name) else {
@@ -92,6 +105,20 @@ pub fn build(
                 mode: mode_value(policy.mode),
             },
         );
+    }
+    for pod in pods {
+        let Some(name) = desired.scope_for(&pod.namespace, &pod.labels) else {
+            continue;
+        };
+        if let (Some(&scope), Some(policy)) = (scope_ids.get(name), desired.scopes.get(name)) {
+            plan.pods.insert(
+                key_bytes(pod.ip),
+                CgroupScope {
+                    scope,
+                    mode: mode_value(policy.mode),
+                },
+            );
+        }
     }
     plan
 }
@@ -199,7 +226,7 @@ mod tests {
             ("b/db".to_string(), 11),
             ("b/idle".to_string(), 12),
         ]);
-        let plan = build(&desired, &cgroups, &ids);
+        let plan = build(&desired, &cgroups, &[], &ids);
 
         assert_eq!(
             plan.cgroups[&100],

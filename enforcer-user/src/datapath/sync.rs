@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
-use enforcer_common::{CgroupScope, PolicyKey, ScopeName};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData};
+use enforcer_common::{CgroupScope, PolicyKey, ScopeName, TcConfig};
 
 use super::MapPlan;
 
@@ -15,6 +15,8 @@ pub struct Maps {
     pub exact: HashMap<MapData, PolicyKey, u32>,
     pub cidr: LpmTrie<MapData, PolicyKey, u32>,
     pub scope_names: HashMap<MapData, ScopeName, u32>,
+    pub pods: HashMap<MapData, [u8; 16], CgroupScope>,
+    pub tc_config: Array<MapData, TcConfig>,
 }
 
 /// What one apply did. Errors leave the affected entries out: less is allowed, never more.
@@ -29,6 +31,7 @@ impl Maps {
     pub fn read_current(&self) -> MapPlan {
         MapPlan {
             cgroups: self.cgroups.iter().filter_map(Result::ok).collect(),
+            pods: self.pods.iter().filter_map(Result::ok).collect(),
             exact: self.exact.keys().filter_map(Result::ok).collect(),
             cidr: self
                 .cidr
@@ -103,6 +106,30 @@ impl Maps {
             }
         }
 
+        for (ip, scope) in &plan.pods {
+            if applied.pods.get(ip) == Some(scope) {
+                continue;
+            }
+            match self.pods.insert(ip, scope, 0) {
+                Ok(()) => {
+                    applied.pods.insert(*ip, *scope);
+                    report.added += 1;
+                }
+                Err(err) => report.errors.push(format!("mapping a pod address: {err}")),
+            }
+        }
+        let stale: Vec<[u8; 16]> = applied
+            .pods
+            .keys()
+            .filter(|ip| !plan.pods.contains_key(*ip))
+            .copied()
+            .collect();
+        for ip in stale {
+            let _ = self.pods.remove(&ip);
+            applied.pods.remove(&ip);
+            report.removed += 1;
+        }
+
         let stale: Vec<u64> = applied
             .cgroups
             .keys()
@@ -141,6 +168,24 @@ impl Maps {
                 )),
             }
         }
+        // Cached TC verdicts were decided under the old maps.
+        if report.added + report.removed > 0 {
+            let mut config = self.tc_config.get(&0, 0).unwrap_or_default();
+            config.generation = config.generation.wrapping_add(1);
+            if let Err(err) = self.tc_config.set(0, config, 0) {
+                report
+                    .errors
+                    .push(format!("bumping the policy generation: {err}"));
+            }
+        }
         report
+    }
+
+    pub fn set_tc_flags(&mut self, flags: u32) -> anyhow::Result<()> {
+        let mut config = self.tc_config.get(&0, 0).unwrap_or_default();
+        config.flags = flags;
+        config.generation = config.generation.wrapping_add(1);
+        self.tc_config.set(0, config, 0)?;
+        Ok(())
     }
 }

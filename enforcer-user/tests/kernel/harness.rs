@@ -87,7 +87,7 @@ impl Drop for World {
 
 /// Test hosts behind a veth, on documentation addresses, with TCP and UDP listeners.
 /// 192.0.2.0/24 is left out: some machines (these among them) use it for their real uplink.
-pub struct Hosts(#[expect(dead_code, reason = "held for its drop")] TestNet);
+pub struct Hosts(TestNet);
 
 pub const HOST_ADDRS: &[&str] = &[
     "198.51.100.10",
@@ -111,6 +111,11 @@ impl Hosts {
         net.serve(&[80, 443, 5432, 8080, 27017], &[9999])
             .expect("starting the test host server");
         Self(net)
+    }
+
+    /// Lets replies reach local pods in `cidr`.
+    pub fn route_back(&self, cidr: &str) {
+        self.0.route_back(cidr).expect("routing back to the pods");
     }
 }
 

@@ -6,3 +6,4 @@ mod harness;
 mod live;
 mod resolution;
 mod scoping;
+mod tc;

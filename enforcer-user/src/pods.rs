@@ -1,0 +1,271 @@
+//! Local pods for `enforcer exec --netns`: a network namespace joined to the host by a veth that
+//! the agent creates, addresses (a /30 from `--pod-cidr`: host .1, pod .2) and routes, with the
+//! TC program on the host side. `exec` asks by writing `<dir>/<netns>.json`; the agent answers
+//! with `<dir>/<netns>.ready` (the pod's address) once the pod is enforced, and removes the pod
+//! when the request goes or its process dies.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{plan::PodAssignment, Datapath};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRequest {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// The requesting process; the pod goes when it does.
+    pub pid: u32,
+}
+
+struct Pod {
+    request: PodRequest,
+    index: u32,
+    host_if: String,
+    ip: Ipv4Addr,
+    ready: bool,
+}
+
+pub struct Pods {
+    dir: PathBuf,
+    cidr: Ipv4Net,
+    pin_root: PathBuf,
+    live: BTreeMap<String, Pod>,
+}
+
+/// A network namespace name a request may use.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Pods {
+    pub fn new(dir: PathBuf, cidr: Ipv4Net, pin_root: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            cidr,
+            pin_root,
+            live: BTreeMap::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates pods for new requests and removes those whose request or process is gone.
+    /// Returns whether anything changed.
+    pub fn reconcile(&mut self, dp: &mut Datapath) -> bool {
+        let wanted = self.requests();
+        let mut changed = false;
+        let gone: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(name, pod)| {
+                wanted.get(*name) != Some(&pod.request) || !alive(pod.request.pid)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(pod) = self.live.remove(&name) {
+                self.remove(&name, &pod, dp);
+                changed = true;
+            }
+        }
+        for (name, request) in wanted {
+            if self.live.contains_key(&name) || !alive(request.pid) {
+                continue;
+            }
+            match self.create(&name, request, dp) {
+                Ok(pod) => {
+                    log::info!(
+                        "pod {name}: {} in namespace {} via {}",
+                        pod.ip,
+                        pod.request.namespace,
+                        pod.host_if
+                    );
+                    self.live.insert(name, pod);
+                    changed = true;
+                }
+                Err(err) => log::error!("pod {name}: {err:#}"),
+            }
+        }
+        changed
+    }
+
+    /// Tells waiting `exec`s that their pods are enforced (call after the maps are applied).
+    pub fn mark_ready(&mut self) {
+        for (name, pod) in self.live.iter_mut().filter(|(_, p)| !p.ready) {
+            let path = self.dir.join(format!("{name}.ready"));
+            match std::fs::write(&path, pod.ip.to_string()) {
+                Ok(()) => pod.ready = true,
+                Err(err) => log::warn!("writing {}: {err}", path.display()),
+            }
+        }
+    }
+
+    pub fn assignments(&self) -> Vec<PodAssignment> {
+        self.live
+            .values()
+            .map(|p| PodAssignment {
+                ip: IpAddr::V4(p.ip),
+                namespace: p.request.namespace.clone(),
+                labels: p.request.labels.clone(),
+            })
+            .collect()
+    }
+
+    fn requests(&self) -> BTreeMap<String, PodRequest> {
+        let mut out = BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let parsed = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice::<PodRequest>(&b)?));
+            match parsed {
+                Ok(req) if valid_name(name) => {
+                    out.insert(name.to_string(), req);
+                }
+                Ok(_) => log::warn!("{}: not a valid netns name", path.display()),
+                Err(err) => log::debug!("{}: {err}", path.display()),
+            }
+        }
+        out
+    }
+
+    fn create(&self, name: &str, request: PodRequest, dp: &mut Datapath) -> anyhow::Result<Pod> {
+        let used: Vec<u32> = self.live.values().map(|p| p.index).collect();
+        let blocks = 1u32 << (32 - u32::from(self.cidr.prefix_len())).saturating_sub(2);
+        let index = (0..blocks)
+            .find(|i| !used.contains(i))
+            .context("--pod-cidr is full")?;
+        let base = u32::from(self.cidr.network()) + index * 4;
+        let (host_ip, pod_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        // Unique per agent (pods directory), within the 15 bytes of an interface name.
+        let tag = self
+            .dir
+            .to_string_lossy()
+            .bytes()
+            .fold(0x811c_9dc5_u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            })
+            & 0x00ff_ffff;
+        let host_if = format!("e{tag:06x}p{index}");
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let pod = Pod {
+            request,
+            index,
+            host_if: host_if.clone(),
+            ip: pod_ip,
+            ready: false,
+        };
+        let made = (|| {
+            ip(&["netns", "add", name])?;
+            ip(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
+            ])?;
+            ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+            ip(&["link", "set", &host_if, "up"])?;
+            ip(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{pod_ip}/30"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", name, "link", "set", "eth0", "up"])?;
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &host_ip.to_string(),
+            ])?;
+            // The node routes for its pods, as every CNI has it do.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .context("enabling IPv4 forwarding")?;
+            dp.attach_tc(&host_if, &self.pin_root)
+        })();
+        if let Err(err) = made {
+            self.remove(name, &pod, dp);
+            return Err(err);
+        }
+        Ok(pod)
+    }
+
+    /// Deleting the namespace deletes the veth pair, which detaches the TC program.
+    fn remove(&self, name: &str, pod: &Pod, dp: &mut Datapath) {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &pod.host_if])
+            .output();
+        dp.forget_tc(&pod.host_if, &self.pin_root);
+        let _ = std::fs::remove_file(self.dir.join(format!("{name}.ready")));
+        log::info!("pod {name} removed ({} detached)", pod.host_if);
+    }
+}
+
+/// Removes every pod an agent made with this directory (for `enforcer teardown`).
+pub fn remove_all(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if valid_name(name) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

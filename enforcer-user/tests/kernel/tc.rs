@@ -1,0 +1,121 @@
+//! The TC program on local pods' veths (`enforcer exec --netns`): revocation of established
+//! flows, and what connect() never sees.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use enforcer_testkit::{python, script};
+
+use crate::harness::{registry_only, Agent, Hosts, World, ENFORCER};
+
+const POD_CIDR: &str = "203.0.113.192/26";
+
+const API: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [198.51.100.10]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+"#;
+
+#[test]
+fn deleting_an_entry_revokes_an_established_flow_within_a_second() {
+    let world = World::new("tcrevoke");
+    let hosts = Hosts::new(&world);
+    hosts.route_back(POD_CIDR);
+    world.write_policy("api.yaml", API);
+    let mesh = registry_only(&world);
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "shop",
+            "--pod-cidr",
+            POD_CIDR,
+        ],
+    );
+    let netns = format!("enfpod-{}", &world.id[world.id.len().saturating_sub(8)..]);
+    let mut client = Command::new(ENFORCER)
+        .args(["exec", "-n", "shop", "--netns", &netns])
+        .args([
+            "--bpffs-root",
+            &agent.pin_root,
+            "--cgroup-parent",
+            &agent.cgroup_parent,
+        ])
+        .arg("--")
+        .arg(python())
+        .arg(script("stream.py"))
+        .args(["198.51.100.10", "443", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the pod client");
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
+    // The flow carries data first.
+    for _ in 0..10 {
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert!(
+            line.starts_with("ok"),
+            "before revocation: {line:?}\n{}",
+            agent.log()
+        );
+    }
+    let removed = Instant::now();
+    world.remove_policy("api.yaml");
+    let stalled = loop {
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        if line.starts_with("stalled") {
+            break removed.elapsed();
+        }
+        assert!(
+            line.starts_with("ok") && removed.elapsed() < Duration::from_secs(5),
+            "the flow was not cut: {line:?}\n{}",
+            agent.log()
+        );
+    };
+    let _ = client.wait();
+    eprintln!("flow cut {stalled:?} after the file was removed (client timeout 0.5 s included)");
+    // The client notices 0.5 s after the first dropped packet at most.
+    assert!(
+        stalled < Duration::from_millis(1500),
+        "cut after {stalled:?}"
+    );
+    let denial = agent
+        .denials()
+        .into_iter()
+        .find(|d| d["verdict"] == "revoked")
+        .unwrap_or_else(|| panic!("no revocation record\n{}", agent.log()));
+    assert_eq!(denial["dst"], "198.51.100.10", "{denial}");
+    assert_eq!(denial["port"], 443, "{denial}");
+    assert_eq!(denial["namespace"], "shop", "{denial}");
+
+    // The pod and its TC link go with the client.
+    let tc_pins = || {
+        std::fs::read_dir(format!("{}/links", agent.pin_root))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("tc_"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let netns_exists = || {
+        Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&netns))
+            .unwrap_or(true)
+    };
+    agent.wait_for(Duration::from_secs(5), "the pod's removal", || {
+        !netns_exists() && tc_pins() == 0
+    });
+}
