@@ -50,7 +50,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     };
     // SAFETY: the value is copied out at once.
-    let Some(scope) = (unsafe { POD_SCOPES.get(&p.src) }).copied() else {
+    let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
         return Ok(TC_ACT_OK);
     };
     let config = TC_CONFIG.get(0).copied().unwrap_or_default();
@@ -68,7 +68,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         pad: [0; 3],
     };
     // SAFETY: the value is copied out at once.
-    let cached = unsafe { FLOWS.get(&flow) }.copied();
+    let cached = unsafe { FLOWS.get(flow) }.copied();
     if let Some(c) = cached {
         if c.generation == config.generation {
             return Ok(action(c.allowed != 0, &scope));
@@ -83,8 +83,8 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     };
     let ok = allowed(&key);
     let _ = FLOWS.insert(
-        &flow,
-        &FlowVerdict {
+        flow,
+        FlowVerdict {
             generation: config.generation,
             allowed: u32::from(ok),
         },
