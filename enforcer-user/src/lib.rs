@@ -12,4 +12,5 @@ pub mod pods;
 pub mod policy;
 pub mod resolver;
 pub mod sources;
+pub mod stable_hash;
 pub mod status;

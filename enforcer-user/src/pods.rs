@@ -163,14 +163,7 @@ impl Pods {
         let base = u32::from(self.cidr.network()) + index * 4;
         let (host_ip, pod_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
         // Unique per agent (pods directory), within the 15 bytes of an interface name.
-        let tag = self
-            .dir
-            .to_string_lossy()
-            .bytes()
-            .fold(0x811c_9dc5_u32, |h, b| {
-                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-            })
-            & 0x00ff_ffff;
+        let tag = crate::stable_hash::fnv1a(self.dir.as_os_str().as_encoded_bytes()) & 0x00ff_ffff;
         let host_if = format!("e{tag:06x}p{index}");
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();

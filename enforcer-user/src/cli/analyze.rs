@@ -2,7 +2,6 @@
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
 
-use anyhow::Context as _;
 use clap::Args;
 
 use super::Placement;
@@ -12,7 +11,7 @@ use crate::{
         analyze::{analyze as run_analysis, Subject},
         dns_names,
     },
-    resolver::{DnsSettings, Resolver},
+    resolver::Resolver,
     sources::Sources,
     status::{Status, DEFAULT_PATH},
 };
@@ -82,15 +81,7 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<i32> {
         None
     } else {
         let names = dns_names(&sources.entries, &sources.workloads, args.istio_compat);
-        let resolver = Resolver::new(DnsSettings {
-            server: args.dns_server,
-            lifetimes: Default::default(),
-        })?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        Some(runtime.block_on(resolver.resolve_once(&names)))
+        Some(Resolver::resolve_blocking(args.dns_server, &names)?)
     };
     let findings = run_analysis(&Subject {
         entries: &sources.entries,

@@ -25,7 +25,7 @@ use crate::{
         decide::{decide, Decision},
         dns_names, Desired, L4,
     },
-    resolver::{DnsSettings, Resolver},
+    resolver::Resolver,
     sources::Sources,
     status::{Inputs, Status, DEFAULT_PATH},
 };
@@ -74,19 +74,12 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let (host, port) = parse_target(&args.target)?;
     let l4 = if args.udp { L4::Udp } else { L4::Tcp };
     let labels = args.workload.clone().unwrap_or_default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let resolver = Resolver::new(DnsSettings {
-        server: args.dns_server,
-        lifetimes: Default::default(),
-    })?;
     let (mut inputs, source) = inputs(&args)?;
     inputs.namespaces.insert(args.namespace.clone());
     let sources = Sources::load(&inputs.policies, inputs.mesh_config.as_deref());
     if args.policies.is_some() {
         let names = dns_names(&sources.entries, &sources.workloads, inputs.istio_compat);
-        for (name, answer) in runtime.block_on(resolver.resolve_once(&names)) {
+        for (name, answer) in Resolver::resolve_blocking(args.dns_server, &names)? {
             match answer {
                 Ok(ips) => {
                     inputs.answers.insert(name, ips);
@@ -105,10 +98,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
             Some(ips) if !ips.is_empty() => ips.clone(),
             _ => {
                 let names = BTreeSet::from([host.clone()]);
-                match runtime
-                    .block_on(resolver.resolve_once(&names))
-                    .remove(&host)
-                {
+                match Resolver::resolve_blocking(args.dns_server, &names)?.remove(&host) {
                     Some(Ok(ips)) if !ips.is_empty() => ips,
                     Some(Err(err)) => bail!("{host} does not resolve: {err}"),
                     _ => bail!("{host} does not resolve"),

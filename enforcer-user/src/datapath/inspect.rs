@@ -2,7 +2,6 @@
 
 use std::{net::IpAddr, path::Path};
 
-use anyhow::Context as _;
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use enforcer_common::{
     map_names, proto, CgroupScope, PolicyKey, ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
@@ -28,11 +27,6 @@ pub struct LiveMaps {
     names: HashMap<MapData, ScopeName, u32>,
 }
 
-fn open(pin_root: &Path, name: &str) -> anyhow::Result<MapData> {
-    let path = pin_root.join("maps").join(name);
-    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
-}
-
 impl LiveMaps {
     /// `None` when no agent has pinned maps under `pin_root`.
     pub fn open(pin_root: &Path) -> anyhow::Result<Option<Self>> {
@@ -40,10 +34,22 @@ impl LiveMaps {
             return Ok(None);
         }
         Ok(Some(Self {
-            cgroups: HashMap::try_from(Map::HashMap(open(pin_root, map_names::CGROUPS)?))?,
-            exact: HashMap::try_from(Map::HashMap(open(pin_root, map_names::ALLOW_EXACT)?))?,
-            cidr: LpmTrie::try_from(Map::LpmTrie(open(pin_root, map_names::ALLOW_CIDR)?))?,
-            names: HashMap::try_from(Map::HashMap(open(pin_root, map_names::SCOPE_NAMES)?))?,
+            cgroups: HashMap::try_from(Map::HashMap(super::open_pinned(
+                pin_root,
+                map_names::CGROUPS,
+            )?))?,
+            exact: HashMap::try_from(Map::HashMap(super::open_pinned(
+                pin_root,
+                map_names::ALLOW_EXACT,
+            )?))?,
+            cidr: LpmTrie::try_from(Map::LpmTrie(super::open_pinned(
+                pin_root,
+                map_names::ALLOW_CIDR,
+            )?))?,
+            names: HashMap::try_from(Map::HashMap(super::open_pinned(
+                pin_root,
+                map_names::SCOPE_NAMES,
+            )?))?,
         }))
     }
 

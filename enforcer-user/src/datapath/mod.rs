@@ -288,8 +288,12 @@ pub fn teardown(pin_root: &Path) -> anyhow::Result<()> {
 
 /// Opens the pinned cgroup map read-only, for `enforcer exec` to wait until its cgroup is claimed.
 pub fn open_cgroup_map(pin_root: &Path) -> anyhow::Result<HashMap<MapData, u64, CgroupScope>> {
-    let path = pin_root.join("maps").join(map_names::CGROUPS);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening {} (is the agent running?)", path.display()))?;
+    let data = open_pinned(pin_root, map_names::CGROUPS).context("is the agent running?")?;
     Ok(HashMap::try_from(aya::maps::Map::HashMap(data))?)
+}
+
+/// A map an agent pinned under `pin_root`.
+pub fn open_pinned(pin_root: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_root.join("maps").join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
 }

@@ -170,9 +170,7 @@ impl Maps {
         }
         // Cached TC verdicts were decided under the old maps.
         if report.added + report.removed > 0 {
-            let mut config = self.tc_config.get(&0, 0).unwrap_or_default();
-            config.generation = config.generation.wrapping_add(1);
-            if let Err(err) = self.tc_config.set(0, config, 0) {
+            if let Err(err) = self.update_tc_config(|_| {}) {
                 report
                     .errors
                     .push(format!("bumping the policy generation: {err}"));
@@ -182,8 +180,13 @@ impl Maps {
     }
 
     pub fn set_tc_flags(&mut self, flags: u32) -> anyhow::Result<()> {
+        self.update_tc_config(|c| c.flags = flags)
+    }
+
+    /// Changes the TC config and bumps the policy generation, so cached verdicts are redone.
+    fn update_tc_config(&mut self, change: impl FnOnce(&mut TcConfig)) -> anyhow::Result<()> {
         let mut config = self.tc_config.get(&0, 0).unwrap_or_default();
-        config.flags = flags;
+        change(&mut config);
         config.generation = config.generation.wrapping_add(1);
         self.tc_config.set(0, config, 0)?;
         Ok(())

@@ -144,10 +144,7 @@ pub fn scope_name(namespace: &str, sidecar: Option<&str>) -> String {
     if full.len() < 64 {
         return full;
     }
-    // FNV-1a: stable across builds, unlike std's hasher.
-    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = crate::stable_hash::fnv1a(full.as_bytes());
     format!("{}/~{hash:016x}", &namespace[..namespace.len().min(44)])
 }
 

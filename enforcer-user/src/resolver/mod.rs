@@ -165,8 +165,24 @@ impl Resolver {
         report
     }
 
-    /// Resolves each name once, for commands (`explain`, `analyze`): its addresses or the error.
-    pub async fn resolve_once(
+    /// Resolves each name once through `server` (or the system's), for one-shot commands
+    /// (`explain`, `analyze`): its addresses or the error.
+    pub fn resolve_blocking(
+        server: Option<SocketAddr>,
+        names: &BTreeSet<String>,
+    ) -> anyhow::Result<BTreeMap<String, Result<Vec<IpAddr>, String>>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let resolver = Self::new(DnsSettings {
+            server,
+            lifetimes: Lifetimes::default(),
+        })?;
+        Ok(runtime.block_on(resolver.resolve_once(names)))
+    }
+
+    async fn resolve_once(
         &self,
         names: &BTreeSet<String>,
     ) -> BTreeMap<String, Result<Vec<IpAddr>, String>> {
