@@ -2,7 +2,7 @@
 """Tries one connection and prints what happened: `ok <reply>`, `EPERM`, or another errno name.
 
 Exit status: 0 connected (and got a reply), 1 refused with EPERM, 2 anything else.
-Usage: probe.py tcp|tcp6mapped|udp|udp-sendto HOST PORT
+Usage: probe.py tcp|tcp6mapped|udp|udp-sendto HOST PORT [TIMEOUT_SECONDS]
   tcp6mapped connects an AF_INET6 socket to ::ffff:HOST (HOST is IPv4).
   udp connects a UDP socket then sends; udp-sendto sends without connecting.
 """
@@ -20,7 +20,7 @@ def main():
         family, addr = info[0], info[4]
     stype = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
     sock = socket.socket(family, stype)
-    sock.settimeout(2)
+    sock.settimeout(float(sys.argv[4]) if len(sys.argv) > 4 else 2)
     try:
         if kind == "udp-sendto":
             sock.sendto(b"ping", addr)

@@ -26,6 +26,7 @@ pub mod program_names {
     pub const SENDMSG6: &str = "enforcer_sendmsg6";
     /// `sched_cls` on the host side of a pod's veth (its ingress is the pod's egress).
     pub const TC: &str = "enforcer_tc";
+    pub const TC_REPLY: &str = "enforcer_reply";
 }
 
 /// Scope mode values stored in [`CgroupScope::mode`].
@@ -147,7 +148,17 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowVerdict {
     pub generation: u32,
+    /// One of [`flow`].
     pub allowed: u32,
+}
+
+/// Values of [`FlowVerdict::allowed`].
+pub mod flow {
+    pub const REFUSED: u32 = 0;
+    pub const ALLOWED: u32 = 1;
+    /// The pod's side of a connection a peer opened to it: passes under every generation, as
+    /// conntrack lets replies pass.
+    pub const REPLY: u32 = 2;
 }
 const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 8);
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    hook, ipv4_mapped, mode, proto, tc_flags, verdict, CgroupScope, FlowKey, FlowVerdict,
+    flow, hook, ipv4_mapped, mode, proto, tc_flags, verdict, CgroupScope, FlowKey, FlowVerdict,
     PolicyKey, TcConfig,
 };
 
@@ -28,6 +28,12 @@ static TC_CONFIG: Array<TcConfig> = Array::pinned(1, 0);
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// `BPF_NOEXIST`: a pod's own flow keeps the verdict it was judged with.
+const NOEXIST: u64 = 1;
 
 struct Packet {
     src: [u8; 16],
@@ -37,6 +43,8 @@ struct Packet {
     dport: u16,
     /// ICMPv6 neighbour discovery, which IPv6 needs to work at all.
     ndp: bool,
+    /// Offset of the transport header; `None` for IPv4 fragments after the first.
+    l4: Option<usize>,
 }
 
 #[classifier]
@@ -70,8 +78,11 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: the value is copied out at once.
     let cached = unsafe { FLOWS.get(flow) }.copied();
     if let Some(c) = cached {
+        if c.allowed == flow::REPLY {
+            return Ok(TC_ACT_OK);
+        }
         if c.generation == config.generation {
-            return Ok(action(c.allowed != 0, &scope));
+            return Ok(action(c.allowed == flow::ALLOWED, &scope));
         }
     }
     let key = PolicyKey {
@@ -86,12 +97,12 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         flow,
         FlowVerdict {
             generation: config.generation,
-            allowed: u32::from(ok),
+            allowed: if ok { flow::ALLOWED } else { flow::REFUSED },
         },
         0,
     );
     if !ok {
-        let was_allowed = cached.is_some_and(|c| c.allowed != 0);
+        let was_allowed = cached.is_some_and(|c| c.allowed == flow::ALLOWED);
         let why = if was_allowed && scope.mode != mode::AUDIT {
             verdict::REVOKED
         } else {
@@ -100,6 +111,52 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         report(&scope, 0, 0, [0; 16], &key, hook::TC, why);
     }
     Ok(action(ok, &scope))
+}
+
+/// On the host side's egress, which is the way into the pod. A connection that a peer opens to
+/// the pod (TCP SYN, a UDP datagram, an echo request) lets the pod's replies pass, which egress
+/// policy does not govern. It never drops.
+#[classifier]
+pub fn enforcer_reply(ctx: TcContext) -> i32 {
+    let _ = note_inbound(&ctx);
+    TC_ACT_OK
+}
+
+fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
+    let Some(p) = parse(ctx)? else {
+        return Ok(());
+    };
+    let Some(l4) = p.l4 else {
+        return Ok(());
+    };
+    let opens = match p.proto {
+        proto::TCP => ctx.load::<u8>(l4 + 13).map_err(|_| ())? & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        proto::UDP => true,
+        proto::ICMP => ctx.load::<u8>(l4).map_err(|_| ())? == ICMP_ECHO_REQUEST,
+        proto::ICMPV6 => ctx.load::<u8>(l4).map_err(|_| ())? == ICMPV6_ECHO_REQUEST,
+        _ => false,
+    };
+    // SAFETY: only presence is checked.
+    if !opens || unsafe { POD_SCOPES.get(p.dst) }.is_none() {
+        return Ok(());
+    }
+    let reply = FlowKey {
+        src: p.dst,
+        dst: p.src,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        pad: [0; 3],
+    };
+    let _ = FLOWS.insert(
+        reply,
+        FlowVerdict {
+            generation: 0,
+            allowed: flow::REPLY,
+        },
+        NOEXIST,
+    );
+    Ok(())
 }
 
 fn action(allowed: bool, scope: &CgroupScope) -> i32 {
@@ -155,5 +212,6 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
         sport,
         dport,
         ndp,
+        l4,
     }))
 }

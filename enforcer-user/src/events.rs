@@ -39,6 +39,8 @@ pub struct DenyRecord {
     pub sidecar: Option<String>,
     pub pid: u32,
     pub comm: String,
+    /// Where it was caught: connect4/6, sendmsg4/6, or tc (a packet on a pod's veth).
+    pub hook: &'static str,
     pub cgroup: String,
     pub dst: String,
     pub port: u16,
@@ -61,7 +63,12 @@ impl Explainer {
             |p| p.namespace.clone(),
         );
         let l4 = L4::from_ip_proto(ev.proto);
-        let proto = l4.map_or_else(|| format!("ip-proto-{}", ev.proto), |l4| l4.to_string());
+        let proto = match (l4, ev.proto) {
+            (Some(l4), _) => l4.to_string(),
+            (None, enforcer_common::proto::ICMP) => "icmp".to_string(),
+            (None, enforcer_common::proto::ICMPV6) => "icmpv6".to_string(),
+            (None, other) => format!("ip-proto-{other}"),
+        };
         let host = self
             .desired
             .hosts_by_ip
@@ -70,7 +77,9 @@ impl Explainer {
             .map(|r| r.host.clone());
         let mut reason = match l4 {
             Some(l4) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
-            None => format!("protocol {} is never allowed by a ServiceEntry", ev.proto),
+            None => format!(
+                "{proto} is judged on pod veths and no ServiceEntry allows it (--tc-pass-icmp lets ICMP pass)"
+            ),
         };
         let kind = match ev.verdict {
             verdict::AUDIT => {
@@ -96,6 +105,14 @@ impl Explainer {
             pid: ev.pid,
             comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
                 .into_owned(),
+            hook: match ev.hook {
+                hook::CONNECT4 => "connect4",
+                hook::CONNECT6 => "connect6",
+                hook::SENDMSG4 => "sendmsg4",
+                hook::SENDMSG6 => "sendmsg6",
+                hook::TC => "tc",
+                _ => "unknown",
+            },
             // The TC program sees packets, not processes.
             cgroup: if ev.hook == hook::TC {
                 "(packet on a pod veth)".to_string()

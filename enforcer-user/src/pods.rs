@@ -237,6 +237,10 @@ pub fn remove_all(dir: &Path) {
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         if valid_name(name) {
+            // Deleting the pair from inside: the namespace lives on while a process is in it.
+            let _ = Command::new("ip")
+                .args(["-n", name, "link", "del", "eth0"])
+                .output();
             let _ = Command::new("ip").args(["netns", "del", name]).output();
         }
         let _ = std::fs::remove_file(&path);

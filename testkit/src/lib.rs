@@ -135,6 +135,15 @@ impl TestNet {
         ])
     }
 
+    /// Runs a command inside the test hosts' namespace.
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(args)
+            .output()
+            .context("running ip netns exec")
+    }
+
     /// Starts `host.py` in the namespace: TCP listeners that greet (HTTP 200 for HTTP), and UDP
     /// echo on every address.
     pub fn serve(&mut self, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {

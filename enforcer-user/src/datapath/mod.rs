@@ -29,6 +29,12 @@ use enforcer_common::{map_names, program_names, CgroupScope, PolicyKey, ScopeNam
 pub use plan::MapPlan;
 pub use sync::ApplyReport;
 
+/// Per pod veth, host side: ingress is what the pod sends, egress what it receives.
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (program_names::TC, TcAttachType::Ingress),
+    (program_names::TC_REPLY, TcAttachType::Egress),
+];
+
 /// The kernel object, built by `build.rs` from `enforcer-ebpf`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_BPF_OBJECT"));
 
@@ -145,34 +151,39 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the TC program to the ingress of `ifname` (the host side of a pod's veth) and
-    /// pins the link, so that it outlives the agent; deleting the veth detaches it.
+    /// Attaches the TC programs to the host side of a pod's veth: the judge on ingress (the
+    /// pod's egress), the reply tracker on egress (the way into the pod). The links are pinned
+    /// so that they outlive the agent; deleting the veth detaches them.
     pub fn attach_tc(&mut self, ifname: &str, pin_root: &Path) -> anyhow::Result<()> {
-        let prog: &mut SchedClassifier = self
-            ._ebpf
-            .program_mut(program_names::TC)
-            .ok_or_else(|| anyhow!("program {} is missing", program_names::TC))?
-            .try_into()?;
-        // Older kernels have no TCX: the classifier goes under clsact.
+        // Kernels before 6.6 have no TCX: aya falls back to a filter under clsact.
         let _ = aya::programs::tc::qdisc_add_clsact(ifname);
-        let id = prog
-            .attach(ifname, TcAttachType::Ingress)
-            .with_context(|| format!("attaching the TC program to {ifname}"))?;
-        let link = prog.take_link(id)?;
-        // A TCX link is pinned to outlive the agent; a netlink filter stays attached on its own.
-        if let Ok(fd_link) = FdLink::try_from(link) {
-            let pin = tc_link_pin(pin_root, ifname);
-            let _ = std::fs::remove_file(&pin);
-            fd_link
-                .pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
+        for (name, direction) in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = self
+                ._ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} is missing"))?
+                .try_into()?;
+            let id = prog
+                .attach(ifname, direction)
+                .with_context(|| format!("attaching {name} to {ifname}"))?;
+            let link = prog.take_link(id)?;
+            // A netlink filter stays attached on its own; only TCX links need a pin.
+            if let Ok(fd_link) = FdLink::try_from(link) {
+                let pin = tc_link_pin(pin_root, ifname, name);
+                let _ = std::fs::remove_file(&pin);
+                fd_link
+                    .pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+            }
         }
         Ok(())
     }
 
-    /// Forgets the pin of a detached TC link (its veth is gone).
+    /// Forgets the pins of detached TC links (their veth is gone).
     pub fn forget_tc(&mut self, ifname: &str, pin_root: &Path) {
-        let _ = std::fs::remove_file(tc_link_pin(pin_root, ifname));
+        for (name, _) in TC_PROGRAMS {
+            let _ = std::fs::remove_file(tc_link_pin(pin_root, ifname, name));
+        }
     }
 
     pub fn set_tc_flags(&mut self, flags: u32) -> anyhow::Result<()> {
@@ -195,21 +206,30 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
         .ok_or_else(|| anyhow!("map {name} is missing from the BPF object"))
 }
 
-fn tc_link_pin(pin_root: &Path, ifname: &str) -> PathBuf {
-    pin_root.join("links").join(format!("tc_{ifname}"))
+/// `links/tc_<ifname>` for the judge, `links/tc_<ifname>_reply` for the reply tracker.
+fn tc_link_pin(pin_root: &Path, ifname: &str, program: &str) -> PathBuf {
+    let suffix = if program == program_names::TC_REPLY {
+        "_reply"
+    } else {
+        ""
+    };
+    pin_root.join("links").join(format!("tc_{ifname}{suffix}"))
 }
 
-/// Loads the classifier and pins it; it is attached per pod veth.
+/// Loads the classifiers and pins them; they are attached per pod veth.
 fn load_tc(ebpf: &mut Ebpf, pin_root: &Path) -> anyhow::Result<()> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program_names::TC)
-        .ok_or_else(|| anyhow!("program {} is missing", program_names::TC))?
-        .try_into()?;
-    prog.load().context("loading the TC program")?;
-    let pin = pin_root.join("programs").join(program_names::TC);
-    let _ = std::fs::remove_file(&pin);
-    prog.pin(&pin)
-        .with_context(|| format!("pinning program {}", pin.display()))?;
+    for (name, _) in TC_PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} is missing"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading program {name}"))?;
+        let pin = pin_root.join("programs").join(name);
+        let _ = std::fs::remove_file(&pin);
+        prog.pin(&pin)
+            .with_context(|| format!("pinning program {}", pin.display()))?;
+    }
     Ok(())
 }
 

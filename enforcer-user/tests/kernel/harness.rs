@@ -113,6 +113,23 @@ impl Hosts {
         Self(net)
     }
 
+    /// `probe.py` from the test hosts towards `host` (a pod); true if it got a reply.
+    pub fn probe(&self, kind: &str, host: &str, port: u16) -> bool {
+        let script = script("probe.py");
+        self.0
+            .exec(&[
+                python(),
+                &script.to_string_lossy(),
+                kind,
+                host,
+                &port.to_string(),
+                "1",
+            ])
+            .expect("probing from the test hosts")
+            .status
+            .success()
+    }
+
     /// Lets replies reach local pods in `cidr`.
     pub fn route_back(&self, cidr: &str) {
         self.0.route_back(cidr).expect("routing back to the pods");

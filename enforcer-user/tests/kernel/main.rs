@@ -4,6 +4,8 @@
 mod explain;
 mod harness;
 mod live;
+mod pod;
 mod resolution;
 mod scoping;
 mod tc;
+mod tc_paths;
