@@ -16,8 +16,8 @@ pub struct Pod {
     child: Child,
     pub netns: String,
     pub ip: String,
-    /// The rest of the main process's output.
-    pub lines: Lines<BufReader<ChildStdout>>,
+    /// Held open so that the main process can go on writing.
+    _output: Lines<BufReader<ChildStdout>>,
 }
 
 impl Pod {
@@ -49,7 +49,7 @@ impl Pod {
             child,
             netns: netns.to_string(),
             ip: String::new(),
-            lines,
+            _output: lines,
         };
         assert_eq!(first, "ready", "pod {netns} did not start\n{}", agent.log());
         pod.ip = pod.eth0_ipv4();
