@@ -159,6 +159,8 @@ pub mod flow {
     /// The pod's side of a connection a peer opened to it: passes under every generation, as
     /// conntrack lets replies pass.
     pub const REPLY: u32 = 2;
+    /// Refused, but the pod's mode is AUDIT: it passes.
+    pub const AUDITED: u32 = 3;
 }
 const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 8);
 

@@ -1,7 +1,8 @@
 //! Local pods for `enforcer exec --netns`: a network namespace joined to the host by a veth that
 //! the agent creates, addresses (a /30 from `--pod-cidr`: host .1, pod .2) and routes, with the
 //! TC program on the host side. `exec` asks by writing `<dir>/<netns>.json`; the agent answers
-//! with `<dir>/<netns>.ready` (the pod's address) once the pod is enforced, and removes the pod
+//! with `<dir>/<netns>.ready` ("<address> <pid of the request>") once the pod is enforced, so that
+//! a request never takes the answer to an earlier one of the same name, and removes the pod
 //! when the request goes or its process dies.
 
 use std::{
@@ -38,6 +39,12 @@ pub struct Pods {
     cidr: Ipv4Net,
     pin_root: PathBuf,
     live: BTreeMap<String, Pod>,
+}
+
+/// Whether `<name>.ready` answers the request of `pid`.
+pub fn answers(ready: &Path, pid: u32) -> bool {
+    std::fs::read_to_string(ready)
+        .is_ok_and(|text| text.split_whitespace().nth(1) == Some(pid.to_string().as_str()))
 }
 
 /// A network namespace name a request may use.
@@ -108,7 +115,7 @@ impl Pods {
     pub fn mark_ready(&mut self) {
         for (name, pod) in self.live.iter_mut().filter(|(_, p)| !p.ready) {
             let path = self.dir.join(format!("{name}.ready"));
-            match std::fs::write(&path, pod.ip.to_string()) {
+            match std::fs::write(&path, format!("{} {}", pod.ip, pod.request.pid)) {
                 Ok(()) => pod.ready = true,
                 Err(err) => log::warn!("writing {}: {err}", path.display()),
             }

@@ -135,6 +135,11 @@ impl TestNet {
         ])
     }
 
+    /// The network namespace's name.
+    pub fn name(&self) -> &str {
+        &self.netns
+    }
+
     /// Runs a command inside the test hosts' namespace.
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         Command::new("ip")

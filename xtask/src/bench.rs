@@ -2,7 +2,8 @@
 //!
 //! - cost per run of the connect4 program (bpf_stats), with 10 and with 100,000 allow entries;
 //! - loopback connect() rate with the programs attached vs detached, interleaved rounds;
-//! - time from a ServiceEntry file change to the kernel enforcing it.
+//! - time from a ServiceEntry file change to the kernel enforcing it;
+//! - the TC programs on a pod veth (`bench_tc`).
 //!
 //! Loopback stays always-allowed, so an enforced connect to 127.0.0.1 takes the longest allow
 //! path: cgroup lookup, exact-map miss, scoped trie miss, global trie hit.
@@ -22,23 +23,25 @@ use enforcer_testkit::{Dnsmasq, TestNet};
 
 use crate::sh;
 
-const PIN_ROOT: &str = "/sys/fs/bpf/enforcer-bench";
-const CGROUP_PARENT: &str = "enforcer-bench";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/enforcer-bench";
+pub const CGROUP_PARENT: &str = "enforcer-bench";
 const NETNS: &str = "enforcer-bench";
 const VETH: &str = "enf-bench0";
-const TARGET: &str = "198.51.100.10";
+pub const TARGET: &str = "198.51.100.10";
 const DNS_PORT: u16 = 5398;
 const ROUNDS: usize = 7;
 const CONNECTS_PER_ROUND: u32 = 20_000;
 const CHANGES: usize = 10;
 
-pub fn run(bin: &Path) -> anyhow::Result<()> {
+/// With `tc_only`, only the TC measures run.
+pub fn run(bin: &Path, tc_only: bool) -> anyhow::Result<()> {
     if !sh::is_root() {
         bail!("the benchmark loads BPF programs: run it as root");
     }
     let work = std::env::temp_dir().join("enforcer-bench");
     let mut bench = Bench {
         bin: bin.to_path_buf(),
+        tc_only,
         work,
         agent: None,
         dns: None,
@@ -61,9 +64,10 @@ struct Row {
     peak_rss_mib: f64,
 }
 
-struct Bench {
-    bin: PathBuf,
-    work: PathBuf,
+pub struct Bench {
+    pub bin: PathBuf,
+    pub work: PathBuf,
+    tc_only: bool,
     agent: Option<Child>,
     dns: Option<Dnsmasq>,
     net: Option<TestNet>,
@@ -84,7 +88,25 @@ impl Bench {
             "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n",
         )?;
         // A test host for the change measurements; it needs no listener (RST means allowed).
-        self.net = Some(TestNet::new(NETNS, VETH, &[TARGET])?);
+        let mut net = TestNet::new(NETNS, VETH, &[TARGET])?;
+        net.serve(&[crate::bench_tc::ECHO_PORT], &[])?;
+        self.net = Some(net);
+        if !self.tc_only {
+            self.connect_costs()?;
+        }
+        self.write_entries(0)?;
+        self.start_agent()?;
+        if !self.tc_only {
+            self.change_times()?;
+        }
+        if let Some(net) = &self.net {
+            crate::bench_tc::run(self, net)?;
+        }
+        self.stop_agent();
+        Ok(())
+    }
+
+    fn connect_costs(&mut self) -> anyhow::Result<()> {
         let target = closed_port()?;
         println!(
             "connect4 cost per run (bpf_stats), loopback connect() rate ({ROUNDS} interleaved rounds of {CONNECTS_PER_ROUND} connects\n\
@@ -92,6 +114,7 @@ impl Bench {
              allow path: cgroup lookup, exact miss, scoped trie miss, global trie hit), and the agent's peak memory:"
         );
 
+        let connect4 = format!("{PIN_ROOT}/programs/enforcer_connect4");
         let mut table = Vec::new();
         for entries in [10usize, 100_000] {
             self.write_entries(entries)?;
@@ -106,9 +129,9 @@ impl Bench {
                 set_bpf_stats(false)?;
                 attached.push(self.connect_rate(target, true)?);
                 set_bpf_stats(true)?;
-                let before = prog_stats()?;
+                let before = prog_stats(&connect4)?;
                 self.connect_rate(target, true)?;
-                let after = prog_stats()?;
+                let after = prog_stats(&connect4)?;
                 ns_per_run.push((after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64);
                 set_bpf_stats(false)?;
                 peak_rss = peak_rss.max(self.agent_peak_rss_kib());
@@ -154,9 +177,11 @@ impl Bench {
             );
         }
 
+        Ok(())
+    }
+
+    fn change_times(&mut self) -> anyhow::Result<()> {
         println!("\nfile change to enforcement ({CHANGES} changes each; median and max):");
-        self.write_entries(0)?;
-        self.start_agent()?;
         for (label, yaml) in [
             ("STATIC entry added", static_entry()),
             ("DNS entry added (agent resolves first)", self.dns_entry()?),
@@ -178,7 +203,6 @@ impl Bench {
                 max(&remove)
             );
         }
-        self.stop_agent();
         Ok(())
     }
 
@@ -222,6 +246,7 @@ impl Bench {
                 CGROUP_PARENT,
             ])
             .args(["--dns-server", &format!("127.0.0.1:{DNS_PORT}")])
+            .args(["--pod-cidr", crate::bench_tc::POD_CIDR])
             .arg("--status-file")
             .arg(&status)
             .stdout(Stdio::null())
@@ -374,7 +399,7 @@ fn static_entry() -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: change, namespace: bench}}\nspec:\n  hosts: [change.example.com]\n  addresses: [{TARGET}]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n")
 }
 
-fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
+pub fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
     fs::write(
         "/proc/sys/kernel/bpf_stats_enabled",
         if on { "1" } else { "0" },
@@ -382,14 +407,9 @@ fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
     .context("setting kernel.bpf_stats_enabled")
 }
 
-/// bpftool's run_time_ns and run_cnt for the pinned connect4 program.
-fn prog_stats() -> anyhow::Result<(u64, u64)> {
-    let out = sh::output(Command::new("bpftool").args([
-        "prog",
-        "show",
-        "pinned",
-        &format!("{PIN_ROOT}/programs/enforcer_connect4"),
-    ]))?;
+/// bpftool's run_time_ns and run_cnt for a pinned program.
+pub fn prog_stats(pin: &str) -> anyhow::Result<(u64, u64)> {
+    let out = sh::output(Command::new("bpftool").args(["prog", "show", "pinned", pin]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| -> Option<u64> {
         let mut words = text.split_whitespace();
@@ -402,7 +422,7 @@ fn prog_stats() -> anyhow::Result<(u64, u64)> {
     ))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
@@ -449,7 +469,8 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
             }
             println!("timeout");
         }
-        _ => bail!("usage: bench-client connect ADDR N | poll ADDR allow|deny"),
+        ("stream", []) => crate::bench_tc::stream(addr)?,
+        _ => bail!("usage: bench-client connect ADDR N | poll ADDR allow|deny | stream ADDR"),
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Orchestration only; the product lives in enforcer-user.
 
 mod bench;
+mod bench_tc;
 mod check;
 mod demo;
 mod setup;
@@ -25,8 +26,12 @@ enum Task {
     BuildAndTest,
     /// Live demo of seeds 000 and 001 on this machine (root).
     Demo,
-    /// Measure program cost, connect() overhead and time to enforcement (root).
-    Bench,
+    /// Measure program cost, connect() overhead, time to enforcement and the TC programs (root).
+    Bench {
+        /// Only the TC measures (throughput through a pod veth, cost per packet, revocation).
+        #[arg(long)]
+        tc_only: bool,
+    },
     /// The benchmark's client, run inside the measured cgroup.
     #[command(hide = true)]
     BenchClient {
@@ -51,10 +56,10 @@ fn main() -> anyhow::Result<()> {
             let bin = check::build_release()?;
             demo::run(&bin)
         }
-        Task::Bench => {
+        Task::Bench { tc_only } => {
             setup::run(false)?;
             let bin = check::build_release()?;
-            bench::run(&bin)
+            bench::run(&bin, tc_only)
         }
         Task::BenchClient { args } => bench::client(&args),
     }

@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "util-linux",
+    "iperf3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

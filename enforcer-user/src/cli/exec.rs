@@ -98,7 +98,7 @@ fn in_pod(
     std::fs::write(&request, body).with_context(|| format!("writing {}", request.display()))?;
     let result = (|| {
         let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
-        while !ready.exists() {
+        while !crate::pods::answers(&ready, std::process::id()) {
             if Instant::now() > deadline {
                 bail!(
                     "the agent has not made pod {name} after {} ms",
