@@ -40,8 +40,8 @@ pub struct AgentConfig {
     pub namespaces: Vec<String>,
     /// Written (JSON) after every apply: generation, problems, notes and inputs.
     pub status_file: PathBuf,
-    /// Local pods (`enforcer exec --netns`): their request directory and address range.
-    pub pods: Option<(PathBuf, ipnet::Ipv4Net)>,
+    /// Local pods (`enforcer exec --netns`): their request directory and address ranges.
+    pub pods: Option<crate::pods::PodNetwork>,
     /// Whether the TC program judges ICMP (otherwise it passes).
     pub judge_icmp: bool,
 }
@@ -61,11 +61,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         0
     })?;
     let mut pods = match &cfg.pods {
-        Some((dir, cidr)) => Some(Pods::new(
-            dir.clone(),
-            *cidr,
-            cfg.datapath.pin_root.clone(),
-        )?),
+        Some(net) => Some(Pods::new(net.clone(), cfg.datapath.pin_root.clone())?),
         None => None,
     };
     let (pod_tx, mut pod_rx) = mpsc::unbounded_channel();

@@ -1,5 +1,6 @@
 //! Local pods for `enforcer exec --netns`: a network namespace joined to the host by a veth that
-//! the agent creates, addresses (a /30 from `--pod-cidr`: host .1, pod .2) and routes, with the
+//! the agent creates, addresses (a /30 from `--pod-cidr`: host .1, pod .2; with `--pod-cidr6`
+//! also a /126: host ::1, pod ::2) and routes, with the
 //! TC program on the host side. `exec` asks by writing `<dir>/<netns>.json`; the agent answers
 //! with `<dir>/<netns>.ready` ("<address> <pid of the request>") once the pod is enforced, so that
 //! a request never takes the answer to an earlier one of the same name, and removes the pod
@@ -7,13 +8,13 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{bail, Context as _};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{plan::PodAssignment, Datapath};
@@ -31,12 +32,22 @@ struct Pod {
     index: u32,
     host_if: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     ready: bool,
+}
+
+/// Where pod requests arrive and which addresses pods get.
+#[derive(Clone, Debug)]
+pub struct PodNetwork {
+    pub dir: PathBuf,
+    pub v4: Ipv4Net,
+    pub v6: Option<Ipv6Net>,
 }
 
 pub struct Pods {
     dir: PathBuf,
     cidr: Ipv4Net,
+    cidr6: Option<Ipv6Net>,
     pin_root: PathBuf,
     live: BTreeMap<String, Pod>,
 }
@@ -57,11 +68,13 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Pods {
-    pub fn new(dir: PathBuf, cidr: Ipv4Net, pin_root: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(net: PodNetwork, pin_root: PathBuf) -> anyhow::Result<Self> {
+        let dir = net.dir;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self {
             dir,
-            cidr,
+            cidr: net.v4.trunc(),
+            cidr6: net.v6.map(|n| n.trunc()),
             pin_root,
             live: BTreeMap::new(),
         })
@@ -97,8 +110,9 @@ impl Pods {
             match self.create(&name, request, dp) {
                 Ok(pod) => {
                     log::info!(
-                        "pod {name}: {} in namespace {} via {}",
+                        "pod {name}: {}{} in namespace {} via {}",
                         pod.ip,
+                        pod.ip6.map(|ip| format!(" {ip}")).unwrap_or_default(),
                         pod.request.namespace,
                         pod.host_if
                     );
@@ -125,10 +139,16 @@ impl Pods {
     pub fn assignments(&self) -> Vec<PodAssignment> {
         self.live
             .values()
-            .map(|p| PodAssignment {
-                ip: IpAddr::V4(p.ip),
-                namespace: p.request.namespace.clone(),
-                labels: p.request.labels.clone(),
+            .flat_map(|p| {
+                let v6 = p.ip6.map(IpAddr::V6);
+                [Some(IpAddr::V4(p.ip)), v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|ip| PodAssignment {
+                        ip,
+                        namespace: p.request.namespace.clone(),
+                        labels: p.request.labels.clone(),
+                    })
             })
             .collect()
     }
@@ -169,6 +189,17 @@ impl Pods {
             .context("--pod-cidr is full")?;
         let base = u32::from(self.cidr.network()) + index * 4;
         let (host_ip, pod_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let v6 = match self.cidr6 {
+            Some(net) => {
+                let base = u128::from(net.network()) + u128::from(index) * 4;
+                anyhow::ensure!(
+                    net.contains(&Ipv6Addr::from(base + 3)),
+                    "--pod-cidr6 is full"
+                );
+                Some((Ipv6Addr::from(base + 1), Ipv6Addr::from(base + 2)))
+            }
+            None => None,
+        };
         // Unique per agent (pods directory), within the 15 bytes of an interface name.
         let tag = crate::stable_hash::fnv1a(self.dir.as_os_str().as_encoded_bytes()) & 0x00ff_ffff;
         let host_if = format!("e{tag:06x}p{index}");
@@ -179,6 +210,7 @@ impl Pods {
             index,
             host_if: host_if.clone(),
             ip: pod_ip,
+            ip6: v6.map(|(_, pod)| pod),
             ready: false,
         };
         let made = (|| {
@@ -187,6 +219,15 @@ impl Pods {
                 "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
             ])?;
             ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+            if v6.is_some() {
+                // Without duplicate address detection both ends are usable at once (CNIs do
+                // the same): nothing else can be on a point-to-point veth.
+                let dad = format!("/proc/sys/net/ipv6/conf/{host_if}/accept_dad");
+                std::fs::write(&dad, "0").with_context(|| format!("writing {dad}"))?;
+                run(Command::new("ip")
+                    .args(["netns", "exec", name, "sysctl", "-qw"])
+                    .arg("net.ipv6.conf.eth0.accept_dad=0"))?;
+            }
             ip(&["link", "set", &host_if, "up"])?;
             ip(&[
                 "-n",
@@ -211,6 +252,17 @@ impl Pods {
             // The node routes for its pods, as every CNI has it do.
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
                 .context("enabling IPv4 forwarding")?;
+            if let Some((host6, pod6)) = v6 {
+                let (host6, pod6) = (format!("{host6}/126"), format!("{pod6}/126"));
+                ip(&["-6", "addr", "add", &host6, "dev", &host_if, "nodad"])?;
+                ip(&[
+                    "-n", name, "-6", "addr", "add", &pod6, "dev", "eth0", "nodad",
+                ])?;
+                let via = host6.trim_end_matches("/126");
+                ip(&["-n", name, "-6", "route", "add", "default", "via", via])?;
+                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+                    .context("enabling IPv6 forwarding")?;
+            }
             dp.attach_tc(&host_if, &self.pin_root)
         })();
         if let Err(err) = made {
@@ -260,13 +312,18 @@ fn alive(pid: u32) -> bool {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
+    run(Command::new("ip").args(args))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
         .output()
-        .context("running ip (iproute2)")?;
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
     if !out.status.success() {
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
         bail!(
-            "ip {}: {}",
+            "{} {}: {}",
+            cmd.get_program().to_string_lossy(),
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );

@@ -83,6 +83,18 @@ impl TestNet {
             "ip", "link", "add", veth, "type", "veth", "peer", "name", &peer,
         ])?;
         run(&["ip", "link", "set", &peer, "netns", netns])?;
+        // No duplicate address detection on the link-local addresses either: while it runs,
+        // the first packets to and from the hosts wait for neighbour discovery.
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{veth}/accept_dad"), "0");
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{peer}.accept_dad=0"),
+        ])?;
         for (gw, len) in &gateways {
             let cidr = format!("{gw}/{len}");
             if gw.is_ipv6() {
@@ -112,21 +124,24 @@ impl TestNet {
         Ok(net)
     }
 
-    /// Routes `cidr` (IPv4, for example local pods behind the host) from the test hosts back
-    /// through the host side of the veth.
+    /// Routes `cidr` (for example local pods behind the host) from the test hosts back through
+    /// the host side of the veth.
     pub fn route_back(&self, cidr: &str) -> anyhow::Result<()> {
+        let v6 = cidr.contains(':');
         let gw = gateways(&self.addrs)
             .into_iter()
-            .find(|(gw, _)| gw.is_ipv4())
-            .context("no IPv4 test address")?
+            .find(|(gw, _)| gw.is_ipv6() == v6)
+            .context("no test address of that family")?
             .0
             .to_string();
+        let family = if v6 { "-6" } else { "-4" };
         run(&[
             "ip",
             "netns",
             "exec",
             &self.netns,
             "ip",
+            family,
             "route",
             "add",
             cidr,

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Addresses for local pods (`enforcer exec --netns`), a /30 each. Without it, no pods.
     #[arg(long, value_name = "CIDR")]
     pod_cidr: Option<ipnet::Ipv4Net>,
+    /// IPv6 addresses for local pods as well, a /126 each (needs --pod-cidr). Turns on IPv6
+    /// forwarding, which makes the host ignore router advertisements, as on any router.
+    #[arg(long, value_name = "CIDR", requires = "pod_cidr")]
+    pod_cidr6: Option<ipnet::Ipv6Net>,
     /// Let ICMP from pods pass the TC program unjudged (by default no ServiceEntry allows it).
     #[arg(long)]
     tc_pass_icmp: bool,
@@ -129,9 +133,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         namespaces: args.namespaces,
         status_file: args.status_file,
-        pods: args
-            .pod_cidr
-            .map(|cidr| (args.placement.pods_dir(), cidr.trunc())),
+        pods: args.pod_cidr.map(|v4| crate::pods::PodNetwork {
+            dir: args.placement.pods_dir(),
+            v4,
+            v6: args.pod_cidr6,
+        }),
         judge_icmp: !args.tc_pass_icmp,
     };
     anyhow::ensure!(

@@ -11,6 +11,7 @@ use crate::{
 };
 
 const POD_CIDR: &str = "203.0.113.192/26";
+const POD_CIDR6: &str = "2001:db8:ff::/120";
 
 const SHOP: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -18,7 +19,7 @@ kind: ServiceEntry
 metadata: {name: api, namespace: shop}
 spec:
   hosts: [api.example.com]
-  addresses: [198.51.100.10]
+  addresses: [198.51.100.10, "2001:db8::10"]
   ports: [{number: 443, name: tls, protocol: TLS}]
   resolution: NONE
 ---
@@ -52,6 +53,7 @@ spec:
 
 fn start(world: &World, hosts: &Hosts) -> Agent {
     hosts.route_back(POD_CIDR);
+    hosts.route_back(POD_CIDR6);
     world.write_policy("shop.yaml", SHOP);
     let mesh = registry_only(world);
     Agent::start(
@@ -67,6 +69,8 @@ fn start(world: &World, hosts: &Hosts) -> Agent {
             "198.51.100.12/32",
             "--pod-cidr",
             POD_CIDR,
+            "--pod-cidr6",
+            POD_CIDR6,
         ],
     )
 }
@@ -93,6 +97,9 @@ fn connect_hooks_and_tc_give_the_same_verdicts() {
         ("tcp", "203.0.113.41", 80, true),
         ("tcp", "203.0.113.41", 8080, false),
         ("tcp", "198.51.100.12", 27017, true),
+        ("tcp", "2001:db8::10", 443, true),
+        ("tcp", "2001:db8::10", 80, false),
+        ("tcp", "2001:db8::11", 443, false),
     ];
     for (ns, pod) in [("shop", &shop), ("other", &other)] {
         // The TC side times out on a drop, so its probes run at once.
@@ -141,6 +148,12 @@ fn connect_hooks_and_tc_give_the_same_verdicts() {
         tc_refusals
             .iter()
             .any(|d| d["namespace"] == "other" && d["dst"] == "198.51.100.10"),
+        "{tc_refusals:?}"
+    );
+    assert!(
+        tc_refusals
+            .iter()
+            .any(|d| d["namespace"] == "shop" && d["dst"] == "2001:db8::11"),
         "{tc_refusals:?}"
     );
 }
