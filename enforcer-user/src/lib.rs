@@ -14,3 +14,4 @@ pub mod resolver;
 pub mod sources;
 pub mod stable_hash;
 pub mod status;
+pub mod veth;

@@ -9,3 +9,4 @@ mod resolution;
 mod scoping;
 mod tc;
 mod tc_paths;
+mod veth;
