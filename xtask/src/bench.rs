@@ -293,20 +293,27 @@ impl Bench {
             .unwrap_or(0)
     }
 
+    /// `enforcer exec` into the bench namespace (and a local pod named `netns`), up to `--`.
+    pub fn enforced(&self, netns: Option<&str>) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(["exec", "--namespace", "bench"]);
+        if let Some(netns) = netns {
+            c.args(["--netns", netns]);
+        }
+        c.args([
+            "--bpffs-root",
+            PIN_ROOT,
+            "--cgroup-parent",
+            CGROUP_PARENT,
+            "--",
+        ]);
+        c
+    }
+
     fn connect_rate(&self, target: SocketAddr, enforced: bool) -> anyhow::Result<f64> {
         let me = std::env::current_exe()?;
         let mut cmd = if enforced {
-            let mut c = Command::new(&self.bin);
-            c.args([
-                "exec",
-                "--namespace",
-                "bench",
-                "--bpffs-root",
-                PIN_ROOT,
-                "--cgroup-parent",
-                CGROUP_PARENT,
-                "--",
-            ]);
+            let mut c = self.enforced(None);
             c.arg(&me);
             c
         } else {
@@ -330,17 +337,8 @@ impl Bench {
 
     /// Writes (or removes) the policy file and measures until a connect from the namespace shows it.
     fn time_change(&self, yaml: Option<&str>, allowed: bool) -> anyhow::Result<f64> {
-        let mut client = Command::new(&self.bin)
-            .args([
-                "exec",
-                "--namespace",
-                "bench",
-                "--bpffs-root",
-                PIN_ROOT,
-                "--cgroup-parent",
-                CGROUP_PARENT,
-                "--",
-            ])
+        let mut client = self
+            .enforced(None)
             .arg(std::env::current_exe()?)
             .args([
                 "bench-client",

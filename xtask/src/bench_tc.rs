@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _};
 use enforcer_testkit::TestNet;
 
 use crate::{
-    bench::{median, prog_stats, set_bpf_stats, Bench, CGROUP_PARENT, PIN_ROOT, TARGET},
+    bench::{median, prog_stats, set_bpf_stats, Bench, PIN_ROOT, TARGET},
     sh,
 };
 
@@ -60,11 +60,11 @@ pub fn run(bench: &Bench, net: &TestNet) -> anyhow::Result<()> {
     for round in 0..ROUNDS {
         // Alternating which goes first, so that neither always runs on a warmer machine.
         if round % 2 == 0 {
-            with.push(iperf(&mut pod_command(bench, "enfbench-pod"))?);
+            with.push(iperf(&mut bench.enforced(Some("enfbench-pod")))?);
             without.push(iperf(&mut bare_command())?);
         } else {
             without.push(iperf(&mut bare_command())?);
-            with.push(iperf(&mut pod_command(bench, "enfbench-pod"))?);
+            with.push(iperf(&mut bench.enforced(Some("enfbench-pod")))?);
         }
     }
     // The exact cost, in a separate round: bpf_stats adds two clock reads per run.
@@ -73,7 +73,7 @@ pub fn run(bench: &Bench, net: &TestNet) -> anyhow::Result<()> {
     let reply = format!("{PIN_ROOT}/programs/enforcer_reply");
     let (j0, r0) = (prog_stats(&judge)?, prog_stats(&reply)?);
     let started = Instant::now();
-    let rate = iperf(&mut pod_command(bench, "enfbench-pod"))?;
+    let rate = iperf(&mut bench.enforced(Some("enfbench-pod")))?;
     let secs = started.elapsed().as_secs_f64();
     let (j1, r1) = (prog_stats(&judge)?, prog_stats(&reply)?);
     set_bpf_stats(false)?;
@@ -109,23 +109,6 @@ pub fn run(bench: &Bench, net: &TestNet) -> anyhow::Result<()> {
     );
     drop(server);
     Ok(())
-}
-
-fn pod_command(bench: &Bench, netns: &str) -> Command {
-    let mut c = Command::new(&bench.bin);
-    c.args([
-        "exec",
-        "--namespace",
-        "bench",
-        "--netns",
-        netns,
-        "--bpffs-root",
-        PIN_ROOT,
-        "--cgroup-parent",
-        CGROUP_PARENT,
-        "--",
-    ]);
-    c
 }
 
 fn bare_command() -> Command {
@@ -165,7 +148,8 @@ fn iperf(cmd: &mut Command) -> anyhow::Result<f64> {
 /// Starts a streaming client in a pod, deletes the entry file, and returns the milliseconds
 /// from the deletion to the first message whose echo never came.
 fn first_drop_ms(bench: &Bench, entry_file: &std::path::Path) -> anyhow::Result<f64> {
-    let mut client = pod_command(bench, "enfbench-flow")
+    let mut client = bench
+        .enforced(Some("enfbench-flow"))
         .arg(std::env::current_exe()?)
         .args(["bench-client", "stream", &format!("{TARGET}:{ECHO_PORT}")])
         .stdin(Stdio::piped())

@@ -129,6 +129,23 @@ fn json(out: Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
+/// `enforcer exec` into a new pod of `workload` ("ns" or "ns:k=v,.."), up to `--`.
+pub fn exec(agent: &Agent, workload: &str, netns: &str) -> Command {
+    let (ns, labels) = workload.split_once(':').unwrap_or((workload, ""));
+    let mut cmd = Command::new(ENFORCER);
+    cmd.args(["exec", "-n", ns, "--netns", netns]).args([
+        "--bpffs-root",
+        &agent.pin_root,
+        "--cgroup-parent",
+        &agent.cgroup_parent,
+    ]);
+    if !labels.is_empty() {
+        cmd.args(["--label", labels]);
+    }
+    cmd.arg("--");
+    cmd
+}
+
 /// Whether a network namespace of this name exists.
 pub fn netns_exists(name: &str) -> bool {
     Command::new("ip")

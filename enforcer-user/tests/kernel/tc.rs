@@ -3,13 +3,16 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use enforcer_testkit::{python, script};
 
-use crate::harness::{registry_only, Agent, Hosts, World, ENFORCER};
+use crate::{
+    harness::{registry_only, Agent, Hosts, World},
+    pod,
+};
 
 const POD_CIDR: &str = "203.0.113.192/26";
 
@@ -43,15 +46,7 @@ fn deleting_an_entry_revokes_an_established_flow_within_a_second() {
         ],
     );
     let netns = format!("enfpod-{}", &world.id[world.id.len().saturating_sub(8)..]);
-    let mut client = Command::new(ENFORCER)
-        .args(["exec", "-n", "shop", "--netns", &netns])
-        .args([
-            "--bpffs-root",
-            &agent.pin_root,
-            "--cgroup-parent",
-            &agent.cgroup_parent,
-        ])
-        .arg("--")
+    let mut client = pod::exec(&agent, "shop", &netns)
         .arg(python())
         .arg(script("stream.py"))
         .args(["198.51.100.10", "443", "20"])
@@ -108,14 +103,7 @@ fn deleting_an_entry_revokes_an_established_flow_within_a_second() {
             })
             .unwrap_or(0)
     };
-    let netns_exists = || {
-        Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&netns))
-            .unwrap_or(true)
-    };
     agent.wait_for(Duration::from_secs(5), "the pod's removal", || {
-        !netns_exists() && tc_pins() == 0
+        !pod::netns_exists(&netns) && tc_pins() == 0
     });
 }

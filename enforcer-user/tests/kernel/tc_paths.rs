@@ -7,7 +7,7 @@ use enforcer_testkit::{python, script};
 
 use crate::{
     harness::{registry_only, Agent, Hosts, Outcome, World, ENFORCER},
-    pod::{netns_exists, Pod},
+    pod::{self, netns_exists, Pod},
 };
 
 const POD_CIDR: &str = "203.0.113.192/26";
@@ -163,15 +163,7 @@ fn raw_sockets_in_a_pod_are_judged_per_packet() {
     let world = World::new("tcraw");
     let hosts = Hosts::new(&world);
     let agent = start(&world, &hosts);
-    let out = Command::new(ENFORCER)
-        .args(["exec", "-n", "shop", "--netns", &netns_name(&world, 1)])
-        .args([
-            "--bpffs-root",
-            &agent.pin_root,
-            "--cgroup-parent",
-            &agent.cgroup_parent,
-        ])
-        .arg("--")
+    let out = pod::exec(&agent, "shop", &netns_name(&world, 1))
         .arg(python())
         .arg(script("raw.py"))
         .args([
