@@ -115,16 +115,10 @@ impl Hosts {
 
     /// `probe.py` from the test hosts towards `host` (a pod); true if it got a reply.
     pub fn probe(&self, kind: &str, host: &str, port: u16) -> bool {
-        let script = script("probe.py");
+        let args = quick_probe(kind, host, port);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.0
-            .exec(&[
-                python(),
-                &script.to_string_lossy(),
-                kind,
-                host,
-                &port.to_string(),
-                "1",
-            ])
+            .exec(&args)
             .expect("probing from the test hosts")
             .status
             .success()
@@ -289,15 +283,16 @@ impl Agent {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Runs `probe.py` through `enforcer exec` as a workload: `ns`, or `ns:k=v,k2=v2` for a
-    /// workload with labels.
-    pub fn probe(&self, workload: &str, kind: &str, host: &str, port: u16) -> Outcome {
+    /// `enforcer exec` as a workload (`ns`, or `ns:k=v,k2=v2` with labels), in a new local pod
+    /// named `netns` if given, up to `--`.
+    pub fn exec(&self, workload: &str, netns: Option<&str>) -> Command {
         let (ns, labels) = workload.split_once(':').unwrap_or((workload, ""));
         let mut cmd = Command::new(ENFORCER);
+        cmd.args(["exec", "--namespace", ns]);
+        if let Some(netns) = netns {
+            cmd.args(["--netns", netns]);
+        }
         cmd.args([
-            "exec",
-            "--namespace",
-            ns,
             "--bpffs-root",
             &self.pin_root,
             "--cgroup-parent",
@@ -306,8 +301,15 @@ impl Agent {
         if !labels.is_empty() {
             cmd.args(["--label", labels]);
         }
+        cmd.arg("--");
+        cmd
+    }
+
+    /// Runs `probe.py` through `enforcer exec` as a workload: `ns`, or `ns:k=v,k2=v2` for a
+    /// workload with labels.
+    pub fn probe(&self, workload: &str, kind: &str, host: &str, port: u16) -> Outcome {
+        let mut cmd = self.exec(workload, None);
         let out = cmd
-            .arg("--")
             .arg(python())
             .arg(script("probe.py"))
             .args([kind, host, &port.to_string()])
@@ -424,4 +426,16 @@ pub fn registry_only(world: &World) -> String {
     let mesh = world.dir.join("mesh.yaml");
     fs::write(&mesh, REGISTRY_ONLY).expect("writing the mesh config");
     mesh.display().to_string()
+}
+
+/// `probe.py` with a one-second timeout, for paths where a drop shows only as silence.
+pub fn quick_probe(kind: &str, host: &str, port: u16) -> Vec<String> {
+    vec![
+        python().to_string(),
+        script("probe.py").to_string_lossy().into_owned(),
+        kind.to_string(),
+        host.to_string(),
+        port.to_string(),
+        "1".to_string(),
+    ]
 }

@@ -6,9 +6,9 @@ use std::{
     process::{Child, ChildStdout, Command, Output, Stdio},
 };
 
-use enforcer_testkit::{python, script};
+use enforcer_testkit::python;
 
-use crate::harness::{Agent, ENFORCER};
+use crate::harness::{quick_probe, Agent};
 
 /// A pod whose main process runs until the pod is dropped; dropping it kills that process, so the
 /// agent removes the pod.
@@ -24,19 +24,8 @@ impl Pod {
     /// Runs `cmd` in a new pod of `workload` ("ns" or "ns:k=v,..") and waits until it prints
     /// "ready" (host.py does; [`Pod::idle`] is a pod that only waits).
     pub fn start(agent: &Agent, workload: &str, netns: &str, cmd: &[&str]) -> Self {
-        let (ns, labels) = workload.split_once(':').unwrap_or((workload, ""));
-        let mut exec = Command::new(ENFORCER);
-        exec.args(["exec", "-n", ns, "--netns", netns]).args([
-            "--bpffs-root",
-            &agent.pin_root,
-            "--cgroup-parent",
-            &agent.cgroup_parent,
-        ]);
-        if !labels.is_empty() {
-            exec.args(["--label", labels]);
-        }
-        let mut child = exec
-            .arg("--")
+        let mut child = agent
+            .exec(workload, Some(netns))
             .args(cmd)
             .stdout(Stdio::piped())
             // Its own process group, so that drop ends the command as well as exec.
@@ -74,16 +63,9 @@ impl Pod {
 
     /// `probe.py` from the pod's network namespace, outside its cgroup; true if it got a reply.
     pub fn probe_unmapped(&self, kind: &str, host: &str, port: u16) -> bool {
-        let script = script("probe.py");
-        let out = self.run_unmapped(&[
-            python(),
-            &script.to_string_lossy(),
-            kind,
-            host,
-            &port.to_string(),
-            "1",
-        ]);
-        out.status.success()
+        let args = quick_probe(kind, host, port);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run_unmapped(&args).status.success()
     }
 
     /// The host side of the pod's veth: the interface whose index eth0 names as its peer.
@@ -127,23 +109,6 @@ impl Drop for Pod {
 
 fn json(out: Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
-}
-
-/// `enforcer exec` into a new pod of `workload` ("ns" or "ns:k=v,.."), up to `--`.
-pub fn exec(agent: &Agent, workload: &str, netns: &str) -> Command {
-    let (ns, labels) = workload.split_once(':').unwrap_or((workload, ""));
-    let mut cmd = Command::new(ENFORCER);
-    cmd.args(["exec", "-n", ns, "--netns", netns]).args([
-        "--bpffs-root",
-        &agent.pin_root,
-        "--cgroup-parent",
-        &agent.cgroup_parent,
-    ]);
-    if !labels.is_empty() {
-        cmd.args(["--label", labels]);
-    }
-    cmd.arg("--");
-    cmd
 }
 
 /// Whether a network namespace of this name exists.

@@ -46,7 +46,8 @@ fn deleting_an_entry_revokes_an_established_flow_within_a_second() {
         ],
     );
     let netns = format!("enfpod-{}", &world.id[world.id.len().saturating_sub(8)..]);
-    let mut client = pod::exec(&agent, "shop", &netns)
+    let mut client = agent
+        .exec("shop", Some(&netns))
         .arg(python())
         .arg(script("stream.py"))
         .args(["198.51.100.10", "443", "20"])

@@ -7,7 +7,7 @@ use enforcer_testkit::{python, script};
 
 use crate::{
     harness::{registry_only, Agent, Hosts, Outcome, World, ENFORCER},
-    pod::{self, netns_exists, Pod},
+    pod::{netns_exists, Pod},
 };
 
 const POD_CIDR: &str = "203.0.113.192/26";
@@ -163,7 +163,8 @@ fn raw_sockets_in_a_pod_are_judged_per_packet() {
     let world = World::new("tcraw");
     let hosts = Hosts::new(&world);
     let agent = start(&world, &hosts);
-    let out = pod::exec(&agent, "shop", &netns_name(&world, 1))
+    let out = agent
+        .exec("shop", Some(&netns_name(&world, 1)))
         .arg(python())
         .arg(script("raw.py"))
         .args([
