@@ -7,6 +7,8 @@
 /// Names of the maps, as they are pinned under bpffs.
 pub mod map_names {
     pub const CGROUPS: &str = "ENF_CGROUPS";
+    /// Cgroups that claim their descendants too (Kubernetes pods, the kubelet's root).
+    pub const CG_TREES: &str = "ENF_CG_TREES";
     pub const ALLOW_EXACT: &str = "ENF_ALLOW_EXACT";
     pub const ALLOW_CIDR: &str = "ENF_ALLOW_CIDR";
     pub const EVENTS: &str = "ENF_EVENTS";
@@ -63,10 +65,13 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
-/// Bits of [`TcConfig::flags`].
+/// Bits of [`TcConfig::flags`] (read by the connect hooks too).
 pub mod tc_flags {
     /// Judge ICMP like other traffic (no ServiceEntry allows it); otherwise it passes.
     pub const JUDGE_ICMP: u32 = 1;
+    /// `CG_TREES` is in use: the connect hooks look for a claimed ancestor of an unclaimed
+    /// cgroup (Kubernetes mode).
+    pub const CG_TREES: u32 = 2;
 }
 
 /// Scope id reserved for the always-allowed CIDRs (loopback, `--allow-cidr`).

@@ -11,15 +11,16 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, RingBuf},
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    hook, ipv4_mapped, mode, proto, verdict, CgroupScope, DenyEvent, PolicyKey, ScopeName,
-    GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+    hook, ipv4_mapped, mode, proto, tc_flags, verdict, CgroupScope, DenyEvent, PolicyKey,
+    ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
 
 mod tc;
@@ -29,6 +30,14 @@ const DENY: i32 = 0;
 
 #[map(name = "ENF_CGROUPS")]
 static CGROUPS: HashMap<u64, CgroupScope> = HashMap::pinned(65_536, 0);
+
+/// Cgroups that claim their whole subtree (Kubernetes mode: a pod with all its containers, and
+/// the kubelet's root for pods not mapped yet). The deepest claimed ancestor decides.
+#[map(name = "ENF_CG_TREES")]
+static CG_TREES: HashMap<u64, CgroupScope> = HashMap::pinned(65_536, 0);
+
+/// Deepest cgroup level searched for a claimed ancestor.
+const MAX_TREE_LEVEL: i32 = 24;
 
 #[map(name = "ENF_ALLOW_EXACT")]
 static ALLOW_EXACT: HashMap<PolicyKey, u32> = HashMap::pinned(131_072, 0);
@@ -78,7 +87,7 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     // SAFETY: the helper has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
-    let Some(scope) = (unsafe { CGROUPS.get(cgroup_id) }).copied() else {
+    let Some(scope) = scope_of(cgroup_id) else {
         return Ok(ALLOW);
     };
     if scope.mode == mode::ALLOW_ANY {
@@ -128,6 +137,36 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     } else {
         Ok(DENY)
     }
+}
+
+#[inline(always)]
+fn scope_of(cgroup_id: u64) -> Option<CgroupScope> {
+    // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
+    if let Some(scope) = unsafe { CGROUPS.get(cgroup_id) } {
+        return Some(*scope);
+    }
+    // Local mode claims no subtrees: its unclaimed cgroups skip the walk.
+    if tc::config().flags & tc_flags::CG_TREES == 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut level = 1;
+    while level <= MAX_TREE_LEVEL {
+        // SAFETY: the helper has no preconditions; it returns 0 below the current cgroup.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(scope) = unsafe { CG_TREES.get(id) } {
+            found = Some(*scope);
+        }
+        if id == cgroup_id {
+            break;
+        }
+        level += 1;
+    }
+    found
 }
 
 fn allowed(key: &PolicyKey) -> bool {

@@ -47,6 +47,12 @@ struct Packet {
     l4: Option<usize>,
 }
 
+/// The agent's settings and the policy generation.
+#[inline(always)]
+pub fn config() -> TcConfig {
+    TC_CONFIG.get(0).copied().unwrap_or_default()
+}
+
 #[classifier]
 pub fn enforcer_tc(ctx: TcContext) -> i32 {
     try_tc(&ctx).unwrap_or(TC_ACT_SHOT)
@@ -57,7 +63,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         // ARP and everything else that is not IP.
         return Ok(TC_ACT_OK);
     };
-    let config = TC_CONFIG.get(0).copied().unwrap_or_default();
+    let config = config();
     let icmp = p.proto == proto::ICMP || p.proto == proto::ICMPV6;
     if p.ndp || (icmp && config.flags & tc_flags::JUDGE_ICMP == 0) {
         return Ok(TC_ACT_OK);

@@ -55,7 +55,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("creating cgroup {}", dir.display()))?;
     }
     let (mut dp, ring) = Datapath::open(&cfg.datapath)?;
-    dp.set_tc_flags(if cfg.judge_icmp {
+    dp.set_flags(if cfg.judge_icmp {
         enforcer_common::tc_flags::JUDGE_ICMP
     } else {
         0
@@ -198,7 +198,12 @@ fn apply(
     explainer: &RwLock<Explainer>,
 ) -> anyhow::Result<bool> {
     dp.ensure_scope_ids(desired.scopes.keys())?;
-    let plan = plan::build(desired, assignments, pods, dp.scope_ids());
+    let workloads = plan::Workloads {
+        cgroups: assignments,
+        trees: &BTreeMap::new(),
+        pods,
+    };
+    let plan = plan::build(desired, workloads, dp.scope_ids());
     let started = std::time::Instant::now();
     let report = dp.apply(&plan);
     for err in &report.errors {

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod diag;
 pub mod events;
 pub mod istio;
+pub mod k8s;
 pub mod kubelet;
 pub mod net;
 pub mod pods;

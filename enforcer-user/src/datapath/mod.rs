@@ -103,6 +103,7 @@ impl Datapath {
                 map_names::SCOPE_NAMES,
             )?)?,
             pods: HashMap::try_from(take(&mut ebpf, map_names::POD_SCOPES)?)?,
+            trees: HashMap::try_from(take(&mut ebpf, map_names::CG_TREES)?)?,
             tc_config: Array::try_from(take(&mut ebpf, map_names::TC_CONFIG)?)?,
         };
         load_tc(&mut ebpf, &opts.pin_root)?;
@@ -186,8 +187,8 @@ impl Datapath {
         }
     }
 
-    pub fn set_tc_flags(&mut self, flags: u32) -> anyhow::Result<()> {
-        self.maps.set_tc_flags(flags)
+    pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {
+        self.maps.set_flags(flags)
     }
 
     pub fn scope_ids(&self) -> &BTreeMap<String, u32> {

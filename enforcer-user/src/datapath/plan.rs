@@ -17,6 +17,8 @@ pub struct MapPlan {
     pub cgroups: BTreeMap<u64, CgroupScope>,
     /// Local pods' addresses (16-byte key form), for the TC program.
     pub pods: BTreeMap<[u8; 16], CgroupScope>,
+    /// Cgroups that claim their descendants (Kubernetes pods, the kubelet's root).
+    pub trees: BTreeMap<u64, CgroupScope>,
     pub exact: BTreeSet<PolicyKey>,
     /// Trie entries: (prefix length of the whole key, key).
     pub cidr: BTreeSet<(u32, PolicyKey)>,
@@ -40,17 +42,31 @@ pub struct PodAssignment {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Who runs where: cgroups (each alone, or with their subtree) and pod addresses.
+#[derive(Clone, Copy)]
+pub struct Workloads<'a> {
+    pub cgroups: &'a BTreeMap<u64, Assignment>,
+    /// Cgroups whose descendants belong to the same workload (Kubernetes pods).
+    pub trees: &'a BTreeMap<u64, Assignment>,
+    pub pods: &'a [PodAssignment],
+}
+
 pub fn build(
     desired: &Desired,
-    cgroups: &BTreeMap<u64, Assignment>,
-    pods: &[PodAssignment],
+    workloads: Workloads<'_>,
     scope_ids: &BTreeMap<String, u32>,
 ) -> MapPlan {
+    let Workloads {
+        cgroups,
+        trees,
+        pods,
+    } = workloads;
     let mut plan = MapPlan::default();
     // A selecting Sidecar's scope costs map entries only while a workload of it runs. Rules go
     // in before cgroups, so a new workload never runs ahead of its scope's rules.
     let used: BTreeSet<&str> = cgroups
         .values()
+        .chain(trees.values())
         .map(|a| (&a.namespace, &a.labels))
         .chain(pods.iter().map(|p| (&p.namespace, &p.labels)))
         .filter_map(|(ns, labels)| desired.scope_for(ns, labels))
@@ -91,35 +107,28 @@ pub fn build(
         plan.cidr
             .insert((POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(net)), key));
     }
-    for (&id, assignment) in cgroups {
-        let Some(name) = desired.scope_for(&assignment.namespace, &assignment.labels) else {
-            continue;
-        };
+    let scope_of = |namespace: &str, labels: &BTreeMap<String, String>| {
+        let name = desired.scope_for(namespace, labels)?;
         let (Some(&scope), Some(policy)) = (scope_ids.get(name), desired.scopes.get(name)) else {
-            continue;
+            return None;
         };
-        plan.cgroups.insert(
-            id,
-            CgroupScope {
-                scope,
-                mode: mode_value(policy.mode),
-            },
-        );
-    }
-    for pod in pods {
-        let Some(name) = desired.scope_for(&pod.namespace, &pod.labels) else {
-            continue;
-        };
-        if let (Some(&scope), Some(policy)) = (scope_ids.get(name), desired.scopes.get(name)) {
-            plan.pods.insert(
-                key_bytes(pod.ip),
-                CgroupScope {
-                    scope,
-                    mode: mode_value(policy.mode),
-                },
-            );
-        }
-    }
+        Some(CgroupScope {
+            scope,
+            mode: mode_value(policy.mode),
+        })
+    };
+    plan.cgroups = cgroups
+        .iter()
+        .filter_map(|(&id, a)| Some((id, scope_of(&a.namespace, &a.labels)?)))
+        .collect();
+    plan.trees = trees
+        .iter()
+        .filter_map(|(&id, a)| Some((id, scope_of(&a.namespace, &a.labels)?)))
+        .collect();
+    plan.pods = pods
+        .iter()
+        .filter_map(|p| Some((key_bytes(p.ip), scope_of(&p.namespace, &p.labels)?)))
+        .collect();
     plan
 }
 
@@ -226,7 +235,28 @@ mod tests {
             ("b/db".to_string(), 11),
             ("b/idle".to_string(), 12),
         ]);
-        let plan = build(&desired, &cgroups, &[], &ids);
+        let trees = BTreeMap::from([(
+            400,
+            Assignment {
+                namespace: "b".into(),
+                labels: db.clone(),
+                path: PathBuf::from("/kubepods/pod-x"),
+            },
+        )]);
+        let workloads = Workloads {
+            cgroups: &cgroups,
+            trees: &trees,
+            pods: &[],
+        };
+        let plan = build(&desired, workloads, &ids);
+        assert_eq!(
+            plan.trees[&400],
+            CgroupScope {
+                scope: 11,
+                mode: mode::ALLOW_ANY
+            },
+            "a pod's cgroup tree gets its workload's scope"
+        );
 
         assert_eq!(
             plan.cgroups[&100],

@@ -16,6 +16,7 @@ pub struct Maps {
     pub cidr: LpmTrie<MapData, PolicyKey, u32>,
     pub scope_names: HashMap<MapData, ScopeName, u32>,
     pub pods: HashMap<MapData, [u8; 16], CgroupScope>,
+    pub trees: HashMap<MapData, u64, CgroupScope>,
     pub tc_config: Array<MapData, TcConfig>,
 }
 
@@ -32,6 +33,7 @@ impl Maps {
         MapPlan {
             cgroups: self.cgroups.iter().filter_map(Result::ok).collect(),
             pods: self.pods.iter().filter_map(Result::ok).collect(),
+            trees: self.trees.iter().filter_map(Result::ok).collect(),
             exact: self.exact.keys().filter_map(Result::ok).collect(),
             cidr: self
                 .cidr
@@ -93,55 +95,28 @@ impl Maps {
                 )),
             }
         }
-        for (id, scope) in &plan.cgroups {
-            if applied.cgroups.get(id) == Some(scope) {
-                continue;
-            }
-            match self.cgroups.insert(id, scope, 0) {
-                Ok(()) => {
-                    applied.cgroups.insert(*id, *scope);
-                    report.added += 1;
-                }
-                Err(err) => report.errors.push(format!("mapping cgroup {id}: {err}")),
-            }
-        }
-
-        for (ip, scope) in &plan.pods {
-            if applied.pods.get(ip) == Some(scope) {
-                continue;
-            }
-            match self.pods.insert(ip, scope, 0) {
-                Ok(()) => {
-                    applied.pods.insert(*ip, *scope);
-                    report.added += 1;
-                }
-                Err(err) => report.errors.push(format!("mapping a pod address: {err}")),
-            }
-        }
-        let stale: Vec<[u8; 16]> = applied
-            .pods
-            .keys()
-            .filter(|ip| !plan.pods.contains_key(*ip))
-            .copied()
-            .collect();
-        for ip in stale {
-            let _ = self.pods.remove(&ip);
-            applied.pods.remove(&ip);
-            report.removed += 1;
-        }
-
-        let stale: Vec<u64> = applied
-            .cgroups
-            .keys()
-            .filter(|id| !plan.cgroups.contains_key(id))
-            .copied()
-            .collect();
-        for id in stale {
-            // A cgroup that is gone is already absent from the kernel map's point of view.
-            let _ = self.cgroups.remove(&id);
-            applied.cgroups.remove(&id);
-            report.removed += 1;
-        }
+        // Assignments go in after the rules they point at, and stale ones out before the rules.
+        sync_scopes(
+            &mut self.cgroups,
+            &mut applied.cgroups,
+            &plan.cgroups,
+            &mut report,
+            "cgroup",
+        );
+        sync_scopes(
+            &mut self.trees,
+            &mut applied.trees,
+            &plan.trees,
+            &mut report,
+            "cgroup tree",
+        );
+        sync_scopes(
+            &mut self.pods,
+            &mut applied.pods,
+            &plan.pods,
+            &mut report,
+            "pod address",
+        );
         let stale: Vec<PolicyKey> = applied.exact.difference(&plan.exact).copied().collect();
         for key in stale {
             match self.exact.remove(&key) {
@@ -179,7 +154,7 @@ impl Maps {
         report
     }
 
-    pub fn set_tc_flags(&mut self, flags: u32) -> anyhow::Result<()> {
+    pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {
         self.update_tc_config(|c| c.flags = flags)
     }
 
@@ -190,5 +165,38 @@ impl Maps {
         config.generation = config.generation.wrapping_add(1);
         self.tc_config.set(0, config, 0)?;
         Ok(())
+    }
+}
+
+/// Makes a key -> scope map hold exactly `want`. Removing an entry that is already gone (a cgroup
+/// that was deleted) is not an error.
+fn sync_scopes<K: aya::Pod + Ord + std::fmt::Debug>(
+    map: &mut HashMap<MapData, K, CgroupScope>,
+    applied: &mut BTreeMap<K, CgroupScope>,
+    want: &BTreeMap<K, CgroupScope>,
+    report: &mut ApplyReport,
+    what: &str,
+) {
+    for (key, scope) in want {
+        if applied.get(key) == Some(scope) {
+            continue;
+        }
+        match map.insert(key, scope, 0) {
+            Ok(()) => {
+                applied.insert(*key, *scope);
+                report.added += 1;
+            }
+            Err(err) => report.errors.push(format!("mapping {what} {key:?}: {err}")),
+        }
+    }
+    let stale: Vec<K> = applied
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .copied()
+        .collect();
+    for key in stale {
+        let _ = map.remove(&key);
+        applied.remove(&key);
+        report.removed += 1;
     }
 }

@@ -150,3 +150,30 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut BTreeMap<String, PodC
         }
     }
 }
+
+/// The kubelet's root cgroups under `dir` (`kubepods`, `kubepods.slice`, or a nested
+/// `<parent>-kubepods.slice`), a few levels deep at most.
+pub fn roots(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    find_roots(dir, 0, &mut found);
+    found.sort();
+    found
+}
+
+fn find_roots(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice") {
+            found.push(entry.path());
+        } else if depth < 3 {
+            find_roots(&entry.path(), depth + 1, found);
+        }
+    }
+}

@@ -55,7 +55,7 @@ pub fn parse_mesh_file(origin: &str, text: &str) -> Snapshot {
     out
 }
 
-fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
+pub fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
     let kind = value
         .get("kind")
         .and_then(Value::as_str)

@@ -1,0 +1,331 @@
+//! Kubernetes mode: Istio objects, Services, Namespaces and this node's Pods from the API
+//! server, kept in reflector stores. The agent recomputes everything from the stores on every
+//! change, so a missed or reordered event can only delay an update.
+
+mod istio_api;
+pub mod registry;
+pub mod selector;
+pub mod workloads;
+
+use std::{collections::BTreeSet, fmt::Debug, hash::Hash, time::Duration};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    api::{Api, DynamicObject},
+    core::ApiResource,
+    runtime::{
+        reflector::{self, store::Writer, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+pub use selector::LabelSelector;
+pub use workloads::{NodePod, UNENFORCED, UNMAPPED};
+
+use crate::{
+    istio::OutboundMode,
+    policy::{Desired, ScopePolicy},
+    sources::{documents, Snapshot},
+};
+
+/// Origin of every object read from the API server, in problems and explanations.
+pub const ORIGIN: &str = "kubernetes";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Pods of this node only (`spec.nodeName`).
+    pub node_name: String,
+    /// Namespaces whose pods are enforced.
+    pub namespace_selector: LabelSelector,
+    /// Mesh config ConfigMaps (namespace, name), key `mesh`: the first that exists is used.
+    pub mesh_config_maps: Vec<(String, String)>,
+    /// Services are registered as `<name>.<namespace>.svc.<domain>`.
+    pub cluster_domain: String,
+}
+
+/// The API server's view, kept current by watchers.
+pub struct Cluster {
+    opts: Options,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    istio: Vec<(ApiResource, Store<DynamicObject>)>,
+    mesh: Vec<Store<ConfigMap>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Connects (in-cluster, or `KUBECONFIG` / `~/.kube/config`), checks the Istio CRDs, starts
+    /// the watchers, and returns once every store holds a complete first list. `changed` gets
+    /// `()` after every change.
+    pub async fn connect(
+        opts: Options,
+        changed: mpsc::UnboundedSender<()>,
+    ) -> anyhow::Result<Self> {
+        let client = Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        let istio_resources = istio_api::resources(&client).await?;
+        let mut tasks = Vec::new();
+        let mut start = |what: String, task: JoinHandle<()>| {
+            log::debug!("watching {what}");
+            tasks.push(task);
+        };
+
+        let (namespaces, w) = reflector::store();
+        start(
+            "namespaces".into(),
+            watch(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                w,
+                &changed,
+                "Namespaces",
+            ),
+        );
+        let (pods, w) = reflector::store();
+        let on_node =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
+        start(
+            "pods".into(),
+            watch(Api::all(client.clone()), on_node, w, &changed, "Pods"),
+        );
+        let (services, w) = reflector::store();
+        start(
+            "services".into(),
+            watch(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                w,
+                &changed,
+                "Services",
+            ),
+        );
+        let (slices, w) = reflector::store();
+        start(
+            "endpointslices".into(),
+            watch(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                w,
+                &changed,
+                "EndpointSlices",
+            ),
+        );
+        let mut istio = Vec::new();
+        for ar in istio_resources {
+            let w = Writer::new(ar.clone());
+            let store = w.as_reader();
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let task = watch(
+                api,
+                watcher::Config::default(),
+                w,
+                &changed,
+                "Istio objects",
+            );
+            start(ar.plural.clone(), task);
+            istio.push((ar, store));
+        }
+        let mut mesh = Vec::new();
+        for (ns, name) in &opts.mesh_config_maps {
+            let (store, w) = reflector::store();
+            let one = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            start(
+                format!("configmap {ns}/{name}"),
+                watch(
+                    Api::namespaced(client.clone(), ns),
+                    one,
+                    w,
+                    &changed,
+                    "mesh ConfigMaps",
+                ),
+            );
+            mesh.push(store);
+        }
+
+        let cluster = Self {
+            opts,
+            namespaces,
+            pods,
+            services,
+            slices,
+            istio,
+            mesh,
+            tasks,
+        };
+        cluster.wait_until_listed().await?;
+        Ok(cluster)
+    }
+
+    async fn wait_until_listed(&self) -> anyhow::Result<()> {
+        let all = async {
+            self.namespaces.wait_until_ready().await?;
+            self.pods.wait_until_ready().await?;
+            self.services.wait_until_ready().await?;
+            self.slices.wait_until_ready().await?;
+            for (_, store) in &self.istio {
+                store.wait_until_ready().await?;
+            }
+            for store in &self.mesh {
+                store.wait_until_ready().await?;
+            }
+            Ok::<(), reflector::store::WriterDropped>(())
+        };
+        tokio::pin!(all);
+        loop {
+            tokio::select! {
+                res = &mut all => return res.context("a watcher stopped before its first list"),
+                () = tokio::time::sleep(Duration::from_secs(10)) => {
+                    log::warn!("still waiting for the first list of every watched kind (see the warnings above); nothing is changed until then");
+                }
+            }
+        }
+    }
+
+    /// The Istio objects, the registry of Services and the mesh config, as one snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (ar, store) in &self.istio {
+            let mut objects = store.state();
+            objects.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            for obj in objects {
+                let mut value = serde_json::to_value(&*obj).unwrap_or_default();
+                // List items may come without their type; the store knows it.
+                value["apiVersion"] = ar.api_version.clone().into();
+                value["kind"] = ar.kind.clone().into();
+                add_object(&mut snap, ORIGIN, value);
+            }
+        }
+        for entry in registry::service_entries(
+            &self.services.state(),
+            &self.slices.state(),
+            &self.opts.cluster_domain,
+        ) {
+            let origin = format!(
+                "{ORIGIN} Service {}/{}",
+                entry["metadata"]["namespace"].as_str().unwrap_or_default(),
+                entry["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            add_object(&mut snap, &origin, entry);
+        }
+        // Istio's own mesh config wins; enforcer's is the fallback.
+        if let Some(cm) = self.mesh.iter().find_map(|s| s.state().into_iter().next()) {
+            let mut value = serde_json::to_value(&*cm).unwrap_or_default();
+            value["kind"] = "ConfigMap".into();
+            add_object(&mut snap, ORIGIN, value);
+        }
+        snap
+    }
+
+    /// Namespaces whose pods are enforced, by the selector.
+    pub fn enforced_namespaces(&self) -> BTreeSet<String> {
+        self.namespaces
+            .state()
+            .iter()
+            .filter(|ns| {
+                let labels = ns
+                    .metadata
+                    .labels
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                self.opts.namespace_selector.matches(&labels)
+            })
+            .filter_map(|ns| ns.metadata.name.clone())
+            .collect()
+    }
+
+    /// This node's pods that are not finished (a finished pod's cgroup is gone or going).
+    pub fn node_pods(&self) -> Vec<NodePod> {
+        self.pods
+            .state()
+            .iter()
+            .filter(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                !matches!(phase, Some("Succeeded" | "Failed"))
+            })
+            .filter_map(|p| NodePod::from_pod(p))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn add_object(snap: &mut Snapshot, origin: &str, value: serde_json::Value) {
+    let label = format!(
+        "{} {}/{}",
+        value["kind"].as_str().unwrap_or_default(),
+        value["metadata"]["namespace"].as_str().unwrap_or_default(),
+        value["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    match serde_yaml::to_value(&value) {
+        Ok(yaml) => documents::parse_object(origin, &label, yaml, snap),
+        Err(err) => log::error!("{origin}: {label}: cannot be read: {err}"),
+    }
+}
+
+/// Keeps `writer`'s store equal to what the API server lists and watches, restarting with
+/// backoff after errors (a 410 Gone relists). Sends `()` after every change.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    changed: &mpsc::UnboundedSender<()>,
+    what: &'static str,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let changed = changed.clone();
+    tokio::spawn(async move {
+        let stream = watcher(api, config).default_backoff().reflect(writer);
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => {
+                    let _ = changed.send(());
+                }
+                Ok(_) => {}
+                Err(err) => log::warn!("watching {what}: {err}; retrying"),
+            }
+        }
+    })
+}
+
+/// Adds the scopes Kubernetes mode maps cgroups to besides namespaces: pods not enforced
+/// (allowed), and pod cgroups not mapped yet (`unmapped`, with no rules of their own).
+pub fn add_node_scopes(desired: &mut Desired, unmapped: OutboundMode) {
+    for (name, mode) in [(UNENFORCED, OutboundMode::AllowAny), (UNMAPPED, unmapped)] {
+        desired.scopes.insert(
+            name.to_string(),
+            ScopePolicy {
+                namespace: name.to_string(),
+                mode,
+                ..ScopePolicy::default()
+            },
+        );
+    }
+}
