@@ -1,5 +1,5 @@
-//! The node agent in local mode: reads policy files, resolves names, watches cgroups, and keeps
-//! the kernel maps equal to what the compiler says. Every change recomputes the whole desired
+//! The node agent: reads policy (files in local mode, the API server in Kubernetes mode),
+//! resolves names, watches cgroups, and keeps the kernel maps equal to what the compiler says. Every change recomputes the whole desired
 //! state, so a missed event can only delay an update, never leave a stale rule behind.
 
 use std::{
@@ -18,6 +18,7 @@ use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, plan, Datapath},
     events::{self, Explainer},
+    k8s::{self, node::NodeOptions},
     pods::Pods,
     policy::{self, Desired},
     resolver::{DnsSettings, Resolver},
@@ -27,7 +28,10 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
+    /// Policy files (local mode); empty in Kubernetes mode.
     pub policies: PathBuf,
+    /// Kubernetes mode: policy and pods from the API server, pod cgroups from the kubelet's tree.
+    pub kubernetes: Option<NodeOptions>,
     pub mesh_config: Option<PathBuf>,
     pub dns: DnsSettings,
     pub allow_cidrs: Vec<IpNet>,
@@ -55,11 +59,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("creating cgroup {}", dir.display()))?;
     }
     let (mut dp, ring) = Datapath::open(&cfg.datapath)?;
-    dp.set_flags(if cfg.judge_icmp {
-        enforcer_common::tc_flags::JUDGE_ICMP
-    } else {
-        0
-    })?;
+    let mut flags = 0;
+    if cfg.judge_icmp {
+        flags |= enforcer_common::tc_flags::JUDGE_ICMP;
+    }
+    if cfg.kubernetes.is_some() {
+        flags |= enforcer_common::tc_flags::CG_TREES;
+    }
+    dp.set_flags(flags)?;
     let mut pods = match &cfg.pods {
         Some(net) => Some(Pods::new(net.clone(), cfg.datapath.pin_root.clone())?),
         None => None,
@@ -73,18 +80,37 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let events_task = tokio::spawn(events::run(ring, Arc::clone(&explainer)));
     let mut resolver = Resolver::new(cfg.dns.clone())?;
 
+    // Policy changes: file events in local mode, watch events in Kubernetes mode.
     let (file_tx, mut file_rx) = mpsc::unbounded_channel();
-    let mut watches = vec![files::Watch::PolicyDir(cfg.policies.clone())];
-    watches.extend(cfg.mesh_config.iter().cloned().map(files::Watch::File));
-    let _file_watcher = files::DirWatcher::new(watches, file_tx)?;
+    let (node_tx, mut node_rx) = mpsc::unbounded_channel();
+    let mut node = None;
+    let mut _file_watcher = None;
+    match &cfg.kubernetes {
+        Some(opts) => {
+            let cluster = k8s::Cluster::connect(opts.cluster.clone(), file_tx).await?;
+            node = Some(k8s::node::Node::new(opts.clone(), cluster, node_tx));
+        }
+        None => {
+            let mut watches = vec![files::Watch::PolicyDir(cfg.policies.clone())];
+            watches.extend(cfg.mesh_config.iter().cloned().map(files::Watch::File));
+            _file_watcher = Some(files::DirWatcher::new(watches, file_tx)?);
+        }
+    }
     let (cg_tx, mut cg_rx) = mpsc::unbounded_channel();
     let _cgroup_watcher = files::watch_any(&cfg.cgroups.managed, cg_tx)?;
 
-    let mut sources = load_sources(&cfg);
+    let mut sources = load_sources(&cfg, node.as_ref());
     let mut assignments = cfg.cgroups.discover().unwrap_or_default();
+    if let Some(n) = node.as_mut() {
+        n.refresh();
+    }
     let mut generation = 0u64;
     // Compiling is the expensive step (100,000 entries take a while): only when an input changed.
     let mut dirty = true;
+    // Only where workloads run changed (Kubernetes pods): the maps are planned again, with the
+    // policy compiled before.
+    let mut replan = false;
+    let mut desired: Option<Arc<Desired>> = None;
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
@@ -98,23 +124,49 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Some(p) = pods.as_mut() {
             dirty |= p.reconcile(&mut dp);
         }
-        if dirty || dns_report.changed {
-            let inputs = inputs(&cfg, &assignments, &resolver);
-            let desired = sources.compile(&inputs);
+        let recompile = dirty || dns_report.changed || desired.is_none();
+        let mut status_inputs = None;
+        if recompile {
+            let inputs = inputs(&cfg, &assignments, node.as_ref(), &resolver);
+            let mut compiled = sources.compile(&inputs);
+            if let Some(n) = &node {
+                k8s::add_node_scopes(&mut compiled, n.unmapped_mode(sources.mesh.mode));
+            }
+            for note in &compiled.notes {
+                log::warn!("{note}");
+            }
+            status_inputs = Some(inputs);
+            // Shared, not cloned: at 100,000 entries this is the agent's largest structure.
+            let compiled = Arc::new(compiled);
+            explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::clone(&compiled);
+            desired = Some(compiled);
+        }
+        if let (true, Some(desired)) = (recompile || replan, &desired) {
             generation += 1;
-            let pod_list = pods.as_ref().map(Pods::assignments).unwrap_or_default();
-            let complete = apply(&mut dp, &desired, &assignments, &pod_list, &explainer)?;
+            let mut pod_list = pods.as_ref().map(Pods::assignments).unwrap_or_default();
+            let no_trees = BTreeMap::new();
+            let trees = match &node {
+                Some(n) => {
+                    pod_list.extend(n.addresses.iter().cloned());
+                    &n.trees
+                }
+                None => &no_trees,
+            };
+            let workloads = plan::Workloads {
+                cgroups: &assignments,
+                trees,
+                pods: &pod_list,
+            };
+            let complete = apply(&mut dp, desired, workloads, &explainer)?;
             if let Some(p) = pods.as_mut() {
                 p.mark_ready();
             }
-            for note in &desired.notes {
-                log::warn!("{note}");
+            if let Some(inputs) = status_inputs {
+                write_status(&cfg, generation, &sources, desired, inputs, &resolver);
             }
-            write_status(&cfg, generation, &sources, &desired, inputs, &resolver);
-            // Moved, not cloned: at 100,000 entries this is the agent's largest structure.
-            explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::new(desired);
             // After a partial failure, try again at the next tick.
             dirty = !complete;
+            replan = false;
         }
 
         let next_dns = resolver
@@ -125,8 +177,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             // drop an event it had already taken.
             Some(()) = file_rx.recv() => {
                 files::settle(&mut file_rx, Duration::from_millis(20)).await;
-                sources = load_sources(&cfg);
+                sources = load_sources(&cfg, node.as_ref());
+                if let Some(n) = node.as_mut() {
+                    n.refresh();
+                }
                 dirty = true;
+            }
+            Some(()) = node_rx.recv() => {
+                while node_rx.try_recv().is_ok() {}
+                replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
             }
             Some(()) = pod_rx.recv() => {
                 while pod_rx.try_recv().is_ok() {}
@@ -135,7 +194,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 while cg_rx.try_recv().is_ok() {}
                 dirty |= rediscover(&cfg, &mut assignments);
             }
-            _ = rescan.tick() => dirty |= rediscover(&cfg, &mut assignments),
+            _ = rescan.tick() => {
+                dirty |= rediscover(&cfg, &mut assignments);
+                replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
+            }
             () = tokio::time::sleep_until(next_dns) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -161,19 +223,26 @@ fn rediscover(cfg: &AgentConfig, assignments: &mut BTreeMap<u64, Assignment>) ->
     }
 }
 
-fn load_sources(cfg: &AgentConfig) -> Sources {
-    Sources::load(&cfg.policies, cfg.mesh_config.as_deref())
+fn load_sources(cfg: &AgentConfig, node: Option<&k8s::node::Node>) -> Sources {
+    match node {
+        Some(n) => Sources::from_snapshot(n.cluster.snapshot()),
+        None => Sources::load(&cfg.policies, cfg.mesh_config.as_deref()),
+    }
 }
 
 /// What the compiler needs besides the policy files; kept in the status for `explain`.
 fn inputs(
     cfg: &AgentConfig,
     assignments: &BTreeMap<u64, Assignment>,
+    node: Option<&k8s::node::Node>,
     resolver: &Resolver,
 ) -> Inputs {
     let mut namespaces: BTreeSet<String> =
         assignments.values().map(|a| a.namespace.clone()).collect();
     namespaces.extend(cfg.namespaces.iter().cloned());
+    if let Some(n) = node {
+        namespaces.extend(n.namespaces());
+    }
     let mut dns_servers: Vec<IpAddr> = resolver.servers().to_vec();
     if let Some(server) = cfg.dns.server {
         dns_servers.push(server.ip());
@@ -193,16 +262,10 @@ fn inputs(
 fn apply(
     dp: &mut Datapath,
     desired: &Desired,
-    assignments: &BTreeMap<u64, Assignment>,
-    pods: &[plan::PodAssignment],
+    workloads: plan::Workloads<'_>,
     explainer: &RwLock<Explainer>,
 ) -> anyhow::Result<bool> {
     dp.ensure_scope_ids(desired.scopes.keys())?;
-    let workloads = plan::Workloads {
-        cgroups: assignments,
-        trees: &BTreeMap::new(),
-        pods,
-    };
     let plan = plan::build(desired, workloads, dp.scope_ids());
     let started = std::time::Instant::now();
     let report = dp.apply(&plan);
@@ -210,8 +273,9 @@ fn apply(
         log::error!("datapath: {err}; that entry stays out (fail closed)");
     }
     log::info!(
-        "applied: {} cgroups, {} exact + {} CIDR entries (+{} -{}) in {:?}",
+        "applied: {} cgroups, {} cgroup trees, {} exact + {} CIDR entries (+{} -{}) in {:?}",
         plan.cgroups.len(),
+        plan.trees.len(),
         plan.exact.len(),
         plan.cidr.len(),
         report.added,
@@ -224,8 +288,10 @@ fn apply(
         .iter()
         .map(|(ns, id)| (*id, ns.clone()))
         .collect();
-    ex.cgroups = assignments
+    ex.cgroups = workloads
+        .cgroups
         .iter()
+        .chain(workloads.trees)
         .map(|(id, a)| (*id, a.path.clone()))
         .collect();
     Ok(report.errors.is_empty())

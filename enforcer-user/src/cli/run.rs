@@ -8,14 +8,18 @@ use super::Placement;
 use crate::{
     agent::AgentConfig,
     datapath,
+    k8s::{
+        self,
+        node::{NodeOptions, Unmapped},
+    },
     resolver::{DnsSettings, Lifetimes},
 };
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Directory of Istio YAML (`*.yaml`, `*.yml`), watched for changes.
-    #[arg(long, value_name = "DIR")]
-    policies: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "kubernetes")]
+    policies: Option<PathBuf>,
     /// Mesh config: an IstioOperator, Istio's `istio` ConfigMap, or a bare MeshConfig.
     #[arg(long, value_name = "FILE")]
     mesh_config: Option<PathBuf>,
@@ -72,6 +76,78 @@ pub struct RunArgs {
     tc_pass_icmp: bool,
     #[command(flatten)]
     placement: Placement,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// Kubernetes mode: one agent per node, policy from the API server.
+#[derive(Args, Debug)]
+struct KubeArgs {
+    /// Read Istio objects, Services, Namespaces and this node's Pods from the API server
+    /// (in-cluster config, or KUBECONFIG) and enforce on the pods' cgroups.
+    #[arg(long, conflicts_with_all = ["policies", "mesh_config"])]
+    kubernetes: bool,
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(
+        long,
+        env = "NODE_NAME",
+        value_name = "NAME",
+        required_if_eq("kubernetes", "true")
+    )]
+    node_name: Option<String>,
+    /// Namespaces whose pods are enforced, as a label selector (`istio-injection=enabled` gives
+    /// Istio's injection scope).
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        default_value = "egress-enforcer=enabled"
+    )]
+    namespace_selector: k8s::LabelSelector,
+    /// ConfigMaps holding the mesh config (key `mesh`); the first that exists is used.
+    #[arg(long = "mesh-config-map", value_name = "NS/NAME", value_parser = parse_ns_name,
+          default_values = ["istio-system/istio", "enforcer-system/enforcer-mesh"])]
+    mesh_config_maps: Vec<(String, String)>,
+    /// Cluster DNS domain of Services.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Where the kubelet's cgroups are, relative to the cgroup2 mount [default: the mount].
+    #[arg(long, value_name = "PATH")]
+    kubelet_cgroups: Option<PathBuf>,
+    /// What a pod cgroup not mapped yet gets (it exists before the agent saw it).
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "mesh")]
+    unmapped_pods: Unmapped,
+    /// Enforce hostNetwork pods too (by their namespace, at connect only).
+    #[arg(long)]
+    enforce_host_network: bool,
+}
+
+fn parse_ns_name(s: &str) -> Result<(String, String), String> {
+    let (ns, name) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not NAMESPACE/NAME"))?;
+    Ok((ns.to_string(), name.to_string()))
+}
+
+impl KubeArgs {
+    fn options(self, cgroup_root: &std::path::Path) -> Option<NodeOptions> {
+        if !self.kubernetes {
+            return None;
+        }
+        Some(NodeOptions {
+            cluster: k8s::Options {
+                node_name: self.node_name.unwrap_or_default(),
+                namespace_selector: self.namespace_selector,
+                mesh_config_maps: self.mesh_config_maps,
+                cluster_domain: self.cluster_domain,
+            },
+            kubelet_cgroups: match self.kubelet_cgroups {
+                Some(path) => cgroup_root.join(path),
+                None => cgroup_root.to_path_buf(),
+            },
+            unmapped: self.unmapped_pods,
+            enforce_host_network: self.enforce_host_network,
+        })
+    }
 }
 
 /// The file need not exist yet (it may be created later), but its directory must.
@@ -101,8 +177,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let cgroups = args.placement.layout(&args.cgroups)?;
     // Absolute paths: file events name absolute paths, and the watch filters compare with them.
-    let policies = std::fs::canonicalize(&args.policies)
-        .with_context(|| format!("--policies {}", args.policies.display()))?;
+    let policies = match &args.policies {
+        Some(dir) => {
+            let abs = std::fs::canonicalize(dir)
+                .with_context(|| format!("--policies {}", dir.display()))?;
+            anyhow::ensure!(
+                abs.is_dir(),
+                "--policies {} is not a directory",
+                abs.display()
+            );
+            abs
+        }
+        None => PathBuf::new(),
+    };
+    let kubernetes = args.kube.options(&cgroups.root);
     let mesh_config = match &args.mesh_config {
         Some(path) => {
             Some(absolute(path).with_context(|| format!("--mesh-config {}", path.display()))?)
@@ -111,6 +199,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let cfg = AgentConfig {
         policies,
+        kubernetes,
         mesh_config,
         dns: DnsSettings {
             server: args.dns_server,
@@ -140,11 +229,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         judge_icmp: !args.tc_pass_icmp,
     };
-    anyhow::ensure!(
-        cfg.policies.is_dir(),
-        "--policies {} is not a directory",
-        cfg.policies.display()
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -3,6 +3,7 @@
 //! change, so a missed or reordered event can only delay an update.
 
 mod istio_api;
+pub mod node;
 pub mod registry;
 pub mod selector;
 pub mod workloads;

@@ -32,6 +32,11 @@ impl Sources {
         if let Some(path) = mesh_config {
             snap.merge(files::load_mesh_file(path));
         }
+        Self::from_snapshot(snap)
+    }
+
+    /// Validates objects read elsewhere (the API server), logging each problem.
+    pub fn from_snapshot(snap: Snapshot) -> Self {
         for ignored in &snap.ignored {
             log::info!("{ignored}");
         }

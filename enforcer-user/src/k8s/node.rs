@@ -1,0 +1,142 @@
+//! This node's side of Kubernetes mode: the pods' cgroups under the kubelet's hierarchy, watched
+//! with inotify so that a new pod is mapped as soon as its cgroup appears.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use tokio::sync::mpsc;
+
+use super::{workloads, Cluster};
+use crate::{
+    cgroup::{self, Assignment},
+    datapath::plan::PodAssignment,
+    istio::OutboundMode,
+    kubelet,
+};
+
+/// What a connect from a pod cgroup that is not mapped yet gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unmapped {
+    /// Refused in REGISTRY_ONLY meshes, allowed in ALLOW_ANY ones.
+    Mesh,
+    Refuse,
+    Allow,
+    /// Allowed and reported.
+    Audit,
+}
+
+impl Unmapped {
+    pub fn mode(self, mesh: OutboundMode) -> OutboundMode {
+        match self {
+            Self::Mesh if mesh == OutboundMode::AllowAny => OutboundMode::AllowAny,
+            Self::Mesh | Self::Refuse => OutboundMode::RegistryOnly,
+            Self::Allow => OutboundMode::AllowAny,
+            Self::Audit => OutboundMode::Audit,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub cluster: super::Options,
+    /// Where the kubelet's root cgroups are searched (absolute).
+    pub kubelet_cgroups: PathBuf,
+    pub unmapped: Unmapped,
+    pub enforce_host_network: bool,
+}
+
+/// The pods on this node and where they run, as last computed.
+pub struct Node {
+    opts: NodeOptions,
+    pub cluster: Cluster,
+    /// Cgroup id -> workload, for the whole pod subtree.
+    pub trees: BTreeMap<u64, Assignment>,
+    pub addresses: Vec<PodAssignment>,
+    watched_roots: Vec<PathBuf>,
+    watcher: Option<notify::RecommendedWatcher>,
+    cgroup_tx: mpsc::UnboundedSender<()>,
+}
+
+impl Node {
+    /// `cgroup_tx` gets `()` whenever a cgroup appears or goes under a kubelet root.
+    pub fn new(opts: NodeOptions, cluster: Cluster, cgroup_tx: mpsc::UnboundedSender<()>) -> Self {
+        Self {
+            opts,
+            cluster,
+            trees: BTreeMap::new(),
+            addresses: Vec::new(),
+            watched_roots: Vec::new(),
+            watcher: None,
+            cgroup_tx,
+        }
+    }
+
+    pub fn namespaces(&self) -> BTreeSet<String> {
+        self.cluster.enforced_namespaces()
+    }
+
+    pub fn unmapped_mode(&self, mesh: OutboundMode) -> OutboundMode {
+        self.opts.unmapped.mode(mesh)
+    }
+
+    /// Recomputes the mapping from the stores and the cgroup tree; returns whether it changed.
+    pub fn refresh(&mut self) -> bool {
+        let roots = kubelet::roots(&self.opts.kubelet_cgroups);
+        if roots != self.watched_roots {
+            self.watch(&roots);
+        }
+        let found = kubelet::discover(&self.opts.kubelet_cgroups);
+        let mapping = workloads::map(
+            &self.cluster.node_pods(),
+            &self.namespaces(),
+            &found,
+            &roots,
+            self.opts.enforce_host_network,
+        );
+        let mut trees = BTreeMap::new();
+        for (path, assignment) in mapping.trees {
+            match cgroup::cgroup_id(&path) {
+                Ok(id) => {
+                    trees.insert(id, assignment);
+                }
+                // Removed since the walk: the pod is gone.
+                Err(err) => log::debug!("{err:#}"),
+            }
+        }
+        let changed = trees != self.trees || mapping.addresses != self.addresses;
+        self.trees = trees;
+        self.addresses = mapping.addresses;
+        changed
+    }
+
+    fn watch(&mut self, roots: &[PathBuf]) {
+        use notify::Watcher as _;
+        let tx = self.cgroup_tx.clone();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok_and(|ev| ev.kind.is_create() || ev.kind.is_remove() || ev.need_rescan()) {
+                let _ = tx.send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(err) => {
+                log::warn!("cannot watch the kubelet's cgroups ({err}); rescanning every second");
+                return;
+            }
+        };
+        for root in roots {
+            if let Err(err) = watcher.watch(root, notify::RecursiveMode::Recursive) {
+                log::warn!(
+                    "watching {}: {err}; rescanning every second",
+                    root.display()
+                );
+            } else {
+                log::info!("watching pod cgroups under {}", root.display());
+            }
+        }
+        self.watcher = Some(watcher);
+        self.watched_roots = roots.to_vec();
+    }
+}
