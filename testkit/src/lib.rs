@@ -2,6 +2,8 @@
 //! veth (on documentation addresses), and dnsmasq on loopback. Both clean up on drop, also when
 //! a test panics.
 
+pub mod apiserver;
+
 use std::{
     collections::BTreeSet,
     fs,

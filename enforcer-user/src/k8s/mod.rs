@@ -75,6 +75,14 @@ impl Cluster {
         let client = Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        Self::connect_with(client, opts, changed).await
+    }
+
+    pub async fn connect_with(
+        client: Client,
+        opts: Options,
+        changed: mpsc::UnboundedSender<()>,
+    ) -> anyhow::Result<Self> {
         let istio_resources = istio_api::resources(&client).await?;
         let mut tasks = Vec::new();
         let mut start = |what: String, task: JoinHandle<()>| {
