@@ -102,37 +102,60 @@ async fn watches_follow_changes_and_relist_after_410() -> anyhow::Result<()> {
 
     let (cluster, mut changes) = connect(&server).await?;
     assert_eq!(hosts(&cluster), ["httpbin.org"], "the served shape is read");
-    assert_eq!(cluster.enforced_namespaces().into_iter().collect::<Vec<_>>(), ["shop"]);
+    assert_eq!(
+        cluster
+            .enforced_namespaces()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["shop"]
+    );
     let requests = server.requests();
     assert!(
-        requests.iter().filter(|r| r.starts_with("LIST /api/v1/namespaces")).count() >= 2,
+        requests
+            .iter()
+            .filter(|r| r.starts_with("LIST /api/v1/namespaces"))
+            .count()
+            >= 2,
         "511 namespaces take two pages: {requests:?}"
     );
     assert!(
-        requests.iter().any(|r| r.starts_with("GET /apis/networking.istio.io/v1")),
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /apis/networking.istio.io/v1")),
         "the served version is discovered"
     );
     assert!(
-        requests.iter().any(|r| r.starts_with("LIST /apis/networking.istio.io/v1/serviceentries")),
+        requests
+            .iter()
+            .any(|r| r.starts_with("LIST /apis/networking.istio.io/v1/serviceentries")),
         "v1 is preferred over v1beta1: {requests:?}"
     );
 
     // Watch events: added, modified, deleted.
     server.apply("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: shop}\nspec: {hosts: [api.example.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}")?;
-    until(&cluster, "the added entry", |c| hosts(c).contains(&"api.example.com".to_string())).await;
+    until(&cluster, "the added entry", |c| {
+        hosts(c).contains(&"api.example.com".to_string())
+    })
+    .await;
     server.apply("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: shop}\nspec: {hosts: [api2.example.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}")?;
     until(&cluster, "the modified entry", |c| {
         hosts(c) == ["api2.example.com", "httpbin.org"]
     })
     .await;
     server.delete("ServiceEntry", "shop", "httpbin-ext")?;
-    until(&cluster, "the deletion", |c| hosts(c) == ["api2.example.com"]).await;
+    until(&cluster, "the deletion", |c| {
+        hosts(c) == ["api2.example.com"]
+    })
+    .await;
     assert!(changes.try_recv().is_ok(), "changes are signalled");
 
     // Idle: bookmarks arrive and the watch carries on from them.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     server.apply("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: late, namespace: shop}\nspec: {hosts: [late.example.com], ports: [{number: 80, name: http}], resolution: DNS}")?;
-    until(&cluster, "an entry after bookmarks", |c| hosts(c).len() == 2).await;
+    until(&cluster, "an entry after bookmarks", |c| {
+        hosts(c).len() == 2
+    })
+    .await;
 
     // History compacted while the watches are down, and a deletion in the gap: the watch
     // resumes from a resourceVersion the server no longer has, gets 410, and relists, which is
@@ -149,7 +172,9 @@ async fn watches_follow_changes_and_relist_after_410() -> anyhow::Result<()> {
         .position(|r| r.starts_with("GONE /apis/networking.istio.io/v1/serviceentries"))
         .expect("a 410 for the Istio watch");
     assert!(
-        requests[gone..].iter().any(|r| r.starts_with("LIST /apis/networking.istio.io/v1/serviceentries")),
+        requests[gone..]
+            .iter()
+            .any(|r| r.starts_with("LIST /apis/networking.istio.io/v1/serviceentries")),
         "a relist after the 410: {requests:?}"
     );
     Ok(())
@@ -158,7 +183,8 @@ async fn watches_follow_changes_and_relist_after_410() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_config_istio_first_then_our_own_and_services_in_the_registry() -> anyhow::Result<()> {
     let server = FakeApiServer::start(&["v1beta1"])?;
-    server.apply(r#"
+    server.apply(
+        r#"
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: enforcer-mesh, namespace: enforcer-system}
@@ -182,10 +208,15 @@ metadata: {name: api-abc, namespace: shop, labels: {kubernetes.io/service-name: 
 addressType: IPv4
 endpoints: [{addresses: [10.244.0.7]}]
 ports: [{name: http, port: 8080}]
-"#)?;
+"#,
+    )?;
     let (cluster, _changes) = connect(&server).await?;
     let sources = Sources::from_snapshot(cluster.snapshot());
-    assert_eq!(sources.mesh.mode, OutboundMode::RegistryOnly, "our own ConfigMap");
+    assert_eq!(
+        sources.mesh.mode,
+        OutboundMode::RegistryOnly,
+        "our own ConfigMap"
+    );
     let api = sources
         .entries
         .iter()
@@ -214,6 +245,9 @@ async fn missing_crds_are_named() -> anyhow::Result<()> {
         Ok(_) => panic!("connected without Istio's CRDs"),
         Err(err) => format!("{err:#}"),
     };
-    assert!(err.contains("networking.istio.io") && err.contains("deploy/crds"), "{err}");
+    assert!(
+        err.contains("networking.istio.io") && err.contains("deploy/crds"),
+        "{err}"
+    );
     Ok(())
 }

@@ -202,7 +202,9 @@ impl FakeApiServer {
         let rv = st.rv;
         let key = (kind, ns.clone(), name);
         let previous = st.objects.get(&key).cloned();
-        let meta = obj["metadata"].as_object_mut().ok_or_else(|| anyhow!("no metadata"))?;
+        let meta = obj["metadata"]
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("no metadata"))?;
         if namespaced {
             meta.insert("namespace".into(), json!(ns));
         }
@@ -240,7 +242,11 @@ impl FakeApiServer {
             "operation": "Update",
             "time": timestamp(rv),
         }]);
-        let kind_event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+        let kind_event = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         st.objects.insert(key, obj.clone());
         st.history.push(Event {
             rv,
@@ -425,7 +431,11 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> anyhow::Result<()> {
     let req = match read_request(&stream) {
         Ok(r) => r,
         Err(err) => {
-            return respond(&mut stream, 405, &status(405, "MethodNotAllowed", &err.to_string()))
+            return respond(
+                &mut stream,
+                405,
+                &status(405, "MethodNotAllowed", &err.to_string()),
+            )
         }
     };
     let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
@@ -439,11 +449,21 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> anyhow::Result<()> {
         return respond(&mut stream, 200, &body);
     }
     let Some((kind, namespace)) = collection(&shared.lock().kinds, &segs) else {
-        let body = status(404, "NotFound", &format!("the server could not find {}", req.path));
+        let body = status(
+            404,
+            "NotFound",
+            &format!("the server could not find {}", req.path),
+        );
         return respond(&mut stream, 404, &body);
     };
-    let filter = Filter::new(namespace, req.query.get("fieldSelector").map(String::as_str));
-    if matches!(req.query.get("watch").map(String::as_str), Some("true" | "1")) {
+    let filter = Filter::new(
+        namespace,
+        req.query.get("fieldSelector").map(String::as_str),
+    );
+    if matches!(
+        req.query.get("watch").map(String::as_str),
+        Some("true" | "1")
+    ) {
         watch(&mut stream, shared, kind, &filter, &req)
     } else {
         list(&mut stream, shared, kind, &filter, &req)
@@ -460,7 +480,11 @@ fn discovery(kinds: &[Kind], segs: &[&str]) -> Option<Value> {
                        "kind": k.kind, "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]})
             })
             .collect();
-        let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+        let gv = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
     };
     let group_versions = |group: &str| {
@@ -493,7 +517,9 @@ fn discovery(kinds: &[Kind], segs: &[&str]) -> Option<Value> {
         }
         ["apis", group] if kinds.iter().any(|k| k.group == *group) => Some(group_versions(group)),
         ["apis", group, version]
-            if kinds.iter().any(|k| k.group == *group && k.version == *version) =>
+            if kinds
+                .iter()
+                .any(|k| k.group == *group && k.version == *version) =>
         {
             Some(resources(group, version))
         }
@@ -543,7 +569,10 @@ impl Filter {
         }
         self.fields.iter().all(|(path, want)| {
             let pointer = format!("/{}", path.replace('.', "/"));
-            obj.pointer(&pointer).and_then(Value::as_str).unwrap_or_default() == want
+            obj.pointer(&pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                == want
         })
     }
 }
@@ -626,7 +655,11 @@ fn watch(
     if since < st.oldest {
         st.requests.push(format!("GONE {} rv={since}", req.path));
         drop(st);
-        let gone = status(410, "Expired", &format!("too old resource version: {since}"));
+        let gone = status(
+            410,
+            "Expired",
+            &format!("too old resource version: {since}"),
+        );
         send_event(stream, &json!({"type": "ERROR", "object": gone}))?;
         return end_chunks(stream);
     }

@@ -167,7 +167,9 @@ pub struct Agent {
     args: Vec<String>,
     /// Working directory and `--policies` as passed (relative to it, or absolute).
     cwd: PathBuf,
-    policies: PathBuf,
+    /// `None` in Kubernetes mode.
+    policies: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -186,7 +188,28 @@ impl Agent {
             stderr: world.dir.join("agent.err"),
             args: extra.iter().map(|s| s.to_string()).collect(),
             cwd: world.dir.clone(),
-            policies,
+            policies: Some(policies),
+            env: Vec::new(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// `enforcer run --kubernetes` against the API server in `kubeconfig`.
+    pub fn start_kubernetes(world: &World, kubeconfig: &Path, extra: &[&str]) -> Self {
+        let mut args = vec!["--kubernetes".to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Self {
+            child: None,
+            pin_root: format!("/sys/fs/bpf/enforcer-test-{}", world.id),
+            cgroup_parent: format!("enforcer-test-{}", world.id),
+            status: world.dir.join("status.json"),
+            stdout: world.dir.join("agent.out"),
+            stderr: world.dir.join("agent.err"),
+            args,
+            cwd: world.dir.clone(),
+            policies: None,
+            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
         };
         agent.spawn();
         agent
@@ -201,11 +224,12 @@ impl Agent {
                 .open(p)
                 .expect("log file")
         };
-        let child = Command::new(ENFORCER)
-            .arg("run")
-            .current_dir(&self.cwd)
-            .arg("--policies")
-            .arg(&self.policies)
+        let mut cmd = Command::new(ENFORCER);
+        cmd.arg("run").current_dir(&self.cwd).envs(self.env.clone());
+        if let Some(policies) = &self.policies {
+            cmd.arg("--policies").arg(policies);
+        }
+        let child = cmd
             .args([
                 "--bpffs-root",
                 &self.pin_root,
@@ -315,15 +339,7 @@ impl Agent {
             .args([kind, host, &port.to_string()])
             .output()
             .expect("running enforcer exec");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        match out.status.code() {
-            Some(0) => Outcome::Ok(text),
-            Some(1) if text == "EPERM" => Outcome::Eperm,
-            _ => Outcome::Other(format!(
-                "{text} {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-        }
+        outcome(&out)
     }
 
     pub fn wait_for(&self, limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -389,6 +405,19 @@ pub enum Outcome {
     Other(String),
 }
 
+/// What `probe.py` reported.
+pub fn outcome(out: &std::process::Output) -> Outcome {
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match out.status.code() {
+        Some(0) => Outcome::Ok(text),
+        Some(1) if text == "EPERM" => Outcome::Eperm,
+        _ => Outcome::Other(format!(
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
     Allowed,
@@ -396,7 +425,7 @@ pub enum Want {
 }
 
 impl Want {
-    fn matches(self, got: &Outcome) -> bool {
+    pub fn matches(self, got: &Outcome) -> bool {
         matches!(
             (self, got),
             (Want::Allowed, Outcome::Ok(_)) | (Want::Denied, Outcome::Eperm)

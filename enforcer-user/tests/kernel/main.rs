@@ -3,6 +3,7 @@
 
 mod explain;
 mod harness;
+mod kubernetes;
 mod live;
 mod pod;
 mod resolution;

@@ -1,0 +1,347 @@
+//! Kubernetes mode end to end: the agent reads a fake API server (the real list/watch protocol,
+//! through kube-rs), finds pods in kubelet cgroup trees made under a test cgroup (both cgroup
+//! drivers), and the kernel judges processes placed in the pods' container cgroups.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map};
+use enforcer_common::{map_names, CgroupScope};
+use enforcer_testkit::{apiserver::FakeApiServer, python, script};
+use enforcer_user::datapath::open_pinned;
+
+use crate::harness::{outcome, Agent, Dns, Hosts, Outcome, Want, World};
+
+/// A kubelet's cgroup tree under a test cgroup; dropping it kills its processes and removes it.
+struct KubeletTree {
+    /// Relative to the cgroup2 mount, for `--kubelet-cgroups`.
+    relative: String,
+    root: PathBuf,
+}
+
+impl KubeletTree {
+    fn new(world: &World) -> Self {
+        let mount = enforcer_user::cgroup::cgroup2_mount().expect("cgroup2 mount");
+        let relative = format!("enforcer-test-{}-kubelet", world.id);
+        let root = mount.join(&relative);
+        let _ = fs::create_dir_all(&root);
+        Self { relative, root }
+    }
+
+    /// Makes `relative` (pod and container levels) and returns the deepest directory.
+    fn make(&self, relative: &str) -> PathBuf {
+        let dir = self.root.join(relative);
+        fs::create_dir_all(&dir).expect("creating a kubelet cgroup");
+        dir
+    }
+
+    fn remove(&self, relative: &str) {
+        remove_tree(&self.root.join(relative));
+    }
+}
+
+impl Drop for KubeletTree {
+    fn drop(&mut self) {
+        remove_tree(&self.root);
+    }
+}
+
+/// Kills what runs in `dir` and below, then removes the cgroups bottom up.
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let _ = fs::write(dir.join("cgroup.kill"), "1");
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `probe.py` as a process of the container cgroup `cgroup`.
+fn probe_in(cgroup: &Path, kind: &str, host: &str, port: u16) -> Outcome {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+        .arg(cgroup)
+        .arg(python())
+        .arg(script("probe.py"))
+        .args([kind, host, &port.to_string(), "2"])
+        .output()
+        .expect("running a probe in a pod cgroup");
+    outcome(&out)
+}
+
+#[track_caller]
+fn eventually_in(agent: &Agent, cgroup: &Path, host: &str, port: u16, want: Want) {
+    let start = Instant::now();
+    loop {
+        let got = probe_in(cgroup, "tcp", host, port);
+        if want.matches(&got) {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            panic!(
+                "{}: tcp {host}:{port}: wanted {want:?}, still {got:?}\n--- agent log ---\n{}",
+                cgroup.display(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn uid(n: u32) -> String {
+    format!("{n:08x}-1111-4222-8333-444455556666")
+}
+
+fn pod_yaml(name: &str, ns: &str, uid: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{{labels}}}}}\n\
+         spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
+    )
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {egress-enforcer: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: enforcer-mesh, namespace: enforcer-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+"#;
+
+struct Cluster {
+    server: FakeApiServer,
+    agent: Agent,
+    tree: KubeletTree,
+    _dns: Dns,
+    _hosts: Hosts,
+}
+
+fn start(world: &World, istio_version: &str) -> Cluster {
+    let hosts = Hosts::new(world);
+    let dns = Dns::new(
+        world,
+        1,
+        &[
+            ("api.example.com", "198.51.100.10"),
+            ("db.example.com", "198.51.100.11"),
+        ],
+    );
+    let server = FakeApiServer::start(&[istio_version]).expect("fake API server");
+    server
+        .apply(&CLUSTER.replace(
+            "networking.istio.io/v1\n",
+            &format!("networking.istio.io/{istio_version}\n"),
+        ))
+        .expect("applying the cluster");
+    let kubeconfig = world.dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let tree = KubeletTree::new(world);
+    let agent = Agent::start_kubernetes(
+        world,
+        &kubeconfig,
+        &[
+            "--node-name",
+            "node-a",
+            "--kubelet-cgroups",
+            &tree.relative,
+            "--dns-server",
+            &dns.addr(),
+        ],
+    );
+    Cluster {
+        server,
+        agent,
+        tree,
+        _dns: dns,
+        _hosts: hosts,
+    }
+}
+
+#[test]
+fn pods_under_the_systemd_driver_follow_the_api_server() {
+    let world = World::new("k8ssd");
+    let c = start(&world, "v1");
+    let (a, b, d) = (uid(0xa), uid(0xb), uid(0xd));
+    let slice = |qos: &str, uid: &str| {
+        format!(
+            "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice",
+            uid.replace('-', "_")
+        )
+    };
+    c.server
+        .apply(&format!(
+            "{}---\n{}",
+            pod_yaml("web", "shop", &a, "app: web"),
+            pod_yaml("tool", "other", &b, "app: tool")
+        ))
+        .expect("pods");
+    let web = c.tree.make(&format!(
+        "{}/cri-containerd-{}.scope",
+        slice("besteffort", &a),
+        "1".repeat(64)
+    ));
+    let tool = c.tree.make(&format!(
+        "{}/crio-{}.scope",
+        slice("burstable", &b),
+        "2".repeat(64)
+    ));
+    // A Guaranteed pod the API server has not told the agent about.
+    let stray = c.tree.make(&format!(
+        "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+        d.replace('-', "_"),
+        "3".repeat(64)
+    ));
+
+    // shop is enforced (REGISTRY_ONLY from the ConfigMap); other is not selected.
+    eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Allowed);
+    eventually_in(&c.agent, &web, "198.51.100.11", 80, Want::Denied);
+    eventually_in(&c.agent, &tool, "198.51.100.11", 80, Want::Allowed);
+    // Not mapped yet: refused under REGISTRY_ONLY, on record under its own scope name.
+    eventually_in(&c.agent, &stray, "198.51.100.10", 80, Want::Denied);
+    assert!(
+        c.agent
+            .denials()
+            .iter()
+            .any(|d| d["namespace"] == "enforcer.unmapped" && d["dst"] == "198.51.100.10"),
+        "{:?}",
+        c.agent.denials()
+    );
+
+    // The API server tells of the pod: it gets its namespace's policy.
+    c.server
+        .apply(&pod_yaml("late", "shop", &d, ""))
+        .expect("pod");
+    eventually_in(&c.agent, &stray, "198.51.100.10", 80, Want::Allowed);
+
+    // A new entry through the API server, then the old one deleted.
+    c.server
+        .apply("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: shop}\nspec: {hosts: [db.example.com], ports: [{number: 80, name: tcp, protocol: TCP}], resolution: DNS}")
+        .expect("entry");
+    eventually_in(&c.agent, &web, "198.51.100.11", 80, Want::Allowed);
+    c.server
+        .delete("ServiceEntry", "shop", "api")
+        .expect("delete");
+    eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Denied);
+
+    // The namespace loses its label: its pods are no longer enforced.
+    c.server
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}")
+        .expect("namespace");
+    eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Allowed);
+
+    // A new pod the API server already knows: how long its cgroup goes unmapped.
+    let e = uid(0xe);
+    c.server
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {egress-enforcer: enabled}}")
+        .expect("namespace");
+    c.server
+        .apply(&pod_yaml("new", "shop", &e, ""))
+        .expect("pod");
+    eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Denied);
+    let trees = open_trees(&c.agent);
+    let started = Instant::now();
+    let pod = c.tree.make(&slice("besteffort", &e));
+    let id = fs::metadata(&pod)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("id");
+    while trees.get(&id, 0).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new pod was never mapped"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    eprintln!(
+        "a new pod's cgroup was unmapped for {:?}",
+        started.elapsed()
+    );
+    c.tree.remove(&slice("besteffort", &e));
+}
+
+fn open_trees(agent: &Agent) -> HashMap<aya::maps::MapData, u64, CgroupScope> {
+    let data = open_pinned(Path::new(&agent.pin_root), map_names::CG_TREES).expect("pinned trees");
+    HashMap::try_from(Map::HashMap(data)).expect("a hash map")
+}
+
+#[test]
+fn pods_under_the_cgroupfs_driver_and_a_relist_after_410() {
+    let world = World::new("k8scf");
+    let c = start(&world, "v1beta1");
+    let (a, g) = (uid(0x1a), uid(0x1b));
+    c.server
+        .apply(&format!(
+            "{}---\n{}---\n{}",
+            pod_yaml("web", "shop", &a, "app: web"),
+            pod_yaml("batch", "shop", &g, "app: batch"),
+            "apiVersion: networking.istio.io/v1beta1\nkind: Sidecar\nmetadata: {name: batch, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: batch}}, outboundTrafficPolicy: {mode: ALLOW_ANY}}\n"
+        ))
+        .expect("pods");
+    let web = c
+        .tree
+        .make(&format!("kubepods/besteffort/pod{a}/{}", "4".repeat(64)));
+    let batch = c.tree.make(&format!("kubepods/pod{g}/{}", "5".repeat(64)));
+
+    eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Allowed);
+    eventually_in(&c.agent, &web, "198.51.100.11", 80, Want::Denied);
+    // The Sidecar selects the batch pod by its labels.
+    eventually_in(&c.agent, &batch, "198.51.100.11", 80, Want::Allowed);
+
+    // A deletion while every watch is down and the history is compacted: only a relist after
+    // 410 Gone can tell the agent.
+    c.server.compact_and_drop_watches();
+    c.server
+        .delete("ServiceEntry", "shop", "api")
+        .expect("delete");
+    eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Denied);
+    assert!(
+        c.server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GONE /apis/networking.istio.io/v1beta1/serviceentries")),
+        "the watch got 410 Gone"
+    );
+
+    // The pod goes; its cgroup goes with it and its entry leaves the map.
+    let trees = open_trees(&c.agent);
+    let id = fs::metadata(c.tree.root.join(format!("kubepods/pod{g}")))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("id");
+    assert!(trees.get(&id, 0).is_ok(), "the batch pod is mapped");
+    c.server.delete("Pod", "shop", "batch").expect("delete");
+    c.tree.remove(&format!("kubepods/pod{g}"));
+    c.agent
+        .wait_for(Duration::from_secs(10), "the pod's entry to go", || {
+            trees.get(&id, 0).is_err()
+        });
+}
