@@ -195,6 +195,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 dirty |= rediscover(&cfg, &mut assignments);
             }
             _ = rescan.tick() => {
+                heartbeat(&cfg.status_file);
                 dirty |= rediscover(&cfg, &mut assignments);
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
             }
@@ -206,6 +207,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     events_task.abort();
     log::info!("agent stopping; the pinned programs and maps keep enforcing");
     Ok(())
+}
+
+/// `enforcer health` reads the status file's age: touching it says the loop runs.
+fn heartbeat(status_file: &std::path::Path) {
+    if let Ok(file) = std::fs::File::options().write(true).open(status_file) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
 }
 
 /// Returns whether the set of cgroups changed.

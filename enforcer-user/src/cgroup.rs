@@ -58,8 +58,16 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(parent: &str, mapped: &[(String, PathBuf)]) -> anyhow::Result<Self> {
-        let root = cgroup2_mount()?;
+    /// `root` is the cgroup2 mount to use; `None` finds it in mountinfo.
+    pub fn new(
+        parent: &str,
+        mapped: &[(String, PathBuf)],
+        root: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let root = match root {
+            Some(r) => r.to_path_buf(),
+            None => cgroup2_mount()?,
+        };
         let mapped = mapped
             .iter()
             .map(|(ns, path)| {

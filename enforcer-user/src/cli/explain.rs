@@ -158,6 +158,12 @@ fn inputs(args: &ExplainArgs) -> anyhow::Result<(Inputs, String)> {
     let status = Status::read(&args.status_file).context(
         "no running agent's status to explain from; pass --policies DIR (or --status-file)",
     )?;
+    anyhow::ensure!(
+        !status.inputs.policies.as_os_str().is_empty(),
+        "the agent reads the API server (Kubernetes mode), which explain does not; export the \
+         objects (kubectl get serviceentries,workloadentries,sidecars -A -o yaml > DIR/objects.yaml) \
+         and pass --policies DIR"
+    );
     let source = format!(
         "the agent's inputs (generation {}, {})",
         status.generation,

@@ -3,6 +3,7 @@
 mod analyze;
 mod exec;
 mod explain;
+mod health;
 mod run;
 mod teardown;
 mod validate;
@@ -38,6 +39,8 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Say whether a connection is allowed right now, and why (exit 0 allowed, 1 refused).
     Explain(explain::ExplainArgs),
+    /// Exit 0 if the agent has applied a policy and is running (for probes).
+    Health(health::HealthArgs),
 }
 
 /// Where the agent keeps its state; agents and commands that share these see each other.
@@ -49,6 +52,10 @@ pub struct Placement {
     /// cgroup (relative to the cgroup2 mount) under which namespace cgroups live.
     #[arg(long, value_name = "NAME", default_value = "enforcer")]
     pub cgroup_parent: String,
+    /// The cgroup2 mount to use [default: found in /proc/self/mountinfo]. In a container, the
+    /// host's hierarchy mounted in: the programs attach to its root.
+    #[arg(long, value_name = "DIR", env = "ENFORCER_CGROUP2")]
+    pub cgroup2: Option<PathBuf>,
 }
 
 impl Placement {
@@ -66,7 +73,7 @@ impl Placement {
     }
 
     pub fn layout(&self, mapped: &[(String, PathBuf)]) -> anyhow::Result<Layout> {
-        Layout::new(&self.cgroup_parent, mapped)
+        Layout::new(&self.cgroup_parent, mapped, self.cgroup2.as_deref())
     }
 }
 
@@ -77,6 +84,7 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Run(args) => run::run(args).map(|()| 0),
         Command::Exec(args) => exec::exec(args),
         Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
+        Command::Health(args) => health::health(args),
         Command::Validate(args) => validate::validate(args),
         Command::Analyze(args) => analyze::analyze(args),
         // Exit 1 means refused, so errors take 2.

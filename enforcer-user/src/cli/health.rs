@@ -1,0 +1,40 @@
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// The agent's status file.
+    #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
+    status_file: PathBuf,
+    /// Unhealthy when the agent has not touched its status file for this long, in seconds (it
+    /// does every second).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    max_age: u64,
+}
+
+/// Exit 0 when the agent has applied a policy and its loop is running; for liveness and
+/// readiness probes, which need no port on the node.
+pub fn health(args: HealthArgs) -> anyhow::Result<i32> {
+    let age = std::fs::metadata(&args.status_file)
+        .and_then(|m| m.modified())
+        .map(|t| t.elapsed().unwrap_or_default());
+    match age {
+        Ok(age) if age <= Duration::from_secs(args.max_age) => Ok(0),
+        Ok(age) => {
+            eprintln!(
+                "unhealthy: {} was last touched {}s ago",
+                args.status_file.display(),
+                age.as_secs()
+            );
+            Ok(1)
+        }
+        Err(err) => {
+            eprintln!(
+                "not ready: {}: {err} (no policy applied yet)",
+                args.status_file.display()
+            );
+            Ok(1)
+        }
+    }
+}
