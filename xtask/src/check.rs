@@ -42,6 +42,7 @@ pub fn build_and_test() -> anyhow::Result<()> {
             .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", "bpf-linker"),
     )?;
+    crate::manifests::check(&root)?;
     if !sh::is_root() {
         eprintln!(
             "warning: not root: the privileged integration tests will fail with a clear reason"

@@ -4,6 +4,7 @@ mod bench;
 mod bench_tc;
 mod check;
 mod demo;
+mod manifests;
 mod setup;
 mod sh;
 
@@ -24,6 +25,8 @@ enum Task {
     Build,
     /// fmt, clippy (host and BPF target), unit tests and privileged integration tests.
     BuildAndTest,
+    /// Check deploy/ offline: kustomizations complete, objects valid against Kubernetes schemas.
+    CheckDeploy,
     /// Live demo of seeds 000 and 001 on this machine (root).
     Demo,
     /// Measure program cost, connect() overhead, time to enforcement and the TC programs (root).
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             setup::run(false)?;
             check::build_and_test()
         }
+        Task::CheckDeploy => manifests::check(&sh::root()),
         Task::Demo => {
             setup::run(false)?;
             let bin = check::build_release()?;

@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "curl",
     "python3",
+    "python3-venv",
     "util-linux",
     "iperf3",
 ];

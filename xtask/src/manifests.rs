@@ -1,0 +1,115 @@
+//! `deploy/` checked offline: every file a kustomization names exists, no manifest is left out
+//! of `kubectl apply -k deploy/`, and every object validates (strict: no unknown fields) against
+//! the Kubernetes schemas of the oldest and newest versions supported, with kubernetes-validate
+//! from PyPI (Debian's kubectl is too old to trust for this).
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::sh;
+
+const VALIDATOR: &str = "kubernetes-validate==1.37.0";
+const VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+
+pub fn check(root: &Path) -> anyhow::Result<()> {
+    let deploy = root.join("deploy");
+    let mut reached = BTreeSet::new();
+    collect(&deploy, &mut reached)?;
+    let mut all = BTreeSet::new();
+    manifests_in(&deploy, &mut all)?;
+    let orphans: Vec<String> = all
+        .difference(&reached)
+        .map(|p| p.display().to_string())
+        .collect();
+    if !orphans.is_empty() {
+        bail!(
+            "not in any kustomization under deploy/: {}",
+            orphans.join(", ")
+        );
+    }
+
+    // A virtual environment of its own: Debian's Python refuses installs outside one.
+    let venv = root.join("target/manifest-venv");
+    let python = venv.join("bin/python3");
+    if !venv.join("bin/kubernetes-validate").exists() {
+        sh::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("creating a Python venv (python3-venv)")?;
+        sh::run(
+            Command::new(&python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .arg(VALIDATOR),
+        )
+        .context("installing kubernetes-validate from PyPI")?;
+    }
+    for version in VERSIONS {
+        sh::run(
+            Command::new(&python)
+                .args([
+                    "-m",
+                    "kubernetes_validate",
+                    "--strict",
+                    "--quiet",
+                    "-k",
+                    version,
+                ])
+                .args(&reached),
+        )
+        .with_context(|| format!("deploy/ against Kubernetes {version}"))?;
+    }
+    eprintln!(
+        "deploy/: {} manifests valid against Kubernetes {}",
+        reached.len(),
+        VERSIONS.join(" and ")
+    );
+    Ok(())
+}
+
+/// The manifests `dir/kustomization.yaml` reaches, through directories it names.
+fn collect(dir: &Path, out: &mut BTreeSet<PathBuf>) -> anyhow::Result<()> {
+    let file = dir.join("kustomization.yaml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let resources = doc
+        .get("resources")
+        .and_then(|r| r.as_sequence())
+        .with_context(|| format!("{}: no resources", file.display()))?;
+    for entry in resources {
+        let name = entry.as_str().context("a resource that is not a string")?;
+        let path = dir.join(name);
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path.is_file() {
+            out.insert(path);
+        } else {
+            bail!("{}: resource {name} does not exist", file.display());
+        }
+    }
+    Ok(())
+}
+
+fn manifests_in(dir: &Path, out: &mut BTreeSet<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            manifests_in(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml")
+            && path.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
+            out.insert(path);
+        }
+    }
+    Ok(())
+}
