@@ -51,8 +51,12 @@ pub struct AgentConfig {
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.cgroups.managed)
-        .with_context(|| format!("creating cgroup {}", cfg.cgroups.managed.display()))?;
+    // Kubernetes mode manages no cgroups of its own (the host's hierarchy may be read-only).
+    let local = cfg.kubernetes.is_none();
+    if local {
+        std::fs::create_dir_all(&cfg.cgroups.managed)
+            .with_context(|| format!("creating cgroup {}", cfg.cgroups.managed.display()))?;
+    }
     for ns in &cfg.namespaces {
         let dir = cfg.cgroups.namespace_dir(ns)?;
         std::fs::create_dir_all(&dir)
@@ -97,7 +101,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     let (cg_tx, mut cg_rx) = mpsc::unbounded_channel();
-    let _cgroup_watcher = files::watch_any(&cfg.cgroups.managed, cg_tx)?;
+    let _cgroup_watcher = match local {
+        true => Some(files::watch_any(&cfg.cgroups.managed, cg_tx)?),
+        false => None,
+    };
 
     let mut sources = load_sources(&cfg, node.as_ref());
     let mut assignments = cfg.cgroups.discover().unwrap_or_default();
@@ -158,6 +165,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 pods: &pod_list,
             };
             let complete = apply(&mut dp, desired, workloads, &explainer)?;
+            if let Some(n) = node.as_mut() {
+                n.attach_pods(&mut dp, &cfg.datapath.pin_root);
+            }
             if let Some(p) = pods.as_mut() {
                 p.mark_ready();
             }
@@ -198,6 +208,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 heartbeat(&cfg.status_file);
                 dirty |= rediscover(&cfg, &mut assignments);
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
+                if let Some(n) = node.as_mut().filter(|n| n.links_pending()) {
+                    n.attach_pods(&mut dp, &cfg.datapath.pin_root);
+                }
             }
             () = tokio::time::sleep_until(next_dns) => {}
             _ = tokio::signal::ctrl_c() => break,

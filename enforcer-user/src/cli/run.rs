@@ -119,6 +119,10 @@ struct KubeArgs {
     /// Enforce hostNetwork pods too (by their namespace, at connect only).
     #[arg(long)]
     enforce_host_network: bool,
+    /// The host's /proc (with hostPID): finds veths of pods behind a bridge through their
+    /// network namespace. Without it, packet-level enforcement covers routed CNIs only.
+    #[arg(long, value_name = "DIR")]
+    host_proc: Option<PathBuf>,
 }
 
 fn parse_ns_name(s: &str) -> Result<(String, String), String> {
@@ -146,6 +150,7 @@ impl KubeArgs {
             },
             unmapped: self.unmapped_pods,
             enforce_host_network: self.enforce_host_network,
+            host_proc: self.host_proc,
         })
     }
 }

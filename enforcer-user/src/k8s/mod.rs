@@ -4,6 +4,7 @@
 
 mod istio_api;
 pub mod node;
+pub mod pod_links;
 pub mod registry;
 pub mod selector;
 pub mod workloads;

@@ -8,10 +8,13 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{workloads, Cluster};
+use super::{
+    pod_links::{PodLinks, PodNet},
+    workloads, Cluster,
+};
 use crate::{
     cgroup::{self, Assignment},
-    datapath::plan::PodAssignment,
+    datapath::{plan::PodAssignment, Datapath},
     istio::OutboundMode,
     kubelet,
 };
@@ -45,6 +48,8 @@ pub struct NodeOptions {
     pub kubelet_cgroups: PathBuf,
     pub unmapped: Unmapped,
     pub enforce_host_network: bool,
+    /// The host's /proc, to enter pods' network namespaces (bridge CNIs); needs hostPID.
+    pub host_proc: Option<PathBuf>,
 }
 
 /// The pods on this node and where they run, as last computed.
@@ -54,6 +59,8 @@ pub struct Node {
     /// Cgroup id -> workload, for the whole pod subtree.
     pub trees: BTreeMap<u64, Assignment>,
     pub addresses: Vec<PodAssignment>,
+    pod_nets: Vec<PodNet>,
+    links: PodLinks,
     watched_roots: Vec<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
     cgroup_tx: mpsc::UnboundedSender<()>,
@@ -67,6 +74,8 @@ impl Node {
             cluster,
             trees: BTreeMap::new(),
             addresses: Vec::new(),
+            pod_nets: Vec::new(),
+            links: PodLinks::default(),
             watched_roots: Vec::new(),
             watcher: None,
             cgroup_tx,
@@ -108,7 +117,19 @@ impl Node {
         let changed = trees != self.trees || mapping.addresses != self.addresses;
         self.trees = trees;
         self.addresses = mapping.addresses;
+        self.pod_nets = mapping.pod_nets;
         changed
+    }
+
+    /// Puts the TC programs on enforced pods' veths (after their addresses are in the maps).
+    pub fn attach_pods(&mut self, dp: &mut Datapath, pin_root: &std::path::Path) {
+        self.links
+            .reconcile(dp, pin_root, &self.pod_nets, self.opts.host_proc.as_deref());
+    }
+
+    /// Whether a pod's veth is still to be found (worth a retry).
+    pub fn links_pending(&self) -> bool {
+        self.links.pending() > 0
     }
 
     fn watch(&mut self, roots: &[PathBuf]) {

@@ -9,6 +9,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 
+use super::pod_links::PodNet;
 use crate::{cgroup::Assignment, datapath::plan::PodAssignment, kubelet::PodCgroup};
 
 /// Scope of pods this agent does not enforce: their namespace is not selected, they use the
@@ -26,6 +27,8 @@ const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 pub struct NodePod {
     /// The uid in the pod's cgroup name.
     pub cgroup_uid: String,
+    /// metadata.uid.
+    pub uid: String,
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -59,6 +62,7 @@ impl NodePod {
         }
         Some(Self {
             cgroup_uid: uid,
+            uid: meta.uid.clone().unwrap_or_default(),
             namespace: meta.namespace.clone()?,
             name: meta.name.clone().unwrap_or_default(),
             labels: meta
@@ -83,8 +87,8 @@ impl NodePod {
 pub struct Mapping {
     pub trees: BTreeMap<PathBuf, Assignment>,
     pub addresses: Vec<PodAssignment>,
-    /// Pods enforced here, for the TC attachments: (namespace/name, addresses).
-    pub enforced: Vec<(String, Vec<IpAddr>)>,
+    /// Enforced pods with addresses, for the TC programs on their veths.
+    pub pod_nets: Vec<PodNet>,
 }
 
 /// Maps every pod found in the cgroup tree that the API server knows. `kubelet_roots` map to
@@ -124,8 +128,13 @@ pub fn map(
                     namespace: namespace.to_string(),
                     labels: labels.clone(),
                 }));
-            out.enforced
-                .push((format!("{}/{}", pod.namespace, pod.name), pod.ips.clone()));
+            if !pod.ips.is_empty() {
+                out.pod_nets.push(PodNet {
+                    key: format!("{}/{}/{}", pod.namespace, pod.name, pod.uid),
+                    ips: pod.ips.clone(),
+                    cgroup: found.get(&pod.cgroup_uid).map(|cg| cg.path.clone()),
+                });
+            }
         }
     }
     out
@@ -202,7 +211,8 @@ mod tests {
             ["10.1.0.5", "fd00::5"],
             "only enforced pods with their own network"
         );
-        assert_eq!(m.enforced.len(), 2);
+        assert_eq!(m.pod_nets.len(), 1, "the mirror pod has no address");
+        assert_eq!(m.pod_nets[0].key, format!("shop/web/{UID_A}"));
 
         let m = map(&pods, &enforced, &found, &roots, true);
         assert_eq!(

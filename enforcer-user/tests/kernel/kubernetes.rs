@@ -14,7 +14,10 @@ use enforcer_common::{map_names, CgroupScope};
 use enforcer_testkit::{apiserver::FakeApiServer, python, script};
 use enforcer_user::datapath::open_pinned;
 
-use crate::harness::{outcome, Agent, Dns, Hosts, Outcome, Want, World};
+use crate::{
+    harness::{outcome, Agent, Dns, Hosts, Outcome, Want, World},
+    veth::{ip, pod as veth_pod, Made},
+};
 
 /// A kubelet's cgroup tree under a test cgroup; dropping it kills its processes and removes it.
 struct KubeletTree {
@@ -344,4 +347,84 @@ fn pods_under_the_cgroupfs_driver_and_a_relist_after_410() {
         .wait_for(Duration::from_secs(10), "the pod's entry to go", || {
             trees.get(&id, 0).is_err()
         });
+}
+
+/// `probe.py` inside `netns`, from the test's own cgroup (no pod cgroup): only TC judges it.
+fn probe_in_netns(netns: &str, host: &str, port: u16) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", netns, python()])
+        .arg(script("probe.py"))
+        .args(["tcp", host, &port.to_string(), "1"])
+        .output()
+        .expect("probing from the pod's netns")
+        .status
+        .success()
+}
+
+#[test]
+fn enforced_pods_get_the_tc_programs_on_their_veth() {
+    let world = World::new("k8stc");
+    let c = start(&world, "v1");
+    let tag = &world.id[world.id.len().saturating_sub(6)..];
+    let (netns, host_if) = (format!("enfk-{tag}"), format!("ek8{tag}"));
+    let mut made = Made {
+        netns: Vec::new(),
+        links: Vec::new(),
+    };
+    // A routed pod (as Calico or Cilium lay it out): the host reaches it through its veth.
+    veth_pod(&mut made, &netns, &host_if, "203.0.113.182/30");
+    ip(&["addr", "add", "203.0.113.181/30", "dev", &host_if]);
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.181",
+    ]);
+    let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+    c._hosts.route_back("203.0.113.180/30");
+    assert!(
+        probe_in_netns(&netns, "198.51.100.11", 80),
+        "before the agent knows the pod"
+    );
+
+    let pod = uid(0x7c);
+    c.server
+        .apply(&pod_yaml("web", "shop", &pod, "app: web").replace(
+            "status: {phase: Running}",
+            "status: {phase: Running, podIP: 203.0.113.182, podIPs: [{ip: 203.0.113.182}]}",
+        ))
+        .expect("pod");
+    let pin = PathBuf::from(&c.agent.pin_root).join(format!("links/tc_{host_if}"));
+    c.agent.wait_for(
+        Duration::from_secs(10),
+        "the TC link on the pod's veth",
+        || pin.exists(),
+    );
+    assert!(PathBuf::from(&c.agent.pin_root)
+        .join(format!("links/tc_{host_if}_reply"))
+        .exists());
+    // Packets from the pod's netns are judged by its namespace's policy, whatever the socket's
+    // cgroup: the registered host passes, another is dropped.
+    assert!(
+        probe_in_netns(&netns, "198.51.100.10", 80),
+        "registered host"
+    );
+    assert!(
+        !probe_in_netns(&netns, "198.51.100.11", 80),
+        "unregistered host"
+    );
+
+    // The pod goes from the API server: the links go with it.
+    c.server.delete("Pod", "shop", "web").expect("delete");
+    c.agent
+        .wait_for(Duration::from_secs(10), "the TC pins to go", || {
+            !pin.exists()
+        });
+    assert!(
+        probe_in_netns(&netns, "198.51.100.11", 80),
+        "no longer enforced"
+    );
 }

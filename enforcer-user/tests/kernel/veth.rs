@@ -7,7 +7,7 @@ use enforcer_user::veth::{host_side, Found};
 
 use crate::harness::World;
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
     assert!(
         out.status.success(),
@@ -18,9 +18,9 @@ fn ip(args: &[&str]) {
 }
 
 /// Network namespaces and links made here, removed on drop.
-struct Made {
-    netns: Vec<String>,
-    links: Vec<String>,
+pub struct Made {
+    pub netns: Vec<String>,
+    pub links: Vec<String>,
 }
 
 impl Drop for Made {
@@ -35,7 +35,7 @@ impl Drop for Made {
 }
 
 /// A pod namespace with `eth0` holding `addr`, joined to the host by `host_if`.
-fn pod(made: &mut Made, netns: &str, host_if: &str, addr: &str) {
+pub fn pod(made: &mut Made, netns: &str, host_if: &str, addr: &str) {
     made.netns.push(netns.to_string());
     made.links.push(host_if.to_string());
     ip(&["netns", "add", netns]);
