@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent in the foreground.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Run a command inside the cgroup of a namespace (local mode).
     Exec(exec::ExecArgs),
     /// Detach the programs and remove everything the agent pinned. Enforcement stops.
@@ -81,7 +81,7 @@ impl Placement {
 pub fn main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run::run(args).map(|()| 0),
+        Command::Run(args) => run::run(*args).map(|()| 0),
         Command::Exec(args) => exec::exec(args),
         Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
         Command::Health(args) => health::health(args),
