@@ -668,6 +668,12 @@ fn watch(
     let deadline = Instant::now() + timeout;
     let mut sent = since;
     loop {
+        // Checked before anything is sent: a watch that was ended delivers nothing more, so
+        // changes made after `drop_watches` reach clients only by a new watch or a relist.
+        if st.epoch != epoch || shared.stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+            drop(st);
+            return end_chunks(stream);
+        }
         let pending: Vec<Value> = st
             .history
             .iter()
@@ -681,11 +687,7 @@ fn watch(
         }
         sent = sent.max(newest);
         st = shared.lock();
-        if st.epoch != epoch || shared.stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
-            drop(st);
-            return end_chunks(stream);
-        }
-        if st.rv > sent {
+        if st.rv > sent || st.epoch != epoch {
             continue;
         }
         let (guard, waited) = shared
@@ -693,7 +695,7 @@ fn watch(
             .wait_timeout(st, shared.bookmark_every)
             .unwrap_or_else(|p| p.into_inner());
         st = guard;
-        if waited.timed_out() && bookmarks && st.rv == sent {
+        if waited.timed_out() && bookmarks && st.rv == sent && st.epoch == epoch {
             let rv = st.rv;
             drop(st);
             let mark = json!({"type": "BOOKMARK", "object": {"kind": k.kind, "apiVersion": k.api_version(),

@@ -22,7 +22,7 @@ use crate::{
 /// What a connect from a pod cgroup that is not mapped yet gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Unmapped {
-    /// Refused in REGISTRY_ONLY meshes, allowed in ALLOW_ANY ones.
+    /// The mesh's mode: refused in REGISTRY_ONLY meshes, allowed in ALLOW_ANY ones.
     Mesh,
     Refuse,
     Allow,
@@ -33,8 +33,8 @@ pub enum Unmapped {
 impl Unmapped {
     pub fn mode(self, mesh: OutboundMode) -> OutboundMode {
         match self {
-            Self::Mesh if mesh == OutboundMode::AllowAny => OutboundMode::AllowAny,
-            Self::Mesh | Self::Refuse => OutboundMode::RegistryOnly,
+            Self::Mesh => mesh,
+            Self::Refuse => OutboundMode::RegistryOnly,
             Self::Allow => OutboundMode::AllowAny,
             Self::Audit => OutboundMode::Audit,
         }

@@ -179,6 +179,23 @@ impl Agent {
 
     /// Runs from `world.dir` with `--policies` as given, so relative paths can be tested.
     pub fn start_with(world: &World, policies: PathBuf, extra: &[&str]) -> Self {
+        Self::launch(world, Some(policies), Vec::new(), extra)
+    }
+
+    /// `enforcer run --kubernetes` against the API server in `kubeconfig`.
+    pub fn start_kubernetes(world: &World, kubeconfig: &Path, extra: &[&str]) -> Self {
+        let env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
+        let mut args = vec!["--kubernetes"];
+        args.extend_from_slice(extra);
+        Self::launch(world, None, env, &args)
+    }
+
+    fn launch(
+        world: &World,
+        policies: Option<PathBuf>,
+        env: Vec<(String, String)>,
+        extra: &[&str],
+    ) -> Self {
         let mut agent = Self {
             child: None,
             pin_root: format!("/sys/fs/bpf/enforcer-test-{}", world.id),
@@ -188,28 +205,8 @@ impl Agent {
             stderr: world.dir.join("agent.err"),
             args: extra.iter().map(|s| s.to_string()).collect(),
             cwd: world.dir.clone(),
-            policies: Some(policies),
-            env: Vec::new(),
-        };
-        agent.spawn();
-        agent
-    }
-
-    /// `enforcer run --kubernetes` against the API server in `kubeconfig`.
-    pub fn start_kubernetes(world: &World, kubeconfig: &Path, extra: &[&str]) -> Self {
-        let mut args = vec!["--kubernetes".to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = Self {
-            child: None,
-            pin_root: format!("/sys/fs/bpf/enforcer-test-{}", world.id),
-            cgroup_parent: format!("enforcer-test-{}", world.id),
-            status: world.dir.join("status.json"),
-            stdout: world.dir.join("agent.out"),
-            stderr: world.dir.join("agent.err"),
-            args,
-            cwd: world.dir.clone(),
-            policies: None,
-            env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+            policies,
+            env,
         };
         agent.spawn();
         agent

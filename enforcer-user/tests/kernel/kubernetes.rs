@@ -262,33 +262,40 @@ fn pods_under_the_systemd_driver_follow_the_api_server() {
         .expect("namespace");
     eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Allowed);
 
-    // A new pod the API server already knows: how long its cgroup goes unmapped.
-    let e = uid(0xe);
+    // New pods the API server already knows: how long each one's cgroup goes unmapped, from
+    // the kubelet's mkdir to the map entry (printed, not asserted: a measurement).
     c.server
         .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {egress-enforcer: enabled}}")
         .expect("namespace");
-    c.server
-        .apply(&pod_yaml("new", "shop", &e, ""))
-        .expect("pod");
     eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Denied);
     let trees = open_trees(&c.agent);
-    let started = Instant::now();
-    let pod = c.tree.make(&slice("besteffort", &e));
-    let id = fs::metadata(&pod)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .expect("id");
-    while trees.get(&id, 0).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the new pod was never mapped"
-        );
-        std::thread::sleep(Duration::from_micros(200));
+    let mut windows = Vec::new();
+    for n in 0..10 {
+        let e = uid(0xe0 + n);
+        c.server
+            .apply(&pod_yaml(&format!("new{n}"), "shop", &e, ""))
+            .expect("pod");
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        let pod = c.tree.make(&slice("besteffort", &e));
+        let id = fs::metadata(&pod)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .expect("id");
+        while trees.get(&id, 0).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "new pod {n} was never mapped"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        windows.push(started.elapsed());
     }
+    windows.sort();
     eprintln!(
-        "a new pod's cgroup was unmapped for {:?}",
-        started.elapsed()
+        "new pods' cgroups unmapped for: median {:?}, max {:?} (10 pods)",
+        windows[windows.len() / 2],
+        windows[windows.len() - 1]
     );
-    c.tree.remove(&slice("besteffort", &e));
 }
 
 fn open_trees(agent: &Agent) -> HashMap<aya::maps::MapData, u64, CgroupScope> {
@@ -320,19 +327,19 @@ fn pods_under_the_cgroupfs_driver_and_a_relist_after_410() {
     // The Sidecar selects the batch pod by its labels.
     eventually_in(&c.agent, &batch, "198.51.100.11", 80, Want::Allowed);
 
-    // A deletion while every watch is down and the history is compacted: only a relist after
-    // 410 Gone can tell the agent.
+    // The history is compacted and every watch ended, then an entry is deleted: the watches
+    // resume from a resourceVersion the server no longer has, get 410 Gone and relist.
     c.server.compact_and_drop_watches();
     c.server
         .delete("ServiceEntry", "shop", "api")
         .expect("delete");
     eventually_in(&c.agent, &web, "198.51.100.10", 80, Want::Denied);
+    let requests = c.server.requests();
     assert!(
-        c.server
-            .requests()
+        requests
             .iter()
             .any(|r| r.starts_with("GONE /apis/networking.istio.io/v1beta1/serviceentries")),
-        "the watch got 410 Gone"
+        "the watch got 410 Gone: {requests:#?}"
     );
 
     // The pod goes; its cgroup goes with it and its entry leaves the map.
@@ -397,15 +404,16 @@ fn enforced_pods_get_the_tc_programs_on_their_veth() {
             "status: {phase: Running, podIP: 203.0.113.182, podIPs: [{ip: 203.0.113.182}]}",
         ))
         .expect("pod");
-    let pin = PathBuf::from(&c.agent.pin_root).join(format!("links/tc_{host_if}"));
+    let links = PathBuf::from(&c.agent.pin_root).join("links");
+    let pins = [
+        links.join(format!("tc_{host_if}")),
+        links.join(format!("tc_{host_if}_reply")),
+    ];
     c.agent.wait_for(
         Duration::from_secs(10),
-        "the TC link on the pod's veth",
-        || pin.exists(),
+        "both TC links on the pod's veth",
+        || pins.iter().all(|p| p.exists()),
     );
-    assert!(PathBuf::from(&c.agent.pin_root)
-        .join(format!("links/tc_{host_if}_reply"))
-        .exists());
     // Packets from the pod's netns are judged by its namespace's policy, whatever the socket's
     // cgroup: the registered host passes, another is dropped.
     assert!(
@@ -421,7 +429,7 @@ fn enforced_pods_get_the_tc_programs_on_their_veth() {
     c.server.delete("Pod", "shop", "web").expect("delete");
     c.agent
         .wait_for(Duration::from_secs(10), "the TC pins to go", || {
-            !pin.exists()
+            pins.iter().all(|p| !p.exists())
         });
     assert!(
         probe_in_netns(&netns, "198.51.100.11", 80),
