@@ -297,12 +297,6 @@ impl FakeApiServer {
         self.shared.changed.notify_all();
     }
 
-    /// Ends every open watch; clients resume from their last resourceVersion.
-    pub fn drop_watches(&self) {
-        self.shared.lock().epoch += 1;
-        self.shared.changed.notify_all();
-    }
-
     /// The requests served so far, as "LIST <path>", "WATCH <path> rv=<n>", "GONE <path>", ...
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
