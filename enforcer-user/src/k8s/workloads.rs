@@ -160,7 +160,8 @@ mod tests {
     const UID_A: &str = "11111111-2222-3333-4444-555555555555";
     const UID_B: &str = "aaaaaaaa-2222-3333-4444-555555555555";
     const UID_C: &str = "cccccccc-2222-3333-4444-555555555555";
-    const HASH: &str = "dddddddd-2222-3333-4444-555555555555";
+    /// A static pod's uid in its cgroup name: the kubelet's config hash, not a dashed uid.
+    const HASH: &str = "6e8e5c2b4f0a4b6e9a2f1c3d4e5f6a7b";
 
     fn pod(yaml: &str) -> NodePod {
         let pod: Pod = serde_yaml::from_str(yaml).expect("pod");

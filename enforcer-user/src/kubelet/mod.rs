@@ -6,6 +6,8 @@
 //!   (`kubepods.slice/kubepods-pod<uid>.slice`);
 //! - cgroupfs: `kubepods/<qos>/pod<uid>/<container>`, Guaranteed pods at `kubepods/pod<uid>`.
 //!
+//! A static pod's `<uid>` is its config hash (32 hex digits), not the uid of its mirror pod.
+//!
 //! Container cgroups are named by the runtime: `cri-containerd-<id>.scope` (containerd),
 //! `crio-<id>.scope` and `crio-conmon-<id>.scope` (CRI-O), `docker-<id>.scope`, or the bare id
 //! under cgroupfs. Every container cgroup of a pod belongs to the pod, so mapping the pod's
@@ -37,7 +39,8 @@ pub enum Qos {
 /// A pod found in the cgroup tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodCgroup {
-    /// The pod's metadata.uid, with dashes.
+    /// The uid in the cgroup's name: a pod's metadata.uid with dashes, or a static pod's config
+    /// hash.
     pub uid: String,
     pub qos: Qos,
     pub driver: Driver,
@@ -103,13 +106,25 @@ fn systemd_pod(name: &str, prefix: &str) -> Option<String> {
     Some(uid.replace('_', "-"))
 }
 
-/// A Kubernetes object uid: 36 characters of hex digits and dashes (RFC 4122 text form).
+/// A pod uid as the kubelet names cgroups: a Kubernetes object uid, or a static pod's.
 fn is_uid(s: &str) -> bool {
+    is_object_uid(s) || is_config_hash(s)
+}
+
+/// A Kubernetes object uid: 36 characters of hex digits and dashes (RFC 4122 text form).
+fn is_object_uid(s: &str) -> bool {
     s.len() == 36
         && s.char_indices().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => c == '-',
             _ => c.is_ascii_hexdigit(),
         })
+}
+
+/// A static pod's uid: the kubelet sets it to the pod's config hash (`%x` of an MD5, so 32
+/// lowercase hex digits, no dashes), and its mirror pod in the API server carries it in the
+/// `kubernetes.io/config.mirror` annotation.
+fn is_config_hash(s: &str) -> bool {
+    s.len() == 32 && s.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
 }
 
 /// Every pod cgroup under `root` (the cgroup2 mount), by pod uid.

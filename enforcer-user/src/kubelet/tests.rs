@@ -136,3 +136,79 @@ fn discover_finds_pods_of_both_drivers_in_a_tree() {
         .path
         .ends_with(format!("kubepods-burstable-pod{slice}.slice")));
 }
+
+/// A static pod's uid as the kubelet sets it: its config hash, 32 lowercase hex digits.
+const HASH: &str = "6e8e5c2b4f0a4b6e9a2f1c3d4e5f6a7b";
+
+#[test]
+fn static_pods_are_named_by_their_config_hash_under_both_drivers() {
+    // As on a kubeadm control-plane node: etcd and kube-apiserver are Burstable static pods.
+    let container =
+        "cri-containerd-4c7a0f3e1b2d4c5a8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d.scope";
+    let cases = [
+        (
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{HASH}.slice/{container}"),
+            Qos::Burstable,
+            Driver::Systemd,
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{HASH}.slice"),
+        ),
+        (
+            format!("kubepods.slice/kubepods-pod{HASH}.slice/{container}"),
+            Qos::Guaranteed,
+            Driver::Systemd,
+            format!("kubepods.slice/kubepods-pod{HASH}.slice"),
+        ),
+        (
+            format!("kubepods/burstable/pod{HASH}/4c7a0f3e1b2d"),
+            Qos::Burstable,
+            Driver::Cgroupfs,
+            format!("kubepods/burstable/pod{HASH}"),
+        ),
+        (
+            format!("kubepods/pod{HASH}"),
+            Qos::Guaranteed,
+            Driver::Cgroupfs,
+            format!("kubepods/pod{HASH}"),
+        ),
+    ];
+    for (rel, qos, driver, path) in cases {
+        assert_eq!(
+            pod(&rel),
+            Some((HASH.to_string(), qos, driver, PathBuf::from(path))),
+            "{rel}"
+        );
+    }
+}
+
+#[test]
+fn almost_hashes_are_not_pods() {
+    for uid in [
+        &HASH[..31],
+        &format!("{HASH}0"),
+        &HASH.to_ascii_uppercase(),
+        &format!("{}g", &HASH[..31]),
+    ] {
+        for rel in [
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice"),
+            format!("kubepods/burstable/pod{uid}"),
+        ] {
+            assert_eq!(pod(&rel), None, "{rel}");
+        }
+    }
+}
+
+#[test]
+fn discover_finds_static_pods() {
+    let root = std::env::temp_dir().join(format!("enforcer-kubelet-static-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for dir in [
+        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{HASH}.slice/cri-containerd-1.scope"),
+        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", UID.replace('-', "_")),
+    ] {
+        std::fs::create_dir_all(root.join(dir)).expect("making the tree");
+    }
+    let found = discover(&root);
+    let _ = std::fs::remove_dir_all(&root);
+    let uids: Vec<&str> = found.keys().map(String::as_str).collect();
+    assert_eq!(uids, [HASH, UID]);
+}
