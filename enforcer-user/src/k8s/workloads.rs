@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 use super::pod_links::PodNet;
 use crate::{cgroup::Assignment, datapath::plan::PodAssignment, kubelet::PodCgroup};
@@ -21,6 +21,9 @@ pub const UNMAPPED: &str = "enforcer.unmapped";
 /// The kubelet names a static pod's cgroup after the pod's config hash, which its mirror pod
 /// carries in this annotation (the mirror's own uid differs).
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+/// Where the kubelet got a pod: `api` for pods from the API server, `file` or `http` for static
+/// pods.
+const SOURCE_ANNOTATION: &str = "kubernetes.io/config.source";
 
 /// A pod on this node, as far as enforcement cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,12 +42,7 @@ pub struct NodePod {
 impl NodePod {
     pub fn from_pod(pod: &Pod) -> Option<Self> {
         let meta = &pod.metadata;
-        let uid = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(MIRROR_ANNOTATION))
-            .or(meta.uid.as_ref())?
-            .clone();
+        let uid = cgroup_uid(meta)?.clone();
         let status = pod.status.as_ref();
         let mut ips: Vec<IpAddr> = status
             .and_then(|s| s.pod_ips.as_ref())
@@ -79,6 +77,29 @@ impl NodePod {
             ips,
         })
     }
+
+    /// Whether the pod claims its cgroup by the mirror annotation rather than its own uid.
+    fn is_mirror(&self) -> bool {
+        self.cgroup_uid != self.uid
+    }
+}
+
+/// The uid in the name of a pod's cgroup. Anyone who may create pods can set the mirror
+/// annotation, so it is believed only on what looks like a mirror pod: owned by a Node and
+/// from a config source other than the API server. Even then [`map`] never lets it take a
+/// cgroup that a pod's own uid names, because the owner and source can be forged as well.
+fn cgroup_uid(meta: &ObjectMeta) -> Option<&String> {
+    let annotation = |key| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let static_source = annotation(SOURCE_ANNOTATION).is_some_and(|s| s != "api");
+    let node_owned = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Node");
+    match annotation(MIRROR_ANNOTATION) {
+        Some(hash) if static_source && node_owned => Some(hash),
+        _ => meta.uid.as_ref(),
+    }
 }
 
 /// What the planner needs from Kubernetes: pod cgroups (with their containers) and pod
@@ -89,6 +110,9 @@ pub struct Mapping {
     pub addresses: Vec<PodAssignment>,
     /// Enforced pods with addresses, for the TC programs on their veths.
     pub pod_nets: Vec<PodNet>,
+    /// Cgroups more than one pod claims, each with the pod whose scope it got, for the caller
+    /// to report.
+    pub conflicts: Vec<String>,
 }
 
 /// Maps every pod found in the cgroup tree that the API server knows. `kubelet_roots` map to
@@ -106,38 +130,117 @@ pub fn map(
         out.trees
             .insert(root.clone(), assignment(UNMAPPED, BTreeMap::new(), root));
     }
-    for pod in pods {
-        let enforced = enforced_namespaces.contains(&pod.namespace)
-            && (enforce_host_network || !pod.host_network);
-        let (namespace, labels) = if enforced {
-            (pod.namespace.as_str(), pod.labels.clone())
-        } else {
-            (UNENFORCED, BTreeMap::new())
+    let is_enforced = |pod: &NodePod| {
+        enforced_namespaces.contains(&pod.namespace) && (enforce_host_network || !pod.host_network)
+    };
+    let owners = owners(pods, found, is_enforced, &mut out.conflicts);
+    for (uid, &i) in &owners {
+        let (Some(pod), Some(cg)) = (pods.get(i), found.get(*uid)) else {
+            continue;
         };
-        if let Some(cg) = found.get(&pod.cgroup_uid) {
-            out.trees.insert(
-                cg.path.clone(),
-                assignment(namespace, labels.clone(), &cg.path),
-            );
-        }
+        let (namespace, labels) = scope_of(pod, is_enforced(pod));
+        out.trees
+            .insert(cg.path.clone(), assignment(namespace, labels, &cg.path));
+    }
+    for (i, pod) in pods.iter().enumerate() {
         // A host-network pod's address is the node's: never judge it per packet.
-        if enforced && !pod.host_network {
-            out.addresses
-                .extend(pod.ips.iter().map(|&ip| PodAssignment {
-                    ip,
-                    namespace: namespace.to_string(),
-                    labels: labels.clone(),
-                }));
-            if !pod.ips.is_empty() {
-                out.pod_nets.push(PodNet {
-                    key: format!("{}/{}/{}", pod.namespace, pod.name, pod.uid),
-                    ips: pod.ips.clone(),
-                    cgroup: found.get(&pod.cgroup_uid).map(|cg| cg.path.clone()),
-                });
-            }
+        if !is_enforced(pod) || pod.host_network {
+            continue;
+        }
+        let (namespace, labels) = scope_of(pod, true);
+        out.addresses
+            .extend(pod.ips.iter().map(|&ip| PodAssignment {
+                ip,
+                namespace: namespace.to_string(),
+                labels: labels.clone(),
+            }));
+        if !pod.ips.is_empty() {
+            // Only the cgroup the pod won: another pod's would lead to another pod's veth.
+            let owns = owners.get(pod.cgroup_uid.as_str()) == Some(&i);
+            out.pod_nets.push(PodNet {
+                key: format!("{}/{}/{}", pod.namespace, pod.name, pod.uid),
+                ips: pod.ips.clone(),
+                cgroup: found
+                    .get(&pod.cgroup_uid)
+                    .filter(|_| owns)
+                    .map(|cg| cg.path.clone()),
+            });
         }
     }
     out
+}
+
+/// The scope an enforced pod gets (its namespace and labels); [`UNENFORCED`] otherwise.
+fn scope_of(pod: &NodePod, enforced: bool) -> (&str, BTreeMap<String, String>) {
+    if enforced {
+        (pod.namespace.as_str(), pod.labels.clone())
+    } else {
+        (UNENFORCED, BTreeMap::new())
+    }
+}
+
+/// The pod (index into `pods`) each found cgroup belongs to. A pod's own uid outranks a mirror
+/// claim (the annotation is only the pod author's word). Among equal claims the stricter scope
+/// wins, failing closed: an enforced namespace over [`UNENFORCED`], then the first by
+/// namespace/name, so the result does not depend on the order of `pods`. Every cgroup claimed
+/// more than once is described in `conflicts`.
+fn owners<'a>(
+    pods: &'a [NodePod],
+    found: &BTreeMap<String, PodCgroup>,
+    is_enforced: impl Fn(&NodePod) -> bool,
+    conflicts: &mut Vec<String>,
+) -> BTreeMap<&'a str, usize> {
+    let mut claims: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, pod) in pods.iter().enumerate() {
+        if found.contains_key(&pod.cgroup_uid) {
+            claims.entry(&pod.cgroup_uid).or_default().push(i);
+        }
+    }
+    let mut owners = BTreeMap::new();
+    for (uid, mut claimants) in claims {
+        claimants.sort_by_key(|&i| {
+            let pod = &pods[i];
+            (
+                pod.is_mirror(),
+                !is_enforced(pod),
+                pod.namespace.as_str(),
+                pod.name.as_str(),
+            )
+        });
+        let [winner, rest @ ..] = claimants.as_slice() else {
+            continue;
+        };
+        if !rest.is_empty() {
+            conflicts.push(conflict(uid, pods, &claimants));
+        }
+        owners.insert(uid, *winner);
+    }
+    owners
+}
+
+/// One line for a cgroup with several claimants, `claimants` sorted with the winner first.
+fn conflict(uid: &str, pods: &[NodePod], claimants: &[usize]) -> String {
+    let names: Vec<String> = claimants
+        .iter()
+        .filter_map(|&i| pods.get(i))
+        .map(|p| {
+            let how = if p.is_mirror() {
+                "mirror annotation"
+            } else {
+                "its uid"
+            };
+            format!("{}/{} ({how})", p.namespace, p.name)
+        })
+        .collect();
+    let winner = claimants
+        .first()
+        .and_then(|&i| pods.get(i))
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .unwrap_or_default();
+    format!(
+        "the cgroup of pod uid {uid} is claimed by {}; {winner}'s scope is used",
+        names.join(", ")
+    )
 }
 
 fn assignment(
@@ -163,6 +266,26 @@ mod tests {
     /// A static pod's uid in its cgroup name: the kubelet's config hash, not a dashed uid.
     const HASH: &str = "6e8e5c2b4f0a4b6e9a2f1c3d4e5f6a7b";
 
+    /// A mirror pod's uid: the API server's, unlike its static pod's config hash.
+    const UID_M: &str = "eeeeeeee-2222-3333-4444-555555555555";
+
+    /// A mirror pod as the kubelet creates it: owned by the Node, its source a file.
+    fn mirror(ns: &str, name: &str, uid: &str, hash: &str) -> String {
+        format!(
+            r#"metadata:
+  name: {name}
+  namespace: {ns}
+  uid: {uid}
+  annotations:
+    kubernetes.io/config.hash: {hash}
+    kubernetes.io/config.mirror: {hash}
+    kubernetes.io/config.source: file
+  ownerReferences:
+  - {{apiVersion: v1, kind: Node, name: node-a, uid: 0f0f0f0f-2222-3333-4444-555555555555, controller: true}}
+"#
+        )
+    }
+
     fn pod(yaml: &str) -> NodePod {
         let pod: Pod = serde_yaml::from_str(yaml).expect("pod");
         NodePod::from_pod(&pod).expect("a pod")
@@ -186,7 +309,7 @@ mod tests {
             pod(&format!("metadata: {{name: web, namespace: shop, uid: {UID_A}, labels: {{app: web}}}}\nstatus: {{podIP: 10.1.0.5, podIPs: [{{ip: 10.1.0.5}}, {{ip: 'fd00::5'}}]}}")),
             pod(&format!("metadata: {{name: tool, namespace: other, uid: {UID_B}}}\nstatus: {{podIP: 10.1.0.6}}")),
             pod(&format!("metadata: {{name: agent, namespace: shop, uid: {UID_C}}}\nspec: {{hostNetwork: true, containers: []}}\nstatus: {{podIP: 192.0.2.2}}")),
-            pod(&format!("metadata: {{name: etcd, namespace: shop, uid: {UID_A}x, annotations: {{kubernetes.io/config.mirror: {HASH}}}}}")),
+            pod(&mirror("shop", "etcd", UID_M, HASH)),
         ];
         let enforced = BTreeSet::from(["shop".to_string()]);
         let found = BTreeMap::from([cg(UID_A), cg(UID_B), cg(UID_C), cg(HASH)]);
@@ -238,5 +361,93 @@ mod tests {
             "the unknown cgroup stays under the root's UNMAPPED scope"
         );
         assert!(m.addresses.is_empty(), "no address yet");
+    }
+
+    #[test]
+    fn the_mirror_annotation_is_believed_only_on_a_mirror_pod() {
+        let real = pod(&mirror("kube-system", "etcd-node-a", UID_M, HASH));
+        assert_eq!(real.cgroup_uid, HASH);
+        let bare = pod(&format!(
+            "metadata: {{name: evil, namespace: sandbox, uid: {UID_B}, annotations: {{kubernetes.io/config.mirror: {HASH}}}}}"
+        ));
+        assert_eq!(bare.cgroup_uid, UID_B, "no Node owner, no config source");
+        let from_api =
+            mirror("sandbox", "evil", UID_B, HASH).replace("source: file", "source: api");
+        assert_eq!(pod(&from_api).cgroup_uid, UID_B, "config source api");
+        let owned_by_rs =
+            mirror("sandbox", "evil", UID_B, HASH).replace("kind: Node", "kind: ReplicaSet");
+        assert_eq!(pod(&owned_by_rs).cgroup_uid, UID_B, "not owned by a Node");
+    }
+
+    #[test]
+    fn a_mirror_claim_never_takes_a_cgroup_a_pod_uid_names() {
+        let web = pod(&format!(
+            "metadata: {{name: web, namespace: shop, uid: {UID_A}, labels: {{app: web}}}}"
+        ));
+        let enforced = BTreeSet::from(["shop".to_string()]);
+        let found = BTreeMap::from([cg(UID_A), cg(UID_B)]);
+        let path = PathBuf::from(format!("/cg/kubepods.slice/{UID_A}"));
+        // Unenforced (an unlock) and enforced (its own REGISTRY_ONLY or Sidecar) attackers; the
+        // annotation alone, and with a forged Node owner and config source.
+        let bare = format!(
+            "metadata: {{name: evil, namespace: sandbox, uid: {UID_B}, labels: {{app: evil}}, annotations: {{kubernetes.io/config.mirror: {UID_A}}}}}"
+        );
+        let forged = mirror("sandbox", "evil", UID_B, UID_A);
+        for attacker in [bare, forged] {
+            let attacker = format!("{attacker}\nstatus: {{podIP: 10.1.0.9}}\n");
+            for sandbox_enforced in [false, true] {
+                let mut enforced = enforced.clone();
+                if sandbox_enforced {
+                    enforced.insert("sandbox".to_string());
+                }
+                for pods in [[web.clone(), pod(&attacker)], [pod(&attacker), web.clone()]] {
+                    let m = map(&pods, &enforced, &found, &[], false);
+                    let got = &m.trees[&path];
+                    assert_eq!(
+                        (
+                            got.namespace.as_str(),
+                            got.labels.get("app").map(String::as_str)
+                        ),
+                        ("shop", Some("web")),
+                        "{pods:?}"
+                    );
+                    assert!(
+                        m.pod_nets.iter().all(|p| p.cgroup.as_ref() != Some(&path)),
+                        "the loser's veth is not looked for through shop/web's cgroup"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_mirror_claims_fail_closed_to_the_stricter_scope() {
+        let found = BTreeMap::from([cg(HASH)]);
+        let path = PathBuf::from(format!("/cg/kubepods.slice/{HASH}"));
+        let etcd = pod(&mirror("kube-system", "etcd-node-a", UID_M, HASH));
+        let other = pod(&mirror("sandbox", "evil", UID_B, HASH));
+        let shop = pod(&mirror("shop", "evil", UID_C, HASH));
+        let cases = [
+            // An enforced namespace beats UNENFORCED.
+            (
+                BTreeSet::from(["sandbox".to_string()]),
+                [&etcd, &other],
+                "sandbox",
+            ),
+            // Between enforced namespaces, the first by namespace/name.
+            (
+                BTreeSet::from(["sandbox".to_string(), "shop".to_string()]),
+                [&shop, &other],
+                "sandbox",
+            ),
+        ];
+        for (enforced, [a, b], want) in cases {
+            for pods in [[a.clone(), b.clone()], [b.clone(), a.clone()]] {
+                let m = map(&pods, &enforced, &found, &[], false);
+                assert_eq!(m.trees[&path].namespace, want, "{pods:?}");
+                assert_eq!(m.conflicts.len(), 1, "{:?}", m.conflicts);
+                assert!(m.conflicts[0].contains(HASH), "{}", m.conflicts[0]);
+            }
+        }
     }
 }
