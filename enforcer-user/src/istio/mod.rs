@@ -8,7 +8,7 @@ mod workload;
 pub use mesh::{MeshConfig, OutboundMode, OutboundTrafficPolicy};
 pub use service_entry::{Endpoint, Port, Resolution, ServiceEntrySpec};
 pub use workload::{
-    EgressListener, Object, Sidecar, SidecarSpec, WorkloadEntry, WorkloadEntrySpec,
+    DeclaredAs, EgressListener, Object, Sidecar, SidecarSpec, WorkloadEntry, WorkloadEntrySpec,
     WorkloadSelector,
 };
 

@@ -56,6 +56,17 @@ pub struct EgressListener {
     pub bind: Option<String>,
 }
 
+/// What an object was declared as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeclaredAs {
+    /// The Istio object itself.
+    #[default]
+    Istio,
+    /// A Kubernetes Service, as the ServiceEntry Istio derives from it. Istio keeps a Service
+    /// and a ServiceEntry of one name apart, and gives them different default visibility.
+    Service,
+}
+
 /// A namespaced object with where it came from, for errors.
 #[derive(Debug, Clone)]
 pub struct Object<T> {
@@ -63,14 +74,23 @@ pub struct Object<T> {
     pub name: String,
     pub spec: T,
     pub origin: String,
+    /// Set by the parser, never from the document: only the registry of Services makes
+    /// [`DeclaredAs::Service`].
+    pub declared_as: DeclaredAs,
     /// `metadata.creationTimestamp` (RFC 3339, so it sorts as text). Istio lets the oldest of
     /// two conflicting objects win; local files usually have none and then the name decides.
     pub created: Option<String>,
 }
 
 impl<T> Object<T> {
+    /// `namespace/name`, with ` (Service)` after an entry derived from a Service: it is not
+    /// the ServiceEntry of that name, so neither replaces nor duplicates it. The namespace stays
+    /// first, where explanations read it.
     pub fn id(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        match self.declared_as {
+            DeclaredAs::Istio => format!("{}/{}", self.namespace, self.name),
+            DeclaredAs::Service => format!("{}/{} (Service)", self.namespace, self.name),
+        }
     }
 
     /// Istio's precedence among conflicting objects: oldest first, then by name.

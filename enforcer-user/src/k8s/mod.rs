@@ -219,18 +219,12 @@ impl Cluster {
                 add_object(&mut snap, ORIGIN, value);
             }
         }
-        for entry in registry::service_entries(
+        registry::add_to(
+            &mut snap,
             &self.services.state(),
             &self.slices.state(),
             &self.opts.cluster_domain,
-        ) {
-            let origin = format!(
-                "{ORIGIN} Service {}/{}",
-                entry["metadata"]["namespace"].as_str().unwrap_or_default(),
-                entry["metadata"]["name"].as_str().unwrap_or_default()
-            );
-            add_object(&mut snap, &origin, entry);
-        }
+        );
         // Istio's own mesh config wins; enforcer's is the fallback.
         if let Some(cm) = self.mesh.iter().find_map(|s| s.state().into_iter().next()) {
             let mut value = serde_json::to_value(&*cm).unwrap_or_default();

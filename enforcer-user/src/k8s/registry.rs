@@ -7,9 +7,33 @@ use std::{borrow::Borrow, collections::BTreeMap};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{json, Value};
 
+use crate::sources::{documents, Snapshot};
+
 /// Istio's annotation that narrows where a Service is visible.
 pub const EXPORT_TO: &str = "networking.istio.io/exportTo";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Adds every Service to `snap` as the ServiceEntry Istio derives from it, marked as a Service
+/// (so a ServiceEntry of the same name is another object, as in Istio).
+pub fn add_to(
+    snap: &mut Snapshot,
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    cluster_domain: &str,
+) {
+    for entry in service_entries(services, slices, cluster_domain) {
+        let label = format!(
+            "Service {}/{}",
+            entry["metadata"]["namespace"].as_str().unwrap_or_default(),
+            entry["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        let origin = format!("{} {label}", super::ORIGIN);
+        match serde_yaml::to_value(&entry) {
+            Ok(yaml) => documents::parse_service(&origin, &label, yaml, snap),
+            Err(err) => log::error!("{origin}: cannot be read: {err}"),
+        }
+    }
+}
 
 /// One ServiceEntry document per Service:
 /// - ClusterIP services: the cluster IPs on the service ports, plus every endpoint address on
@@ -205,6 +229,27 @@ endpoints:
             ]),
             "only this service's slices"
         );
+    }
+
+    #[test]
+    fn a_service_and_a_service_entry_of_one_name_both_stay() {
+        let services = [svc(
+            "metadata: {name: api, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}",
+        )];
+        let mut snap = documents::parse_documents(
+            "f.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: shop}\nspec: {hosts: [api.example.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}\n",
+        );
+        add_to(
+            &mut snap,
+            &services,
+            &[] as &[EndpointSlice],
+            "cluster.local",
+        );
+        let checked = crate::policy::check::check(snap);
+        assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+        let ids: Vec<String> = checked.service_entries.iter().map(|se| se.id()).collect();
+        assert_eq!(ids, ["shop/api", "shop/api (Service)"]);
     }
 
     #[test]

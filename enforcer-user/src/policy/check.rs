@@ -88,3 +88,53 @@ fn keep_valid<T>(
     });
     valid
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        istio::DeclaredAs,
+        sources::documents::{parse_documents, parse_service},
+    };
+
+    const USER: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: shop}\nspec: {hosts: [api.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}\n";
+    const SERVICE: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: shop}\nspec: {hosts: [api.shop.svc.cluster.local], addresses: [10.96.0.10], ports: [{number: 80, name: tcp-80, protocol: TCP}], resolution: STATIC}\n";
+
+    fn service(snap: &mut Snapshot) {
+        let value = serde_yaml::from_str(SERVICE).expect("yaml");
+        parse_service(
+            "kubernetes Service shop/api",
+            "Service shop/api",
+            value,
+            snap,
+        );
+    }
+
+    #[test]
+    fn a_service_and_a_service_entry_of_one_name_are_both_kept() {
+        let mut snap = parse_documents("f.yaml", USER);
+        service(&mut snap);
+        let checked = check(snap);
+        assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+        let mut kinds: Vec<DeclaredAs> = checked
+            .service_entries
+            .iter()
+            .map(|se| se.declared_as)
+            .collect();
+        kinds.sort();
+        assert_eq!(kinds, [DeclaredAs::Istio, DeclaredAs::Service]);
+    }
+
+    #[test]
+    fn two_objects_of_one_kind_and_name_are_both_dropped() {
+        let mut snap = parse_documents("f.yaml", &format!("{USER}---\n{USER}"));
+        let checked = check(snap);
+        assert!(checked.service_entries.is_empty());
+        assert_eq!(checked.problems.len(), 2, "{:?}", checked.problems);
+
+        snap = Snapshot::default();
+        service(&mut snap);
+        service(&mut snap);
+        assert!(check(snap).service_entries.is_empty());
+    }
+}

@@ -6,7 +6,10 @@ use serde_yaml::Value;
 use super::Snapshot;
 use crate::{
     diag::Problem,
-    istio::{MeshConfig, Object, ObjectMeta, DEFAULT_NAMESPACE, NETWORKING_VERSIONS},
+    istio::{
+        DeclaredAs, MeshConfig, Object, ObjectMeta, ServiceEntrySpec, DEFAULT_NAMESPACE,
+        NETWORKING_VERSIONS,
+    },
 };
 
 /// Parses every document in `text`. `origin` names the file in problems.
@@ -55,28 +58,71 @@ pub fn parse_mesh_file(origin: &str, text: &str) -> Snapshot {
     out
 }
 
+/// What every document says about itself, before its kind decides the rest.
+struct Header {
+    kind: String,
+    api_version: String,
+    meta: ObjectMeta,
+    /// `Kind namespace/name`, or the document's `label` when it has no name.
+    object: String,
+}
+
+impl Header {
+    fn of(label: &str, value: &Value) -> Self {
+        let field = |key| {
+            value
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let kind = field("kind");
+        let meta: ObjectMeta = value
+            .get("metadata")
+            .cloned()
+            .and_then(|m| serde_yaml::from_value(m).ok())
+            .unwrap_or_default();
+        let object = match (&meta.namespace, &meta.name) {
+            (Some(ns), Some(name)) => format!("{kind} {ns}/{name}"),
+            (None, Some(name)) => format!("{kind} {name}"),
+            _ if kind.is_empty() => label.to_string(),
+            _ => format!("{label} ({kind})"),
+        };
+        Self {
+            api_version: field("apiVersion"),
+            kind,
+            meta,
+            object,
+        }
+    }
+}
+
+/// Parses the ServiceEntry Istio derives from a Kubernetes Service (see `k8s::registry`):
+/// checked as any ServiceEntry is, but marked as the Service it is. Only the caller knows
+/// this; nothing in a document can claim it.
+pub fn parse_service(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
+    let h = Header::of(label, &value);
+    let parsed = networking::<ServiceEntrySpec>(
+        origin,
+        &h.object,
+        &h.meta,
+        &h.api_version,
+        &value,
+        &mut out.problems,
+    );
+    if let Some(mut se) = parsed {
+        se.declared_as = DeclaredAs::Service;
+        out.service_entries.push(se);
+    }
+}
+
 pub fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot) {
-    let kind = value
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let api_version = value
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let meta: ObjectMeta = value
-        .get("metadata")
-        .cloned()
-        .and_then(|m| serde_yaml::from_value(m).ok())
-        .unwrap_or_default();
-    let object = match (&meta.namespace, &meta.name) {
-        (Some(ns), Some(name)) => format!("{kind} {ns}/{name}"),
-        (None, Some(name)) => format!("{kind} {name}"),
-        _ if kind.is_empty() => label.to_string(),
-        _ => format!("{label} ({kind})"),
-    };
+    let Header {
+        kind,
+        api_version,
+        meta,
+        object,
+    } = Header::of(label, &value);
 
     match kind.as_str() {
         "ServiceEntry" => {
@@ -196,6 +242,7 @@ fn networking<T: DeserializeOwned>(
             name,
             spec,
             origin: origin.to_string(),
+            declared_as: DeclaredAs::Istio,
             created: meta.creation_timestamp.clone(),
         }),
         Err((field, message)) => {
