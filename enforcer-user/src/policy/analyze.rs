@@ -120,18 +120,13 @@ fn exported_nowhere(
     existing: &BTreeSet<String>,
     out: &mut Vec<Finding>,
 ) {
-    let Some(visible) = visible_to(se, &s.mesh.default_export_to) else {
+    let Some(visible) = visible_to(se, s.mesh) else {
         return;
     };
     if visible.iter().any(|ns| existing.contains(ns)) {
         return;
     }
-    let list = se
-        .spec
-        .export_to
-        .as_ref()
-        .unwrap_or(&s.mesh.default_export_to)
-        .join(", ");
+    let list = s.mesh.export_to(se).join(", ");
     out.push(finding(
         "ENF0101",
         Severity::Warning,
@@ -237,10 +232,7 @@ fn conflicting_resolution(s: &Subject<'_>, out: &mut Vec<Finding>) {
 }
 
 fn share_a_namespace(a: &ServiceEntry, b: &ServiceEntry, mesh: &MeshSettings) -> bool {
-    match (
-        visible_to(a, &mesh.default_export_to),
-        visible_to(b, &mesh.default_export_to),
-    ) {
+    match (visible_to(a, mesh), visible_to(b, mesh)) {
         (Some(x), Some(y)) => !x.is_disjoint(&y),
         (x, y) => x.is_none_or(|x| !x.is_empty()) && y.is_none_or(|y| !y.is_empty()),
     }
@@ -318,7 +310,7 @@ fn registry_only_without_entries(
             continue;
         }
         let imports_any = s.entries.iter().any(|se| {
-            visible_to(se, &s.mesh.default_export_to).is_none_or(|v| v.contains(ns))
+            visible_to(se, s.mesh).is_none_or(|v| v.contains(ns))
                 && se.spec.hosts.iter().any(|h| {
                     se.spec.ports.iter().any(|p| {
                         u16::try_from(p.number).is_ok_and(|n| scope.imports(&se.namespace, h, n))

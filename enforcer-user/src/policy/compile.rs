@@ -13,23 +13,36 @@ use super::{
     ScopePolicy, L4,
 };
 use crate::{
-    istio::{OutboundMode, Port, Resolution, ServiceEntry, Sidecar, WorkloadEntry},
+    istio::{DeclaredAs, OutboundMode, Port, Resolution, ServiceEntry, Sidecar, WorkloadEntry},
     net::parse_ip_or_cidr,
 };
 
 /// The mesh-wide settings that decide egress.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshSettings {
     pub mode: OutboundMode,
-    /// Applies to ServiceEntries without `exportTo`. Ours defaults to namespace-local.
-    pub default_export_to: Vec<String>,
+    /// The mesh's `defaultServiceExportTo`, when it sets one: then it applies to every entry
+    /// without its own `exportTo`, Services' included. See [`MeshSettings::export_to`].
+    pub default_export_to: Option<Vec<String>>,
 }
 
-impl Default for MeshSettings {
-    fn default() -> Self {
-        Self {
-            mode: OutboundMode::AllowAny,
-            default_export_to: vec![".".to_string()],
+impl MeshSettings {
+    /// The `exportTo` `se` is under: its own (for a Service, its annotation), else the mesh's
+    /// default, else the default of its kind. ServiceEntries are namespace-local, as the seeds
+    /// describe; Services are visible everywhere, as in Istio, or every REGISTRY_ONLY pod
+    /// would lose istiod, `kubernetes.default` and the other namespaces' Services.
+    pub fn export_to<'a>(&'a self, se: &'a ServiceEntry) -> Vec<&'a str> {
+        if let Some(list) = se
+            .spec
+            .export_to
+            .as_ref()
+            .or(self.default_export_to.as_ref())
+        {
+            return list.iter().map(String::as_str).collect();
+        }
+        match se.declared_as {
+            DeclaredAs::Istio => vec!["."],
+            DeclaredAs::Service => vec!["*"],
         }
     }
 }
@@ -143,16 +156,12 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
     let mut all: BTreeSet<String> = inp.namespaces.clone();
     for se in inp.service_entries {
         all.insert(se.namespace.clone());
-        let export = se
-            .spec
-            .export_to
-            .as_ref()
-            .unwrap_or(&inp.mesh.default_export_to);
         all.extend(
-            export
-                .iter()
-                .filter(|v| !matches!(v.as_str(), "." | "*" | "~"))
-                .cloned(),
+            inp.mesh
+                .export_to(se)
+                .into_iter()
+                .filter(|v| !matches!(*v, "." | "*" | "~"))
+                .map(str::to_string),
         );
     }
     all.extend(inp.sidecars.iter().map(|s| s.namespace.clone()));
@@ -211,7 +220,7 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
     out.global.extend(inp.allow_cidrs.iter().map(IpNet::trunc));
 
     for se in inp.service_entries {
-        let visible = visible_to(se, &inp.mesh.default_export_to);
+        let visible = visible_to(se, inp.mesh);
         let mut entry = EntryRules::new(se, inp.workload_entries, inp.dns);
         entry.collect(inp.istio_compat);
         out.notes.append(&mut entry.notes);
@@ -267,19 +276,19 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
 }
 
 /// The namespaces a ServiceEntry is visible to; `None` means all of them.
-pub fn visible_to(se: &ServiceEntry, default: &[String]) -> Option<BTreeSet<String>> {
-    let list = se.spec.export_to.as_deref().unwrap_or(default);
-    if list.iter().any(|v| v == "*") {
+pub fn visible_to(se: &ServiceEntry, mesh: &MeshSettings) -> Option<BTreeSet<String>> {
+    let list = mesh.export_to(se);
+    if list.contains(&"*") {
         return None;
     }
     Some(
-        list.iter()
+        list.into_iter()
             .filter(|v| *v != "~")
             .map(|v| {
                 if v == "." {
                     se.namespace.clone()
                 } else {
-                    v.clone()
+                    v.to_string()
                 }
             })
             .collect(),

@@ -94,7 +94,7 @@ fn validate(snap: Snapshot) -> Sources {
             if let Some(list) = &mesh.default_service_export_to {
                 let errs = policy::export_to_errors(list);
                 if errs.is_empty() {
-                    settings.default_export_to = list.clone();
+                    settings.default_export_to = Some(list.clone());
                 } else {
                     errors.extend(
                         errs.iter()
@@ -135,5 +135,25 @@ fn validate(snap: Snapshot) -> Sources {
         mesh,
         problems,
         diagnostics: checked.problems,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::documents::parse_mesh_file;
+
+    #[test]
+    fn a_mesh_default_export_to_is_kept_only_when_set() {
+        let unset = Sources::from_snapshot(parse_mesh_file(
+            "mesh.yaml",
+            "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+        ));
+        assert_eq!(unset.mesh.default_export_to, None);
+        let set = Sources::from_snapshot(parse_mesh_file(
+            "mesh.yaml",
+            "defaultServiceExportTo: ['.']\n",
+        ));
+        assert_eq!(set.mesh.default_export_to, Some(vec![".".to_string()]));
     }
 }
