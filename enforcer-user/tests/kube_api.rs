@@ -21,6 +21,7 @@ fn options() -> Options {
             ("enforcer-system".into(), "enforcer-mesh".into()),
         ],
         cluster_domain: "cluster.local".into(),
+        socket_lb: false,
     }
 }
 

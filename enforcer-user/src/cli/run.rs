@@ -110,6 +110,12 @@ struct KubeArgs {
     /// Cluster DNS domain of Services.
     #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// The CNI translates Services at connect time (Cilium with kube-proxy replacement, its
+    /// socket LB): connect() then names a Service's endpoint, not its cluster IP, so the
+    /// controller-managed endpoints of ClusterIP Services are allowed too. Without it only
+    /// cluster IPs are, as in Istio; headless Services always give their endpoints.
+    #[arg(long)]
+    socket_lb: bool,
     /// Where the kubelet's cgroups are, relative to the cgroup2 mount [default: the mount].
     #[arg(long, value_name = "PATH")]
     kubelet_cgroups: Option<PathBuf>,
@@ -143,6 +149,7 @@ impl KubeArgs {
                 namespace_selector: self.namespace_selector,
                 mesh_config_maps: self.mesh_config_maps,
                 cluster_domain: self.cluster_domain,
+                socket_lb: self.socket_lb,
             },
             kubelet_cgroups: match self.kubelet_cgroups {
                 Some(path) => cgroup_root.join(path),

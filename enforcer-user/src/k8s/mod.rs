@@ -51,6 +51,10 @@ pub struct Options {
     pub mesh_config_maps: Vec<(String, String)>,
     /// Services are registered as `<name>.<namespace>.svc.<domain>`.
     pub cluster_domain: String,
+    /// The CNI translates a Service's cluster IP to an endpoint at connect time (Cilium's
+    /// kube-proxy replacement / socket LB), so the hooks see endpoint addresses: allow the
+    /// controller-managed endpoints of ClusterIP Services as well as their cluster IPs.
+    pub socket_lb: bool,
 }
 
 /// The API server's view, kept current by watchers.
@@ -224,6 +228,7 @@ impl Cluster {
             &self.services.state(),
             &self.slices.state(),
             &self.opts.cluster_domain,
+            self.opts.socket_lb,
         );
         // Istio's own mesh config wins; enforcer's is the fallback.
         if let Some(cm) = self.mesh.iter().find_map(|s| s.state().into_iter().next()) {

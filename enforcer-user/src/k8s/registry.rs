@@ -2,9 +2,15 @@
 //! Istio would derive from them, so that REGISTRY_ONLY namespaces keep reaching in-cluster
 //! services. They go through the same parsing and validation as user ServiceEntries.
 
-use std::{borrow::Borrow, collections::BTreeMap};
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet},
+};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Service, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 use serde_json::{json, Value};
 
 use crate::sources::{documents, Snapshot};
@@ -12,6 +18,9 @@ use crate::sources::{documents, Snapshot};
 /// Istio's annotation that narrows where a Service is visible.
 pub const EXPORT_TO: &str = "networking.istio.io/exportTo";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Who manages an EndpointSlice; only the endpoint controller's are the Service's endpoints.
+const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+const ENDPOINT_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
 /// Adds every Service to `snap` as the ServiceEntry Istio derives from it, marked as a Service
 /// (so a ServiceEntry of the same name is another object, as in Istio).
@@ -20,8 +29,9 @@ pub fn add_to(
     services: &[impl Borrow<Service>],
     slices: &[impl Borrow<EndpointSlice>],
     cluster_domain: &str,
+    socket_lb: bool,
 ) {
-    for entry in service_entries(services, slices, cluster_domain) {
+    for entry in service_entries(services, slices, cluster_domain, socket_lb) {
         let label = format!(
             "Service {}/{}",
             entry["metadata"]["namespace"].as_str().unwrap_or_default(),
@@ -36,25 +46,34 @@ pub fn add_to(
 }
 
 /// One ServiceEntry document per Service:
-/// - ClusterIP services: the cluster IPs on the service ports, plus every endpoint address on
-///   its port (CNIs that translate at connect time, like Cilium's socket LB, show the hooks the
-///   endpoint, not the cluster IP);
-/// - headless services: the endpoint addresses on their ports;
-/// - ExternalName services: the external name, resolved over DNS, on the service ports.
+/// - ClusterIP (and NodePort, LoadBalancer) services: the cluster IPs on the service ports, as
+///   Istio allows them. With `socket_lb` also their endpoints on the endpoints' ports: a CNI
+///   that translates at connect time (Cilium's socket LB) shows the hooks the endpoint, not
+///   the cluster IP;
+/// - headless services: the endpoint addresses on their ports (they have no cluster IP);
+/// - ExternalName services: the external name, resolved over DNS, on the service ports. That
+///   is exactly a DNS ServiceEntry for that name, which whoever may create Services can write.
+///
+/// Endpoints come only from the EndpointSlices the endpoint controller manages: anyone who may
+/// create an EndpointSlice can label it with a Service's name, and would otherwise open any
+/// address (such as 169.254.169.254) to the Service's namespace.
 pub fn service_entries(
     services: &[impl Borrow<Service>],
     slices: &[impl Borrow<EndpointSlice>],
     cluster_domain: &str,
+    socket_lb: bool,
 ) -> Vec<Value> {
     let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices.iter().map(Borrow::borrow) {
-        let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
-        if let Some(name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
+        let labels = slice.metadata.labels.as_ref();
+        let managed = labels
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .map(String::as_str);
+        if managed != Some(ENDPOINT_CONTROLLER) {
+            continue;
+        }
+        if let Some(name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
             by_service.entry((ns, name)).or_default().push(slice);
         }
     }
@@ -65,7 +84,7 @@ pub fn service_entries(
             let ns = svc.metadata.namespace.as_deref()?;
             let name = svc.metadata.name.as_deref()?;
             let slices = by_service.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
-            Some(entry_for(svc, ns, name, slices, cluster_domain))
+            Some(entry_for(svc, ns, name, slices, cluster_domain, socket_lb))
         })
         .collect()
 }
@@ -76,60 +95,25 @@ fn entry_for(
     name: &str,
     slices: &[&EndpointSlice],
     cluster_domain: &str,
+    socket_lb: bool,
 ) -> Value {
     let spec = svc.spec.clone().unwrap_or_default();
-    let mut ports = Vec::new();
-    // Service port name -> our port name (unnamed ports are only allowed alone).
-    let mut port_names = BTreeMap::new();
-    for port in spec.ports.iter().flatten() {
-        let protocol = port.protocol.as_deref().unwrap_or("TCP");
-        if !matches!(protocol, "TCP" | "UDP") {
-            continue; // SCTP: not enforced by these programs.
-        }
-        let ours = format!("{}-{}", protocol.to_ascii_lowercase(), port.port);
-        port_names.insert(port.name.clone().unwrap_or_default(), ours.clone());
-        ports.push(json!({"number": port.port, "protocol": protocol, "name": ours}));
-    }
-    let addresses: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .chain(spec.cluster_ip.iter())
-        .map(String::as_str)
-        .filter(|ip| !ip.is_empty() && *ip != "None")
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut endpoints = Vec::new();
-    let mut resolution = "STATIC";
-    if spec.type_.as_deref() == Some("ExternalName") {
-        if let Some(external) = &spec.external_name {
-            resolution = "DNS";
-            endpoints.push(json!({"address": external.trim_end_matches('.')}));
-        }
-    } else {
-        for slice in slices {
-            let mut ep_ports = serde_json::Map::new();
-            for p in slice.ports.iter().flatten() {
-                let key = p.name.clone().unwrap_or_default();
-                if let (Some(ours), Some(number)) = (port_names.get(&key), p.port) {
-                    ep_ports.insert(ours.clone(), json!(number));
-                }
-            }
-            for ep in &slice.endpoints {
-                for address in &ep.addresses {
-                    endpoints.push(json!({"address": address, "ports": ep_ports}));
-                }
-            }
-        }
-    }
+    let (ports, port_names) = service_ports(&spec);
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    let external = spec.type_.as_deref() == Some("ExternalName");
+    let (resolution, endpoints) = match spec.external_name.as_deref() {
+        // Exactly what a DNS ServiceEntry for that name allows.
+        Some(name) if external => ("DNS", vec![json!({"address": name.trim_end_matches('.')})]),
+        _ if !external && (headless || socket_lb) => ("STATIC", endpoints(slices, &port_names)),
+        _ => ("STATIC", Vec::new()),
+    };
     let mut entry = json!({
         "apiVersion": "networking.istio.io/v1",
         "kind": "ServiceEntry",
         "metadata": {"name": name, "namespace": ns},
         "spec": {
             "hosts": [format!("{name}.{ns}.svc.{cluster_domain}")],
-            "addresses": addresses,
+            "addresses": cluster_ips(&spec),
             "ports": ports,
             "location": "MESH_INTERNAL",
             "resolution": resolution,
@@ -150,6 +134,56 @@ fn entry_for(
         entry["spec"]["exportTo"] = json!(list);
     }
     entry
+}
+
+/// The entry's ports, and Service port name -> our port name (unnamed ports are only allowed
+/// alone, so the empty name is unique too).
+fn service_ports(spec: &ServiceSpec) -> (Vec<Value>, BTreeMap<String, String>) {
+    let mut ports = Vec::new();
+    let mut names = BTreeMap::new();
+    for port in spec.ports.iter().flatten() {
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        if !matches!(protocol, "TCP" | "UDP") {
+            continue; // SCTP: not enforced by these programs.
+        }
+        let ours = format!("{}-{}", protocol.to_ascii_lowercase(), port.port);
+        names.insert(port.name.clone().unwrap_or_default(), ours.clone());
+        ports.push(json!({"number": port.port, "protocol": protocol, "name": ours}));
+    }
+    (ports, names)
+}
+
+/// Every cluster IP, once (`clusterIP` repeats the first of `clusterIPs`).
+fn cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
+    spec.cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .map(String::as_str)
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The slices' endpoint addresses, each with the slice's ports under our port names.
+fn endpoints(slices: &[&EndpointSlice], port_names: &BTreeMap<String, String>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let mut ports = serde_json::Map::new();
+        for p in slice.ports.iter().flatten() {
+            let key = p.name.clone().unwrap_or_default();
+            if let (Some(ours), Some(number)) = (port_names.get(&key), p.port) {
+                ports.insert(ours.clone(), json!(number));
+            }
+        }
+        for ep in &slice.endpoints {
+            for address in &ep.addresses {
+                out.push(json!({"address": address, "ports": ports}));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -185,7 +219,9 @@ spec:
 metadata:
   name: api-x1
   namespace: shop
-  labels: {kubernetes.io/service-name: api}
+  labels:
+    kubernetes.io/service-name: api
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
 addressType: IPv4
 endpoints:
 - addresses: [10.244.1.5]
@@ -200,14 +236,16 @@ ports:
 metadata:
   name: other
   namespace: shop
-  labels: {kubernetes.io/service-name: other}
+  labels:
+    kubernetes.io/service-name: other
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
 addressType: IPv4
 endpoints:
 - addresses: [10.244.9.9]
 "#,
             ),
         ];
-        let out = service_entries(&services, &slices, "cluster.local");
+        let out = service_entries(&services, &slices, "cluster.local", true);
         assert_eq!(out.len(), 1);
         let spec = &out[0]["spec"];
         assert_eq!(spec["hosts"], json!(["api.shop.svc.cluster.local"]));
@@ -227,8 +265,49 @@ endpoints:
                 {"address": "10.244.1.5", "ports": {"tcp-80": 8080, "udp-53": 5353}},
                 {"address": "10.244.2.7", "ports": {"tcp-80": 8080, "udp-53": 5353}}
             ]),
-            "only this service's slices"
+            "with --socket-lb, only this service's slices"
         );
+        let out = service_entries(&services, &slices, "cluster.local", false);
+        assert_eq!(
+            out[0]["spec"]["endpoints"],
+            json!([]),
+            "without a socket LB connect() names the cluster IP, as Istio allows it"
+        );
+        assert_eq!(
+            out[0]["spec"]["addresses"],
+            json!(["10.96.0.10", "fd00::10"])
+        );
+    }
+
+    #[test]
+    fn only_the_endpoint_controllers_slices_give_endpoints() {
+        let services = [
+            svc("metadata: {name: db, namespace: a}\nspec: {clusterIP: None, ports: [{port: 5432}]}"),
+            svc("metadata: {name: web, namespace: a}\nspec: {clusterIP: 10.96.0.20, ports: [{port: 443}]}"),
+        ];
+        // Anyone who may create EndpointSlices can label one with a service's name.
+        let forged = |service: &str, managed_by: &str| {
+            slice(&format!(
+                "metadata: {{name: {service}-evil, namespace: a, labels: {{kubernetes.io/service-name: {service}{managed_by}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [198.51.100.99]}}]\nports: [{{port: 443}}]"
+            ))
+        };
+        let slices = [
+            forged("db", ""),
+            forged("web", ""),
+            forged(
+                "db",
+                ", endpointslice.kubernetes.io/managed-by: my-controller",
+            ),
+            forged(
+                "web",
+                ", endpointslice.kubernetes.io/managed-by: my-controller",
+            ),
+        ];
+        for socket_lb in [false, true] {
+            for entry in service_entries(&services, &slices, "cluster.local", socket_lb) {
+                assert_eq!(entry["spec"]["endpoints"], json!([]), "{entry}");
+            }
+        }
     }
 
     #[test]
@@ -245,6 +324,7 @@ endpoints:
             &services,
             &[] as &[EndpointSlice],
             "cluster.local",
+            false,
         );
         let checked = crate::policy::check::check(snap);
         assert!(checked.problems.is_empty(), "{:?}", checked.problems);
@@ -259,9 +339,10 @@ endpoints:
             svc("metadata: {name: ext, namespace: a}\nspec: {type: ExternalName, externalName: db.example.com., ports: [{port: 443}]}"),
         ];
         let slices = [slice(
-            "metadata: {name: db-1, namespace: a, labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.4]}]\nports: [{port: 5432}]",
+            "metadata: {name: db-1, namespace: a, labels: {kubernetes.io/service-name: db, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.4]}]\nports: [{port: 5432}]",
         )];
-        let out = service_entries(&services, &slices, "example.internal");
+        // Headless services have no cluster IP: their endpoints are what connect() names.
+        let out = service_entries(&services, &slices, "example.internal", false);
         let db = &out[0]["spec"];
         assert_eq!(db["addresses"], json!([]));
         assert_eq!(
