@@ -597,3 +597,16 @@ fn scope_names_stay_short_and_distinct() {
     assert_ne!(a, b);
     assert!(scope_name(&"n".repeat(63), Some("w")).len() < 64);
 }
+
+#[test]
+fn scope_names_never_split_a_character() {
+    // Validation rejects such namespaces; the name must still never panic or grow too long.
+    for prefix in ["", "a"] {
+        for n in 20..40 {
+            let ns = format!("{prefix}{}", "é".repeat(n));
+            let name = scope_name(&ns, Some(&"w".repeat(30)));
+            assert!(name.len() < 64, "{name}");
+            assert!(name.contains("/~"), "{name}");
+        }
+    }
+}

@@ -145,7 +145,17 @@ pub fn scope_name(namespace: &str, sidecar: Option<&str>) -> String {
         return full;
     }
     let hash = crate::stable_hash::fnv1a(full.as_bytes());
-    format!("{}/~{hash:016x}", &namespace[..namespace.len().min(44)])
+    format!("{}/~{hash:016x}", prefix(namespace, 44))
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary: valid
+/// namespaces are ASCII, but this must not panic on one that is not.
+fn prefix(s: &str, max: usize) -> &str {
+    let end = (0..=max.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    s.get(..end).unwrap_or_default()
 }
 
 /// A host name some ServiceEntry declares, and where it is visible: used to explain refusals.

@@ -18,12 +18,7 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
     let mut errs = Errors::new("ServiceEntry", se);
     let spec = &se.spec;
 
-    if !is_dns1123_label(&se.namespace) {
-        errs.push(
-            "metadata.namespace",
-            format!("{:?} is not a valid namespace name", se.namespace),
-        );
-    }
+    check_namespace(&se.namespace, &mut errs);
     if spec.hosts.is_empty() {
         errs.push("spec.hosts", "at least one host is required");
     }
@@ -243,6 +238,17 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
         }
     }
     errs.out
+}
+
+/// Every kind's namespace names a scope, and scope names must fit the pinned name map (under
+/// 64 bytes) and be ASCII: an object in any other namespace is skipped, never fatal.
+pub(super) fn check_namespace(namespace: &str, errs: &mut Errors) {
+    if !is_dns1123_label(namespace) {
+        errs.push(
+            "metadata.namespace",
+            format!("{namespace:?} is not a valid namespace name"),
+        );
+    }
 }
 
 /// Checks an `exportTo` list (also used for mesh `defaultServiceExportTo`).

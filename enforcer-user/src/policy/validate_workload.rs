@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use super::{
     l4_of_protocol,
     validate::{
-        check_host, check_selector, check_unix_address, is_dns1123_label, is_partial_wildcard,
-        Errors,
+        check_host, check_namespace, check_selector, check_unix_address, is_dns1123_label,
+        is_partial_wildcard, Errors,
     },
 };
 use crate::{
@@ -16,6 +16,7 @@ use crate::{
 
 pub fn validate_workload_entry(we: &WorkloadEntry) -> Vec<Problem> {
     let mut errs = Errors::new("WorkloadEntry", we);
+    check_namespace(&we.namespace, &mut errs);
     let spec = &we.spec;
     match spec.address.as_deref() {
         None | Some("") if spec.network.as_deref().unwrap_or_default().is_empty() => errs.push(
@@ -74,6 +75,7 @@ pub fn validate_workload_entry(we: &WorkloadEntry) -> Vec<Problem> {
 
 pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
     let mut errs = Errors::new("Sidecar", sc);
+    check_namespace(&sc.namespace, &mut errs);
     let spec = &sc.spec;
     if spec.egress.is_empty() && spec.ingress.is_empty() && spec.outbound_traffic_policy.is_none() {
         errs.push("spec", "sidecar: empty configuration provided");
@@ -378,6 +380,37 @@ mod tests {
                     errors.iter().any(|p| p.field == *field),
                     "case {i} ({kind} {spec}) wanted an error at {field}: {found:?}"
                 ),
+            }
+        }
+    }
+
+    #[test]
+    fn every_kind_checks_its_namespace() {
+        let long = "n".repeat(64);
+        // 46 bytes of two-byte characters: a scope name cut at byte 44 splits none, at 45 one.
+        let accented = "é".repeat(23);
+        for (kind, spec) in [
+            ("WorkloadEntry", "{address: 198.51.100.5}"),
+            (
+                "Sidecar",
+                "{workloadSelector: {labels: {app: web}}, egress: [{hosts: ['./*']}]}",
+            ),
+        ] {
+            for ns in [long.as_str(), accented.as_str(), "Shop", "-shop"] {
+                let yaml = format!("apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: x, namespace: '{ns}'}}\nspec: {spec}\n");
+                let checked = crate::policy::check::check(parse_documents("t.yaml", &yaml));
+                assert!(
+                    checked
+                        .problems
+                        .iter()
+                        .any(|p| p.is_error() && p.field == "metadata.namespace"),
+                    "{kind} in {ns:?}: {:?}",
+                    checked.problems
+                );
+                assert!(
+                    checked.workload_entries.is_empty() && checked.sidecars.is_empty(),
+                    "{kind} in {ns:?} is skipped"
+                );
             }
         }
     }
