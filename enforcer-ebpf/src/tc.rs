@@ -2,9 +2,14 @@
 //! It catches what connect() never sees (raw sockets, flows opened before a revocation), with
 //! the same allow maps. An established flow costs one LRU lookup until the agent bumps the
 //! policy generation.
+//!
+//! The veth is shared with the CNI's own programs (its NetworkPolicy, anti-spoofing, NAT). A
+//! packet these programs let through gets [`PASS`] (`TC_ACT_UNSPEC`, which is `TCX_NEXT`), so
+//! the next program of the TCX chain, or the next legacy clsact filter, still runs; any other
+//! verdict would end the chain. Only a refusal ends it, with `TC_ACT_SHOT`.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap},
     programs::TcContext,
@@ -24,6 +29,10 @@ static FLOWS: LruHashMap<FlowKey, FlowVerdict> = LruHashMap::pinned(262_144, 0);
 
 #[map(name = "ENF_TC_CONFIG")]
 static TC_CONFIG: Array<TcConfig> = Array::pinned(1, 0);
+
+/// Not ours to decide: the next program runs (`TCX_NEXT` under TCX; the next filter under
+/// legacy cls_bpf in direct-action mode).
+const PASS: i32 = TC_ACT_UNSPEC;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -61,12 +70,12 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
 fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     let Some(p) = parse(ctx)? else {
         // ARP and everything else that is not IP.
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     };
     let config = config();
     let icmp = p.proto == proto::ICMP || p.proto == proto::ICMPV6;
     if p.ndp || (icmp && config.flags & tc_flags::JUDGE_ICMP == 0) {
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     }
     let flow = FlowKey {
         src: p.src,
@@ -87,7 +96,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: the value is copied out at once.
     let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
         // Not from a pod this agent knows.
-        return Ok(TC_ACT_OK);
+        return Ok(PASS);
     };
     let key = PolicyKey {
         scope: scope.scope,
@@ -128,7 +137,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
 #[classifier]
 pub fn enforcer_reply(ctx: TcContext) -> i32 {
     let _ = note_inbound(&ctx);
-    TC_ACT_OK
+    PASS
 }
 
 fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
@@ -176,7 +185,7 @@ fn action(verdict: u32) -> i32 {
     if verdict == flow::REFUSED {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        PASS
     }
 }
 

@@ -20,8 +20,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        tc::{NlOptions, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
     },
+    util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use enforcer_common::{map_names, program_names, CgroupScope, PolicyKey, ScopeName};
@@ -152,6 +154,20 @@ impl Datapath {
         Ok(())
     }
 
+    /// Exempts the agent's own cgroup at once, before the agent opens any connection: programs
+    /// pinned by an earlier agent are enforcing already, and would judge a new agent pod as an
+    /// unmapped pod. Every later plan keeps the entry (`plan::Workloads::agent`).
+    pub fn exempt_agent(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
+        self.ensure_scope_ids([&crate::k8s::UNENFORCED.to_string()])?;
+        let scope = plan::agent_scope(&self.scope_ids).context("no id for the agent's scope")?;
+        self.maps
+            .cgroups
+            .insert(cgroup_id, scope, 0)
+            .context("exempting the agent's own cgroup")?;
+        self.applied.cgroups.insert(cgroup_id, scope);
+        Ok(())
+    }
+
     /// Attaches the TC programs to the host side of a pod's veth: the judge on ingress (the
     /// pod's egress), the reply tracker on egress (the way into the pod). The links are pinned
     /// so that they outlive the agent; deleting the veth detaches them.
@@ -165,7 +181,7 @@ impl Datapath {
                 .ok_or_else(|| anyhow!("program {name} is missing"))?
                 .try_into()?;
             let id = prog
-                .attach(ifname, direction)
+                .attach_with_options(ifname, direction, tc_position())
                 .with_context(|| format!("attaching {name} to {ifname}"))?;
             let link = prog.take_link(id)?;
             // A netlink filter stays attached on its own; only TCX links need a pin.
@@ -199,6 +215,22 @@ impl Datapath {
     /// no moment allows more than either the old or the new state.
     pub fn apply(&mut self, plan: &MapPlan) -> ApplyReport {
         self.maps.apply(&mut self.applied, plan)
+    }
+}
+
+/// In front of the CNI's programs, on purpose: a CNI program that redirects (Cilium's
+/// `cil_from_container`, Calico's) ends the chain, and the judge must see every packet before
+/// that. Our programs pass with `TCX_NEXT`, so the CNI's still run after them. Under TCX that is
+/// the chain's head at attach time; on kernels before 6.6 a legacy cls_bpf filter at priority 1.
+fn tc_position() -> TcAttachOptions {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if tcx {
+        TcAttachOptions::TcxOrder(LinkOrder::first())
+    } else {
+        TcAttachOptions::Netlink(NlOptions {
+            priority: 1,
+            ..NlOptions::default()
+        })
     }
 }
 

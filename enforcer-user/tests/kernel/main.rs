@@ -9,5 +9,6 @@ mod pod;
 mod resolution;
 mod scoping;
 mod tc;
+mod tc_chain;
 mod tc_paths;
 mod veth;
