@@ -2,7 +2,8 @@
 """Tries one connection and prints what happened: `ok <reply>`, `EPERM`, or another errno name.
 
 Exit status: 0 connected (and got a reply), 1 refused with EPERM, 2 anything else.
-Usage: probe.py tcp|tcp6mapped|udp|udp-sendto HOST PORT [TIMEOUT_SECONDS]
+Usage: probe.py tcp|tcp-connect|tcp6mapped|udp|udp-sendto HOST PORT [TIMEOUT_SECONDS]
+  tcp-connect only connects (for servers that do not answer a line, such as HTTP ones).
   tcp6mapped connects an AF_INET6 socket to ::ffff:HOST (HOST is IPv4).
   udp connects a UDP socket then sends; udp-sendto sends without connecting.
 """
@@ -29,6 +30,9 @@ def main():
             sock.connect(addr)
             sock.send(b"ping")
             reply = sock.recv(1024)
+        elif kind == "tcp-connect":
+            sock.connect(addr)
+            reply = b"connected"
         else:
             sock.connect(addr)
             sock.sendall(b"hello\n")

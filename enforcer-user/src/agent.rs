@@ -71,6 +71,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         flags |= enforcer_common::tc_flags::CG_TREES;
     }
     dp.set_flags(flags)?;
+    let agent_cgroup = exempt_self(&mut dp, &cfg.cgroups.root);
     let mut pods = match &cfg.pods {
         Some(net) => Some(Pods::new(net.clone(), cfg.datapath.pin_root.clone())?),
         None => None,
@@ -137,7 +138,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let inputs = inputs(&cfg, &assignments, node.as_ref(), &resolver);
             let mut compiled = sources.compile(&inputs);
             if let Some(n) = &node {
-                k8s::add_node_scopes(&mut compiled, n.unmapped_mode(sources.mesh.mode));
+                let unmapped = n.unmapped_mode(&compiled, sources.mesh.mode);
+                let bootstrap = n.cluster.bootstrap_rules();
+                k8s::add_node_scopes(&mut compiled, unmapped, &bootstrap, &inputs.dns_servers);
             }
             for note in &compiled.notes {
                 log::warn!("{note}");
@@ -163,6 +166,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 cgroups: &assignments,
                 trees,
                 pods: &pod_list,
+                agent: agent_cgroup,
             };
             let complete = apply(&mut dp, desired, workloads, &explainer)?;
             if let Some(n) = node.as_mut() {
@@ -220,6 +224,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     events_task.abort();
     log::info!("agent stopping; the pinned programs and maps keep enforcing");
     Ok(())
+}
+
+/// Exempts the agent's own cgroup before any network I/O (see `Datapath::exempt_agent`).
+/// Without it the agent can still reach what unmapped pods may (the API server, DNS), so a
+/// failure is reported, not fatal.
+fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
+    let exempted = crate::cgroup::own_cgroup(cgroup2).and_then(|dir| {
+        let id = crate::cgroup::cgroup_id(&dir)?;
+        dp.exempt_agent(id)?;
+        log::info!("the agent's own cgroup {} is exempt", dir.display());
+        Ok(id)
+    });
+    match exempted {
+        Ok(id) => Some(id),
+        Err(err) => {
+            log::error!("cannot exempt the agent's own cgroup: {err:#}");
+            None
+        }
+    }
 }
 
 /// `enforcer health` reads the status file's age: touching it says the loop runs.

@@ -47,6 +47,53 @@ pub fn cgroup_id(path: &Path) -> anyhow::Result<u64> {
         .ino())
 }
 
+/// The agent's own cgroup under the cgroup2 mount `root`, which the agent exempts before it
+/// opens any connection: pinned programs left by an earlier agent would otherwise judge it as
+/// an unmapped pod and refuse it the API server.
+///
+/// `/proc/self/cgroup` names it relative to the agent's cgroup namespace, which in a container
+/// is its own cgroup, so the path is only trusted when that cgroup lists this process;
+/// otherwise the tree is searched for the cgroup that does (pids read in this pid namespace).
+pub fn own_cgroup(root: &Path) -> anyhow::Result<PathBuf> {
+    let pid = std::process::id();
+    let text = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    if let Some(relative) = text.lines().find_map(|l| l.strip_prefix("0::")) {
+        let dir = root.join(relative.trim_start_matches('/'));
+        if lists_pid(&dir, pid) {
+            return Ok(dir);
+        }
+    }
+    find_pid(root, pid, 0).with_context(|| {
+        format!(
+            "no cgroup under {} lists this process ({pid})",
+            root.display()
+        )
+    })
+}
+
+/// Deep enough for kubelet trees nested in a container runtime (kind); bounded so a huge host
+/// tree costs a bounded walk.
+const OWN_CGROUP_MAX_DEPTH: usize = 12;
+
+fn find_pid(dir: &Path, pid: u32, depth: usize) -> Option<PathBuf> {
+    if lists_pid(dir, pid) {
+        return Some(dir.to_path_buf());
+    }
+    if depth >= OWN_CGROUP_MAX_DEPTH {
+        return None;
+    }
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_pid(&e.path(), pid, depth + 1))
+}
+
+fn lists_pid(dir: &Path, pid: u32) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
+}
+
 /// Layout of the cgroups the agent manages.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -268,6 +315,18 @@ mod tests {
         assert_eq!(decode_labels("worker"), None, "not a label list");
         assert_eq!(decode_labels("=x"), None);
         assert!(parse_labels("app").is_err());
+    }
+
+    #[test]
+    fn own_cgroup_is_the_one_that_lists_this_process() {
+        let Ok(root) = cgroup2_mount() else {
+            eprintln!("skipped: no cgroup2 mount on this machine");
+            return;
+        };
+        let own = own_cgroup(&root).expect("own cgroup");
+        assert!(lists_pid(&own, std::process::id()), "{}", own.display());
+        assert!(own.starts_with(&root));
+        assert!(!lists_pid(Path::new("/nonexistent"), 1));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use enforcer_common::{mode, proto, CgroupScope, PolicyKey, GLOBAL_SCOPE, POLICY_
 use crate::{
     cgroup::Assignment,
     istio::OutboundMode,
+    k8s::UNENFORCED,
     net::{key_bytes, key_prefix_len},
     policy::Desired,
 };
@@ -49,6 +50,8 @@ pub struct Workloads<'a> {
     /// Cgroups whose descendants belong to the same workload (Kubernetes pods).
     pub trees: &'a BTreeMap<u64, Assignment>,
     pub pods: &'a [PodAssignment],
+    /// The agent's own cgroup: never enforced, whatever claims its ancestors.
+    pub agent: Option<u64>,
 }
 
 pub fn build(
@@ -60,6 +63,7 @@ pub fn build(
         cgroups,
         trees,
         pods,
+        agent,
     } = workloads;
     let mut plan = MapPlan::default();
     // A selecting Sidecar's scope costs map entries only while a workload of it runs. Rules go
@@ -129,7 +133,19 @@ pub fn build(
         .iter()
         .filter_map(|p| Some((key_bytes(p.ip), scope_of(&p.namespace, &p.labels)?)))
         .collect();
+    if let (Some(id), Some(scope)) = (agent, agent_scope(scope_ids)) {
+        plan.cgroups.insert(id, scope);
+    }
     plan
+}
+
+/// The scope the agent's own cgroup is exempted with: `enforcer.unenforced`, allowed. `None`
+/// until that scope has an id.
+pub fn agent_scope(scope_ids: &BTreeMap<String, u32>) -> Option<CgroupScope> {
+    Some(CgroupScope {
+        scope: *scope_ids.get(UNENFORCED)?,
+        mode: mode::ALLOW_ANY,
+    })
 }
 
 #[cfg(test)]
@@ -234,6 +250,7 @@ mod tests {
             ("b".to_string(), 9),
             ("b/db".to_string(), 11),
             ("b/idle".to_string(), 12),
+            (UNENFORCED.to_string(), 13),
         ]);
         let trees = BTreeMap::from([(
             400,
@@ -247,6 +264,7 @@ mod tests {
             cgroups: &cgroups,
             trees: &trees,
             pods: &[],
+            agent: Some(500),
         };
         let plan = build(&desired, workloads, &ids);
         assert_eq!(
@@ -285,6 +303,14 @@ mod tests {
             "labels only matter where a Sidecar selects them"
         );
         assert!(!plan.cgroups.contains_key(&300));
+        assert_eq!(
+            plan.cgroups[&500],
+            CgroupScope {
+                scope: 13,
+                mode: mode::ALLOW_ANY
+            },
+            "the agent's own cgroup is exempt, whatever its ancestors"
+        );
 
         assert!(
             plan.exact.iter().all(|k| k.scope != 12),

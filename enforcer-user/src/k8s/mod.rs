@@ -2,6 +2,7 @@
 //! server, kept in reflector stores. The agent recomputes everything from the stores on every
 //! change, so a missed or reordered event can only delay an update.
 
+mod bootstrap;
 mod istio_api;
 pub mod node;
 pub mod pod_links;
@@ -9,7 +10,14 @@ pub mod registry;
 pub mod selector;
 pub mod workloads;
 
-use std::{collections::BTreeSet, fmt::Debug, hash::Hash, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -34,7 +42,7 @@ pub use workloads::{NodePod, UNENFORCED, UNMAPPED};
 
 use crate::{
     istio::OutboundMode,
-    policy::{Desired, ScopePolicy},
+    policy::{Desired, Origin, Rule, ScopePolicy, L4},
     sources::{documents, Snapshot},
 };
 
@@ -67,6 +75,8 @@ pub struct Cluster {
     istio: Vec<(ApiResource, Store<DynamicObject>)>,
     mesh: Vec<Store<ConfigMap>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Where this agent reaches the API server (its client config), for unmapped pods.
+    api_endpoints: Vec<SocketAddr>,
 }
 
 impl Cluster {
@@ -77,10 +87,23 @@ impl Cluster {
         opts: Options,
         changed: mpsc::UnboundedSender<()>,
     ) -> anyhow::Result<Self> {
-        let client = Client::try_default()
+        let config = kube::Config::infer()
             .await
-            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-        Self::connect_with(client, opts, changed).await
+            .context("reading the Kubernetes client config (in-cluster config or KUBECONFIG)")?;
+        let url = &config.cluster_url;
+        let default_port = if url.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        };
+        let api_endpoints = bootstrap::endpoints_of(
+            url.host().unwrap_or_default(),
+            url.port_u16().unwrap_or(default_port),
+        );
+        let client = Client::try_from(config).context("connecting to the Kubernetes API")?;
+        let mut cluster = Self::connect_with(client, opts, changed).await?;
+        cluster.api_endpoints = api_endpoints;
+        Ok(cluster)
     }
 
     pub async fn connect_with(
@@ -176,6 +199,7 @@ impl Cluster {
             istio,
             mesh,
             tasks,
+            api_endpoints: Vec::new(),
         };
         cluster.wait_until_listed().await?;
         Ok(cluster)
@@ -258,6 +282,15 @@ impl Cluster {
             .collect()
     }
 
+    /// What a pod needs before its policy is known: see [`bootstrap::rules`].
+    pub fn bootstrap_rules(&self) -> Vec<Rule> {
+        bootstrap::rules(
+            &self.services.state(),
+            &self.slices.state(),
+            &self.api_endpoints,
+        )
+    }
+
     /// This node's pods that are not finished (a finished pod's cgroup is gone or going).
     pub fn node_pods(&self) -> Vec<NodePod> {
         self.pods
@@ -325,14 +358,35 @@ where
 }
 
 /// Adds the scopes Kubernetes mode maps cgroups to besides namespaces: pods not enforced
-/// (allowed), and pod cgroups not mapped yet (`unmapped`, with no rules of their own).
-pub fn add_node_scopes(desired: &mut Desired, unmapped: OutboundMode) {
-    for (name, mode) in [(UNENFORCED, OutboundMode::AllowAny), (UNMAPPED, unmapped)] {
+/// (allowed), and pod cgroups not mapped yet (`unmapped`), which may reach only what any pod
+/// needs to start: `bootstrap` (see [`Cluster::bootstrap_rules`]) and the DNS servers every
+/// scope may reach.
+pub fn add_node_scopes(
+    desired: &mut Desired,
+    unmapped: OutboundMode,
+    bootstrap: &[Rule],
+    dns_servers: &[IpAddr],
+) {
+    let origin = Arc::new(Origin::builtin("what a pod needs to start"));
+    let dns = dns_servers
+        .iter()
+        .flat_map(|&ip| [L4::Udp, L4::Tcp].map(|l4| Rule::host(l4, 53, ip)));
+    let rules = bootstrap
+        .iter()
+        .copied()
+        .chain(dns)
+        .map(|r| (r, vec![Arc::clone(&origin)]))
+        .collect();
+    for (name, mode, rules) in [
+        (UNENFORCED, OutboundMode::AllowAny, BTreeMap::new()),
+        (UNMAPPED, unmapped, rules),
+    ] {
         desired.scopes.insert(
             name.to_string(),
             ScopePolicy {
                 namespace: name.to_string(),
                 mode,
+                rules,
                 ..ScopePolicy::default()
             },
         );

@@ -17,12 +17,14 @@ use crate::{
     datapath::{plan::PodAssignment, Datapath},
     istio::OutboundMode,
     kubelet,
+    policy::Desired,
 };
 
 /// What a connect from a pod cgroup that is not mapped yet gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Unmapped {
-    /// The mesh's mode: refused in REGISTRY_ONLY meshes, allowed in ALLOW_ANY ones.
+    /// The strictest mode of any enforced scope (an unmapped pod may belong to any of them);
+    /// the mesh's mode when no namespace is enforced.
     Mesh,
     Refuse,
     Allow,
@@ -31,14 +33,37 @@ pub enum Unmapped {
 }
 
 impl Unmapped {
-    pub fn mode(self, mesh: OutboundMode) -> OutboundMode {
+    /// `strictest`: see [`strictest_mode`].
+    pub fn mode(self, strictest: OutboundMode) -> OutboundMode {
         match self {
-            Self::Mesh => mesh,
+            Self::Mesh => strictest,
             Self::Refuse => OutboundMode::RegistryOnly,
             Self::Allow => OutboundMode::AllowAny,
             Self::Audit => OutboundMode::Audit,
         }
     }
+}
+
+/// The strictest mode of the scopes of `enforced` namespaces, or `mesh` when none is enforced.
+/// An ALLOW_ANY mesh with one REGISTRY_ONLY Sidecar must not let a pod of that Sidecar run
+/// unenforced while it is unmapped, or while the agent is down.
+pub fn strictest_mode(
+    desired: &Desired,
+    enforced: &BTreeSet<String>,
+    mesh: OutboundMode,
+) -> OutboundMode {
+    let rank = |m: &OutboundMode| match m {
+        OutboundMode::AllowAny => 0,
+        OutboundMode::Audit => 1,
+        OutboundMode::RegistryOnly => 2,
+    };
+    desired
+        .scopes
+        .values()
+        .filter(|s| enforced.contains(&s.namespace))
+        .map(|s| s.mode)
+        .max_by_key(rank)
+        .unwrap_or(mesh)
 }
 
 #[derive(Clone, Debug)]
@@ -86,8 +111,10 @@ impl Node {
         self.cluster.enforced_namespaces()
     }
 
-    pub fn unmapped_mode(&self, mesh: OutboundMode) -> OutboundMode {
-        self.opts.unmapped.mode(mesh)
+    /// The unmapped scope's mode for this compiled policy.
+    pub fn unmapped_mode(&self, desired: &Desired, mesh: OutboundMode) -> OutboundMode {
+        let strictest = strictest_mode(desired, &self.namespaces(), mesh);
+        self.opts.unmapped.mode(strictest)
     }
 
     /// Recomputes the mapping from the stores and the cgroup tree; returns whether it changed.
@@ -159,5 +186,52 @@ impl Node {
         }
         self.watcher = Some(watcher);
         self.watched_roots = roots.to_vec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::ScopePolicy;
+
+    fn scope(namespace: &str, mode: OutboundMode) -> ScopePolicy {
+        ScopePolicy {
+            namespace: namespace.into(),
+            mode,
+            ..ScopePolicy::default()
+        }
+    }
+
+    #[test]
+    fn unmapped_pods_get_the_strictest_enforced_mode_not_the_mesh_one() {
+        let mut desired = Desired::default();
+        desired
+            .scopes
+            .insert("shop".into(), scope("shop", OutboundMode::AllowAny));
+        desired.scopes.insert(
+            "shop/batch".into(),
+            scope("shop", OutboundMode::RegistryOnly),
+        );
+        desired
+            .scopes
+            .insert("other".into(), scope("other", OutboundMode::Audit));
+        let shop = BTreeSet::from(["shop".to_string()]);
+        let allow = OutboundMode::AllowAny;
+        assert_eq!(
+            Unmapped::Mesh.mode(strictest_mode(&desired, &shop, allow)),
+            OutboundMode::RegistryOnly,
+            "a REGISTRY_ONLY Sidecar in an ALLOW_ANY mesh"
+        );
+        let other = BTreeSet::from(["other".to_string()]);
+        assert_eq!(strictest_mode(&desired, &other, allow), OutboundMode::Audit);
+        assert_eq!(
+            strictest_mode(&desired, &BTreeSet::new(), OutboundMode::RegistryOnly),
+            OutboundMode::RegistryOnly,
+            "nothing enforced: the mesh's mode"
+        );
+        assert_eq!(
+            Unmapped::Allow.mode(OutboundMode::RegistryOnly),
+            OutboundMode::AllowAny
+        );
     }
 }

@@ -170,6 +170,8 @@ pub struct Agent {
     /// `None` in Kubernetes mode.
     policies: Option<PathBuf>,
     env: Vec<(String, String)>,
+    /// The cgroup the agent runs in (a pod's container, say); the caller's when `None`.
+    cgroup: Option<PathBuf>,
 }
 
 impl Agent {
@@ -179,21 +181,32 @@ impl Agent {
 
     /// Runs from `world.dir` with `--policies` as given, so relative paths can be tested.
     pub fn start_with(world: &World, policies: PathBuf, extra: &[&str]) -> Self {
-        Self::launch(world, Some(policies), Vec::new(), extra)
+        Self::launch(world, Some(policies), Vec::new(), None, extra)
     }
 
     /// `enforcer run --kubernetes` against the API server in `kubeconfig`.
     pub fn start_kubernetes(world: &World, kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::start_kubernetes_in(world, kubeconfig, None, extra)
+    }
+
+    /// As [`Agent::start_kubernetes`], with the agent's process in `cgroup` from its start.
+    pub fn start_kubernetes_in(
+        world: &World,
+        kubeconfig: &Path,
+        cgroup: Option<&Path>,
+        extra: &[&str],
+    ) -> Self {
         let env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
         let mut args = vec!["--kubernetes"];
         args.extend_from_slice(extra);
-        Self::launch(world, None, env, &args)
+        Self::launch(world, None, env, cgroup, &args)
     }
 
     fn launch(
         world: &World,
         policies: Option<PathBuf>,
         env: Vec<(String, String)>,
+        cgroup: Option<&Path>,
         extra: &[&str],
     ) -> Self {
         let mut agent = Self {
@@ -207,6 +220,7 @@ impl Agent {
             cwd: world.dir.clone(),
             policies,
             env,
+            cgroup: cgroup.map(Path::to_path_buf),
         };
         agent.spawn();
         agent
@@ -221,7 +235,18 @@ impl Agent {
                 .open(p)
                 .expect("log file")
         };
-        let mut cmd = Command::new(ENFORCER);
+        // A shell moves itself into the cgroup, then becomes the agent.
+        let mut cmd = match &self.cgroup {
+            Some(cgroup) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                    .arg(cgroup)
+                    .arg(ENFORCER);
+                sh
+            }
+            None => Command::new(ENFORCER),
+        };
         cmd.arg("run").current_dir(&self.cwd).envs(self.env.clone());
         if let Some(policies) = &self.policies {
             cmd.arg("--policies").arg(policies);

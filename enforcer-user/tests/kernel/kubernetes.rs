@@ -436,3 +436,81 @@ fn enforced_pods_get_the_tc_programs_on_their_veth() {
         "no longer enforced"
     );
 }
+
+/// The DaemonSet's rolling update: the old agent stops and leaves its programs enforcing; the
+/// new agent starts in a new pod cgroup, which nothing has mapped yet, and must still reach the
+/// API server (here on a test host address, which loopback's global allow does not cover).
+#[test]
+fn a_replaced_agent_pod_reaches_the_api_server_and_takes_over() {
+    let world = World::new("k8sroll");
+    let hosts = Hosts::new(&world);
+    let dns = Dns::new(&world, 1, &[("api.example.com", "198.51.100.10")]);
+    // 198.51.100.1 is the host's side of the test hosts' veth: off loopback.
+    let server = FakeApiServer::start_on("198.51.100.1:0", &["v1"]).expect("fake API server");
+    server.apply(CLUSTER).expect("applying the cluster");
+    let api_port: u16 = server
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let kubeconfig = world.dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let tree = KubeletTree::new(&world);
+    let args = [
+        "--node-name",
+        "node-a",
+        "--kubelet-cgroups",
+        &tree.relative,
+        "--dns-server",
+        &dns.addr(),
+    ];
+    let mut old = Agent::start_kubernetes(&world, &kubeconfig, &args);
+    let web_uid = uid(0x5e);
+    server
+        .apply(&pod_yaml("web", "shop", &web_uid, "app: web"))
+        .expect("pod");
+    let web = tree.make(&format!(
+        "kubepods/besteffort/pod{web_uid}/{}",
+        "6".repeat(64)
+    ));
+    eventually_in(&old, &web, "198.51.100.11", 80, Want::Denied);
+    old.stop();
+
+    // The new agent's pod: a cgroup the stopped agent never saw, under the kubelet's root.
+    let agent_uid = uid(0xa9);
+    let agent_pod = tree.make(&format!(
+        "kubepods/burstable/pod{agent_uid}/{}",
+        "7".repeat(64)
+    ));
+    let stray = tree.make(&format!(
+        "kubepods/besteffort/pod{}/{}",
+        uid(0x5f),
+        "8".repeat(64)
+    ));
+    let api = server.url().replace("http://", "");
+    let (api_host, _) = api.split_once(':').expect("host:port");
+    let got = probe_in(&stray, "tcp-connect", api_host, api_port);
+    assert!(
+        Want::Allowed.matches(&got),
+        "an unmapped pod reaches the API server while no agent runs: {got:?}"
+    );
+    let new = Agent::start_kubernetes_in(&world, &kubeconfig, Some(&agent_pod), &args);
+    server
+        .apply(&pod_yaml(
+            "enforcer-b",
+            "enforcer-system",
+            &agent_uid,
+            "app: enforcer",
+        ))
+        .expect("the agent's own pod");
+    eventually_in(&new, &web, "198.51.100.10", 80, Want::Allowed);
+    eventually_in(&new, &web, "198.51.100.11", 80, Want::Denied);
+    eventually_in(&new, &stray, "198.51.100.11", 80, Want::Denied);
+    let got = probe_in(&stray, "tcp-connect", api_host, api_port);
+    assert!(
+        Want::Allowed.matches(&got),
+        "unmapped pods still reach the API server: {got:?}"
+    );
+    drop(hosts);
+}

@@ -86,6 +86,12 @@ impl FakeApiServer {
     /// Serves the core kinds enforcer watches, and the Istio kinds under `istio_versions`
     /// (none: Istio's CRDs are not installed).
     pub fn start(istio_versions: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0", istio_versions)
+    }
+
+    /// As [`FakeApiServer::start`], listening on `bind` (a test host's address, where loopback
+    /// would be too kind: the enforcer always allows loopback).
+    pub fn start_on(bind: &str, istio_versions: &[&str]) -> anyhow::Result<Self> {
         let core = |plural: &str, kind: &str, namespaced| Kind {
             group: String::new(),
             version: "v1".into(),
@@ -121,7 +127,8 @@ impl FakeApiServer {
                 });
             }
         }
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the fake API server")?;
+        let listener = TcpListener::bind(bind)
+            .with_context(|| format!("binding the fake API server on {bind}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
