@@ -77,6 +77,10 @@ pub mod tc_flags {
 /// Scope id reserved for the always-allowed CIDRs (loopback, `--allow-cidr`).
 pub const GLOBAL_SCOPE: u32 = 0;
 
+/// Scope id of workloads whose scope could not get an id (the scope-name map is full): no rule
+/// names it, so with mode REGISTRY_ONLY they are refused everything but the global CIDRs.
+pub const FAILED_SCOPE: u32 = u32::MAX;
+
 /// Bits of [`PolicyKey`] before the address: scope, port, protocol and padding.
 pub const POLICY_KEY_HEADER_BITS: u32 = 64;
 

@@ -86,11 +86,8 @@ fn decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
 fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     // SAFETY: the helper has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
-    let Some(scope) = scope_of(cgroup_id) else {
-        return Ok(ALLOW);
-    };
-    if scope.mode == mode::ALLOW_ANY {
+    let scope = scope_of(cgroup_id);
+    if scope.mode == UNCLAIMED || scope.mode == mode::ALLOW_ANY {
         return Ok(ALLOW);
     }
 
@@ -139,17 +136,28 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     }
 }
 
+/// [`CgroupScope::mode`] of a cgroup no scope claims: it is not enforced. Modes start at 1.
+const UNCLAIMED: u32 = 0;
+
+/// The cgroup's own entry, else its deepest claimed ancestor's, else [`UNCLAIMED`].
+///
+/// No `Option` here: kernels before 6.1.191 (Debian 12's 6.1.176 among them) refuse a read of
+/// a stack slot that was only partly written, which an `Option<CgroupScope>` left `None` is
+/// (CVE-2023-52452 changed that). Every byte of the result is written before it is read.
 #[inline(always)]
-fn scope_of(cgroup_id: u64) -> Option<CgroupScope> {
+fn scope_of(cgroup_id: u64) -> CgroupScope {
     // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
     if let Some(scope) = unsafe { CGROUPS.get(cgroup_id) } {
-        return Some(*scope);
+        return *scope;
     }
+    let mut found = CgroupScope {
+        scope: 0,
+        mode: UNCLAIMED,
+    };
     // Local mode claims no subtrees: its unclaimed cgroups skip the walk.
     if tc::config().flags & tc_flags::CG_TREES == 0 {
-        return None;
+        return found;
     }
-    let mut found = None;
     let mut level = 1;
     while level <= MAX_TREE_LEVEL {
         // SAFETY: the helper has no preconditions; it returns 0 below the current cgroup.
@@ -159,7 +167,8 @@ fn scope_of(cgroup_id: u64) -> Option<CgroupScope> {
         }
         // SAFETY: as above.
         if let Some(scope) = unsafe { CG_TREES.get(id) } {
-            found = Some(*scope);
+            found.scope = scope.scope;
+            found.mode = scope.mode;
         }
         if id == cgroup_id {
             break;

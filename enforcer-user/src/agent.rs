@@ -309,10 +309,14 @@ fn apply(
     workloads: plan::Workloads<'_>,
     explainer: &RwLock<Explainer>,
 ) -> anyhow::Result<bool> {
-    dp.ensure_scope_ids(desired.scopes.keys())?;
+    let no_id = dp.ensure_scope_ids(desired.scopes.keys());
     let plan = plan::build(desired, workloads, dp.scope_ids());
     let started = std::time::Instant::now();
-    let report = dp.apply(&plan);
+    let mut report = dp.apply(&plan);
+    dp.reclaim_scope_ids(desired.scopes.keys());
+    report.errors.extend(no_id.iter().map(|name| {
+        format!("scope {name} has no id (the scope-name map is full, see --max-scopes): its workloads are refused everything")
+    }));
     for err in &report.errors {
         log::error!("datapath: {err}; that entry stays out (fail closed)");
     }
@@ -332,6 +336,10 @@ fn apply(
         .iter()
         .map(|(ns, id)| (*id, ns.clone()))
         .collect();
+    ex.scopes.insert(
+        enforcer_common::FAILED_SCOPE,
+        "enforcer.no-scope-id".to_string(),
+    );
     ex.cgroups = workloads
         .cgroups
         .iter()

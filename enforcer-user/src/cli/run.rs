@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// Capacity of the CIDR allow trie (used when the maps are first created).
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     max_cidr_entries: u32,
+    /// Capacity of the scope-name map: namespaces and selecting Sidecars in use at once
+    /// (used when the maps are first created). Ids of scopes gone are reused.
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    max_scopes: u32,
     /// Write a JSON status (generation, problems, DNS answers, inputs) here after every change;
     /// `enforcer explain` reads it.
     #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
@@ -229,6 +233,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             cgroup_root: cgroups.root.clone(),
             max_exact: args.max_entries,
             max_cidr: args.max_cidr_entries,
+            max_scopes: args.max_scopes,
         },
         cgroups,
         root_namespace: args.root_namespace,

@@ -7,6 +7,7 @@
 pub mod bpffs;
 pub mod inspect;
 pub mod plan;
+pub mod scope_ids;
 mod sync;
 
 use std::{
@@ -54,6 +55,8 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     pub max_exact: u32,
     pub max_cidr: u32,
+    /// Capacity of the scope-name map (namespaces and selecting Sidecars in use at once).
+    pub max_scopes: u32,
 }
 
 pub struct Datapath {
@@ -62,6 +65,7 @@ pub struct Datapath {
     maps: sync::Maps,
     applied: MapPlan,
     scope_ids: BTreeMap<String, u32>,
+    max_scopes: usize,
 }
 
 impl Datapath {
@@ -81,6 +85,7 @@ impl Datapath {
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::ALLOW_EXACT, opts.max_exact)
             .map_max_entries(map_names::ALLOW_CIDR, opts.max_cidr)
+            .map_max_entries(map_names::SCOPE_NAMES, opts.max_scopes)
             .load(BPF_OBJECT)
             .context("loading the BPF object (is this root, with BPF enabled?)")?;
 
@@ -126,39 +131,62 @@ impl Datapath {
                 maps,
                 applied,
                 scope_ids,
+                max_scopes: opts.max_scopes as usize,
             },
             events,
         ))
     }
 
-    /// Stable scope ids per namespace, kept in a pinned map so that a restarted agent agrees with
-    /// the entries already in the kernel.
+    /// Stable scope ids, kept in a pinned map so that a restarted agent agrees with the entries
+    /// already in the kernel. Returns the names that got no id (the map is full, or a name is
+    /// too long): their workloads fail closed (`plan::FAILED`); nothing else is affected.
     pub fn ensure_scope_ids<'a>(
         &mut self,
-        namespaces: impl IntoIterator<Item = &'a String>,
-    ) -> anyhow::Result<()> {
-        for ns in namespaces {
-            if self.scope_ids.contains_key(ns) {
-                continue;
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<String> {
+        let names = names.into_iter().map(String::as_str);
+        let allocation = scope_ids::allocate(&self.scope_ids, names, self.max_scopes);
+        let mut failed = allocation.failed;
+        for (name, id) in allocation.add {
+            match self.maps.insert_scope_name(&name, id) {
+                Ok(()) => {
+                    self.scope_ids.insert(name, id);
+                }
+                Err(err) => {
+                    log::error!("scope {name}: no id: {err:#}");
+                    failed.push(name);
+                }
             }
-            let next = self
-                .scope_ids
-                .values()
-                .max()
-                .copied()
-                .unwrap_or(enforcer_common::GLOBAL_SCOPE)
-                + 1;
-            self.maps.insert_scope_name(ns, next)?;
-            self.scope_ids.insert(ns.clone(), next);
         }
-        Ok(())
+        failed
+    }
+
+    /// Takes back the ids of scopes no longer `wanted` once no map entry uses them, so that
+    /// namespace churn never fills the scope-name map. Returns how many went.
+    pub fn reclaim_scope_ids<'a>(&mut self, wanted: impl IntoIterator<Item = &'a String>) -> usize {
+        let wanted = wanted.into_iter().map(String::as_str).collect();
+        let in_use = self.applied.scope_ids_in_use();
+        let keep = [crate::k8s::UNENFORCED];
+        let mut reclaimed = 0;
+        for name in scope_ids::reclaimable(&self.scope_ids, &wanted, &in_use, &keep) {
+            match self.maps.remove_scope_name(&name) {
+                Ok(()) => {
+                    self.scope_ids.remove(&name);
+                    reclaimed += 1;
+                }
+                // Kept in our view: tried again after the next apply.
+                Err(err) => log::warn!("reclaiming the id of scope {name}: {err:#}"),
+            }
+        }
+        reclaimed
     }
 
     /// Exempts the agent's own cgroup at once, before the agent opens any connection: programs
     /// pinned by an earlier agent are enforcing already, and would judge a new agent pod as an
     /// unmapped pod. Every later plan keeps the entry (`plan::Workloads::agent`).
     pub fn exempt_agent(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
-        self.ensure_scope_ids([&crate::k8s::UNENFORCED.to_string()])?;
+        let failed = self.ensure_scope_ids([&crate::k8s::UNENFORCED.to_string()]);
+        anyhow::ensure!(failed.is_empty(), "the scope-name map is full");
         let scope = plan::agent_scope(&self.scope_ids).context("no id for the agent's scope")?;
         self.maps
             .cgroups

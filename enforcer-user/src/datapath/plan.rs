@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use enforcer_common::{mode, proto, CgroupScope, PolicyKey, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS};
+use enforcer_common::{
+    mode, proto, CgroupScope, PolicyKey, FAILED_SCOPE, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+};
 
 use crate::{
     cgroup::Assignment,
@@ -25,6 +27,26 @@ pub struct MapPlan {
     pub cidr: BTreeSet<(u32, PolicyKey)>,
 }
 
+/// What workloads get whose scope has no id: no rule names [`FAILED_SCOPE`].
+pub const FAILED: CgroupScope = CgroupScope {
+    scope: FAILED_SCOPE,
+    mode: mode::REGISTRY_ONLY,
+};
+
+impl MapPlan {
+    /// Scope ids that some entry uses: they cannot be given to another scope yet.
+    pub fn scope_ids_in_use(&self) -> BTreeSet<u32> {
+        self.exact
+            .iter()
+            .map(|k| k.scope)
+            .chain(self.cidr.iter().map(|(_, k)| k.scope))
+            .chain(self.cgroups.values().map(|s| s.scope))
+            .chain(self.trees.values().map(|s| s.scope))
+            .chain(self.pods.values().map(|s| s.scope))
+            .collect()
+    }
+}
+
 pub fn mode_value(mode: OutboundMode) -> u32 {
     match mode {
         OutboundMode::AllowAny => mode::ALLOW_ANY,
@@ -33,8 +55,7 @@ pub fn mode_value(mode: OutboundMode) -> u32 {
     }
 }
 
-/// `scope_ids` must hold an id for every scope in `desired.scopes`; a cgroup whose scope has none
-/// is left out (and so stays unenforced only until the id exists).
+/// Where a workload's scope has no id in `scope_ids`, the workload gets [`FAILED`].
 /// A pod: its address and the workload it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodAssignment {
@@ -113,12 +134,14 @@ pub fn build(
     }
     let scope_of = |namespace: &str, labels: &BTreeMap<String, String>| {
         let name = desired.scope_for(namespace, labels)?;
-        let (Some(&scope), Some(policy)) = (scope_ids.get(name), desired.scopes.get(name)) else {
-            return None;
-        };
-        Some(CgroupScope {
-            scope,
-            mode: mode_value(policy.mode),
+        let policy = desired.scopes.get(name)?;
+        Some(match scope_ids.get(name) {
+            Some(&scope) => CgroupScope {
+                scope,
+                mode: mode_value(policy.mode),
+            },
+            // The scope-name map is full: refused everything, never unenforced.
+            None => FAILED,
         })
     };
     plan.cgroups = cgroups
@@ -302,7 +325,7 @@ mod tests {
             plan.cgroups[&100].scope, 7,
             "labels only matter where a Sidecar selects them"
         );
-        assert!(!plan.cgroups.contains_key(&300));
+        assert!(!plan.cgroups.contains_key(&300), "a namespace no scope has");
         assert_eq!(
             plan.cgroups[&500],
             CgroupScope {
@@ -329,5 +352,41 @@ mod tests {
             .map(|(len, k)| (*len, k.scope, k.port))
             .collect();
         assert_eq!(cidrs, [(64 + 32, 7, 443), (64 + 104, GLOBAL_SCOPE, 0)]);
+    }
+
+    #[test]
+    fn a_scope_without_an_id_fails_closed() {
+        let mut desired = Desired::default();
+        desired.scopes.insert(
+            "open".into(),
+            ScopePolicy {
+                namespace: "open".into(),
+                mode: OutboundMode::AllowAny,
+                ..ScopePolicy::default()
+            },
+        );
+        let cgroups = BTreeMap::from([(
+            100,
+            Assignment {
+                namespace: "open".into(),
+                labels: BTreeMap::new(),
+                path: PathBuf::from("/x/open"),
+            },
+        )]);
+        let pods = [PodAssignment {
+            ip: "203.0.113.5".parse().unwrap(),
+            namespace: "open".into(),
+            labels: BTreeMap::new(),
+        }];
+        let workloads = Workloads {
+            cgroups: &cgroups,
+            trees: &BTreeMap::new(),
+            pods: &pods,
+            agent: None,
+        };
+        let plan = build(&desired, workloads, &BTreeMap::new());
+        assert_eq!(plan.cgroups[&100], FAILED, "refused, not unenforced");
+        assert_eq!(plan.pods.values().next(), Some(&FAILED));
+        assert_eq!(plan.scope_ids_in_use(), BTreeSet::from([FAILED_SCOPE]));
     }
 }

@@ -56,13 +56,12 @@ impl Maps {
     }
 
     pub fn insert_scope_name(&mut self, ns: &str, id: u32) -> anyhow::Result<()> {
-        let mut key = ScopeName { name: [0; 64] };
-        anyhow::ensure!(
-            ns.len() < key.name.len(),
-            "namespace name {ns:?} is too long"
-        );
-        key.name[..ns.len()].copy_from_slice(ns.as_bytes());
-        self.scope_names.insert(key, id, 0)?;
+        self.scope_names.insert(scope_key(ns)?, id, 0)?;
+        Ok(())
+    }
+
+    pub fn remove_scope_name(&mut self, ns: &str) -> anyhow::Result<()> {
+        self.scope_names.remove(&scope_key(ns)?)?;
         Ok(())
     }
 
@@ -166,6 +165,13 @@ impl Maps {
         self.tc_config.set(0, config, 0)?;
         Ok(())
     }
+}
+
+fn scope_key(ns: &str) -> anyhow::Result<ScopeName> {
+    let mut key = ScopeName { name: [0; 64] };
+    anyhow::ensure!(ns.len() < key.name.len(), "scope name {ns:?} is too long");
+    key.name[..ns.len()].copy_from_slice(ns.as_bytes());
+    Ok(key)
 }
 
 /// Makes a key -> scope map hold exactly `want`. Removing an entry that is already gone (a cgroup

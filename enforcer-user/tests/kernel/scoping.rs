@@ -376,3 +376,48 @@ spec:
     agent.eventually("shop:app=web", "tcp", "198.51.100.10", 80, Allowed);
     agent.eventually("shop:app=batch", "tcp", "203.0.113.30", 80, Denied);
 }
+
+fn entry(ns: &str, addr: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: e, namespace: {ns}}}\n\
+         spec: {{hosts: [{ns}.example.com], addresses: [{addr}], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: STATIC}}\n"
+    )
+}
+
+/// A full scope-name map never stops the agent: the scope that gets no id fails closed on its
+/// own, the others keep working, and an id freed by a scope that went is given to it.
+#[test]
+fn a_full_scope_map_fails_one_scope_closed_and_ids_come_back() {
+    let world = World::new("scopeids");
+    let _hosts = Hosts::new(&world);
+    world.write_policy("a.yaml", &entry("a", "198.51.100.10"));
+    world.write_policy("b.yaml", &entry("b-gone", "198.51.100.12"));
+    world.write_policy("z.yaml", &entry("z", "198.51.100.11"));
+    let mesh = registry_only(&world);
+    // Room for three names: the agent's own scope, a and b-gone. z sorts last and gets none.
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "a",
+            "--namespace",
+            "z",
+            "--max-scopes",
+            "3",
+        ],
+    );
+    check(&agent, "a", "tcp", "198.51.100.10", 80, Allowed);
+    check(&agent, "z", "tcp", "198.51.100.11", 80, Denied);
+    assert!(
+        agent.log().contains("scope z has no id"),
+        "the failure is reported\n{}",
+        agent.log()
+    );
+    // b-gone has no workloads: once its entry goes, its id is free, and z gets it.
+    world.remove_policy("b.yaml");
+    agent.eventually("z", "tcp", "198.51.100.11", 80, Allowed);
+    check(&agent, "z", "tcp", "198.51.100.12", 80, Denied);
+    check(&agent, "a", "tcp", "198.51.100.10", 80, Allowed);
+}
