@@ -7,6 +7,7 @@ mod demo;
 mod manifests;
 mod setup;
 mod sh;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,15 @@ enum Task {
         /// Only the TC measures (throughput through a pod veth, cost per packet, revocation).
         #[arg(long)]
         tc_only: bool,
+    },
+    /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
+    VmTest {
+        /// Kernel package (image or meta-package), repeatable [default: 6.1.0-50, newest 6.1, 6.12].
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// The agent binary [default: target/release/enforcer].
+        #[arg(long)]
+        enforcer: Option<std::path::PathBuf>,
     },
     /// The benchmark's client, run inside the measured cgroup.
     #[command(hide = true)]
@@ -66,5 +76,6 @@ fn main() -> anyhow::Result<()> {
             bench::run(&bin, tc_only)
         }
         Task::BenchClient { args } => bench::client(&args),
+        Task::VmTest { kernels, enforcer } => vm::run(&kernels, enforcer),
     }
 }
