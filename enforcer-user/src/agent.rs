@@ -169,6 +169,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 agent: agent_cgroup,
             };
             let complete = apply(&mut dp, desired, workloads, &explainer)?;
+            // New maps (another shape) replace the old ones only once they hold a whole plan.
+            if complete && dp.migrating() {
+                if let Err(err) = dp.finish_migration() {
+                    log::error!(
+                        "migrating to the new maps: {err:#}; the old programs keep enforcing"
+                    );
+                }
+            }
             if let Some(n) = node.as_mut() {
                 n.attach_pods(&mut dp, &cfg.datapath.pin_root);
             }

@@ -6,6 +6,8 @@
 
 pub mod bpffs;
 pub mod inspect;
+mod layout;
+mod migrate;
 pub mod plan;
 pub mod scope_ids;
 mod sync;
@@ -66,13 +68,20 @@ pub struct Datapath {
     applied: MapPlan,
     scope_ids: BTreeMap<String, u32>,
     max_scopes: usize,
+    /// Set while new maps are being filled: the programs are not attached yet.
+    migrating: Option<Options>,
 }
 
 impl Datapath {
     /// Loads, pins and attaches, adopting whatever an earlier agent left pinned. Returns the
     /// ring buffer of refusals as well.
+    ///
+    /// Pinned maps of another shape (an upgrade that changed a layout, a changed capacity) are
+    /// not adopted: new maps are made beside them and the programs are attached only by
+    /// [`Datapath::finish_migration`], once the first plan is in (see `migrate`).
     pub fn open(opts: &Options) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         bpffs::ensure_mounted(&opts.pin_root)?;
+        migrate::recover(&opts.pin_root)?;
         let maps_dir = opts.pin_root.join("maps");
         for dir in [
             &maps_dir,
@@ -81,18 +90,32 @@ impl Datapath {
         ] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .map_max_entries(map_names::ALLOW_EXACT, opts.max_exact)
-            .map_max_entries(map_names::ALLOW_CIDR, opts.max_cidr)
-            .map_max_entries(map_names::SCOPE_NAMES, opts.max_scopes)
+        let capacities = [
+            (map_names::ALLOW_EXACT, opts.max_exact),
+            (map_names::ALLOW_CIDR, opts.max_cidr),
+            (map_names::SCOPE_NAMES, opts.max_scopes),
+        ];
+        let shapes = layout::expected(BPF_OBJECT, &capacities)?;
+        let stale = layout::mismatches(&shapes, &maps_dir)?;
+        let load_dir = if stale.is_empty() {
+            maps_dir
+        } else {
+            for line in &stale {
+                log::warn!("pinned map {line}");
+            }
+            log::warn!("migrating to new maps; the old programs enforce the old maps until the new ones hold the first plan");
+            migrate::stage(&opts.pin_root)?
+        };
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&load_dir);
+        for (name, capacity) in capacities {
+            loader.map_max_entries(name, capacity);
+        }
+        let mut ebpf = loader
             .load(BPF_OBJECT)
             .context("loading the BPF object (is this root, with BPF enabled?)")?;
-
-        let cgroup = File::open(&opts.cgroup_root)
-            .with_context(|| format!("opening cgroup {}", opts.cgroup_root.display()))?;
-        for name in PROGRAMS {
-            attach_replacing(&mut ebpf, name, &cgroup, &opts.pin_root)?;
+        if stale.is_empty() {
+            attach_cgroup_programs(&mut ebpf, opts)?;
         }
 
         let maps = sync::Maps {
@@ -132,6 +155,7 @@ impl Datapath {
                 applied,
                 scope_ids,
                 max_scopes: opts.max_scopes as usize,
+                migrating: (!stale.is_empty()).then(|| opts.clone()),
             },
             events,
         ))
@@ -181,6 +205,23 @@ impl Datapath {
         reclaimed
     }
 
+    /// Whether the programs wait for the first plan (see [`Datapath::open`]).
+    pub fn migrating(&self) -> bool {
+        self.migrating.is_some()
+    }
+
+    /// Attaches the programs, which replace the old ones, and lets the new maps take the old
+    /// ones' place. Call once the maps hold a complete plan.
+    pub fn finish_migration(&mut self) -> anyhow::Result<()> {
+        let Some(opts) = self.migrating.take() else {
+            return Ok(());
+        };
+        attach_cgroup_programs(&mut self._ebpf, &opts)?;
+        migrate::promote(&opts.pin_root)?;
+        log::info!("migrated to new maps at {}", opts.pin_root.display());
+        Ok(())
+    }
+
     /// Exempts the agent's own cgroup at once, before the agent opens any connection: programs
     /// pinned by an earlier agent are enforcing already, and would judge a new agent pod as an
     /// unmapped pod. Every later plan keeps the entry (`plan::Workloads::agent`).
@@ -193,6 +234,12 @@ impl Datapath {
             .insert(cgroup_id, scope, 0)
             .context("exempting the agent's own cgroup")?;
         self.applied.cgroups.insert(cgroup_id, scope);
+        if let Some(opts) = &self.migrating {
+            // The old programs enforce the old maps until the migration ends.
+            if let Err(err) = exempt_in_old_maps(&opts.pin_root, cgroup_id) {
+                log::warn!("exempting the agent in the old maps: {err:#}");
+            }
+        }
         Ok(())
     }
 
@@ -294,6 +341,41 @@ fn load_tc(ebpf: &mut Ebpf, pin_root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The agent's exemption in maps of the old shape, where they still read as this version's.
+fn exempt_in_old_maps(pin_root: &Path, cgroup_id: u64) -> anyhow::Result<()> {
+    let names: HashMap<_, ScopeName, u32> = HashMap::try_from(aya::maps::Map::HashMap(
+        open_pinned(pin_root, map_names::SCOPE_NAMES)?,
+    ))?;
+    let mut cgroups: HashMap<_, u64, CgroupScope> = HashMap::try_from(aya::maps::Map::HashMap(
+        open_pinned(pin_root, map_names::CGROUPS)?,
+    ))?;
+    let mut key = ScopeName { name: [0; 64] };
+    let name = crate::k8s::UNENFORCED.as_bytes();
+    key.name[..name.len()].copy_from_slice(name);
+    let scope = names
+        .get(&key, 0)
+        .context("the old maps have no scope for unenforced workloads")?;
+    cgroups.insert(
+        cgroup_id,
+        CgroupScope {
+            scope,
+            mode: enforcer_common::mode::ALLOW_ANY,
+        },
+        0,
+    )?;
+    Ok(())
+}
+
+/// The four connect and sendmsg programs on the cgroup root, each replacing its predecessor.
+fn attach_cgroup_programs(ebpf: &mut Ebpf, opts: &Options) -> anyhow::Result<()> {
+    let cgroup = File::open(&opts.cgroup_root)
+        .with_context(|| format!("opening cgroup {}", opts.cgroup_root.display()))?;
+    for name in PROGRAMS {
+        attach_replacing(ebpf, name, &cgroup, &opts.pin_root)?;
+    }
+    Ok(())
+}
+
 fn attach_replacing(
     ebpf: &mut Ebpf,
     name: &str,
@@ -350,7 +432,7 @@ pub fn teardown(pin_root: &Path) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(entry.path());
         }
     }
-    for dir in ["programs", "maps"] {
+    for dir in ["programs", "maps", "maps_next", "maps_old"] {
         if let Ok(entries) = std::fs::read_dir(pin_root.join(dir)) {
             for entry in entries.filter_map(Result::ok) {
                 std::fs::remove_file(entry.path())
@@ -358,7 +440,7 @@ pub fn teardown(pin_root: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    for dir in ["programs", "maps", "links", ""] {
+    for dir in ["programs", "maps", "maps_next", "maps_old", "links", ""] {
         let path = pin_root.join(dir);
         if path.exists() {
             std::fs::remove_dir(&path).with_context(|| format!("removing {}", path.display()))?;

@@ -11,4 +11,5 @@ mod scoping;
 mod tc;
 mod tc_chain;
 mod tc_paths;
+mod upgrade;
 mod veth;
