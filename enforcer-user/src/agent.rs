@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
@@ -92,7 +91,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut _file_watcher = None;
     match &cfg.kubernetes {
         Some(opts) => {
-            let cluster = k8s::Cluster::connect(opts.cluster.clone(), file_tx).await?;
+            // Pod events, like the kubelet's cgroups, only move workloads: a replan.
+            let cluster =
+                k8s::Cluster::connect(opts.cluster.clone(), file_tx, node_tx.clone()).await?;
             node = Some(k8s::node::Node::new(opts.clone(), cluster, node_tx));
         }
         None => {
@@ -121,19 +122,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut desired: Option<Arc<Desired>> = None;
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_beat = std::time::Instant::now();
+    // The compiler's last inputs (for the status file), and since when applies keep failing.
+    let mut last_inputs = None;
+    let mut failing_since = None;
+
+    // The first answers are awaited, so that a restart never drops answers that are merely
+    // unknown yet; after that, lookups run beside the loop and never delay an apply.
+    let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
+    for err in resolver.refresh(&names).await.errors {
+        log::warn!("{err}");
+    }
+    let mut dns_changed = false;
 
     loop {
-        // Resolve before applying, so that a restart never drops answers that are merely unknown yet.
+        beat(&cfg.status_file, &mut last_beat);
         let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
-        let dns_report = resolver.refresh(&names).await;
-        for err in &dns_report.errors {
-            log::warn!("{err}");
-        }
+        dns_changed |= resolver.start(&names);
         if let Some(p) = pods.as_mut() {
             dirty |= p.reconcile(&mut dp);
         }
-        let recompile = dirty || dns_report.changed || desired.is_none();
-        let mut status_inputs = None;
+        let recompile = dirty || dns_changed || desired.is_none();
+        dns_changed = false;
+
         if recompile {
             let inputs = inputs(&cfg, &assignments, node.as_ref(), &resolver);
             let mut compiled = sources.compile(&inputs);
@@ -145,7 +156,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             for note in &compiled.notes {
                 log::warn!("{note}");
             }
-            status_inputs = Some(inputs);
+            last_inputs = Some(inputs);
             // Shared, not cloned: at 100,000 entries this is the agent's largest structure.
             let compiled = Arc::new(compiled);
             explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::clone(&compiled);
@@ -168,7 +179,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 pods: &pod_list,
                 agent: agent_cgroup,
             };
-            let complete = apply(&mut dp, desired, workloads, &explainer)?;
+            let errors = apply(&mut dp, desired, workloads, &explainer)?;
+            let complete = errors.is_empty();
+            failing_since = match (complete, failing_since) {
+                (true, _) => None,
+                (false, None) => Some(std::time::SystemTime::now()),
+                (false, since) => since,
+            };
             // New maps (another shape) replace the old ones only once they hold a whole plan.
             if complete && dp.migrating() {
                 if let Err(err) = dp.finish_migration() {
@@ -183,8 +200,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if let Some(p) = pods.as_mut() {
                 p.mark_ready();
             }
-            if let Some(inputs) = status_inputs {
-                write_status(&cfg, generation, &sources, desired, inputs, &resolver);
+            if let Some(inputs) = &last_inputs {
+                let applied = Applied {
+                    generation,
+                    errors,
+                    failing_since,
+                };
+                write_status(&cfg, applied, &sources, desired, inputs.clone(), &resolver);
             }
             // After a partial failure, try again at the next tick.
             dirty = !complete;
@@ -198,7 +220,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             // The quiet period is waited out inside the branch: a select! branch that lost would
             // drop an event it had already taken.
             Some(()) = file_rx.recv() => {
-                files::settle(&mut file_rx, Duration::from_millis(20)).await;
+                files::settle(&mut file_rx, DEBOUNCE, DEBOUNCE_MAX).await;
                 sources = load_sources(&cfg, node.as_ref());
                 if let Some(n) = node.as_mut() {
                     n.refresh();
@@ -216,8 +238,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 while cg_rx.try_recv().is_ok() {}
                 dirty |= rediscover(&cfg, &mut assignments);
             }
+            Some((name, answer)) = resolver.next_answer() => {
+                let report = resolver.record(name, answer);
+                for err in &report.errors {
+                    log::warn!("{err}");
+                }
+                dns_changed |= report.changed;
+            }
             _ = rescan.tick() => {
-                heartbeat(&cfg.status_file);
                 dirty |= rediscover(&cfg, &mut assignments);
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
                 if let Some(n) = node.as_mut().filter(|n| n.links_pending()) {
@@ -250,6 +278,20 @@ fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
             log::error!("cannot exempt the agent's own cgroup: {err:#}");
             None
         }
+    }
+}
+
+/// Quiet period that ends a burst of changes (an editor's writes, a rollout's events).
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Under a steady stream of events, the agent still applies at least this often.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
+
+/// Touches the status file once a second, whichever branch of the loop ran: a loop that
+/// turns keeps beating, and a stuck one stops.
+fn beat(status_file: &std::path::Path, last: &mut std::time::Instant) {
+    if last.elapsed() >= Duration::from_secs(1) {
+        heartbeat(status_file);
+        *last = std::time::Instant::now();
     }
 }
 
@@ -295,10 +337,8 @@ fn inputs(
     if let Some(n) = node {
         namespaces.extend(n.namespaces());
     }
-    let mut dns_servers: Vec<IpAddr> = resolver.servers().to_vec();
-    if let Some(server) = cfg.dns.server {
-        dns_servers.push(server.ip());
-    }
+    // `--dns-server` is among them, on its own port.
+    let dns_servers = resolver.servers().to_vec();
     Inputs {
         policies: cfg.policies.clone(),
         mesh_config: cfg.mesh_config.clone(),
@@ -316,7 +356,7 @@ fn apply(
     desired: &Desired,
     workloads: plan::Workloads<'_>,
     explainer: &RwLock<Explainer>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Vec<String>> {
     let no_id = dp.ensure_scope_ids(desired.scopes.keys());
     let plan = plan::build(desired, workloads, dp.scope_ids());
     let started = std::time::Instant::now();
@@ -354,19 +394,31 @@ fn apply(
         .chain(workloads.trees)
         .map(|(id, a)| (*id, a.path.clone()))
         .collect();
-    Ok(report.errors.is_empty())
+    Ok(report.errors)
+}
+
+/// What the last apply left.
+struct Applied {
+    generation: u64,
+    errors: Vec<String>,
+    failing_since: Option<std::time::SystemTime>,
 }
 
 fn write_status(
     cfg: &AgentConfig,
-    generation: u64,
+    applied: Applied,
     sources: &Sources,
     desired: &Desired,
     inputs: Inputs,
     resolver: &Resolver,
 ) {
+    let failing_since = applied.failing_since.map(|t| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    });
     let status = Status {
-        generation,
+        generation: applied.generation,
         service_entries: sources.entries.len(),
         scopes: desired
             .scopes
@@ -376,6 +428,8 @@ fn write_status(
         problems: sources.problems.clone(),
         notes: desired.notes.clone(),
         dns: resolver.describe(),
+        apply_errors: applied.errors,
+        failing_since,
         inputs,
     };
     if let Err(err) = status.write(&cfg.status_file) {

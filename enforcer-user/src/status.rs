@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -24,18 +24,24 @@ pub struct Status {
     pub notes: Vec<String>,
     /// Each name's addresses, their expiry and those in grace, for people.
     pub dns: Vec<String>,
+    /// The last apply's datapath errors (entries left out, fail closed), and since when
+    /// (seconds since the epoch) applies have kept failing: `enforcer health` fails then.
+    #[serde(default)]
+    pub apply_errors: Vec<String>,
+    #[serde(default)]
+    pub failing_since: Option<u64>,
     pub inputs: Inputs,
 }
 
 /// Everything besides the policy files that the agent's last compilation used.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Inputs {
     pub policies: PathBuf,
     pub mesh_config: Option<PathBuf>,
     pub root_namespace: String,
     pub istio_compat: bool,
     pub allow_cidrs: Vec<IpNet>,
-    pub dns_servers: Vec<IpAddr>,
+    pub dns_servers: Vec<SocketAddr>,
     pub namespaces: BTreeSet<String>,
     /// The addresses allowed per name (current and in grace).
     pub answers: BTreeMap<String, Vec<IpAddr>>,

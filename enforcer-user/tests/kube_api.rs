@@ -26,11 +26,49 @@ fn options() -> Options {
 }
 
 async fn connect(server: &FakeApiServer) -> anyhow::Result<(Cluster, mpsc::UnboundedReceiver<()>)> {
+    let (cluster, rx, _pods) = connect_split(server).await?;
+    Ok((cluster, rx))
+}
+
+/// The cluster, its policy-change signal and its pod-change signal.
+async fn connect_split(
+    server: &FakeApiServer,
+) -> anyhow::Result<(
+    Cluster,
+    mpsc::UnboundedReceiver<()>,
+    mpsc::UnboundedReceiver<()>,
+)> {
     let config = kube::Config::new(server.url().parse()?);
     let client = kube::Client::try_from(config)?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let cluster = Cluster::connect_with(client, options(), tx).await?;
-    Ok((cluster, rx))
+    let (pods_tx, pods_rx) = mpsc::unbounded_channel();
+    let cluster = Cluster::connect_with(client, options(), tx, pods_tx).await?;
+    Ok((cluster, rx, pods_rx))
+}
+
+/// A pod coming or going on this node changes where policy applies, not the policy: it must
+/// not make every node recompile the cluster's policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_events_signal_a_replan_only_and_objects_are_stored_without_managed_fields(
+) -> anyhow::Result<()> {
+    let server = FakeApiServer::start(&["v1"])?;
+    let (cluster, mut policy, mut pods) = connect_split(&server).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while policy.try_recv().is_ok() {}
+    while pods.try_recv().is_ok() {}
+    server.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, uid: 11111111-2222-3333-4444-555555555555}\nspec: {nodeName: node-a, containers: [{name: app, image: app:1}]}\n")?;
+    tokio::time::timeout(Duration::from_secs(10), pods.recv())
+        .await?
+        .expect("a pod-change signal");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(policy.try_recv().is_err(), "a pod is not a policy change");
+    until(&cluster, "the pod", |c| !c.node_pods().is_empty()).await;
+    let stored = cluster.pods();
+    assert!(
+        stored.iter().all(|p| p.metadata.managed_fields.is_none()),
+        "the fake API server sends managedFields; the store drops them"
+    );
+    Ok(())
 }
 
 /// Waits (bounded) until `cond` holds for the cluster's current view.

@@ -150,7 +150,7 @@ fn inputs(args: &ExplainArgs) -> anyhow::Result<(Inputs, String)> {
             root_namespace: args.root_namespace.clone(),
             istio_compat: args.istio_compat,
             allow_cidrs: args.allow_cidr.clone(),
-            dns_servers: args.dns_server.map(|s| s.ip()).into_iter().collect(),
+            dns_servers: args.dns_server.into_iter().collect(),
             ..Inputs::default()
         };
         return Ok((inputs, format!("compiled from {}", policies.display())));

@@ -13,9 +13,14 @@ pub struct HealthArgs {
     max_age: u64,
 }
 
-/// Exit 0 when the agent has applied a policy and its loop is running; for liveness and
-/// readiness probes, which need no port on the node.
+/// Exit 0 when the agent has applied a policy, its loop is running, and its applies have not
+/// kept failing for longer than `--max-age`; for liveness and readiness probes, which need no
+/// port on the node.
 pub fn health(args: HealthArgs) -> anyhow::Result<i32> {
+    if let Some(why) = failing_too_long(&args) {
+        eprintln!("unhealthy: {why}");
+        return Ok(1);
+    }
     let age = std::fs::metadata(&args.status_file)
         .and_then(|m| m.modified())
         .map(|t| t.elapsed().unwrap_or_default());
@@ -37,4 +42,24 @@ pub fn health(args: HealthArgs) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// Why the agent is unhealthy although it runs: every apply since some time left entries out.
+fn failing_too_long(args: &HealthArgs) -> Option<String> {
+    let status = crate::status::Status::read(&args.status_file).ok()?;
+    let since = status.failing_since?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let failing = now.saturating_sub(since);
+    (failing > args.max_age).then(|| {
+        format!(
+            "applies have failed for {failing}s; the last: {}",
+            status
+                .apply_errors
+                .first()
+                .map_or("(none recorded)", String::as_str)
+        )
+    })
 }

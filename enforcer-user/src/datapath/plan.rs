@@ -87,8 +87,9 @@ pub fn build(
         agent,
     } = workloads;
     let mut plan = MapPlan::default();
-    // A selecting Sidecar's scope costs map entries only while a workload of it runs. Rules go
-    // in before cgroups, so a new workload never runs ahead of its scope's rules.
+    // A scope costs map entries only while a workload of it runs on this node: every node sees
+    // every namespace, but holds the rules of its own workloads only. Rules go in before
+    // cgroups, so a new workload never runs ahead of its scope's rules.
     let used: BTreeSet<&str> = cgroups
         .values()
         .chain(trees.values())
@@ -100,7 +101,7 @@ pub fn build(
         let Some(&scope) = scope_ids.get(name) else {
             continue;
         };
-        if *name != policy.namespace && !used.contains(name.as_str()) {
+        if !used.contains(name.as_str()) {
             continue;
         }
         for rule in policy.rules.keys() {
@@ -388,5 +389,46 @@ mod tests {
         assert_eq!(plan.cgroups[&100], FAILED, "refused, not unenforced");
         assert_eq!(plan.pods.values().next(), Some(&FAILED));
         assert_eq!(plan.scope_ids_in_use(), BTreeSet::from([FAILED_SCOPE]));
+    }
+
+    #[test]
+    fn a_namespace_without_workloads_on_this_node_costs_no_entries() {
+        let mut desired = Desired::default();
+        let mut rules = BTreeMap::new();
+        rules.insert(
+            Rule::host(L4::Tcp, 443, "198.51.100.7".parse().unwrap()),
+            Vec::new(),
+        );
+        desired.scopes.insert(
+            "elsewhere".into(),
+            ScopePolicy {
+                namespace: "elsewhere".into(),
+                mode: OutboundMode::RegistryOnly,
+                rules,
+                ..ScopePolicy::default()
+            },
+        );
+        let ids = BTreeMap::from([("elsewhere".to_string(), 3)]);
+        let none = BTreeMap::new();
+        let workloads = Workloads {
+            cgroups: &none,
+            trees: &none,
+            pods: &[],
+            agent: None,
+        };
+        assert!(build(&desired, workloads, &ids).exact.is_empty());
+        let here = BTreeMap::from([(
+            7,
+            Assignment {
+                namespace: "elsewhere".into(),
+                labels: BTreeMap::new(),
+                path: PathBuf::from("/x/e"),
+            },
+        )]);
+        let workloads = Workloads {
+            cgroups: &here,
+            ..workloads
+        };
+        assert_eq!(build(&desired, workloads, &ids).exact.len(), 1);
     }
 }

@@ -201,8 +201,27 @@ fn sync_scopes<K: aya::Pod + Ord + std::fmt::Debug>(
         .copied()
         .collect();
     for key in stale {
-        let _ = map.remove(&key);
+        match map.remove(&key) {
+            Ok(()) => {}
+            Err(err) if is_not_found(&err) => {}
+            // Kept in `applied`, so the next apply tries again.
+            Err(err) => {
+                report
+                    .errors
+                    .push(format!("unmapping {what} {key:?}: {err}"));
+                continue;
+            }
+        }
         applied.remove(&key);
         report.removed += 1;
+    }
+}
+
+/// An entry that is already gone (a deleted cgroup's) needs no removal.
+fn is_not_found(err: &aya::maps::MapError) -> bool {
+    match err {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }

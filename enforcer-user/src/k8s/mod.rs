@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     hash::Hash,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::Duration,
 };
@@ -86,6 +86,7 @@ impl Cluster {
     pub async fn connect(
         opts: Options,
         changed: mpsc::UnboundedSender<()>,
+        pods_changed: mpsc::UnboundedSender<()>,
     ) -> anyhow::Result<Self> {
         let config = kube::Config::infer()
             .await
@@ -101,15 +102,18 @@ impl Cluster {
             url.port_u16().unwrap_or(default_port),
         );
         let client = Client::try_from(config).context("connecting to the Kubernetes API")?;
-        let mut cluster = Self::connect_with(client, opts, changed).await?;
+        let mut cluster = Self::connect_with(client, opts, changed, pods_changed).await?;
         cluster.api_endpoints = api_endpoints;
         Ok(cluster)
     }
 
+    /// `changed` gets `()` when the policy may have changed; `pods_changed` when only this
+    /// node's pods did, which needs a replan, not a recompile.
     pub async fn connect_with(
         client: Client,
         opts: Options,
         changed: mpsc::UnboundedSender<()>,
+        pods_changed: mpsc::UnboundedSender<()>,
     ) -> anyhow::Result<Self> {
         let istio_resources = istio_api::resources(&client).await?;
         let mut tasks = Vec::new();
@@ -134,7 +138,7 @@ impl Cluster {
             watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
         start(
             "pods".into(),
-            watch(Api::all(client.clone()), on_node, w, &changed, "Pods"),
+            watch(Api::all(client.clone()), on_node, w, &pods_changed, "Pods"),
         );
         let (services, w) = reflector::store();
         start(
@@ -291,6 +295,11 @@ impl Cluster {
         )
     }
 
+    /// This node's Pod objects as stored.
+    pub fn pods(&self) -> Vec<Arc<Pod>> {
+        self.pods.state()
+    }
+
     /// This node's pods that are not finished (a finished pod's cgroup is gone or going).
     pub fn node_pods(&self) -> Vec<NodePod> {
         self.pods
@@ -341,7 +350,11 @@ where
 {
     let changed = changed.clone();
     tokio::spawn(async move {
-        let stream = watcher(api, config).default_backoff().reflect(writer);
+        // managedFields are most of an object's size and of no use here.
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(|obj| obj.meta_mut().managed_fields = None)
+            .reflect(writer);
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -365,12 +378,12 @@ pub fn add_node_scopes(
     desired: &mut Desired,
     unmapped: OutboundMode,
     bootstrap: &[Rule],
-    dns_servers: &[IpAddr],
+    dns_servers: &[SocketAddr],
 ) {
     let origin = Arc::new(Origin::builtin("what a pod needs to start"));
     let dns = dns_servers
         .iter()
-        .flat_map(|&ip| [L4::Udp, L4::Tcp].map(|l4| Rule::host(l4, 53, ip)));
+        .flat_map(|&s| [L4::Udp, L4::Tcp].map(|l4| Rule::host(l4, s.port(), s.ip())));
     let rules = bootstrap
         .iter()
         .copied()

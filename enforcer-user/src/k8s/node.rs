@@ -89,6 +89,8 @@ pub struct Node {
     watched_roots: Vec<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
     cgroup_tx: mpsc::UnboundedSender<()>,
+    /// Pods that claim one cgroup (forged mirror pods), as last reported.
+    conflicts: Vec<String>,
 }
 
 impl Node {
@@ -104,6 +106,7 @@ impl Node {
             watched_roots: Vec::new(),
             watcher: None,
             cgroup_tx,
+            conflicts: Vec::new(),
         }
     }
 
@@ -140,6 +143,12 @@ impl Node {
                 // Removed since the walk: the pod is gone.
                 Err(err) => log::debug!("{err:#}"),
             }
+        }
+        if mapping.conflicts != self.conflicts {
+            for conflict in &mapping.conflicts {
+                log::warn!("{conflict}");
+            }
+            self.conflicts = mapping.conflicts;
         }
         let changed = trees != self.trees || mapping.addresses != self.addresses;
         self.trees = trees;

@@ -2,7 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -55,8 +55,8 @@ pub struct Inputs<'a> {
     pub namespaces: &'a BTreeSet<String>,
     /// Current DNS answers by name. A missing name allows nothing.
     pub dns: &'a BTreeMap<String, Vec<IpAddr>>,
-    /// Resolvers every workload may reach on port 53.
-    pub dns_servers: &'a [IpAddr],
+    /// Resolvers every workload may reach (the agent's, on their port).
+    pub dns_servers: &'a [SocketAddr],
     pub allow_cidrs: &'a [IpNet],
     /// Istio's reading of `resolution: NONE` without addresses: any IP on an opaque TCP port.
     pub istio_compat: bool,
@@ -197,7 +197,7 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
                 for l4 in [L4::Udp, L4::Tcp] {
                     scope
                         .rules
-                        .entry(Rule::host(l4, 53, server))
+                        .entry(Rule::host(l4, server.port(), server.ip()))
                         .or_default()
                         .push(Arc::clone(&dns_origin));
                 }

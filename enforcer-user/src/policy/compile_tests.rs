@@ -380,7 +380,10 @@ fn builtins_dns_servers_and_global_cidrs() {
     let mesh = MeshSettings::default();
     let namespaces: BTreeSet<String> = ["x".to_string()].into();
     let dns = BTreeMap::new();
-    let servers: Vec<IpAddr> = vec!["127.0.0.53".parse().unwrap()];
+    let servers: Vec<std::net::SocketAddr> = vec![
+        "127.0.0.53:53".parse().unwrap(),
+        "198.51.100.53:5353".parse().unwrap(),
+    ];
     let cidrs = vec!["10.96.0.0/12".parse().unwrap()];
     let d = compile(&Inputs {
         service_entries: &ses,
@@ -401,7 +404,13 @@ fn builtins_dns_servers_and_global_cidrs() {
     );
     assert_eq!(
         rules(&d, "x"),
-        sorted(["127.0.0.53:53/tcp", "127.0.0.53:53/udp"])
+        sorted([
+            "127.0.0.53:53/tcp",
+            "127.0.0.53:53/udp",
+            "198.51.100.53:5353/tcp",
+            "198.51.100.53:5353/udp"
+        ]),
+        "each resolver on its own port, not on 53"
     );
     let global: Vec<String> = d.global.iter().map(ToString::to_string).collect();
     assert_eq!(global, ["10.96.0.0/12", "127.0.0.0/8", "::1/128"]);

@@ -57,7 +57,7 @@ fn desired(mode: OutboundMode) -> Desired {
         },
         namespaces: &BTreeSet::from(["default".to_string()]),
         dns: &dns,
-        dns_servers: &["127.0.0.153".parse().unwrap()],
+        dns_servers: &["127.0.0.153:53".parse().unwrap()],
         allow_cidrs: &[],
         istio_compat: false,
         sidecars: &checked.sidecars,

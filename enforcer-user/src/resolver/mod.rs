@@ -35,7 +35,11 @@ pub struct Resolver {
     inner: Arc<TokioResolver>,
     settings: DnsSettings,
     answers: HashMap<String, HostRecord>,
-    servers: Vec<IpAddr>,
+    servers: Vec<SocketAddr>,
+    /// The names last asked for: answers to others are dropped.
+    wanted: BTreeSet<String>,
+    lookups: JoinSet<(String, LookupResult)>,
+    in_flight: std::collections::HashSet<String>,
 }
 
 /// What one refresh changed.
@@ -44,6 +48,16 @@ pub struct RefreshReport {
     pub changed: bool,
     pub errors: Vec<String>,
 }
+
+impl RefreshReport {
+    fn merge(&mut self, other: Self) {
+        self.changed |= other.changed;
+        self.errors.extend(other.errors);
+    }
+}
+
+/// A lookup's addresses and TTL, or its error.
+pub type LookupResult = Result<(Vec<IpAddr>, Duration), String>;
 
 impl Resolver {
     pub fn new(settings: DnsSettings) -> anyhow::Result<Self> {
@@ -66,7 +80,7 @@ impl Resolver {
         let servers = config
             .name_servers()
             .iter()
-            .map(|ns| ns.socket_addr.ip())
+            .map(|ns| ns.socket_addr)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -78,20 +92,40 @@ impl Resolver {
             settings,
             answers: HashMap::new(),
             servers,
+            wanted: BTreeSet::new(),
+            lookups: JoinSet::new(),
+            in_flight: std::collections::HashSet::new(),
         })
     }
 
     /// The resolvers in use: workloads must be able to reach them too.
-    pub fn servers(&self) -> &[IpAddr] {
+    pub fn servers(&self) -> &[SocketAddr] {
         &self.servers
     }
 
-    /// Resolves every name in `names` that is new or due, and forgets names no longer wanted.
+    /// Resolves every name in `names` that is new or due, and forgets names no longer wanted;
+    /// waits for every answer. The agent does this once, at start, so that a restart never
+    /// drops answers that are merely unknown yet; later, [`Resolver::start`] and
+    /// [`Resolver::next_answer`] keep lookups off the agent's loop.
     pub async fn refresh(&mut self, names: &BTreeSet<String>) -> RefreshReport {
-        let mut report = RefreshReport::default();
+        let mut report = RefreshReport {
+            changed: self.start(names),
+            ..RefreshReport::default()
+        };
+        while let Some((name, result)) = self.next_answer().await {
+            report.merge(self.record(name, result));
+        }
+        report
+    }
+
+    /// Forgets names no longer wanted, lets superseded addresses whose grace ended go, and
+    /// starts a lookup for every wanted name that is new or due (and not already asked).
+    /// Returns whether the answers changed.
+    pub fn start(&mut self, names: &BTreeSet<String>) -> bool {
         let before = self.answers.len();
         self.answers.retain(|name, _| names.contains(name));
-        report.changed |= before != self.answers.len();
+        let mut changed = before != self.answers.len();
+        self.wanted.clone_from(names);
 
         let now = Instant::now();
         for (name, record) in &mut self.answers {
@@ -100,66 +134,85 @@ impl Resolver {
                     "DNS {name}: grace ended for superseded addresses; now {:?}",
                     record.allowed()
                 );
-                report.changed = true;
+                changed = true;
             }
         }
-        let mut lookups = JoinSet::new();
         for name in names {
-            if self.answers.get(name).is_some_and(|a| a.refresh_at > now) {
+            let due = !self.answers.get(name).is_some_and(|a| a.refresh_at > now);
+            if !due || !self.in_flight.insert(name.clone()) {
                 continue;
             }
             let inner = Arc::clone(&self.inner);
             let name = name.clone();
-            lookups.spawn(async move {
+            self.lookups.spawn(async move {
                 let result = lookup(&inner, &name).await;
                 (name, result)
             });
         }
+        changed
+    }
+
+    /// The next answer of a lookup [`Resolver::start`] began; `None` when none is under way.
+    /// Cancel-safe, for `select!`.
+    pub async fn next_answer(&mut self) -> Option<(String, LookupResult)> {
+        loop {
+            match self.lookups.join_next().await? {
+                Ok(answer) => return Some(answer),
+                // A lookup task that panicked or was cancelled: asked again when due.
+                Err(err) => log::warn!("DNS lookup task: {err}"),
+            }
+        }
+    }
+
+    /// Takes one answer in: the new addresses, or the error with the last answer kept.
+    pub fn record(&mut self, name: String, result: LookupResult) -> RefreshReport {
+        let mut report = RefreshReport::default();
+        self.in_flight.remove(&name);
+        if !self.wanted.contains(&name) {
+            return report;
+        }
         let life = self.settings.lifetimes;
-        while let Some(joined) = lookups.join_next().await {
-            let Ok((name, result)) = joined else { continue };
-            let now = Instant::now();
-            let record = self.answers.entry(name.clone()).or_insert_with(|| {
-                report.changed = true;
-                HostRecord::unresolved(now, life.min_ttl)
-            });
-            match result {
-                Ok((ips, ttl)) => {
-                    let previous = record.current().to_vec();
-                    if record.update(ips, ttl, now, fastrand::f32(), &life) {
-                        report.changed = true;
-                    }
-                    if previous.is_empty() || previous == record.current() {
-                        log::debug!(
-                            "DNS {name}: {:?} (ttl {}s)",
-                            record.current(),
-                            ttl.as_secs()
-                        );
-                    } else {
-                        log::info!(
-                            "DNS {name}: answer changed to {:?} (ttl {}s); kept in grace: {:?}",
-                            record.current(),
-                            ttl.as_secs(),
-                            record
-                                .retired()
-                                .iter()
-                                .map(|(ip, _)| ip)
-                                .collect::<Vec<_>>()
-                        );
-                    }
+        let now = Instant::now();
+        let record = self.answers.entry(name.clone()).or_insert_with(|| {
+            report.changed = true;
+            HostRecord::unresolved(now, life.min_ttl)
+        });
+        match result {
+            Ok((ips, ttl)) => {
+                let previous = record.current().to_vec();
+                if record.update(ips, ttl, now, fastrand::f32(), &life) {
+                    report.changed = true;
                 }
-                Err(err) => {
-                    record.refresh_at = now + life.min_ttl;
-                    record.last_error = Some(err.clone());
-                    report.errors.push(if record.allowed().is_empty() {
-                        format!("DNS {name}: {err}; nothing is allowed for it yet")
-                    } else {
-                        format!(
-                            "DNS {name}: {err}; keeping the last answer {:?}",
-                            record.allowed()
-                        )
-                    });
+                if previous.is_empty() || previous == record.current() {
+                    log::debug!(
+                        "DNS {name}: {:?} (ttl {}s)",
+                        record.current(),
+                        ttl.as_secs()
+                    );
+                } else {
+                    log::info!(
+                        "DNS {name}: answer changed to {:?} (ttl {}s); kept in grace: {:?}",
+                        record.current(),
+                        ttl.as_secs(),
+                        record
+                            .retired()
+                            .iter()
+                            .map(|(ip, _)| ip)
+                            .collect::<Vec<_>>()
+                    );
                 }
+            }
+            Err(err) => {
+                record.refresh_at = now + life.min_ttl;
+                record.last_error = Some(err.clone());
+                report.errors.push(if record.allowed().is_empty() {
+                    format!("DNS {name}: {err}; nothing is allowed for it yet")
+                } else {
+                    format!(
+                        "DNS {name}: {err}; keeping the last answer {:?}",
+                        record.allowed()
+                    )
+                });
             }
         }
         report
@@ -255,7 +308,7 @@ impl Resolver {
 }
 
 /// A name that does not exist is an empty answer, not an error.
-async fn lookup(resolver: &TokioResolver, name: &str) -> Result<(Vec<IpAddr>, Duration), String> {
+async fn lookup(resolver: &TokioResolver, name: &str) -> LookupResult {
     let fqdn = if name.ends_with('.') {
         name.to_string()
     } else {

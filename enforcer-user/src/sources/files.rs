@@ -156,6 +156,15 @@ pub fn watch_any(
 
 /// After a first event, waits until the channel has been quiet for `quiet`, so that an editor's
 /// write-rename-chmod burst is read once.
-pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) {
-    while let Ok(Some(())) = tokio::time::timeout(quiet, rx.recv()).await {}
+/// Waits until `rx` has been quiet for `quiet`, but never longer than `max` in all: under a
+/// steady stream of events (a busy cluster) the agent still applies, at least every `max`.
+pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration, max: Duration) {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        let until = (tokio::time::Instant::now() + quiet).min(deadline);
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(())) => {}
+            _ => return,
+        }
+    }
 }

@@ -231,13 +231,16 @@ fn pods_under_the_systemd_driver_follow_the_api_server() {
     eventually_in(&c.agent, &tool, "198.51.100.11", 80, Want::Allowed);
     // Not mapped yet: refused under REGISTRY_ONLY, on record under its own scope name.
     eventually_in(&c.agent, &stray, "198.51.100.10", 80, Want::Denied);
-    assert!(
-        c.agent
-            .denials()
-            .iter()
-            .any(|d| d["namespace"] == "enforcer.unmapped" && d["dst"] == "198.51.100.10"),
-        "{:?}",
-        c.agent.denials()
+    // Records reach stdout through the agent's event task, a moment after the refusal.
+    c.agent.wait_for(
+        Duration::from_secs(5),
+        "the unmapped refusal's record",
+        || {
+            c.agent
+                .denials()
+                .iter()
+                .any(|d| d["namespace"] == "enforcer.unmapped" && d["dst"] == "198.51.100.10")
+        },
     );
 
     // The API server tells of the pod: it gets its namespace's policy.

@@ -279,4 +279,26 @@ fn a_full_map_never_widens_what_is_allowed() {
     // Nothing outside the entry gains access, and REGISTRY_ONLY still holds.
     check(&agent, "default", "tcp", "203.0.113.30", 80, Denied);
     check(&agent, "default", "tcp", "198.51.100.10", 8080, Denied);
+
+    // Never invisible: the status names the failure, and health fails once applies have kept
+    // failing for longer than --max-age, although the loop runs.
+    let status = agent.status();
+    assert!(
+        status["apply_errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "{status}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let out = std::process::Command::new(crate::harness::ENFORCER)
+        .args(["health", "--max-age", "1", "--status-file"])
+        .arg(world.dir.join("status.json"))
+        .output()
+        .expect("enforcer health");
+    assert_eq!(out.status.code(), Some(1), "health while every apply fails");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("applies have failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
