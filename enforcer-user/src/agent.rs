@@ -127,10 +127,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut last_inputs = None;
     let mut failing_since = None;
 
-    // The first answers are awaited, so that a restart never drops answers that are merely
-    // unknown yet; after that, lookups run beside the loop and never delay an apply.
+    // The first answers are awaited, briefly, so that a restart does not drop the entries of
+    // names that merely have no answer yet; a name that hangs holds the start up a second at
+    // most. After that, lookups run beside the loop and never delay an apply.
     let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
-    for err in resolver.refresh(&names).await.errors {
+    let first = resolver.refresh_within(&names, FIRST_ANSWERS).await;
+    for err in first.errors {
         log::warn!("{err}");
     }
     let mut dns_changed = false;
@@ -280,6 +282,9 @@ fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
         }
     }
 }
+
+/// How long the agent's first apply waits for the first DNS answers.
+const FIRST_ANSWERS: Duration = Duration::from_secs(1);
 
 /// Quiet period that ends a burst of changes (an editor's writes, a rollout's events).
 const DEBOUNCE: Duration = Duration::from_millis(20);

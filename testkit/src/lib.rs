@@ -280,6 +280,19 @@ impl Dnsmasq {
         records: &[(&str, &str)],
         cnames: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_forwarding(addr, dir, ttl, records, cnames, &[])
+    }
+
+    /// As `start_with_cnames`, forwarding names under each `(domain, server)` to that server:
+    /// an address where nothing answers makes a name whose lookups hang until they time out.
+    pub fn start_forwarding(
+        addr: SocketAddr,
+        dir: &Path,
+        ttl: u32,
+        records: &[(&str, &str)],
+        cnames: &[(&str, &str)],
+        forwards: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let addr = if addr.port() == 0 {
             UdpSocket::bind(addr)?.local_addr()?
         } else {
@@ -304,6 +317,11 @@ impl Dnsmasq {
                 cnames
                     .iter()
                     .map(|(alias, target)| format!("--cname={alias},{target}")),
+            )
+            .args(
+                forwards
+                    .iter()
+                    .map(|(domain, server)| format!("--server=/{domain}/{server}")),
             )
             .stdout(Stdio::null())
             .stderr(Stdio::null())

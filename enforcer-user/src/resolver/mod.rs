@@ -103,16 +103,23 @@ impl Resolver {
         &self.servers
     }
 
-    /// Resolves every name in `names` that is new or due, and forgets names no longer wanted;
-    /// waits for every answer. The agent does this once, at start, so that a restart never
-    /// drops answers that are merely unknown yet; later, [`Resolver::start`] and
-    /// [`Resolver::next_answer`] keep lookups off the agent's loop.
-    pub async fn refresh(&mut self, names: &BTreeSet<String>) -> RefreshReport {
+    /// Starts the lookups that are due (see [`Resolver::start`]) and takes in their answers for
+    /// at most `limit`; lookups still under way then go on in the background, for
+    /// [`Resolver::next_answer`]. The agent waits like this once, at start, so that a restart
+    /// does not drop the entries of names that merely have no answer yet.
+    pub async fn refresh_within(
+        &mut self,
+        names: &BTreeSet<String>,
+        limit: Duration,
+    ) -> RefreshReport {
         let mut report = RefreshReport {
             changed: self.start(names),
             ..RefreshReport::default()
         };
-        while let Some((name, result)) = self.next_answer().await {
+        let deadline = Instant::now() + limit;
+        while let Ok(Some((name, result))) =
+            tokio::time::timeout_at(deadline, self.next_answer()).await
+        {
             report.merge(self.record(name, result));
         }
         report

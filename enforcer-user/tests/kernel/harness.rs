@@ -147,6 +147,17 @@ impl Dns {
         )
     }
 
+    /// As `new`, with names under `domain` forwarded to a test-host address where nothing
+    /// answers: their lookups hang until the resolver gives up.
+    pub fn with_blackhole(world: &World, records: &[(&str, &str)], domain: &str) -> Self {
+        let any_port = "127.0.0.1:0".parse().expect("address");
+        let forwards = [(domain, "203.0.113.250")];
+        Self(
+            Dnsmasq::start_forwarding(any_port, &world.dir, 1, records, &[], &forwards)
+                .expect("starting dnsmasq"),
+        )
+    }
+
     pub fn addr(&self) -> String {
         self.0.addr.to_string()
     }

@@ -518,3 +518,78 @@ fn a_replaced_agent_pod_reaches_the_api_server_and_takes_over() {
     );
     drop(hosts);
 }
+
+/// A ServiceEntry whose name never answers must not hold up the mapping of new pods: lookups
+/// run beside the agent's loop (with `--dns-min-ttl 1` such a name is due every second, and
+/// each lookup hangs for the resolver's 2 x 2 s).
+#[test]
+fn a_name_that_never_answers_does_not_delay_new_pods() {
+    let world = World::new("k8sdnsbh");
+    let _hosts = Hosts::new(&world);
+    let dns = Dns::with_blackhole(
+        &world,
+        &[("api.example.com", "198.51.100.10")],
+        "blackhole.example",
+    );
+    let server = FakeApiServer::start(&["v1"]).expect("fake API server");
+    server.apply(CLUSTER).expect("applying the cluster");
+    server
+        .apply("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: slow, namespace: shop}\nspec: {hosts: [never.blackhole.example], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}")
+        .expect("entry");
+    let kubeconfig = world.dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let tree = KubeletTree::new(&world);
+    let agent = Agent::start_kubernetes(
+        &world,
+        &kubeconfig,
+        &[
+            "--node-name",
+            "node-a",
+            "--kubelet-cgroups",
+            &tree.relative,
+            "--dns-server",
+            &dns.addr(),
+            "--dns-min-ttl",
+            "1",
+        ],
+    );
+    let trees = open_trees(&agent);
+    let mut windows = Vec::new();
+    for n in 0..5 {
+        let pod = uid(0xb0 + n);
+        server
+            .apply(&pod_yaml(&format!("p{n}"), "shop", &pod, ""))
+            .expect("pod");
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let dir = tree.make(&format!("kubepods/besteffort/pod{pod}"));
+        let id = fs::metadata(&dir)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .expect("id");
+        while trees.get(&id, 0).is_err() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        windows.push(started.elapsed());
+    }
+    eprintln!("new pods unmapped for {windows:?} while a lookup hangs");
+    // Not a timing goal: a loop that waits for the hanging lookup takes seconds.
+    assert!(
+        windows.iter().all(|w| *w < Duration::from_secs(1)),
+        "new pods waited for DNS: {windows:?}\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("never.blackhole.example"),
+        "the lookup failed and was reported\n{}",
+        agent.log()
+    );
+    eventually_in(
+        &agent,
+        &tree
+            .root
+            .join(format!("kubepods/besteffort/pod{}", uid(0xb0))),
+        "198.51.100.10",
+        80,
+        Want::Allowed,
+    );
+}
