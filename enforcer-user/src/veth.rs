@@ -5,12 +5,13 @@
 //!    (`cali*`), Cilium in native routing (`lxc*`), kindnet and the ptp plugin (`veth*`), AWS VPC
 //!    CNI (`eni*`), Antrea (`<pod>-<hash>`).
 //! 2. Otherwise the route points at a bridge or a tunnel (the bridge plugin's `cni0`, flannel,
-//!    Weave, Kube-OVN): the interface that holds the pod's address inside the pod's network
-//!    namespace names its peer's index on the host.
+//!    Weave, Kube-OVN), or at a shared host device (Cilium's `cilium_host` without endpoint
+//!    routes): the interface that holds the pod's address inside the pod's network namespace
+//!    names its peer's index on the host.
 //!
 //! Multus secondary interfaces and SR-IOV VFs (no veth on the host) are not covered.
 
-use std::{net::IpAddr, path::Path, process::Command};
+use std::{ffi::CString, net::IpAddr, path::Path, process::Command};
 
 use anyhow::{bail, Context as _};
 use serde_json::Value;
@@ -34,17 +35,36 @@ impl Found {
 
 /// The host-side veth of the pod at `ip`. `netns` is the pod's network namespace (for example
 /// `/proc/<pid>/ns/net` of one of its processes), needed when the route does not tell.
+///
+/// Either way the interface must be a veth whose peer is in another network namespace: with
+/// Cilium without endpoint routes every pod's route names `cilium_host`, a veth whose peer
+/// `cilium_net` is on the host, and which no pod's packets cross.
 pub fn host_side(ip: IpAddr, netns: Option<&Path>) -> anyhow::Result<Found> {
     if let Some(dev) = route_dev(ip)? {
-        if is_veth(&dev)? {
+        if is_pod_veth(&dev)? {
             return Ok(Found::Route(dev));
         }
     }
     let Some(netns) = netns else {
         bail!(
-            "the route to {ip} does not lead to a veth, and the pod's network namespace is unknown"
+            "the route to {ip} does not lead to a veth with its peer in another network \
+             namespace, and the pod's network namespace is unknown"
         );
     };
+    let name = peer_of(ip, netns)?;
+    // The pod's interface names its peer by index in the peer's namespace; an ipvlan or macvlan
+    // names its parent instead, which may be the host's uplink.
+    if !is_pod_veth(&name)? {
+        bail!(
+            "{name}, the link of {ip}'s interface, is not a veth with its peer in another \
+             network namespace"
+        );
+    }
+    Ok(Found::Peer(name))
+}
+
+/// The host interface whose index the interface holding `ip` in `netns` names as its link.
+fn peer_of(ip: IpAddr, netns: &Path) -> anyhow::Result<String> {
     let addrs = ip_json(
         Command::new("nsenter")
             .arg(format!("--net={}", netns.display()))
@@ -73,7 +93,7 @@ pub fn host_side(ip: IpAddr, netns: Option<&Path>) -> anyhow::Result<Found> {
         .with_context(|| {
             format!("the peer of {ip}'s interface (index {peer}) is not on this host")
         })?;
-    Ok(Found::Peer(name.to_string()))
+    Ok(name.to_string())
 }
 
 /// The device of the host's route to `ip`, if any.
@@ -82,9 +102,27 @@ fn route_dev(ip: IpAddr) -> anyhow::Result<Option<String>> {
     Ok(routes[0]["dev"].as_str().map(str::to_string))
 }
 
-fn is_veth(dev: &str) -> anyhow::Result<bool> {
+/// A veth whose peer is in another network namespace, as a pod's is: `ip -d` then gives the
+/// peer's namespace id (`link_netnsid`; the kernel assigns one when it reports it).
+fn is_pod_veth(dev: &str) -> anyhow::Result<bool> {
     let link = ip_json(Command::new("ip").args(["-j", "-d", "link", "show", "dev", dev]))?;
-    Ok(link[0]["linkinfo"]["info_kind"].as_str() == Some("veth"))
+    let veth = link[0]["linkinfo"]["info_kind"].as_str() == Some("veth");
+    Ok(veth && link[0]["link_netnsid"].is_i64())
+}
+
+/// The index of the interface `name` in this network namespace, `None` if there is none.
+pub fn ifindex(name: &str) -> std::io::Result<Option<u32>> {
+    let name = CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index != 0 {
+        return Ok(Some(index));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENODEV) => Ok(None),
+        _ => Err(err),
+    }
 }
 
 fn ip_json(cmd: &mut Command) -> anyhow::Result<Value> {
