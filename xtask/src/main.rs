@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Orchestration only; the product lives in enforcer-user.
 
 mod bench;
+mod bench_k8s;
 mod bench_tc;
 mod check;
 mod demo;
@@ -35,6 +36,9 @@ enum Task {
         /// Only the TC measures (throughput through a pod veth, cost per packet, revocation).
         #[arg(long)]
         tc_only: bool,
+        /// Only the Kubernetes-mode measures (churn, occupancy, the ancestor walk).
+        #[arg(long, conflicts_with = "tc_only")]
+        k8s_only: bool,
     },
     /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
     VmTest {
@@ -70,10 +74,17 @@ fn main() -> anyhow::Result<()> {
             let bin = check::build_release()?;
             demo::run(&bin)
         }
-        Task::Bench { tc_only } => {
+        Task::Bench { tc_only, k8s_only } => {
             setup::run(false)?;
             let bin = check::build_release()?;
-            bench::run(&bin, tc_only)
+            if k8s_only {
+                return bench_k8s::run(&bin);
+            }
+            bench::run(&bin, tc_only)?;
+            if !tc_only {
+                bench_k8s::run(&bin)?;
+            }
+            Ok(())
         }
         Task::BenchClient { args } => bench::client(&args),
         Task::VmTest { kernels, enforcer } => vm::run(&kernels, enforcer),

@@ -145,7 +145,7 @@ impl Resolver {
             }
         }
         for name in names {
-            let due = !self.answers.get(name).is_some_and(|a| a.refresh_at > now);
+            let due = self.answers.get(name).is_none_or(|a| a.refresh_at <= now);
             if !due || !self.in_flight.insert(name.clone()) {
                 continue;
             }
