@@ -136,6 +136,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         log::warn!("{err}");
     }
     let mut dns_changed = false;
+    let mut reload_at: Option<Debounce> = None;
+    // A deadline for select! branches that are off.
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
         beat(&cfg.status_file, &mut last_beat);
@@ -144,7 +147,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Some(p) = pods.as_mut() {
             dirty |= p.reconcile(&mut dp);
         }
-        let recompile = dirty || dns_changed || desired.is_none();
+        // A node compiles the scopes of its own workloads' namespaces: a namespace new here
+        // needs a compile, not only a replan.
+        let local = node.as_ref().map(k8s::node::Node::local_namespaces);
+        let new_here = last_inputs
+            .as_ref()
+            .is_some_and(|i: &Inputs| i.only_namespaces != local);
+        let recompile = dirty || dns_changed || new_here || desired.is_none();
         dns_changed = false;
 
         if recompile {
@@ -219,10 +228,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .next_refresh()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            // The quiet period is waited out inside the branch: a select! branch that lost would
-            // drop an event it had already taken.
+            // Policy events only set the reload's time (a quiet period, bounded), so that pod
+            // events are handled at once while a busy cluster keeps sending.
             Some(()) = file_rx.recv() => {
-                files::settle(&mut file_rx, DEBOUNCE, DEBOUNCE_MAX).await;
+                while file_rx.try_recv().is_ok() {}
+                reload_at = Some(reload_at.map_or_else(Debounce::start, Debounce::extend));
+            }
+            () = tokio::time::sleep_until(reload_at.map_or(far, |d| d.due)), if reload_at.is_some() => {
+                reload_at = None;
                 sources = load_sources(&cfg, node.as_ref());
                 if let Some(n) = node.as_mut() {
                     n.refresh();
@@ -291,6 +304,31 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Under a steady stream of events, the agent still applies at least this often.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 
+/// When to reload the policy after a burst of events: a quiet period after the last event,
+/// but no later than a bound after the first.
+#[derive(Clone, Copy)]
+struct Debounce {
+    due: Instant,
+    latest: Instant,
+}
+
+impl Debounce {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            due: now + DEBOUNCE,
+            latest: now + DEBOUNCE_MAX,
+        }
+    }
+
+    fn extend(self) -> Self {
+        Self {
+            due: (Instant::now() + DEBOUNCE).min(self.latest),
+            ..self
+        }
+    }
+}
+
 /// Touches the status file once a second, whichever branch of the loop ran: a loop that
 /// turns keeps beating, and a stuck one stops.
 fn beat(status_file: &std::path::Path, last: &mut std::time::Instant) {
@@ -353,6 +391,7 @@ fn inputs(
         dns_servers,
         namespaces,
         answers: resolver.answers(),
+        only_namespaces: node.map(k8s::node::Node::local_namespaces),
     }
 }
 

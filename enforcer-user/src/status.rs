@@ -45,6 +45,9 @@ pub struct Inputs {
     pub namespaces: BTreeSet<String>,
     /// The addresses allowed per name (current and in grace).
     pub answers: BTreeMap<String, Vec<IpAddr>>,
+    /// Kubernetes mode: the namespaces with workloads on this node, the only ones compiled.
+    #[serde(default)]
+    pub only_namespaces: Option<BTreeSet<String>>,
 }
 
 impl Status {

@@ -114,6 +114,16 @@ impl Node {
         self.cluster.enforced_namespaces()
     }
 
+    /// The namespaces of the workloads on this node: the only scopes it compiles.
+    pub fn local_namespaces(&self) -> BTreeSet<String> {
+        self.trees
+            .values()
+            .map(|a| &a.namespace)
+            .chain(self.addresses.iter().map(|p| &p.namespace))
+            .cloned()
+            .collect()
+    }
+
     /// The unmapped scope's mode for this compiled policy.
     pub fn unmapped_mode(&self, desired: &Desired, mesh: OutboundMode) -> OutboundMode {
         let strictest = strictest_mode(desired, &self.namespaces(), mesh);

@@ -66,6 +66,10 @@ pub struct Inputs<'a> {
     pub workload_entries: &'a [WorkloadEntry],
     /// Where a Sidecar without a selector sets the default for every namespace.
     pub root_namespace: &'a str,
+    /// Compile the scopes of these namespaces only: a node needs those of the workloads it
+    /// runs, and every namespace's scope would multiply the cluster's Services by its
+    /// namespaces. `None`: every namespace.
+    pub only_namespaces: Option<&'a BTreeSet<String>>,
 }
 
 /// The names the agent must resolve for these ServiceEntries.
@@ -165,6 +169,9 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
         );
     }
     all.extend(inp.sidecars.iter().map(|s| s.namespace.clone()));
+    if let Some(only) = inp.only_namespaces {
+        all.retain(|ns| only.contains(ns));
+    }
 
     let mut out = Desired::default();
     let dns_origin = Arc::new(Origin::builtin("DNS server"));

@@ -1,9 +1,6 @@
 //! Local mode: a directory of Istio YAML files, and an optional mesh config file.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use notify::{RecursiveMode, Watcher as _};
@@ -152,19 +149,4 @@ pub fn watch_any(
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
     Ok(watcher)
-}
-
-/// After a first event, waits until the channel has been quiet for `quiet`, so that an editor's
-/// write-rename-chmod burst is read once.
-/// Waits until `rx` has been quiet for `quiet`, but never longer than `max` in all: under a
-/// steady stream of events (a busy cluster) the agent still applies, at least every `max`.
-pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration, max: Duration) {
-    let deadline = tokio::time::Instant::now() + max;
-    loop {
-        let until = (tokio::time::Instant::now() + quiet).min(deadline);
-        match tokio::time::timeout_at(until, rx.recv()).await {
-            Ok(Some(())) => {}
-            _ => return,
-        }
-    }
 }

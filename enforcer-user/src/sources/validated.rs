@@ -56,6 +56,7 @@ impl Sources {
             sidecars: &self.sidecars,
             workload_entries: &self.workloads,
             root_namespace: &inputs.root_namespace,
+            only_namespaces: inputs.only_namespaces.as_ref(),
         })
     }
 }
