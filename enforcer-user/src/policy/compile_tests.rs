@@ -64,7 +64,7 @@ impl Case {
             sidecars: &self.sidecars,
             workload_entries: &self.workloads,
             root_namespace: "istio-system",
-        only_namespaces: None,
+            only_namespaces: None,
         })
     }
 }
@@ -397,7 +397,7 @@ fn builtins_dns_servers_and_global_cidrs() {
         sidecars: &[],
         workload_entries: &[],
         root_namespace: "istio-system",
-            only_namespaces: None,
+        only_namespaces: None,
     });
     assert_eq!(
         d.scopes["x"].mode,

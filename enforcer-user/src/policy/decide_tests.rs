@@ -63,7 +63,7 @@ fn desired(mode: OutboundMode) -> Desired {
         sidecars: &checked.sidecars,
         workload_entries: &checked.workload_entries,
         root_namespace: "istio-system",
-            only_namespaces: None,
+        only_namespaces: None,
     })
 }
 
