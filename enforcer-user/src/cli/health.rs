@@ -11,13 +11,17 @@ pub struct HealthArgs {
     /// does every second).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     max_age: u64,
+    /// Only whether the loop runs, not whether its applies succeed: for liveness, since a
+    /// restart does not cure a full map (readiness leaves this off).
+    #[arg(long)]
+    loop_only: bool,
 }
 
 /// Exit 0 when the agent has applied a policy, its loop is running, and its applies have not
 /// kept failing for longer than `--max-age`; for liveness and readiness probes, which need no
 /// port on the node.
 pub fn health(args: HealthArgs) -> anyhow::Result<i32> {
-    if let Some(why) = failing_too_long(&args) {
+    if let Some(why) = failing_too_long(&args).filter(|_| !args.loop_only) {
         eprintln!("unhealthy: {why}");
         return Ok(1);
     }

@@ -301,4 +301,10 @@ fn a_full_map_never_widens_what_is_allowed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let live = std::process::Command::new(crate::harness::ENFORCER)
+        .args(["health", "--max-age", "5", "--loop-only", "--status-file"])
+        .arg(world.dir.join("status.json"))
+        .output()
+        .expect("enforcer health --loop-only");
+    assert_eq!(live.status.code(), Some(0), "the loop itself runs");
 }
