@@ -157,6 +157,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         dns_changed = false;
 
         if recompile {
+            // The old policy goes before the new one is built: at 100,000 entries two of them
+            // would double the agent's peak memory. Records meanwhile are explained without it.
+            drop(desired.take());
+            explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::default();
             let inputs = inputs(&cfg, &assignments, node.as_ref(), &resolver);
             let mut compiled = sources.compile(&inputs);
             if let Some(n) = &node {

@@ -126,9 +126,10 @@ fn occupancy(bin: &Path, work: &Path, kubelet: &Path, services: usize) -> anyhow
     let exact: HashMap<MapData, PolicyKey, u32> = pinned_hash(map_names::ALLOW_EXACT)?;
     let entries = exact.keys().filter_map(Result::ok).count();
     println!(
-        "  {services} Services x {ENDPOINTS} endpoints, defaultServiceExportTo ['*'], --socket-lb: first apply {:.1} s, {entries} exact entries on this node, peak RSS {:.1} MiB",
+        "  {services} Services x {ENDPOINTS} endpoints, defaultServiceExportTo ['*'], --socket-lb: first apply {:.1} s, {entries} exact entries on this node, peak RSS {:.1} MiB, {:.1} MiB after",
         ready.as_secs_f64(),
-        peak_rss_kib(agent.child.id()) as f64 / 1024.0
+        rss_kib(agent.child.id(), "VmHWM:") as f64 / 1024.0,
+        rss_kib(agent.child.id(), "VmRSS:") as f64 / 1024.0
     );
     drop(agent);
     Ok(())
@@ -410,10 +411,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
+    rss_kib(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` memory line (`VmHWM:` peak, `VmRSS:` now), in KiB.
+fn rss_kib(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }

@@ -345,7 +345,7 @@ fn watch<K>(
     what: &'static str,
 ) -> JoinHandle<()>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     let changed = changed.clone();
@@ -353,7 +353,10 @@ where
         // managedFields are most of an object's size and of no use here.
         let stream = watcher(api, config)
             .default_backoff()
-            .modify(|obj| obj.meta_mut().managed_fields = None)
+            .modify(|obj| {
+                obj.meta_mut().managed_fields = None;
+                obj.slim();
+            })
             .reflect(writer);
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
@@ -403,5 +406,47 @@ pub fn add_node_scopes(
                 ..ScopePolicy::default()
             },
         );
+    }
+}
+
+/// What a store keeps of an object: only what the agent reads. Every node holds every Service
+/// and EndpointSlice of the cluster, so the rest would cost memory on every node.
+trait Slim {
+    fn slim(&mut self) {}
+}
+
+impl Slim for Namespace {}
+impl Slim for Pod {}
+impl Slim for ConfigMap {}
+impl Slim for DynamicObject {}
+
+impl Slim for Service {
+    fn slim(&mut self) {
+        self.status = None;
+        self.metadata.labels = None;
+        if let Some(annotations) = &mut self.metadata.annotations {
+            annotations.retain(|k, _| k == registry::EXPORT_TO);
+        }
+        if let Some(spec) = &mut self.spec {
+            spec.selector = None;
+            spec.session_affinity_config = None;
+            spec.load_balancer_source_ranges = None;
+            spec.external_ips = None;
+        }
+    }
+}
+
+impl Slim for EndpointSlice {
+    fn slim(&mut self) {
+        if let Some(annotations) = &mut self.metadata.annotations {
+            annotations.clear();
+        }
+        for endpoint in &mut self.endpoints {
+            endpoint.target_ref = None;
+            endpoint.hints = None;
+            endpoint.deprecated_topology = None;
+            endpoint.node_name = None;
+            endpoint.zone = None;
+        }
     }
 }

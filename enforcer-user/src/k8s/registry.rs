@@ -31,7 +31,7 @@ pub fn add_to(
     cluster_domain: &str,
     socket_lb: bool,
 ) {
-    for entry in service_entries(services, slices, cluster_domain, socket_lb) {
+    for_each_entry(services, slices, cluster_domain, socket_lb, |entry| {
         let label = format!(
             "Service {}/{}",
             entry["metadata"]["namespace"].as_str().unwrap_or_default(),
@@ -42,7 +42,7 @@ pub fn add_to(
             Ok(yaml) => documents::parse_service(&origin, &label, yaml, snap),
             Err(err) => log::error!("{origin}: cannot be read: {err}"),
         }
-    }
+    });
 }
 
 /// One ServiceEntry document per Service:
@@ -63,6 +63,19 @@ pub fn service_entries(
     cluster_domain: &str,
     socket_lb: bool,
 ) -> Vec<Value> {
+    let mut out = Vec::new();
+    for_each_entry(services, slices, cluster_domain, socket_lb, |e| out.push(e));
+    out
+}
+
+/// As [`service_entries`], one at a time: 10,000 Services' documents never exist at once.
+fn for_each_entry(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    cluster_domain: &str,
+    socket_lb: bool,
+    mut each: impl FnMut(Value),
+) {
     let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices.iter().map(Borrow::borrow) {
         let labels = slice.metadata.labels.as_ref();
@@ -77,16 +90,14 @@ pub fn service_entries(
             by_service.entry((ns, name)).or_default().push(slice);
         }
     }
-    services
-        .iter()
-        .map(Borrow::borrow)
-        .filter_map(|svc: &Service| {
-            let ns = svc.metadata.namespace.as_deref()?;
-            let name = svc.metadata.name.as_deref()?;
-            let slices = by_service.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
-            Some(entry_for(svc, ns, name, slices, cluster_domain, socket_lb))
-        })
-        .collect()
+    for svc in services.iter().map(Borrow::borrow) {
+        let meta = &svc.metadata;
+        let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
+            continue;
+        };
+        let slices = by_service.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
+        each(entry_for(svc, ns, name, slices, cluster_domain, socket_lb));
+    }
 }
 
 fn entry_for(
@@ -98,13 +109,23 @@ fn entry_for(
     socket_lb: bool,
 ) -> Value {
     let spec = svc.spec.clone().unwrap_or_default();
-    let (ports, port_names) = service_ports(&spec);
+    let (mut ports, port_names) = service_ports(&spec);
     let headless = spec.cluster_ip.as_deref() == Some("None");
     let external = spec.type_.as_deref() == Some("ExternalName");
     let (resolution, endpoints) = match spec.external_name.as_deref() {
         // Exactly what a DNS ServiceEntry for that name allows.
         Some(name) if external => ("DNS", vec![json!({"address": name.trim_end_matches('.')})]),
-        _ if !external && (headless || socket_lb) => ("STATIC", endpoints(slices, &port_names)),
+        _ if !external && (headless || socket_lb) => {
+            let (endpoints, shared) = endpoints(slices, &port_names);
+            // One mapping for every endpoint is the ports' targetPort: a map per endpoint
+            // would cost every node memory for each of the cluster's endpoints.
+            for port in &mut ports {
+                if let Some(target) = shared.get(port["name"].as_str().unwrap_or_default()) {
+                    port["targetPort"] = target.clone();
+                }
+            }
+            ("STATIC", endpoints)
+        }
         _ => ("STATIC", Vec::new()),
     };
     let mut entry = json!({
@@ -166,24 +187,42 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
         .collect()
 }
 
-/// The slices' endpoint addresses, each with the slice's ports under our port names.
-fn endpoints(slices: &[&EndpointSlice], port_names: &BTreeMap<String, String>) -> Vec<Value> {
+/// The slices' endpoint addresses with the slices' ports under our port names. When every
+/// slice maps the ports alike (the usual case), the endpoints carry no ports and the mapping
+/// is returned, for the entry's `targetPort`s; otherwise each endpoint carries its slice's.
+fn endpoints(
+    slices: &[&EndpointSlice],
+    port_names: &BTreeMap<String, String>,
+) -> (Vec<Value>, serde_json::Map<String, Value>) {
+    let mappings: Vec<serde_json::Map<String, Value>> = slices
+        .iter()
+        .map(|slice| {
+            let mut ports = serde_json::Map::new();
+            for p in slice.ports.iter().flatten() {
+                let key = p.name.clone().unwrap_or_default();
+                if let (Some(ours), Some(number)) = (port_names.get(&key), p.port) {
+                    ports.insert(ours.clone(), json!(number));
+                }
+            }
+            ports
+        })
+        .collect();
+    let shared = mappings.windows(2).all(|w| w[0] == w[1]);
     let mut out = Vec::new();
-    for slice in slices {
-        let mut ports = serde_json::Map::new();
-        for p in slice.ports.iter().flatten() {
-            let key = p.name.clone().unwrap_or_default();
-            if let (Some(ours), Some(number)) = (port_names.get(&key), p.port) {
-                ports.insert(ours.clone(), json!(number));
-            }
-        }
-        for ep in &slice.endpoints {
-            for address in &ep.addresses {
-                out.push(json!({"address": address, "ports": ports}));
-            }
+    for (slice, ports) in slices.iter().zip(&mappings) {
+        for address in slice.endpoints.iter().flat_map(|ep| &ep.addresses) {
+            out.push(if shared {
+                json!({"address": address})
+            } else {
+                json!({"address": address, "ports": ports})
+            });
         }
     }
-    out
+    let common = match (shared, mappings.into_iter().next()) {
+        (true, Some(ports)) => ports,
+        _ => serde_json::Map::new(),
+    };
+    (out, common)
 }
 
 #[cfg(test)]
@@ -254,17 +293,14 @@ endpoints:
         assert_eq!(
             spec["ports"],
             json!([
-                {"number": 80, "protocol": "TCP", "name": "tcp-80"},
-                {"number": 53, "protocol": "UDP", "name": "udp-53"}
+                {"number": 80, "protocol": "TCP", "name": "tcp-80", "targetPort": 8080},
+                {"number": 53, "protocol": "UDP", "name": "udp-53", "targetPort": 5353}
             ]),
-            "SCTP is left out"
+            "SCTP is left out; the slices' one port mapping is the targetPort"
         );
         assert_eq!(
             spec["endpoints"],
-            json!([
-                {"address": "10.244.1.5", "ports": {"tcp-80": 8080, "udp-53": 5353}},
-                {"address": "10.244.2.7", "ports": {"tcp-80": 8080, "udp-53": 5353}}
-            ]),
+            json!([{"address": "10.244.1.5"}, {"address": "10.244.2.7"}]),
             "with --socket-lb, only this service's slices"
         );
         let out = service_entries(&services, &slices, "cluster.local", false);
@@ -345,14 +381,39 @@ endpoints:
         let out = service_entries(&services, &slices, "example.internal", false);
         let db = &out[0]["spec"];
         assert_eq!(db["addresses"], json!([]));
-        assert_eq!(
-            db["endpoints"],
-            json!([{"address": "10.0.0.4", "ports": {"tcp-5432": 5432}}])
-        );
+        assert_eq!(db["endpoints"], json!([{"address": "10.0.0.4"}]));
+        assert_eq!(db["ports"][0]["targetPort"], 5432);
         assert_eq!(db["hosts"], json!(["db.a.svc.example.internal"]));
         let ext = &out[1]["spec"];
         assert_eq!(ext["resolution"], "DNS");
         assert_eq!(ext["endpoints"], json!([{"address": "db.example.com"}]));
         assert!(ext.get("exportTo").is_none());
+    }
+
+    /// Slices of one Service that map its port differently (a rollout that changed the
+    /// targetPort): each endpoint keeps its own slice's port.
+    #[test]
+    fn slices_that_disagree_keep_a_port_per_endpoint() {
+        let services =
+            [svc("metadata: {name: db, namespace: a}\nspec: {clusterIP: None, ports: [{name: pg, port: 5432}]}")];
+        let slice_with = |name: &str, addr: &str, port: u16| {
+            slice(&format!(
+                "metadata: {{name: {name}, namespace: a, labels: {{kubernetes.io/service-name: db, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{addr}]}}]\nports: [{{name: pg, port: {port}}}]"
+            ))
+        };
+        let slices = [
+            slice_with("db-old", "10.0.0.4", 5432),
+            slice_with("db-new", "10.0.0.5", 6432),
+        ];
+        let out = service_entries(&services, &slices, "cluster.local", false);
+        let spec = &out[0]["spec"];
+        assert!(spec["ports"][0].get("targetPort").is_none());
+        assert_eq!(
+            spec["endpoints"],
+            json!([
+                {"address": "10.0.0.4", "ports": {"tcp-5432": 5432}},
+                {"address": "10.0.0.5", "ports": {"tcp-5432": 6432}}
+            ])
+        );
     }
 }
