@@ -8,7 +8,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
+
+use super::slice::EndpointSlice;
 
 use crate::policy::{Rule, L4};
 

@@ -8,6 +8,7 @@ pub mod node;
 pub mod pod_links;
 pub mod registry;
 pub mod selector;
+pub mod slice;
 pub mod workloads;
 
 use std::{
@@ -21,10 +22,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{ConfigMap, Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use kube::{
     api::{Api, DynamicObject},
     core::ApiResource,
@@ -38,6 +36,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use selector::LabelSelector;
+use slice::EndpointSlice;
 pub use workloads::{NodePod, UNENFORCED, UNMAPPED};
 
 use crate::{
@@ -436,17 +435,5 @@ impl Slim for Service {
     }
 }
 
-impl Slim for EndpointSlice {
-    fn slim(&mut self) {
-        if let Some(annotations) = &mut self.metadata.annotations {
-            annotations.clear();
-        }
-        for endpoint in &mut self.endpoints {
-            endpoint.target_ref = None;
-            endpoint.hints = None;
-            endpoint.deprecated_topology = None;
-            endpoint.node_name = None;
-            endpoint.zone = None;
-        }
-    }
-}
+/// Holds only addresses and ports already (see `slice`).
+impl Slim for EndpointSlice {}

@@ -7,12 +7,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServiceSpec},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use serde_json::{json, Value};
 
+use super::slice::EndpointSlice;
 use crate::sources::{documents, Snapshot};
 
 /// Istio's annotation that narrows where a Service is visible.
