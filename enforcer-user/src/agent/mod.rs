@@ -2,8 +2,11 @@
 //! resolves names, watches cgroups, and keeps the kernel maps equal to what the compiler says. Every change recomputes the whole desired
 //! state, so a missed event can only delay an update, never leave a stale rule behind.
 
+mod reconcile;
+mod timing;
+
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
@@ -13,16 +16,19 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use tokio::{sync::mpsc, time::Instant};
 
+use self::{
+    reconcile::{Reconciler, Workloads},
+    timing::Debounce,
+};
 use crate::{
     cgroup::{Assignment, Layout},
-    datapath::{self, plan, Datapath},
+    datapath::{self, Datapath},
     events::{self, Explainer},
     k8s::{self, node::NodeOptions},
     pods::Pods,
-    policy::{self, Desired},
+    policy,
     resolver::{DnsSettings, Resolver},
     sources::{files, Sources},
-    status::{Inputs, Status},
 };
 
 #[derive(Clone, Debug)]
@@ -113,19 +119,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(n) = node.as_mut() {
         n.refresh();
     }
-    let mut generation = 0u64;
+    let mut reconciler = Reconciler::new(dp, explainer, agent_cgroup);
     // Compiling is the expensive step (100,000 entries take a while): only when an input changed.
     let mut dirty = true;
     // Only where workloads run changed (Kubernetes pods): the maps are planned again, with the
     // policy compiled before.
     let mut replan = false;
-    let mut desired: Option<Arc<Desired>> = None;
     let mut rescan = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_beat = std::time::Instant::now();
-    // The compiler's last inputs (for the status file), and since when applies keep failing.
-    let mut last_inputs = None;
-    let mut failing_since = None;
 
     // The first answers are awaited, briefly, so that a restart does not drop the entries of
     // names that merely have no answer yet; a name that hangs holds the start up a second at
@@ -141,87 +143,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
-        beat(&cfg.status_file, &mut last_beat);
+        timing::beat(&cfg.status_file, &mut last_beat);
         let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
         dns_changed |= resolver.start(&names);
         if let Some(p) = pods.as_mut() {
-            dirty |= p.reconcile(&mut dp);
+            dirty |= p.reconcile(&mut reconciler.dp);
         }
-        // A node compiles the scopes of its own workloads' namespaces: a namespace new here
-        // needs a compile, not only a replan.
-        let local = node.as_ref().map(k8s::node::Node::local_namespaces);
-        let new_here = last_inputs
-            .as_ref()
-            .is_some_and(|i: &Inputs| i.only_namespaces != local);
-        let recompile = dirty || dns_changed || new_here || desired.is_none();
+        let recompile = dirty || dns_changed || reconciler.stale(node.as_ref());
         dns_changed = false;
-
-        if recompile {
-            // The old policy goes before the new one is built: at 100,000 entries two of them
-            // would double the agent's peak memory. Records meanwhile are explained without it.
-            drop(desired.take());
-            explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::default();
-            let inputs = inputs(&cfg, &assignments, node.as_ref(), &resolver);
-            let mut compiled = sources.compile(&inputs);
-            if let Some(n) = &node {
-                let unmapped = n.unmapped_mode(&compiled, sources.mesh.mode);
-                let bootstrap = n.cluster.bootstrap_rules();
-                k8s::add_node_scopes(&mut compiled, unmapped, &bootstrap, &inputs.dns_servers);
-            }
-            for note in &compiled.notes {
-                log::warn!("{note}");
-            }
-            last_inputs = Some(inputs);
-            // Shared, not cloned: at 100,000 entries this is the agent's largest structure.
-            let compiled = Arc::new(compiled);
-            explainer.write().unwrap_or_else(|p| p.into_inner()).desired = Arc::clone(&compiled);
-            desired = Some(compiled);
-        }
-        if let (true, Some(desired)) = (recompile || replan, &desired) {
-            generation += 1;
-            let mut pod_list = pods.as_ref().map(Pods::assignments).unwrap_or_default();
-            let no_trees = BTreeMap::new();
-            let trees = match &node {
-                Some(n) => {
-                    pod_list.extend(n.addresses.iter().cloned());
-                    &n.trees
-                }
-                None => &no_trees,
-            };
-            let workloads = plan::Workloads {
+        if recompile || replan {
+            let workloads = Workloads {
                 cgroups: &assignments,
-                trees,
-                pods: &pod_list,
-                agent: agent_cgroup,
+                node: node.as_ref(),
+                pods: pods.as_ref(),
             };
-            let errors = apply(&mut dp, desired, workloads, &explainer)?;
-            let complete = errors.is_empty();
-            failing_since = match (complete, failing_since) {
-                (true, _) => None,
-                (false, None) => Some(std::time::SystemTime::now()),
-                (false, since) => since,
-            };
-            // New maps (another shape) replace the old ones only once they hold a whole plan.
-            if complete && dp.migrating() {
-                if let Err(err) = dp.finish_migration() {
-                    log::error!(
-                        "migrating to the new maps: {err:#}; the old programs keep enforcing"
-                    );
-                }
+            if recompile {
+                reconciler.compile(&cfg, &sources, &workloads, &resolver);
             }
+            let complete = reconciler.apply(&cfg, &sources, &workloads, &resolver)?;
             if let Some(n) = node.as_mut() {
-                n.attach_pods(&mut dp, &cfg.datapath.pin_root);
+                n.attach_pods(&mut reconciler.dp, &cfg.datapath.pin_root);
             }
             if let Some(p) = pods.as_mut() {
                 p.mark_ready();
-            }
-            if let Some(inputs) = &last_inputs {
-                let applied = Applied {
-                    generation,
-                    errors,
-                    failing_since,
-                };
-                write_status(&cfg, applied, &sources, desired, inputs.clone(), &resolver);
             }
             // After a partial failure, try again at the next tick.
             dirty = !complete;
@@ -268,7 +212,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 dirty |= rediscover(&cfg, &mut assignments);
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
                 if let Some(n) = node.as_mut().filter(|n| n.links_pending()) {
-                    n.attach_pods(&mut dp, &cfg.datapath.pin_root);
+                    n.attach_pods(&mut reconciler.dp, &cfg.datapath.pin_root);
                 }
             }
             () = tokio::time::sleep_until(next_dns) => {}
@@ -303,52 +247,6 @@ fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
 /// How long the agent's first apply waits for the first DNS answers.
 const FIRST_ANSWERS: Duration = Duration::from_secs(1);
 
-/// Quiet period that ends a burst of changes (an editor's writes, a rollout's events).
-const DEBOUNCE: Duration = Duration::from_millis(20);
-/// Under a steady stream of events, the agent still applies at least this often.
-const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
-
-/// When to reload the policy after a burst of events: a quiet period after the last event,
-/// but no later than a bound after the first.
-#[derive(Clone, Copy)]
-struct Debounce {
-    due: Instant,
-    latest: Instant,
-}
-
-impl Debounce {
-    fn start() -> Self {
-        let now = Instant::now();
-        Self {
-            due: now + DEBOUNCE,
-            latest: now + DEBOUNCE_MAX,
-        }
-    }
-
-    fn extend(self) -> Self {
-        Self {
-            due: (Instant::now() + DEBOUNCE).min(self.latest),
-            ..self
-        }
-    }
-}
-
-/// Touches the status file once a second, whichever branch of the loop ran: a loop that
-/// turns keeps beating, and a stuck one stops.
-fn beat(status_file: &std::path::Path, last: &mut std::time::Instant) {
-    if last.elapsed() >= Duration::from_secs(1) {
-        heartbeat(status_file);
-        *last = std::time::Instant::now();
-    }
-}
-
-/// `enforcer health` reads the status file's age: touching it says the loop runs.
-fn heartbeat(status_file: &std::path::Path) {
-    if let Ok(file) = std::fs::File::options().write(true).open(status_file) {
-        let _ = file.set_modified(std::time::SystemTime::now());
-    }
-}
-
 /// Returns whether the set of cgroups changed.
 fn rediscover(cfg: &AgentConfig, assignments: &mut BTreeMap<u64, Assignment>) -> bool {
     match cfg.cgroups.discover() {
@@ -368,119 +266,5 @@ fn load_sources(cfg: &AgentConfig, node: Option<&k8s::node::Node>) -> Sources {
     match node {
         Some(n) => Sources::from_snapshot(n.cluster.snapshot()),
         None => Sources::load(&cfg.policies, cfg.mesh_config.as_deref()),
-    }
-}
-
-/// What the compiler needs besides the policy files; kept in the status for `explain`.
-fn inputs(
-    cfg: &AgentConfig,
-    assignments: &BTreeMap<u64, Assignment>,
-    node: Option<&k8s::node::Node>,
-    resolver: &Resolver,
-) -> Inputs {
-    let mut namespaces: BTreeSet<String> =
-        assignments.values().map(|a| a.namespace.clone()).collect();
-    namespaces.extend(cfg.namespaces.iter().cloned());
-    if let Some(n) = node {
-        namespaces.extend(n.namespaces());
-    }
-    // `--dns-server` is among them, on its own port.
-    let dns_servers = resolver.servers().to_vec();
-    Inputs {
-        policies: cfg.policies.clone(),
-        mesh_config: cfg.mesh_config.clone(),
-        root_namespace: cfg.root_namespace.clone(),
-        istio_compat: cfg.istio_compat,
-        allow_cidrs: cfg.allow_cidrs.clone(),
-        dns_servers,
-        namespaces,
-        answers: resolver.answers(),
-        only_namespaces: node.map(k8s::node::Node::local_namespaces),
-    }
-}
-
-fn apply(
-    dp: &mut Datapath,
-    desired: &Desired,
-    workloads: plan::Workloads<'_>,
-    explainer: &RwLock<Explainer>,
-) -> anyhow::Result<Vec<String>> {
-    let no_id = dp.ensure_scope_ids(desired.scopes.keys());
-    let plan = plan::build(desired, workloads, dp.scope_ids());
-    let started = std::time::Instant::now();
-    let mut report = dp.apply(&plan);
-    dp.reclaim_scope_ids(desired.scopes.keys());
-    report.errors.extend(no_id.iter().map(|name| {
-        format!("scope {name} has no id (the scope-name map is full, see --max-scopes): its workloads are refused everything")
-    }));
-    for err in &report.errors {
-        log::error!("datapath: {err}; that entry stays out (fail closed)");
-    }
-    log::info!(
-        "applied: {} cgroups, {} cgroup trees, {} exact + {} CIDR entries (+{} -{}) in {:?}",
-        plan.cgroups.len(),
-        plan.trees.len(),
-        plan.exact.len(),
-        plan.cidr.len(),
-        report.added,
-        report.removed,
-        started.elapsed()
-    );
-    let mut ex = explainer.write().unwrap_or_else(|p| p.into_inner());
-    ex.scopes = dp
-        .scope_ids()
-        .iter()
-        .map(|(ns, id)| (*id, ns.clone()))
-        .collect();
-    ex.scopes.insert(
-        enforcer_common::FAILED_SCOPE,
-        "enforcer.no-scope-id".to_string(),
-    );
-    ex.cgroups = workloads
-        .cgroups
-        .iter()
-        .chain(workloads.trees)
-        .map(|(id, a)| (*id, a.path.clone()))
-        .collect();
-    Ok(report.errors)
-}
-
-/// What the last apply left.
-struct Applied {
-    generation: u64,
-    errors: Vec<String>,
-    failing_since: Option<std::time::SystemTime>,
-}
-
-fn write_status(
-    cfg: &AgentConfig,
-    applied: Applied,
-    sources: &Sources,
-    desired: &Desired,
-    inputs: Inputs,
-    resolver: &Resolver,
-) {
-    let failing_since = applied.failing_since.map(|t| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-    });
-    let status = Status {
-        generation: applied.generation,
-        service_entries: sources.entries.len(),
-        scopes: desired
-            .scopes
-            .iter()
-            .map(|(name, s)| (name.clone(), s.mode.to_string()))
-            .collect(),
-        problems: sources.problems.clone(),
-        notes: desired.notes.clone(),
-        dns: resolver.describe(),
-        apply_errors: applied.errors,
-        failing_since,
-        inputs,
-    };
-    if let Err(err) = status.write(&cfg.status_file) {
-        log::warn!("writing status file {}: {err:#}", cfg.status_file.display());
     }
 }

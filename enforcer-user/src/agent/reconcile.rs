@@ -1,0 +1,268 @@
+//! The kernel's side of the agent's loop: compiles the policy when an input changed, plans the
+//! maps for where workloads run now, applies the difference, and reports what happened.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use super::AgentConfig;
+use crate::{
+    cgroup::Assignment,
+    datapath::{plan, Datapath},
+    events::Explainer,
+    k8s::{self, node::Node},
+    pods::Pods,
+    policy::Desired,
+    resolver::Resolver,
+    sources::Sources,
+    status::{Inputs, Status},
+};
+
+/// Where workloads run, as the loop last saw it.
+pub(super) struct Workloads<'a> {
+    /// Local mode's namespace cgroups (and `--cgroup` mappings).
+    pub cgroups: &'a BTreeMap<u64, Assignment>,
+    /// Kubernetes mode: this node's pods.
+    pub node: Option<&'a Node>,
+    /// Local pods (`enforcer exec --netns`).
+    pub pods: Option<&'a Pods>,
+}
+
+/// Owns the datapath and what was last compiled and applied.
+pub(super) struct Reconciler {
+    pub dp: Datapath,
+    explainer: Arc<RwLock<Explainer>>,
+    /// Shared, not cloned: at 100,000 entries this is the agent's largest structure.
+    desired: Option<Arc<Desired>>,
+    /// The compiler's last inputs, for the status file.
+    last_inputs: Option<Inputs>,
+    generation: u64,
+    /// Since when applies have kept failing.
+    failing_since: Option<SystemTime>,
+    /// Never enforced, whatever claims its ancestors.
+    agent_cgroup: Option<u64>,
+}
+
+impl Reconciler {
+    pub fn new(dp: Datapath, explainer: Arc<RwLock<Explainer>>, agent_cgroup: Option<u64>) -> Self {
+        Self {
+            dp,
+            explainer,
+            desired: None,
+            last_inputs: None,
+            generation: 0,
+            failing_since: None,
+            agent_cgroup,
+        }
+    }
+
+    /// Whether the policy needs compiling although no input said so: it never was, or this
+    /// node now runs workloads of a namespace it did not compile.
+    pub fn stale(&self, node: Option<&Node>) -> bool {
+        let local = node.map(Node::local_namespaces);
+        self.desired.is_none()
+            || self
+                .last_inputs
+                .as_ref()
+                .is_some_and(|i| i.only_namespaces != local)
+    }
+
+    pub fn compile(
+        &mut self,
+        cfg: &AgentConfig,
+        sources: &Sources,
+        workloads: &Workloads<'_>,
+        resolver: &Resolver,
+    ) {
+        // The old policy goes before the new one is built: at 100,000 entries two of them
+        // would double the agent's peak memory. Records meanwhile are explained without it.
+        drop(self.desired.take());
+        self.explainer().desired = Arc::default();
+        let inputs = inputs(cfg, workloads.cgroups, workloads.node, resolver);
+        let mut compiled = sources.compile(&inputs);
+        if let Some(n) = workloads.node {
+            let unmapped = n.unmapped_mode(&compiled, sources.mesh.mode);
+            let bootstrap = n.cluster.bootstrap_rules();
+            k8s::add_node_scopes(&mut compiled, unmapped, &bootstrap, &inputs.dns_servers);
+        }
+        for note in &compiled.notes {
+            log::warn!("{note}");
+        }
+        self.last_inputs = Some(inputs);
+        let compiled = Arc::new(compiled);
+        self.explainer().desired = Arc::clone(&compiled);
+        self.desired = Some(compiled);
+    }
+
+    /// Plans the maps for the compiled policy and where workloads run, applies them, and
+    /// writes the status. Returns whether every entry went in.
+    pub fn apply(
+        &mut self,
+        cfg: &AgentConfig,
+        sources: &Sources,
+        workloads: &Workloads<'_>,
+        resolver: &Resolver,
+    ) -> anyhow::Result<bool> {
+        let Some(desired) = self.desired.clone() else {
+            return Ok(false);
+        };
+        self.generation += 1;
+        let mut pod_list = workloads.pods.map(Pods::assignments).unwrap_or_default();
+        let no_trees = BTreeMap::new();
+        let trees = match workloads.node {
+            Some(n) => {
+                pod_list.extend(n.addresses.iter().cloned());
+                &n.trees
+            }
+            None => &no_trees,
+        };
+        let planned = plan::Workloads {
+            cgroups: workloads.cgroups,
+            trees,
+            pods: &pod_list,
+            agent: self.agent_cgroup,
+        };
+        let errors = apply_plan(&mut self.dp, &desired, planned, &self.explainer)?;
+        let complete = errors.is_empty();
+        self.failing_since = match (complete, self.failing_since) {
+            (true, _) => None,
+            (false, None) => Some(SystemTime::now()),
+            (false, since) => since,
+        };
+        // New maps (another shape) replace the old ones only once they hold a whole plan.
+        if complete && self.dp.migrating() {
+            if let Err(err) = self.dp.finish_migration() {
+                log::error!("migrating to the new maps: {err:#}; the old programs keep enforcing");
+            }
+        }
+        if let Some(inputs) = &self.last_inputs {
+            let applied = Applied {
+                generation: self.generation,
+                errors,
+                failing_since: self.failing_since,
+            };
+            write_status(cfg, applied, sources, &desired, inputs.clone(), resolver);
+        }
+        Ok(complete)
+    }
+
+    fn explainer(&self) -> std::sync::RwLockWriteGuard<'_, Explainer> {
+        self.explainer.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the compiler needs besides the policy files; kept in the status for `explain`.
+fn inputs(
+    cfg: &AgentConfig,
+    assignments: &BTreeMap<u64, Assignment>,
+    node: Option<&Node>,
+    resolver: &Resolver,
+) -> Inputs {
+    let mut namespaces: BTreeSet<String> =
+        assignments.values().map(|a| a.namespace.clone()).collect();
+    namespaces.extend(cfg.namespaces.iter().cloned());
+    if let Some(n) = node {
+        namespaces.extend(n.namespaces());
+    }
+    // `--dns-server` is among them, on its own port.
+    let dns_servers = resolver.servers().to_vec();
+    Inputs {
+        policies: cfg.policies.clone(),
+        mesh_config: cfg.mesh_config.clone(),
+        root_namespace: cfg.root_namespace.clone(),
+        istio_compat: cfg.istio_compat,
+        allow_cidrs: cfg.allow_cidrs.clone(),
+        dns_servers,
+        namespaces,
+        answers: resolver.answers(),
+        only_namespaces: node.map(Node::local_namespaces),
+    }
+}
+
+fn apply_plan(
+    dp: &mut Datapath,
+    desired: &Desired,
+    workloads: plan::Workloads<'_>,
+    explainer: &RwLock<Explainer>,
+) -> anyhow::Result<Vec<String>> {
+    let no_id = dp.ensure_scope_ids(desired.scopes.keys());
+    let plan = plan::build(desired, workloads, dp.scope_ids());
+    let started = std::time::Instant::now();
+    let mut report = dp.apply(&plan);
+    dp.reclaim_scope_ids(desired.scopes.keys());
+    report.errors.extend(no_id.iter().map(|name| {
+        format!("scope {name} has no id (the scope-name map is full, see --max-scopes): its workloads are refused everything")
+    }));
+    for err in &report.errors {
+        log::error!("datapath: {err}; that entry stays out (fail closed)");
+    }
+    log::info!(
+        "applied: {} cgroups, {} cgroup trees, {} exact + {} CIDR entries (+{} -{}) in {:?}",
+        plan.cgroups.len(),
+        plan.trees.len(),
+        plan.exact.len(),
+        plan.cidr.len(),
+        report.added,
+        report.removed,
+        started.elapsed()
+    );
+    let mut ex = explainer.write().unwrap_or_else(|p| p.into_inner());
+    ex.scopes = dp
+        .scope_ids()
+        .iter()
+        .map(|(ns, id)| (*id, ns.clone()))
+        .collect();
+    ex.scopes.insert(
+        enforcer_common::FAILED_SCOPE,
+        "enforcer.no-scope-id".to_string(),
+    );
+    ex.cgroups = workloads
+        .cgroups
+        .iter()
+        .chain(workloads.trees)
+        .map(|(id, a)| (*id, a.path.clone()))
+        .collect();
+    Ok(report.errors)
+}
+
+/// What the last apply left.
+struct Applied {
+    generation: u64,
+    errors: Vec<String>,
+    failing_since: Option<SystemTime>,
+}
+
+fn write_status(
+    cfg: &AgentConfig,
+    applied: Applied,
+    sources: &Sources,
+    desired: &Desired,
+    inputs: Inputs,
+    resolver: &Resolver,
+) {
+    let failing_since = applied.failing_since.map(|t| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    });
+    let status = Status {
+        generation: applied.generation,
+        service_entries: sources.entries.len(),
+        scopes: desired
+            .scopes
+            .iter()
+            .map(|(name, s)| (name.clone(), s.mode.to_string()))
+            .collect(),
+        problems: sources.problems.clone(),
+        notes: desired.notes.clone(),
+        dns: resolver.describe(),
+        apply_errors: applied.errors,
+        failing_since,
+        inputs,
+    };
+    if let Err(err) = status.write(&cfg.status_file) {
+        log::warn!("writing status file {}: {err:#}", cfg.status_file.display());
+    }
+}
