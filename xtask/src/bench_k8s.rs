@@ -59,8 +59,12 @@ fn measure(bin: &Path, kubelet: &Path) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     churn(bin, &work, kubelet)?;
-    cleanup(bin, kubelet);
-    occupancy(bin, &work, kubelet, 10_000)
+    // Endpoints are in the registry only for headless Services, or for all with --socket-lb.
+    for extra in [&[][..], &["--socket-lb"][..]] {
+        cleanup(bin, kubelet);
+        occupancy(bin, &work, kubelet, 10_000, extra)?;
+    }
+    Ok(())
 }
 
 /// The churn part: 2,000 Services, EndpointSlices updated 100 times a second.
@@ -115,18 +119,25 @@ fn churn(bin: &Path, work: &Path, kubelet: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The occupancy part: `services` Services exported everywhere, endpoints included.
-fn occupancy(bin: &Path, work: &Path, kubelet: &Path, services: usize) -> anyhow::Result<()> {
+/// The occupancy part: `services` Services exported everywhere, the agent run with `extra`.
+fn occupancy(
+    bin: &Path,
+    work: &Path,
+    kubelet: &Path,
+    services: usize,
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let server = cluster(services, Some("'*'"))?;
     let started = Instant::now();
-    let agent = start_agent(bin, work, &server, kubelet, &["--socket-lb"])?;
+    let agent = start_agent(bin, work, &server, kubelet, extra)?;
     let ready = started.elapsed();
     pod(&server, kubelet, "web", 0)?;
     std::thread::sleep(Duration::from_secs(2));
     let exact: HashMap<MapData, PolicyKey, u32> = pinned_hash(map_names::ALLOW_EXACT)?;
     let entries = exact.keys().filter_map(Result::ok).count();
     println!(
-        "  {services} Services x {ENDPOINTS} endpoints, defaultServiceExportTo ['*'], --socket-lb: first apply {:.1} s, {entries} exact entries on this node, peak RSS {:.1} MiB, {:.1} MiB after",
+        "  {services} Services x {ENDPOINTS} endpoints, defaultServiceExportTo ['*'], {}: first apply {:.1} s, {entries} exact entries on this node, peak RSS {:.1} MiB, {:.1} MiB after",
+        if extra.is_empty() { "cluster IPs" } else { "--socket-lb" },
         ready.as_secs_f64(),
         rss_kib(agent.child.id(), "VmHWM:") as f64 / 1024.0,
         rss_kib(agent.child.id(), "VmRSS:") as f64 / 1024.0
