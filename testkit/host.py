@@ -4,8 +4,10 @@
 TCP answers HTTP requests with 200 and any other first message (probe.py sends one) with a
 one-line greeting; UDP echoes.
 Every reply names the local address and port, so a client can tell which host it reached.
-Usage: host.py --tcp 80,443 --udp 9999 --addrs 198.51.100.10,2001:db8::10
+Usage: host.py --tcp 80,443 --udp 9999 --addrs 198.51.100.10,2001:db8::10 [--log FILE]
 UDP binds each address on its own, so that replies come from the address a client sent to.
+With --log, every TCP connection and UDP datagram that arrives is one line in FILE,
+`tcp|udp LOCAL_ADDR:PORT from PEER_ADDR`: what a test asserts reached (or never reached) a host.
 """
 import argparse
 import socket
@@ -36,6 +38,18 @@ class UDP6Server(UDP4Server):
     address_family = socket.AF_INET6
 
 
+LOG = None
+LOG_LOCK = threading.Lock()
+
+
+def record(kind, sock, peer):
+    if LOG is None:
+        return
+    peer = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
+    with LOG_LOCK, open(LOG, "a") as f:
+        f.write(f"{kind} {local(sock)} from {peer}\n")
+
+
 def local(sock):
     host, port = sock.getsockname()[:2]
     if host.startswith("::ffff:"):
@@ -45,6 +59,7 @@ def local(sock):
 
 class TCPHandler(socketserver.BaseRequestHandler):
     def handle(self):
+        record("tcp", self.request, self.client_address)
         # The client speaks first (HTTP, or probe.py's hello), so there is nothing to time out on.
         self.request.settimeout(5)
         try:
@@ -71,6 +86,7 @@ class TCPHandler(socketserver.BaseRequestHandler):
 class UDPHandler(socketserver.BaseRequestHandler):
     def handle(self):
         data, sock = self.request
+        record("udp", sock, self.client_address)
         sock.sendto(f"pong from {local(sock)}\n".encode(), self.client_address)
 
 
@@ -79,7 +95,10 @@ def main():
     parser.add_argument("--tcp", default="")
     parser.add_argument("--udp", default="")
     parser.add_argument("--addrs", default="")
+    parser.add_argument("--log")
     args = parser.parse_args()
+    global LOG
+    LOG = args.log
     servers = [TCPServer(("::", int(p)), TCPHandler) for p in args.tcp.split(",") if p]
     for addr in filter(None, args.addrs.split(",")):
         for port in filter(None, args.udp.split(",")):

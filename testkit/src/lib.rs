@@ -3,6 +3,7 @@
 //! a test panics.
 
 pub mod apiserver;
+pub mod cgroups;
 
 use std::{
     collections::BTreeSet,
@@ -59,6 +60,8 @@ pub struct TestNet {
     veth: String,
     server: Option<Child>,
     addrs: Vec<IpAddr>,
+    /// What the hosts received, a line each (see `host.py --log`).
+    log: PathBuf,
 }
 
 impl TestNet {
@@ -80,7 +83,9 @@ impl TestNet {
             veth: veth.to_string(),
             server: None,
             addrs: addrs.clone(),
+            log: std::env::temp_dir().join(format!("{netns}-received.log")),
         };
+        let _ = fs::remove_file(&net.log);
         run(&[
             "ip", "link", "add", veth, "type", "veth", "peer", "name", &peer,
         ])?;
@@ -152,6 +157,15 @@ impl TestNet {
         ])
     }
 
+    /// What the hosts' listeners received so far: `tcp|udp LOCAL:PORT from PEER` lines.
+    pub fn received(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The network namespace's name.
     pub fn name(&self) -> &str {
         &self.netns
@@ -186,6 +200,8 @@ impl TestNet {
             .args(["netns", "exec", &self.netns, python()])
             .arg(script("host.py"))
             .args(["--tcp", &join(tcp), "--udp", &join(udp), "--addrs", &addrs])
+            .arg("--log")
+            .arg(&self.log)
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the test host server")?;
@@ -207,6 +223,7 @@ impl Drop for TestNet {
         }
         quiet(&["ip", "link", "del", &self.veth]);
         quiet(&["ip", "netns", "del", &self.netns]);
+        let _ = fs::remove_file(&self.log);
     }
 }
 

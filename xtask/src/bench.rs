@@ -284,13 +284,7 @@ impl Bench {
     /// Connects per second from a client in the enforced namespace (or, detached, in a plain
     /// cgroup of the same depth).
     fn agent_peak_rss_kib(&self) -> u64 {
-        let Some(agent) = &self.agent else { return 0 };
-        let status = fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        self.agent.as_ref().map_or(0, |a| rss_kib(a.id(), "VmHWM:"))
     }
 
     /// `enforcer exec` into the bench namespace (and a local pod named `netns`), up to `--`.
@@ -418,6 +412,16 @@ pub fn prog_stats(pin: &str) -> anyhow::Result<(u64, u64)> {
         field("run_time_ns").unwrap_or(0),
         field("run_cnt").unwrap_or(0),
     ))
+}
+
+/// A `/proc/PID/status` memory line (`VmHWM:` peak, `VmRSS:` now), in KiB.
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn median(v: &mut [f64]) -> f64 {

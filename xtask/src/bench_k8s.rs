@@ -20,7 +20,10 @@ use std::{
 use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData};
 use enforcer_common::{ipv4_mapped, map_names, proto, CgroupScope, PolicyKey, ScopeName};
-use enforcer_testkit::apiserver::FakeApiServer;
+use enforcer_testkit::{
+    apiserver::FakeApiServer,
+    cgroups::{cgroup2_mount, in_cgroup, remove_tree},
+};
 use serde_json::{json, Value};
 
 use crate::{bench, sh};
@@ -112,7 +115,7 @@ fn churn(bin: &Path, work: &Path, kubelet: &Path) -> anyhow::Result<()> {
     println!(
         "    agent CPU {:.1}% of one core, peak RSS {:.1} MiB",
         100.0 * cpu / elapsed,
-        peak_rss_kib(agent.child.id()) as f64 / 1024.0
+        bench::rss_kib(agent.child.id(), "VmHWM:") as f64 / 1024.0
     );
     walk_cost(&web)?;
     drop(agent);
@@ -139,8 +142,8 @@ fn occupancy(
         "  {services} Services x {ENDPOINTS} endpoints, defaultServiceExportTo ['*'], {}: first apply {:.1} s, {entries} exact entries on this node, peak RSS {:.1} MiB, {:.1} MiB after",
         if extra.is_empty() { "cluster IPs" } else { "--socket-lb" },
         ready.as_secs_f64(),
-        rss_kib(agent.child.id(), "VmHWM:") as f64 / 1024.0,
-        rss_kib(agent.child.id(), "VmRSS:") as f64 / 1024.0
+        bench::rss_kib(agent.child.id(), "VmHWM:") as f64 / 1024.0,
+        bench::rss_kib(agent.child.id(), "VmRSS:") as f64 / 1024.0
     );
     drop(agent);
     Ok(())
@@ -288,14 +291,12 @@ fn walk_cost(container: &Path) -> anyhow::Result<()> {
     bench::set_bpf_stats(true)?;
     let pin = format!("{PIN_ROOT}/programs/enforcer_connect4");
     let before = bench::prog_stats(&pin)?;
-    let out = sh::output(
-        Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(container)
-            .arg(&xtask)
-            .args(["bench-client", "connect", &target.to_string(), "20000"]),
-    )?;
+    let out = sh::output(in_cgroup(container, &xtask).args([
+        "bench-client",
+        "connect",
+        &target.to_string(),
+        "20000",
+    ]))?;
     let after = bench::prog_stats(&pin)?;
     bench::set_bpf_stats(false)?;
     if !out.status.success() {
@@ -421,31 +422,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    rss_kib(pid, "VmHWM:")
-}
-
-/// A `/proc/PID/status` memory line (`VmHWM:` peak, `VmRSS:` now), in KiB.
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(point))
-        })
-        .context("no cgroup2 mount")
-}
-
 /// Detaches the agent's pins and removes the fake kubelet tree (its cgroups are empty).
 fn cleanup(bin: &Path, kubelet: &Path) {
     let _ = sh::output(Command::new(bin).args([
@@ -456,16 +432,4 @@ fn cleanup(bin: &Path, kubelet: &Path) {
         CGROUP_PARENT,
     ]));
     remove_tree(kubelet);
-}
-
-fn remove_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&entry.path());
-            }
-        }
-    }
-    let _ = fs::write(dir.join("cgroup.kill"), "1");
-    let _ = fs::remove_dir(dir);
 }

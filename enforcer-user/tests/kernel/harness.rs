@@ -124,6 +124,17 @@ impl Hosts {
             .success()
     }
 
+    /// Everything the hosts received (`host.py --log` lines), for failure messages.
+    pub fn received(&self) -> Vec<String> {
+        self.0.received()
+    }
+
+    /// Whether a TCP connection from `from` reached `dst:port`, by the host's own log.
+    pub fn reached(&self, dst: &str, port: u16, from: &str) -> bool {
+        let line = format!("tcp {dst}:{port} from {from}");
+        self.0.received().contains(&line)
+    }
+
     /// Lets replies reach local pods in `cidr`.
     pub fn route_back(&self, cidr: &str) {
         self.0.route_back(cidr).expect("routing back to the pods");
@@ -196,7 +207,7 @@ impl Agent {
     }
 
     /// `enforcer run --kubernetes` against the API server in `kubeconfig`.
-    pub fn start_kubernetes(world: &World, kubeconfig: &Path, extra: &[&str]) -> Self {
+    pub fn start_kubernetes(world: &World, kubeconfig: &Path, extra: &[impl AsRef<str>]) -> Self {
         Self::start_kubernetes_in(world, kubeconfig, None, extra)
     }
 
@@ -205,11 +216,11 @@ impl Agent {
         world: &World,
         kubeconfig: &Path,
         cgroup: Option<&Path>,
-        extra: &[&str],
+        extra: &[impl AsRef<str>],
     ) -> Self {
         let env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
         let mut args = vec!["--kubernetes"];
-        args.extend_from_slice(extra);
+        args.extend(extra.iter().map(AsRef::as_ref));
         Self::launch(world, None, env, cgroup, &args)
     }
 
@@ -248,14 +259,7 @@ impl Agent {
         };
         // A shell moves itself into the cgroup, then becomes the agent.
         let mut cmd = match &self.cgroup {
-            Some(cgroup) => {
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-                    .arg(cgroup)
-                    .arg(ENFORCER);
-                sh
-            }
+            Some(cgroup) => enforcer_testkit::cgroups::in_cgroup(cgroup, ENFORCER),
             None => Command::new(ENFORCER),
         };
         cmd.arg("run").current_dir(&self.cwd).envs(self.env.clone());

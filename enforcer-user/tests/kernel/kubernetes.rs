@@ -11,7 +11,11 @@ use std::{
 
 use aya::maps::{HashMap, Map};
 use enforcer_common::{map_names, CgroupScope};
-use enforcer_testkit::{apiserver::FakeApiServer, python, script};
+use enforcer_testkit::{
+    apiserver::FakeApiServer,
+    cgroups::{in_cgroup, remove_tree},
+    python, script,
+};
 use enforcer_user::datapath::open_pinned;
 
 use crate::{
@@ -53,31 +57,9 @@ impl Drop for KubeletTree {
     }
 }
 
-/// Kills what runs in `dir` and below, then removes the cgroups bottom up.
-fn remove_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&entry.path());
-            }
-        }
-    }
-    for _ in 0..50 {
-        let _ = fs::write(dir.join("cgroup.kill"), "1");
-        if fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs `probe.py` as a process of the container cgroup `cgroup`.
 fn probe_in(cgroup: &Path, kind: &str, host: &str, port: u16) -> Outcome {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-        .arg(cgroup)
-        .arg(python())
+    let out = in_cgroup(cgroup, python())
         .arg(script("probe.py"))
         .args([kind, host, &port.to_string(), "2"])
         .output()
@@ -102,6 +84,23 @@ fn eventually_in(agent: &Agent, cgroup: &Path, host: &str, port: u16, want: Want
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The agent's arguments for node-a with `tree` as its kubelet's and `dns` as its resolver.
+fn node_args(tree: &KubeletTree, dns: &Dns, extra: &[&str]) -> Vec<String> {
+    let addr = dns.addr();
+    [
+        "--node-name",
+        "node-a",
+        "--kubelet-cgroups",
+        &tree.relative,
+        "--dns-server",
+        &addr,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn uid(n: u32) -> String {
@@ -169,18 +168,7 @@ fn start(world: &World, istio_version: &str) -> Cluster {
     let kubeconfig = world.dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let tree = KubeletTree::new(world);
-    let agent = Agent::start_kubernetes(
-        world,
-        &kubeconfig,
-        &[
-            "--node-name",
-            "node-a",
-            "--kubelet-cgroups",
-            &tree.relative,
-            "--dns-server",
-            &dns.addr(),
-        ],
-    );
+    let agent = Agent::start_kubernetes(world, &kubeconfig, &node_args(&tree, &dns, &[]));
     Cluster {
         server,
         agent,
@@ -460,14 +448,7 @@ fn a_replaced_agent_pod_reaches_the_api_server_and_takes_over() {
     let kubeconfig = world.dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let tree = KubeletTree::new(&world);
-    let args = [
-        "--node-name",
-        "node-a",
-        "--kubelet-cgroups",
-        &tree.relative,
-        "--dns-server",
-        &dns.addr(),
-    ];
+    let args = node_args(&tree, &dns, &[]);
     let mut old = Agent::start_kubernetes(&world, &kubeconfig, &args);
     let web_uid = uid(0x5e);
     server
@@ -542,16 +523,7 @@ fn a_name_that_never_answers_does_not_delay_new_pods() {
     let agent = Agent::start_kubernetes(
         &world,
         &kubeconfig,
-        &[
-            "--node-name",
-            "node-a",
-            "--kubelet-cgroups",
-            &tree.relative,
-            "--dns-server",
-            &dns.addr(),
-            "--dns-min-ttl",
-            "1",
-        ],
+        &node_args(&tree, &dns, &["--dns-min-ttl", "1"]),
     );
     let trees = open_trees(&agent);
     let mut windows = Vec::new();

@@ -181,6 +181,17 @@ fn every_program_on_the_veth_still_runs_and_the_drop_still_happens() {
         !pod.probe_unmapped("tcp", "198.51.100.11", 443),
         "an unregistered host is still dropped"
     );
+    // Checked where it counts: the hosts' own log.
+    assert!(
+        hosts.reached("198.51.100.10", 443, &pod.ip),
+        "{:?}",
+        hosts.received()
+    );
+    assert!(
+        !hosts.reached("198.51.100.11", 443, &pod.ip),
+        "{:?}",
+        hosts.received()
+    );
     agent.wait_for(
         std::time::Duration::from_secs(5),
         "the drop's record",

@@ -10,6 +10,8 @@ use std::{
     },
 };
 
+use enforcer_testkit::{cgroups::in_cgroup, python, script};
+
 use crate::harness::{check, outcome, registry_only, Agent, Hosts, Outcome, Want::*, World};
 
 const SHOP: &str = r#"
@@ -86,12 +88,8 @@ fn pinned_maps_of_another_shape_are_replaced_with_no_gap() {
                 }
                 // Straight into the namespace's cgroup: `enforcer exec` reads the pinned maps,
                 // which are being replaced.
-                let out = Command::new("sh")
-                    .arg("-c")
-                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-                    .arg(&shop)
-                    .arg(enforcer_testkit::python())
-                    .arg(enforcer_testkit::script("probe.py"))
+                let out = in_cgroup(&shop, python())
+                    .arg(script("probe.py"))
                     .args(["tcp", "198.51.100.11", "80", "1"])
                     .output()
                     .expect("probe");
