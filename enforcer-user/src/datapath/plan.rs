@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use enforcer_common::{
     mode, proto, CgroupScope, PolicyKey, FAILED_SCOPE, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
+use ipnet::IpNet;
 
 use crate::{
     cgroup::Assignment,
     istio::OutboundMode,
     k8s::UNENFORCED,
-    net::{key_bytes, key_prefix_len},
+    net::{key_bytes, key_nets, key_prefix_len},
     policy::Desired,
 };
 
@@ -105,24 +106,26 @@ pub fn build(
             continue;
         }
         for rule in policy.rules.keys() {
-            let key = PolicyKey {
+            let key = |net: &IpNet| PolicyKey {
                 scope,
                 port: rule.port,
                 proto: rule.l4.ip_proto(),
                 pad: 0,
-                addr: key_bytes(rule.net.network()),
+                addr: key_bytes(net.network()),
             };
             if rule.is_exact() {
-                plan.exact.insert(key);
-            } else {
+                plan.exact.insert(key(&rule.net));
+                continue;
+            }
+            for net in key_nets(rule.net) {
                 plan.cidr.insert((
-                    POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(&rule.net)),
-                    key,
+                    POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(&net)),
+                    key(&net),
                 ));
             }
         }
     }
-    for net in &desired.global {
+    for net in desired.global.iter().flat_map(|&net| key_nets(net)) {
         let key = PolicyKey {
             scope: GLOBAL_SCOPE,
             port: 0,
@@ -130,8 +133,10 @@ pub fn build(
             pad: 0,
             addr: key_bytes(net.network()),
         };
-        plan.cidr
-            .insert((POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(net)), key));
+        plan.cidr.insert((
+            POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(&net)),
+            key,
+        ));
     }
     let scope_of = |namespace: &str, labels: &BTreeMap<String, String>| {
         let name = desired.scope_for(namespace, labels)?;
@@ -430,5 +435,65 @@ mod tests {
             ..workloads
         };
         assert_eq!(build(&desired, workloads, &ids).exact.len(), 1);
+    }
+
+    #[test]
+    fn ipv6_prefixes_never_key_ipv4() {
+        let mut desired = Desired::default();
+        let rules = BTreeMap::from([(
+            Rule::new(L4::Tcp, 5432, "::/1".parse().unwrap()),
+            Vec::new(),
+        )]);
+        desired.scopes.insert(
+            "a".into(),
+            ScopePolicy {
+                namespace: "a".into(),
+                mode: OutboundMode::RegistryOnly,
+                rules,
+                ..ScopePolicy::default()
+            },
+        );
+        desired.global.insert("::/64".parse().unwrap());
+        let cgroups = BTreeMap::from([(
+            100,
+            Assignment {
+                namespace: "a".into(),
+                labels: BTreeMap::new(),
+                path: PathBuf::from("/x/a"),
+            },
+        )]);
+        let workloads = Workloads {
+            cgroups: &cgroups,
+            trees: &BTreeMap::new(),
+            pods: &[],
+            agent: None,
+        };
+        let plan = build(&desired, workloads, &BTreeMap::from([("a".to_string(), 7)]));
+        // The address part of each trie entry, as a prefix.
+        let covers = |ip: &str| -> Vec<u32> {
+            let ip = std::net::Ipv6Addr::from(key_bytes(ip.parse().unwrap()));
+            plan.cidr
+                .iter()
+                .filter(|(len, k)| {
+                    let len = u8::try_from(len - POLICY_KEY_HEADER_BITS).unwrap();
+                    ipnet::Ipv6Net::new(k.addr.into(), len)
+                        .unwrap()
+                        .contains(&ip)
+                })
+                .map(|(_, k)| k.scope)
+                .collect::<BTreeSet<u32>>()
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(plan.cidr.len(), 95 + 32);
+        assert!(covers("198.51.100.10").is_empty());
+        assert!(covers("0.0.0.0").is_empty());
+        assert_eq!(covers("2001:db8::10"), [7]);
+        assert_eq!(
+            covers("::1:2:3:4"),
+            BTreeSet::from([GLOBAL_SCOPE, 7])
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
     }
 }

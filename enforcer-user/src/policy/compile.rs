@@ -157,6 +157,11 @@ fn is_name(s: &str) -> bool {
 }
 
 pub fn compile(inp: &Inputs<'_>) -> Desired {
+    compile_named(inp, scope_name)
+}
+
+/// [`compile`], with the names of scopes given by `name_of` (tests make names collide).
+fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) -> Desired {
     let mut all: BTreeSet<String> = inp.namespaces.clone();
     for se in inp.service_entries {
         all.insert(se.namespace.clone());
@@ -177,22 +182,39 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
     let dns_origin = Arc::new(Origin::builtin("DNS server"));
     // Per namespace, the names of its scopes: the namespace's own first.
     let mut scopes_of: BTreeMap<&String, Vec<String>> = BTreeMap::new();
+    // Per scope name, what it is the scope of: a namespace, or a Sidecar (`namespace/name`).
+    // Long names are shortened with a hash, so two Sidecars' scopes can share one: then
+    // neither policy may stand in for the other's.
+    let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ns in &all {
         let (scopes, mut notes) =
             sidecar::scopes_for_namespace(ns, inp.sidecars, inp.root_namespace, inp.mesh.mode);
         out.notes.append(&mut notes);
         for sc in scopes {
             let selector = sc.selector.clone();
-            let name = match &selector {
-                None => ns.clone(),
-                Some(_) => scope_name(
-                    ns,
-                    sc.sidecar
-                        .as_deref()
-                        .and_then(|id| id.split_once('/'))
-                        .map(|(_, n)| n),
+            let (name, owner) = match &selector {
+                None => (ns.clone(), ns.clone()),
+                Some(_) => (
+                    name_of(
+                        ns,
+                        sc.sidecar
+                            .as_deref()
+                            .and_then(|id| id.split_once('/'))
+                            .map(|(_, n)| n),
+                    ),
+                    sc.sidecar.clone().unwrap_or_else(|| ns.clone()),
                 ),
             };
+            let owned = owners.entry(name.clone()).or_default();
+            owned.push(owner);
+            if owned.len() > 1 {
+                // Keep the first policy for now; `refuse_shared_names` replaces it.
+                out.selectors
+                    .entry(ns.clone())
+                    .or_default()
+                    .extend(selector.map(|s| (s, name.clone())));
+                continue;
+            }
             let mut scope = ScopePolicy {
                 namespace: ns.clone(),
                 sidecar: sc.sidecar,
@@ -219,12 +241,18 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
             out.scopes.insert(name, scope);
         }
     }
+    let shared = refuse_shared_names(&mut out, &owners);
+    for names in scopes_of.values_mut() {
+        names.retain(|n| !shared.contains(n));
+    }
     out.global.extend(
         ["127.0.0.0/8", "::1/128"]
             .iter()
             .filter_map(|s| parse_ip_or_cidr(s)),
     );
-    out.global.extend(inp.allow_cidrs.iter().map(IpNet::trunc));
+    // Canonical as rules are, so that `explain` and the maps read `--allow-cidr` alike.
+    out.global
+        .extend(inp.allow_cidrs.iter().map(|&net| super::canonical_net(net)));
 
     for se in inp.service_entries {
         let visible = visible_to(se, inp.mesh);
@@ -280,6 +308,44 @@ pub fn compile(inp: &Inputs<'_>) -> Desired {
     out.notes.sort();
     out.notes.dedup();
     out
+}
+
+/// Fails closed where two scopes got one name: that name's scope refuses everything (no rules,
+/// REGISTRY_ONLY; only the global CIDRs stay), so the workloads of both are refused rather than
+/// one getting the other's policy, and a note names both. Returns the names.
+fn refuse_shared_names(
+    out: &mut Desired,
+    owners: &BTreeMap<String, Vec<String>>,
+) -> BTreeSet<String> {
+    let mut shared = BTreeSet::new();
+    for (name, owned) in owners.iter().filter(|(_, o)| o.len() > 1) {
+        let who: Vec<String> = owned
+            .iter()
+            .map(|o| {
+                if o.contains('/') {
+                    format!("Sidecar {o}")
+                } else {
+                    format!("namespace {o}")
+                }
+            })
+            .collect();
+        out.notes.push(format!(
+            "{} have one scope name, {name} (a hash of long names collided); their workloads are refused everything: rename one",
+            who.join(" and ")
+        ));
+        if let Some(scope) = out.scopes.get_mut(name) {
+            *scope = ScopePolicy {
+                namespace: scope.namespace.clone(),
+                // Refusal records say "(Sidecar {this} in force)".
+                sidecar: Some(format!("{}, sharing one scope name,", owned.join(" and "))),
+                mode: OutboundMode::RegistryOnly,
+                rules: BTreeMap::new(),
+                imports: None,
+            };
+        }
+        shared.insert(name.clone());
+    }
+    shared
 }
 
 /// The namespaces a ServiceEntry is visible to; `None` means all of them.

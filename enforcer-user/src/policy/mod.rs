@@ -12,7 +12,9 @@ mod validate;
 mod validate_workload;
 
 pub use compile::{compile, dns_names, Inputs, MeshSettings};
-pub use model::{canonical_ip, scope_name, Desired, HostRef, Origin, Rule, ScopePolicy, L4};
+pub use model::{
+    canonical_ip, canonical_net, scope_name, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
+};
 pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
 pub use validate_workload::{
     is_label_key, is_label_value, validate_sidecar, validate_workload_entry,

@@ -93,7 +93,15 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn canonical_net(net: IpNet) -> IpNet {
+/// A prefix as the kernel sees it. One within `::ffff:0:0/96` (`::ffff:10.0.0.0/104`, or
+/// `::ffff:0:0/96` itself) is the IPv4 prefix it maps. Istio reads it as IPv6 and so matches
+/// nothing with it, since no IPv6 destination is IPv4-mapped on the wire; but here the only
+/// traffic it can describe is IPv4 (a `connect()` of an IPv6 socket to `::ffff:a.b.c.d` is IPv4
+/// to `a.b.c.d`, and the hooks see it so), mapped addresses are IPv4 everywhere else too
+/// ([`canonical_ip`], endpoints), and the writer named those IPv4 addresses on purpose. A
+/// shorter IPv6 prefix that merely covers `::ffff:0:0/96` stays IPv6 and never matches IPv4:
+/// see `net::key_nets`.
+pub fn canonical_net(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
             Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_or(net, |n| n.trunc()),
@@ -136,7 +144,17 @@ pub struct ScopePolicy {
 /// The scope of workloads in `namespace` that the Sidecar `sidecar` selects is
 /// `namespace/sidecar`; the namespace's own scope is its name. Names are kept under 64 bytes
 /// (the pinned name map's key), with a stable hash when a Sidecar name is long.
+/// Two long names can still share one (see `compile`, which refuses both).
 pub fn scope_name(namespace: &str, sidecar: Option<&str>) -> String {
+    scope_name_with(namespace, sidecar, crate::stable_hash::fnv1a)
+}
+
+/// [`scope_name`] with the hash given, so that tests can make names collide.
+pub(super) fn scope_name_with(
+    namespace: &str,
+    sidecar: Option<&str>,
+    hash: fn(&[u8]) -> u64,
+) -> String {
     let Some(name) = sidecar else {
         return namespace.to_string();
     };
@@ -144,7 +162,7 @@ pub fn scope_name(namespace: &str, sidecar: Option<&str>) -> String {
     if full.len() < 64 {
         return full;
     }
-    let hash = crate::stable_hash::fnv1a(full.as_bytes());
+    let hash = hash(full.as_bytes());
     format!("{}/~{hash:016x}", prefix(namespace, 44))
 }
 

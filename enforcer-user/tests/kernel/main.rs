@@ -6,6 +6,7 @@ mod harness;
 mod kubernetes;
 mod live;
 mod pod;
+mod prefixes;
 mod resolution;
 mod scoping;
 mod tc;
