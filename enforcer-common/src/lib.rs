@@ -18,6 +18,14 @@ pub mod map_names {
     /// Per-flow verdict cache of the TC program.
     pub const FLOWS: &str = "ENF_FLOWS";
     pub const TC_CONFIG: &str = "ENF_TC_CONFIG";
+    /// Pod veth (host side ifindex) to the pod's own addresses: the TC judge's anti-spoofing.
+    pub const VETHS: &str = "ENF_VETHS";
+    /// First-fragment verdicts, for the fragments that follow (they carry no ports).
+    pub const FRAGS: &str = "ENF_FRAGS";
+    /// Per-CPU counters, indexed by [`crate::counter`].
+    pub const COUNTERS: &str = "ENF_COUNTERS";
+    /// Per-CPU, per-scope record budgets (see [`crate::RECORDS_PER_SECOND`]).
+    pub const RECORD_BUDGETS: &str = "ENF_RECORD_BUDGETS";
 }
 
 /// Names of the programs in the object file.
@@ -29,6 +37,12 @@ pub mod program_names {
     /// `sched_cls` on the host side of a pod's veth (its ingress is the pod's egress).
     pub const TC: &str = "enforcer_tc";
     pub const TC_REPLY: &str = "enforcer_reply";
+    /// `cgroup/sock_create`: socket types and protocols the address hooks cannot judge.
+    pub const SOCK_CREATE: &str = "enforcer_sock_create";
+    /// `cgroup/setsockopt`: source routes.
+    pub const SETSOCKOPT: &str = "enforcer_setsockopt";
+    /// `cgroup_skb/egress`: IP options and routing headers that control messages add.
+    pub const SKB_EGRESS: &str = "enforcer_skb_egress";
 }
 
 /// Scope mode values stored in [`CgroupScope::mode`].
@@ -54,7 +68,46 @@ pub mod hook {
     pub const SENDMSG4: u8 = 3;
     pub const SENDMSG6: u8 = 4;
     pub const TC: u8 = 5;
+    pub const SOCK_CREATE: u8 = 6;
+    pub const SETSOCKOPT: u8 = 7;
+    /// The cgroup's packets on their way out (`cgroup_skb/egress`).
+    pub const SKB_EGRESS: u8 = 8;
 }
+
+/// Why a record was made, carried by [`DenyEvent::reason`]: a stable code beside the verdict.
+pub mod reason {
+    /// No rule of the scope allows the destination.
+    pub const NO_RULE: u8 = 0;
+    /// A socket type or protocol the scope's policy cannot judge ([`DenyEvent::port`] holds
+    /// the protocol, [`DenyEvent::sock_type`] the type).
+    pub const SOCKET_TYPE: u8 = 1;
+    /// An IPv4 source route or options, or an IPv6 routing header: the first hop would not be
+    /// the judged destination ([`DenyEvent::port`] holds the option name where there is one).
+    pub const SOURCE_ROUTE: u8 = 2;
+    /// A packet on a pod's veth whose source is not one of that pod's addresses.
+    pub const SPOOFED_SOURCE: u8 = 3;
+    /// A frame that is neither IPv4, IPv6 nor ARP (a VLAN tag, another ethertype).
+    pub const NOT_IP: u8 = 4;
+    /// A packet on the wire to a loopback address.
+    pub const LOOPBACK: u8 = 5;
+    /// A fragment whose first fragment was not seen, or headers that could not be walked.
+    pub const UNJUDGEABLE: u8 = 6;
+    /// A packet on a veth the agent registered no pod for.
+    pub const UNKNOWN_VETH: u8 = 7;
+}
+
+/// Indexes of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Records lost because the ring buffer was full (the agent is slow or down).
+    pub const RING_FULL: u32 = 0;
+    /// Records not made because their scope spent its budget ([`crate::RECORDS_PER_SECOND`]).
+    pub const RATE_LIMITED: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Records one scope may make per second on one CPU; the rest are only counted, so that one
+/// workload's retry loop cannot drown the others' records.
+pub const RECORDS_PER_SECOND: u32 = 200;
 
 /// IP protocol numbers as they appear in keys.
 pub mod proto {
@@ -63,6 +116,8 @@ pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+    pub const UDPLITE: u8 = 136;
 }
 
 /// Bits of [`TcConfig::flags`] (read by the connect hooks too).
@@ -72,6 +127,15 @@ pub mod tc_flags {
     /// `CG_TREES` is in use: the connect hooks look for a claimed ancestor of an unclaimed
     /// cgroup (Kubernetes mode).
     pub const CG_TREES: u32 = 2;
+    /// Socket kinds that enforced scopes may create anyway (`--allow-sockets`); each is
+    /// refused by default, as no ServiceEntry can be judged for it at connect time.
+    pub const ALLOW_RAW: u32 = 1 << 2;
+    pub const ALLOW_PING: u32 = 1 << 3;
+    pub const ALLOW_SCTP: u32 = 1 << 4;
+    pub const ALLOW_UDPLITE: u32 = 1 << 5;
+    pub const ALLOW_MPTCP: u32 = 1 << 6;
+    /// Other protocols of `AF_INET`/`AF_INET6` sockets.
+    pub const ALLOW_OTHER: u32 = 1 << 7;
 }
 
 /// Scope id reserved for the always-allowed CIDRs (loopback, `--allow-cidr`).
@@ -126,7 +190,11 @@ pub struct DenyEvent {
     pub proto: u8,
     pub verdict: u8,
     pub hook: u8,
-    pub pad: [u8; 3],
+    /// One of [`reason`].
+    pub reason: u8,
+    /// The socket type, for [`reason::SOCKET_TYPE`] records.
+    pub sock_type: u8,
+    pub pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<DenyEvent>() == 64);
 
@@ -183,6 +251,39 @@ pub struct TcConfig {
 }
 const _: () = assert!(core::mem::size_of::<TcConfig>() == 8);
 
+/// Value of `VETHS`: the addresses of the pod behind a veth. Unused slots are all zero, which is
+/// never a pod's source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VethPod {
+    /// IPv4 is IPv4-mapped, as in [`PolicyKey`].
+    pub addrs: [[u8; 16]; 2],
+}
+const _: () = assert!(core::mem::size_of::<VethPod>() == 32);
+
+/// Key of `FRAGS`: one fragmented datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The IPv4 identification or the IPv6 fragment header's identification.
+    pub id: u32,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Value of `RECORD_BUDGETS`: records made in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordBudget {
+    pub window_start_ns: u64,
+    pub used: u32,
+    pub pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<RecordBudget>() == 16);
+
 /// Maps `a.b.c.d` (bytes in network order) to `::ffff:a.b.c.d`.
 pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
@@ -201,4 +302,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowVerdict {}
     unsafe impl aya::Pod for super::TcConfig {}
+    unsafe impl aya::Pod for super::VethPod {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::RecordBudget {}
 }

@@ -10,29 +10,33 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
     macros::{cgroup_sock_addr, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    hook, ipv4_mapped, mode, proto, tc_flags, verdict, CgroupScope, DenyEvent, PolicyKey,
-    ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+    hook, ipv4_mapped, mode, proto, reason, tc_flags, verdict, CgroupScope, PolicyKey, ScopeName,
+    GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
 
+mod packet;
+mod records;
+mod skb;
+mod sock;
 mod tc;
+
+use records::{report, Record};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
+const AF_UNSPEC: u32 = 0;
 
 #[map(name = "ENF_CGROUPS")]
 static CGROUPS: HashMap<u64, CgroupScope> = HashMap::pinned(65_536, 0);
 
-/// Cgroups that claim their whole subtree (Kubernetes mode: a pod with all its containers, and
-/// the kubelet's root for pods not mapped yet). The deepest claimed ancestor decides.
+/// Cgroups that claim their whole subtree (Kubernetes pods, the kubelet's root for pods not
+/// mapped yet, and local mode's cgroups). The deepest claimed ancestor decides.
 #[map(name = "ENF_CG_TREES")]
 static CG_TREES: HashMap<u64, CgroupScope> = HashMap::pinned(65_536, 0);
 
@@ -44,9 +48,6 @@ static ALLOW_EXACT: HashMap<PolicyKey, u32> = HashMap::pinned(131_072, 0);
 
 #[map(name = "ENF_ALLOW_CIDR")]
 static ALLOW_CIDR: LpmTrie<PolicyKey, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
-
-#[map(name = "ENF_EVENTS")]
-static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 
 // Written only by the agent; declared here so that it is created and pinned with the others.
 #[map(name = "ENF_SCOPE_NAMES")]
@@ -86,7 +87,7 @@ fn decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
 fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     // SAFETY: the helper has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let scope = scope_of(cgroup_id);
+    let scope = current_scope(cgroup_id);
     if scope.mode == UNCLAIMED || scope.mode == mode::ALLOW_ANY {
         return Ok(ALLOW);
     }
@@ -95,23 +96,42 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     // SAFETY: the kernel provides a valid bpf_sock_addr for this program type; each field is
     // read once with a 4-byte load, as the verifier requires.
     let (addr, user_port, protocol) = unsafe {
-        let addr = if V6 {
-            let mut a = [0u8; 16];
-            a[0..4].copy_from_slice(&read_volatile(&(*sa).user_ip6[0]).to_ne_bytes());
-            a[4..8].copy_from_slice(&read_volatile(&(*sa).user_ip6[1]).to_ne_bytes());
-            a[8..12].copy_from_slice(&read_volatile(&(*sa).user_ip6[2]).to_ne_bytes());
-            a[12..16].copy_from_slice(&read_volatile(&(*sa).user_ip6[3]).to_ne_bytes());
-            a
+        // A connected UDP socket whose sendmsg carries a control message (IP_TOS, IP_PKTINFO,
+        // IPV6_TCLASS) comes here with no address at all: judge where the socket is connected.
+        if read_volatile(&(*sa).user_family) == AF_UNSPEC {
+            let sk = read_volatile(&(*sa).__bindgen_anon_1.sk);
+            let addr = if V6 {
+                let mut a = [0u8; 16];
+                a[0..4].copy_from_slice(&read_volatile(&(*sk).dst_ip6[0]).to_ne_bytes());
+                a[4..8].copy_from_slice(&read_volatile(&(*sk).dst_ip6[1]).to_ne_bytes());
+                a[8..12].copy_from_slice(&read_volatile(&(*sk).dst_ip6[2]).to_ne_bytes());
+                a[12..16].copy_from_slice(&read_volatile(&(*sk).dst_ip6[3]).to_ne_bytes());
+                a
+            } else {
+                ipv4_mapped(read_volatile(&(*sk).dst_ip4).to_ne_bytes())
+            };
+            // dst_port is the port in network byte order, as user_port's low 16 bits are.
+            let port = u32::from(read_volatile(&(*sk).dst_port));
+            (addr, port, read_volatile(&(*sa).protocol))
         } else {
-            ipv4_mapped(read_volatile(&(*sa).user_ip4).to_ne_bytes())
-        };
-        (
-            addr,
-            read_volatile(&(*sa).user_port),
-            read_volatile(&(*sa).protocol),
-        )
+            let addr = if V6 {
+                let mut a = [0u8; 16];
+                a[0..4].copy_from_slice(&read_volatile(&(*sa).user_ip6[0]).to_ne_bytes());
+                a[4..8].copy_from_slice(&read_volatile(&(*sa).user_ip6[1]).to_ne_bytes());
+                a[8..12].copy_from_slice(&read_volatile(&(*sa).user_ip6[2]).to_ne_bytes());
+                a[12..16].copy_from_slice(&read_volatile(&(*sa).user_ip6[3]).to_ne_bytes());
+                a
+            } else {
+                ipv4_mapped(read_volatile(&(*sa).user_ip4).to_ne_bytes())
+            };
+            (
+                addr,
+                read_volatile(&(*sa).user_port),
+                read_volatile(&(*sa).protocol),
+            )
+        }
     };
-    // user_port holds the port in network byte order in its low 16 bits.
+    // The port in network byte order, in the low 16 bits.
     let port = u16::from_be(user_port as u16);
     let proto = protocol as u8;
 
@@ -125,10 +145,29 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     if allowed(&key) {
         return Ok(ALLOW);
     }
+    refuse(&scope, cgroup_id, key, hook, reason::NO_RULE, 0)
+}
 
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    report(&scope, cgroup_id, pid, comm, &key, hook, refusal(&scope));
+/// Reports a refusal by a socket hook and gives its verdict: AUDIT only reports.
+#[inline(always)]
+fn refuse(
+    scope: &CgroupScope,
+    cgroup_id: u64,
+    key: PolicyKey,
+    hook: u8,
+    why: u8,
+    sock_type: u8,
+) -> Result<i32, ()> {
+    let record = Record {
+        cgroup_id,
+        key,
+        hook,
+        verdict: refusal(scope),
+        reason: why,
+        sock_type,
+        task: true,
+    };
+    report(scope, record);
     if scope.mode == mode::AUDIT {
         Ok(ALLOW)
     } else {
@@ -139,13 +178,23 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
 /// [`CgroupScope::mode`] of a cgroup no scope claims: it is not enforced. Modes start at 1.
 const UNCLAIMED: u32 = 0;
 
-/// The cgroup's own entry, else its deepest claimed ancestor's, else [`UNCLAIMED`].
+/// The current task's cgroup's scope (see [`scope_of`]).
+#[inline(always)]
+fn current_scope(cgroup_id: u64) -> CgroupScope {
+    // SAFETY: the helper has no preconditions; it returns 0 below the current cgroup.
+    scope_of(cgroup_id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// The cgroup's own entry, else its deepest claimed ancestor's (`ancestor(level)` gives the
+/// ancestor's id at that level, 0 below the cgroup), else [`UNCLAIMED`].
 ///
 /// No `Option` here: kernels before 6.1.191 (Debian 12's 6.1.176 among them) refuse a read of
 /// a stack slot that was only partly written, which an `Option<CgroupScope>` left `None` is
 /// (CVE-2023-52452 changed that). Every byte of the result is written before it is read.
 #[inline(always)]
-fn scope_of(cgroup_id: u64) -> CgroupScope {
+fn scope_of(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> CgroupScope {
     // SAFETY: the value is copied out at once; the agent only ever replaces whole values.
     if let Some(scope) = unsafe { CGROUPS.get(cgroup_id) } {
         return *scope;
@@ -154,14 +203,13 @@ fn scope_of(cgroup_id: u64) -> CgroupScope {
         scope: 0,
         mode: UNCLAIMED,
     };
-    // Local mode claims no subtrees: its unclaimed cgroups skip the walk.
+    // Without claimed subtrees, unclaimed cgroups skip the walk.
     if tc::config().flags & tc_flags::CG_TREES == 0 {
         return found;
     }
     let mut level = 1;
     while level <= MAX_TREE_LEVEL {
-        // SAFETY: the helper has no preconditions; it returns 0 below the current cgroup.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = ancestor(level);
         if id == 0 {
             break;
         }
@@ -204,36 +252,6 @@ fn refusal(scope: &CgroupScope) -> u8 {
     } else {
         verdict::DENIED
     }
-}
-
-fn report(
-    scope: &CgroupScope,
-    cgroup_id: u64,
-    pid: u32,
-    comm: [u8; 16],
-    key: &PolicyKey,
-    hook: u8,
-    verdict: u8,
-) {
-    // A full ring buffer drops the record; the verdict itself never depends on reporting.
-    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
-        return;
-    };
-    entry.write(DenyEvent {
-        // SAFETY: the helper has no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id,
-        scope: scope.scope,
-        pid,
-        comm,
-        addr: key.addr,
-        port: key.port,
-        proto: key.proto,
-        verdict,
-        hook,
-        pad: [0; 3],
-    });
-    entry.submit(0);
 }
 
 #[cfg(not(test))]

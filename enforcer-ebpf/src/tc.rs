@@ -1,7 +1,11 @@
 //! Per-packet enforcement on the host side of a pod's veth, where ingress is the pod's egress.
-//! It catches what connect() never sees (raw sockets, flows opened before a revocation), with
-//! the same allow maps. An established flow costs one LRU lookup until the agent bumps the
-//! policy generation.
+//! It catches what connect() never sees (raw and packet sockets, flows opened before a
+//! revocation), with the same allow maps. An established flow costs one LRU lookup until the
+//! agent bumps the policy generation.
+//!
+//! The pod is the veth's (the agent registers each veth's pod addresses in `VETHS`), never
+//! whatever the packet claims: a source that is not the pod's own is dropped, so spoofed
+//! packets can neither pass as another pod's nor forge replies.
 //!
 //! The veth is shared with the CNI's own programs (its NetworkPolicy, anti-spoofing, NAT). A
 //! packet these programs let through gets [`PASS`] (`TC_ACT_UNSPEC`, which is `TCX_NEXT`), so
@@ -15,17 +19,27 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    flow, hook, ipv4_mapped, mode, proto, tc_flags, verdict, CgroupScope, FlowKey, FlowVerdict,
-    PolicyKey, TcConfig,
+    flow, hook, mode, proto, reason, tc_flags, verdict, CgroupScope, FlowKey, FlowVerdict, FragKey,
+    PolicyKey, TcConfig, VethPod,
 };
 
-use crate::{allowed, refusal, report};
+use crate::{
+    allowed,
+    packet::{parse, Frame, Packet},
+    refusal, report, Record,
+};
 
 #[map(name = "ENF_POD_SCOPES")]
 static POD_SCOPES: HashMap<[u8; 16], CgroupScope> = HashMap::pinned(65_536, 0);
 
+#[map(name = "ENF_VETHS")]
+static VETHS: HashMap<u32, VethPod> = HashMap::pinned(65_536, 0);
+
 #[map(name = "ENF_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowVerdict> = LruHashMap::pinned(262_144, 0);
+
+#[map(name = "ENF_FRAGS")]
+static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(16_384, 0);
 
 #[map(name = "ENF_TC_CONFIG")]
 static TC_CONFIG: Array<TcConfig> = Array::pinned(1, 0);
@@ -34,27 +48,15 @@ static TC_CONFIG: Array<TcConfig> = Array::pinned(1, 0);
 /// legacy cls_bpf in direct-action mode).
 const PASS: i32 = TC_ACT_UNSPEC;
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
-/// `BPF_NOEXIST`: a pod's own flow keeps the verdict it was judged with.
-const NOEXIST: u64 = 1;
-
-struct Packet {
-    src: [u8; 16],
-    dst: [u8; 16],
-    proto: u8,
-    sport: u16,
-    dport: u16,
-    /// ICMPv6 neighbour discovery, which IPv6 needs to work at all.
-    ndp: bool,
-    /// Offset of the transport header; `None` for IPv4 fragments after the first.
-    l4: Option<usize>,
-}
+/// Scope of records about packets no pod scope covers (an unregistered veth).
+const NO_SCOPE: CgroupScope = CgroupScope {
+    scope: 0,
+    mode: mode::REGISTRY_ONLY,
+};
 
 /// The agent's settings and the policy generation.
 #[inline(always)]
@@ -68,13 +70,60 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
 }
 
 fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(p) = parse(ctx)? else {
-        // ARP and everything else that is not IP.
+    // SAFETY: the context's own skb; these fields are readable by TC programs.
+    let (ifindex, tagged) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
+    let mut p = Packet::empty();
+    match parse(ctx, &mut p)? {
+        // A VLAN tag that the kernel took off before TC may hide another: the kernel strips
+        // them after TC and delivers what is inside.
+        Frame::Ip if tagged == 0 => {}
+        Frame::Arp if tagged == 0 => return Ok(PASS),
+        _ => return Ok(drop_unjudged(ifindex, reason::NOT_IP, [0; 16])),
+    }
+    if link_control(&p) {
+        return Ok(PASS);
+    }
+    // SAFETY: read in place; the agent only ever replaces whole values.
+    let Some(pod) = (unsafe { VETHS.get(ifindex) }) else {
+        return Ok(drop_unjudged(ifindex, reason::UNKNOWN_VETH, p.dst));
+    };
+    if !owns(pod, &p.src) {
+        return Ok(drop_unjudged(ifindex, reason::SPOOFED_SOURCE, p.dst));
+    }
+    if loopback(&p.dst) {
+        // Never legitimate on a wire, and with route_localnet=1 (kube-proxy sets it) the node
+        // would deliver it to its own loopback services.
+        return Ok(drop_unjudged(ifindex, reason::LOOPBACK, p.dst));
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
+        // A pod this agent does not enforce.
         return Ok(PASS);
     };
+    if scope.mode == mode::ALLOW_ANY {
+        return Ok(PASS);
+    }
+    let key = PolicyKey {
+        scope: scope.scope,
+        port: p.dport,
+        proto: p.proto,
+        pad: 0,
+        addr: p.dst,
+    };
+    if p.routed || p.unwalked {
+        let why = if p.routed {
+            reason::SOURCE_ROUTE
+        } else {
+            reason::UNJUDGEABLE
+        };
+        return Ok(refuse(&scope, &key, refusal(&scope), why));
+    }
+    if p.frag.later {
+        return Ok(later_fragment(&p, &scope, &key));
+    }
     let config = config();
     let icmp = p.proto == proto::ICMP || p.proto == proto::ICMPV6;
-    if p.ndp || (icmp && config.flags & tc_flags::JUDGE_ICMP == 0) {
+    if icmp && config.flags & tc_flags::JUDGE_ICMP == 0 {
         return Ok(PASS);
     }
     let flow = FlowKey {
@@ -90,22 +139,11 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     let cached = unsafe { FLOWS.get(flow) }.copied();
     if let Some(c) = cached {
         if c.allowed == flow::REPLY || c.generation == config.generation {
+            remember_first_fragment(&p, c.allowed);
             return Ok(action(c.allowed));
         }
     }
-    // SAFETY: the value is copied out at once.
-    let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
-        // Not from a pod this agent knows.
-        return Ok(PASS);
-    };
-    let key = PolicyKey {
-        scope: scope.scope,
-        port: p.dport,
-        proto: p.proto,
-        pad: 0,
-        addr: p.dst,
-    };
-    let ok = scope.mode == mode::ALLOW_ANY || allowed(&key);
+    let ok = allowed(&key);
     let verdict = match (ok, scope.mode) {
         (true, _) => flow::ALLOWED,
         (false, mode::AUDIT) => flow::AUDITED,
@@ -119,6 +157,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         },
         0,
     );
+    remember_first_fragment(&p, verdict);
     if !ok {
         let was_allowed = cached.is_some_and(|c| c.allowed == flow::ALLOWED);
         let why = if was_allowed && verdict == flow::REFUSED {
@@ -126,9 +165,106 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         } else {
             refusal(&scope)
         };
-        report(&scope, 0, 0, [0; 16], &key, hook::TC, why);
+        report(&scope, tc_record(&key, why, reason::NO_RULE));
     }
     Ok(action(verdict))
+}
+
+/// Neighbour discovery and multicast listener reports, which IPv6 needs on the link: only
+/// with the hop limit that keeps them on it (255 for ND, which receivers check; 1 for MLD)
+/// and towards link-local or multicast addresses, so they cannot carry data anywhere else.
+#[inline(always)]
+fn link_control(p: &Packet) -> bool {
+    if p.proto != proto::ICMPV6 || !p.has_l4 {
+        return false;
+    }
+    let on_link = p.dst[0] == 0xff || (p.dst[0] == 0xfe && p.dst[1] & 0xc0 == 0x80);
+    let nd = (133..=137).contains(&p.icmp_type) && p.hop_limit == 255;
+    let mld = matches!(p.icmp_type, 130..=132 | 143) && p.hop_limit == 1;
+    on_link && (nd || mld)
+}
+
+#[inline(always)]
+fn owns(pod: &VethPod, src: &[u8; 16]) -> bool {
+    // All zero is never a pod's source (and marks an unused slot).
+    *src != [0; 16] && (pod.addrs[0] == *src || pod.addrs[1] == *src)
+}
+
+/// 127.0.0.0/8 (IPv4-mapped) and ::1.
+#[inline(always)]
+fn loopback(dst: &[u8; 16]) -> bool {
+    let v4 = dst[..10] == [0; 10] && dst[10] == 0xff && dst[11] == 0xff;
+    let v6 = dst[..15] == [0; 15] && dst[15] == 1;
+    (v4 && dst[12] == 127) || v6
+}
+
+/// A fragment after the first gets the first one's verdict; without one it is not judged.
+#[inline(always)]
+fn later_fragment(p: &Packet, scope: &CgroupScope, key: &PolicyKey) -> i32 {
+    // SAFETY: the value is copied out at once.
+    match unsafe { FRAGS.get(frag_key(p)) }.copied() {
+        Some(verdict) => action(verdict),
+        None => refuse(scope, key, refusal(scope), reason::UNJUDGEABLE),
+    }
+}
+
+#[inline(always)]
+fn remember_first_fragment(p: &Packet, verdict: u32) {
+    if p.frag.first {
+        let _ = FRAGS.insert(frag_key(p), verdict, 0);
+    }
+}
+
+#[inline(always)]
+fn frag_key(p: &Packet) -> FragKey {
+    FragKey {
+        src: p.src,
+        dst: p.dst,
+        id: p.frag.id,
+        proto: p.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Records a refusal outside the flow cache; AUDIT lets the packet pass.
+#[inline(always)]
+fn refuse(scope: &CgroupScope, key: &PolicyKey, verdict: u8, why: u8) -> i32 {
+    report(scope, tc_record(key, verdict, why));
+    if scope.mode == mode::AUDIT {
+        PASS
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// Drops what cannot be judged at all, whatever the pod's mode, with a record.
+#[inline(always)]
+fn drop_unjudged(ifindex: u32, why: u8, dst: [u8; 16]) -> i32 {
+    let key = PolicyKey {
+        scope: 0,
+        port: 0,
+        proto: 0,
+        pad: 0,
+        addr: dst,
+    };
+    let mut record = tc_record(&key, verdict::DENIED, why);
+    // The veth, where no cgroup is known.
+    record.cgroup_id = u64::from(ifindex);
+    report(&NO_SCOPE, record);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn tc_record(key: &PolicyKey, verdict: u8, why: u8) -> Record {
+    Record {
+        cgroup_id: 0,
+        key: *key,
+        hook: hook::TC,
+        verdict,
+        reason: why,
+        sock_type: 0,
+        task: false,
+    }
 }
 
 /// On the host side's egress, which is the way into the pod. A connection that a peer opens to
@@ -141,26 +277,35 @@ pub fn enforcer_reply(ctx: TcContext) -> i32 {
 }
 
 fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
-    let Some(p) = parse(ctx)? else {
+    // SAFETY: the context's own skb; these fields are readable by TC programs.
+    let (ifindex, came_in) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // What the pod sent itself, turned around by the host (a hairpin), opens nothing.
+    if came_in == ifindex {
         return Ok(());
-    };
-    let Some(l4) = p.l4 else {
+    }
+    let mut p = Packet::empty();
+    if parse(ctx, &mut p)? != Frame::Ip || !p.has_l4 {
         return Ok(());
-    };
+    }
+    let l4 = p.l4;
     let opens = match p.proto {
         proto::TCP => {
-            // Data offset and flags, read as one u16 (see `icmp_type`).
-            let flags = (u16::from_be(at::<u16>(ctx, l4 + 12)?) & 0xff) as u8;
+            // Data offset and flags, read as one u16 (see `packet::ipv4`).
+            let flags = (u16::from_be(ctx.load::<u16>(l4 + 12).map_err(|_| ())?) & 0xff) as u8;
             flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         }
         proto::UDP => true,
-        proto::ICMP => icmp_type(ctx, l4)? == ICMP_ECHO_REQUEST,
-        proto::ICMPV6 => icmp_type(ctx, l4)? == ICMPV6_ECHO_REQUEST,
+        proto::ICMP => p.icmp_type == ICMP_ECHO_REQUEST,
+        proto::ICMPV6 => p.icmp_type == ICMPV6_ECHO_REQUEST,
         _ => false,
     };
-    // SAFETY: only presence is checked.
-    if !opens || unsafe { POD_SCOPES.get(p.dst) }.is_none() {
+    if !opens {
         return Ok(());
+    }
+    // SAFETY: the value is copied out at once.
+    match unsafe { VETHS.get(ifindex) } {
+        Some(pod) if owns(pod, &p.dst) => {}
+        _ => return Ok(()),
     }
     let reply = FlowKey {
         src: p.dst,
@@ -170,14 +315,18 @@ fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
         proto: p.proto,
         pad: [0; 3],
     };
-    let _ = FLOWS.insert(
-        reply,
-        FlowVerdict {
-            generation: 0,
-            allowed: flow::REPLY,
-        },
-        NOEXIST,
-    );
+    // Looked up first: an LRU insert makes room (evicts) even when the key exists.
+    // SAFETY: only presence is checked.
+    if unsafe { FLOWS.get(reply) }.is_none() {
+        let _ = FLOWS.insert(
+            reply,
+            FlowVerdict {
+                generation: 0,
+                allowed: flow::REPLY,
+            },
+            0,
+        );
+    }
     Ok(())
 }
 
@@ -187,83 +336,4 @@ fn action(verdict: u32) -> i32 {
     } else {
         PASS
     }
-}
-
-/// Ethernet, the longest IPv4 header, and TCP up to its flags.
-const HEADERS: u32 = (ETH_HLEN + 60 + 14) as u32;
-
-/// Reads a `T` at `off` of the packet's linear data: direct access, no helper call per field.
-#[inline(always)]
-fn at<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + core::mem::size_of::<T>() > end {
-        return Err(());
-    }
-    // SAFETY: within [data, data_end), checked above; packet data has no alignment.
-    Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
-}
-
-/// The ICMP type, read with its code as one u16: for a one-byte read at a variable offset, LLVM
-/// turns the bounds check into a form the verifier gives no range for.
-#[inline(always)]
-fn icmp_type(ctx: &TcContext, off: usize) -> Result<u8, ()> {
-    Ok((u16::from_be(at::<u16>(ctx, off)?) >> 8) as u8)
-}
-
-/// `None` for packets that are not IP. Ports are 0 for other protocols and for IPv4 fragments
-/// after the first. A packet too short for the headers it announces is an error (dropped).
-fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
-    if let Ok(p) = parse_linear(ctx) {
-        return Ok(p);
-    }
-    // Headers outside the linear part: pull them in, only then, as that may copy the packet.
-    ctx.pull_data(ctx.len().min(HEADERS)).map_err(|_| ())?;
-    parse_linear(ctx)
-}
-
-#[inline(always)]
-fn parse_linear(ctx: &TcContext) -> Result<Option<Packet>, ()> {
-    let ethertype = u16::from_be(at::<u16>(ctx, 12)?);
-    let (src, dst, proto, l4) = match ethertype {
-        ETH_P_IP => {
-            let ver_ihl: u8 = at(ctx, ETH_HLEN)?;
-            let ihl = usize::from(ver_ihl & 0x0f) * 4;
-            let frag = u16::from_be(at::<u16>(ctx, ETH_HLEN + 6)?);
-            let proto: u8 = at(ctx, ETH_HLEN + 9)?;
-            let src: [u8; 4] = at(ctx, ETH_HLEN + 12)?;
-            let dst: [u8; 4] = at(ctx, ETH_HLEN + 16)?;
-            let first = frag & 0x1fff == 0;
-            (
-                ipv4_mapped(src),
-                ipv4_mapped(dst),
-                proto,
-                first.then_some(ETH_HLEN + ihl),
-            )
-        }
-        ETH_P_IPV6 => {
-            let proto: u8 = at(ctx, ETH_HLEN + 6)?;
-            let src: [u8; 16] = at(ctx, ETH_HLEN + 8)?;
-            let dst: [u8; 16] = at(ctx, ETH_HLEN + 24)?;
-            (src, dst, proto, Some(ETH_HLEN + 40))
-        }
-        _ => return Ok(None),
-    };
-    let (mut sport, mut dport, mut ndp) = (0, 0, false);
-    if let Some(off) = l4 {
-        if proto == proto::TCP || proto == proto::UDP {
-            sport = u16::from_be(at::<u16>(ctx, off)?);
-            dport = u16::from_be(at::<u16>(ctx, off + 2)?);
-        } else if proto == proto::ICMPV6 {
-            ndp = (133..=137).contains(&icmp_type(ctx, off)?);
-        }
-    }
-    Ok(Some(Packet {
-        src,
-        dst,
-        proto,
-        sport,
-        dport,
-        ndp,
-        l4,
-    }))
 }

@@ -4,12 +4,15 @@ use std::{
     collections::BTreeMap,
     io::Write,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc, RwLock,
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{hook, verdict, DenyEvent};
+use enforcer_common::{hook, reason, verdict, DenyEvent};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
@@ -46,7 +49,85 @@ pub struct DenyRecord {
     pub port: u16,
     pub proto: String,
     pub host: Option<String>,
+    /// A stable code for why: `no_rule`, `socket_type`, `source_route`, `spoofed_source`,
+    /// `not_ip`, `loopback`, `unjudgeable`, `unknown_veth`.
+    pub reason_code: &'static str,
     pub reason: String,
+}
+
+/// Records the output could not take (stdout blocked), since the agent started.
+pub static OUTPUT_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Lines waiting for stdout; beyond this, records are dropped and counted, never waited for.
+const OUTPUT_QUEUE: usize = 4096;
+
+fn reason_code(code: u8) -> &'static str {
+    match code {
+        reason::NO_RULE => "no_rule",
+        reason::SOCKET_TYPE => "socket_type",
+        reason::SOURCE_ROUTE => "source_route",
+        reason::SPOOFED_SOURCE => "spoofed_source",
+        reason::NOT_IP => "not_ip",
+        reason::LOOPBACK => "loopback",
+        reason::UNJUDGEABLE => "unjudgeable",
+        reason::UNKNOWN_VETH => "unknown_veth",
+        _ => "unknown",
+    }
+}
+
+fn hook_name(code: u8) -> &'static str {
+    match code {
+        hook::CONNECT4 => "connect4",
+        hook::CONNECT6 => "connect6",
+        hook::SENDMSG4 => "sendmsg4",
+        hook::SENDMSG6 => "sendmsg6",
+        hook::TC => "tc",
+        hook::SOCK_CREATE => "sock_create",
+        hook::SETSOCKOPT => "setsockopt",
+        hook::SKB_EGRESS => "skb_egress",
+        _ => "unknown",
+    }
+}
+
+/// The socket kind a `socket_type` record is about (its protocol is in the port field).
+fn socket_kind(kind: u8, protocol: u16) -> String {
+    match (kind, protocol) {
+        (3, _) => format!("a raw socket (protocol {protocol})"),
+        (2, 1 | 58) => "an ICMP datagram (ping) socket".to_string(),
+        (_, 132) => "an SCTP socket".to_string(),
+        (_, 136) => "a UDP-Lite socket".to_string(),
+        (_, 262) => "an MPTCP socket".to_string(),
+        _ => format!("a socket of type {kind}, protocol {protocol}"),
+    }
+}
+
+/// The sentence for a record that policy rules did not decide.
+fn special_reason(ev: &DenyEvent, dst: &str) -> Option<String> {
+    Some(match ev.reason {
+        reason::SOCKET_TYPE => format!(
+            "{} cannot be judged by destination: refused in enforced namespaces (--allow-sockets allows it)",
+            socket_kind(ev.sock_type, ev.port)
+        ),
+        reason::SOURCE_ROUTE if ev.hook == hook::SETSOCKOPT => format!(
+            "a source route (socket option {} at level {}) would send packets to a first hop that is never judged",
+            ev.port, ev.proto
+        ),
+        reason::SOURCE_ROUTE => format!(
+            "a packet with IP options or an IPv6 routing header towards {dst}: its destination is only the first hop"
+        ),
+        reason::SPOOFED_SOURCE => format!(
+            "a packet towards {dst} whose source address is not the pod's own (spoofed)"
+        ),
+        reason::NOT_IP => "a frame that is neither IPv4, IPv6 nor ARP (a VLAN tag, another ethertype) cannot be judged".to_string(),
+        reason::LOOPBACK => format!("a packet to the loopback address {dst} on a pod's wire"),
+        reason::UNJUDGEABLE => format!(
+            "a packet towards {dst} that cannot be judged: a fragment whose first fragment was not seen, or too many IPv6 extension headers"
+        ),
+        reason::UNKNOWN_VETH => format!(
+            "a packet towards {dst} on a veth the agent registered no pod for"
+        ),
+        _ => return None,
+    })
 }
 
 impl Explainer {
@@ -75,9 +156,10 @@ impl Explainer {
             .get(&ip)
             .and_then(|r| r.first())
             .map(|r| r.host.clone());
-        let mut reason = match l4 {
-            Some(l4) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
-            None => format!(
+        let mut reason = match (special_reason(ev, &ip.to_string()), l4) {
+            (Some(special), _) => special,
+            (None, Some(l4)) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
+            (None, None) => format!(
                 "{proto} is judged on pod veths and no ServiceEntry allows it (--tc-pass-icmp lets ICMP pass)"
             ),
         };
@@ -105,14 +187,7 @@ impl Explainer {
             pid: ev.pid,
             comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
                 .into_owned(),
-            hook: match ev.hook {
-                hook::CONNECT4 => "connect4",
-                hook::CONNECT6 => "connect6",
-                hook::SENDMSG4 => "sendmsg4",
-                hook::SENDMSG6 => "sendmsg6",
-                hook::TC => "tc",
-                _ => "unknown",
-            },
+            hook: hook_name(ev.hook),
             // The TC program sees packets, not processes.
             cgroup: if ev.hook == hook::TC {
                 "(packet on a pod veth)".to_string()
@@ -125,21 +200,27 @@ impl Explainer {
             port: ev.port,
             proto,
             host,
+            reason_code: reason_code(ev.reason),
             reason,
         }
     }
 }
 
 /// Reads the ring buffer until the agent stops, printing one JSON line per record on stdout.
+/// A thread of its own writes them, so that a blocked stdout never stalls the ring buffer or
+/// the agent; what it cannot take is counted in [`OUTPUT_DROPPED`].
 pub async fn run(ring: RingBuf<MapData>, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd, which stays open and unchanged while the AsyncFd
     // owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {}", e.into_parts().1))?;
+    let (tx, rx) = mpsc::sync_channel::<String>(OUTPUT_QUEUE);
+    std::thread::Builder::new()
+        .name("records".into())
+        .spawn(move || write_lines(&rx))?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
-        let mut out = std::io::stdout().lock();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<DenyEvent>() {
                 continue;
@@ -151,11 +232,23 @@ pub async fn run(ring: RingBuf<MapData>, explainer: Arc<RwLock<Explainer>>) -> a
                 Err(poisoned) => poisoned.into_inner().record(&ev),
             };
             if let Ok(line) = serde_json::to_string(&record) {
-                let _ = writeln!(out, "{line}");
+                if tx.try_send(line).is_err() {
+                    OUTPUT_DROPPED.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        let _ = out.flush();
         guard.clear_ready();
+    }
+}
+
+fn write_lines(rx: &mpsc::Receiver<String>) {
+    let mut out = std::io::stdout().lock();
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        for more in rx.try_iter() {
+            let _ = writeln!(out, "{more}");
+        }
+        let _ = out.flush();
     }
 }
 
@@ -200,7 +293,9 @@ mod tests {
             proto: 6,
             verdict: verdict::DENIED,
             hook: 1,
-            pad: [0; 3],
+            reason: 0,
+            sock_type: 0,
+            pad: 0,
         };
         let rec = ex.record(&ev);
         assert_eq!(rec.namespace, "default");

@@ -263,7 +263,10 @@ impl Pods {
                 std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
                     .context("enabling IPv6 forwarding")?;
             }
-            dp.attach_tc(&host_if, &self.pin_root)
+            let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(pod_ip))
+                .chain(v6.map(|(_, pod)| IpAddr::V6(pod)))
+                .collect();
+            dp.attach_tc(&host_if, &addrs, &self.pin_root)
         })();
         if let Err(err) = made {
             self.remove(name, &pod, dp);
@@ -274,11 +277,15 @@ impl Pods {
 
     /// Deleting the namespace deletes the veth pair, which detaches the TC program.
     fn remove(&self, name: &str, pod: &Pod, dp: &mut Datapath) {
+        let ifindex = crate::veth::ifindex(&pod.host_if)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         let _ = Command::new("ip")
             .args(["link", "del", &pod.host_if])
             .output();
-        dp.forget_tc(&pod.host_if, &self.pin_root);
+        dp.forget_tc_of(&pod.host_if, ifindex, &self.pin_root);
         let _ = std::fs::remove_file(self.dir.join(format!("{name}.ready")));
         log::info!("pod {name} removed ({} detached)", pod.host_if);
     }

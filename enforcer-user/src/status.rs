@@ -30,7 +30,21 @@ pub struct Status {
     pub apply_errors: Vec<String>,
     #[serde(default)]
     pub failing_since: Option<u64>,
+    /// Refusal records lost since the maps were made (the kernel's counters) and since the
+    /// agent started (its output).
+    #[serde(default)]
+    pub records_lost: RecordsLost,
     pub inputs: Inputs,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordsLost {
+    /// The ring buffer was full: the agent was slow or down.
+    pub ring_full: u64,
+    /// Over a scope's budget of records per second (counted, not recorded).
+    pub rate_limited: u64,
+    /// stdout did not take them.
+    pub output_full: u64,
 }
 
 /// Everything besides the policy files that the agent's last compilation used.

@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub pods: Option<crate::pods::PodNetwork>,
     /// Whether the TC program judges ICMP (otherwise it passes).
     pub judge_icmp: bool,
+    /// `tc_flags::ALLOW_*` bits: socket kinds enforced scopes may create.
+    pub allow_sockets: u32,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -68,7 +70,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("creating cgroup {}", dir.display()))?;
     }
     let (mut dp, ring) = Datapath::open(&cfg.datapath)?;
-    let mut flags = 0;
+    let mut flags = cfg.allow_sockets;
     if cfg.judge_icmp {
         flags |= enforcer_common::tc_flags::JUDGE_ICMP;
     }

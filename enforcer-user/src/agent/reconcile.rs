@@ -17,7 +17,7 @@ use crate::{
     policy::Desired,
     resolver::Resolver,
     sources::Sources,
-    status::{Inputs, Status},
+    status::{Inputs, RecordsLost, Status},
 };
 
 /// Where workloads run, as the loop last saw it.
@@ -142,10 +142,21 @@ impl Reconciler {
                 generation: self.generation,
                 errors,
                 failing_since: self.failing_since,
+                records_lost: self.records_lost(),
             };
             write_status(cfg, applied, sources, &desired, inputs.clone(), resolver);
         }
         Ok(complete)
+    }
+
+    /// What the kernel's counters and the record output say was lost.
+    pub fn records_lost(&self) -> RecordsLost {
+        use enforcer_common::counter;
+        RecordsLost {
+            ring_full: self.dp.counter(counter::RING_FULL),
+            rate_limited: self.dp.counter(counter::RATE_LIMITED),
+            output_full: crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     fn explainer(&self) -> std::sync::RwLockWriteGuard<'_, Explainer> {
@@ -232,6 +243,7 @@ struct Applied {
     generation: u64,
     errors: Vec<String>,
     failing_since: Option<SystemTime>,
+    records_lost: RecordsLost,
 }
 
 fn write_status(
@@ -260,6 +272,7 @@ fn write_status(
         dns: resolver.describe(),
         apply_errors: applied.errors,
         failing_since,
+        records_lost: applied.records_lost,
         inputs,
     };
     if let Err(err) = status.write(&cfg.status_file) {

@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// Let ICMP from pods pass the TC program unjudged (by default no ServiceEntry allows it).
     #[arg(long)]
     tc_pass_icmp: bool,
+    /// Socket kinds that enforced namespaces may create although no ServiceEntry can judge
+    /// them at connect time (comma-separated). Each is refused by default.
+    #[arg(long, value_delimiter = ',', value_enum, value_name = "KIND")]
+    allow_sockets: Vec<SocketKind>,
     #[command(flatten)]
     placement: Placement,
     #[command(flatten)]
@@ -245,6 +249,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             v6: args.pod_cidr6,
         }),
         judge_icmp: !args.tc_pass_icmp,
+        allow_sockets: args.allow_sockets.iter().fold(0, |f, k| f | k.flag()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -252,4 +257,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(crate::agent::run(cfg))
+}
+
+/// Sockets the address hooks cannot judge (`--allow-sockets`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SocketKind {
+    /// `SOCK_RAW`: any packet, any destination.
+    Raw,
+    /// ICMP datagram sockets (unprivileged ping).
+    Ping,
+    Sctp,
+    Udplite,
+    /// MPTCP: the kernel opens subflows to addresses the peer advertises.
+    Mptcp,
+    /// Every other protocol of an IPv4 or IPv6 socket.
+    Other,
+}
+
+impl SocketKind {
+    fn flag(self) -> u32 {
+        use enforcer_common::tc_flags;
+        match self {
+            Self::Raw => tc_flags::ALLOW_RAW,
+            Self::Ping => tc_flags::ALLOW_PING,
+            Self::Sctp => tc_flags::ALLOW_SCTP,
+            Self::Udplite => tc_flags::ALLOW_UDPLITE,
+            Self::Mptcp => tc_flags::ALLOW_MPTCP,
+            Self::Other => tc_flags::ALLOW_OTHER,
+        }
+    }
 }

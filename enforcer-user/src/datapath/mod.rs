@@ -5,30 +5,29 @@
 //! beside the old ones (multi-attach), and only then are the old links unpinned and detached.
 
 pub mod bpffs;
+mod cgroup_links;
 pub mod inspect;
 mod layout;
 mod migrate;
 pub mod plan;
 pub mod scope_ids;
 mod sync;
+mod sys;
 mod tc_links;
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, RingBuf},
-    programs::{
-        links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr,
-    },
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    programs::links::PinnedLink,
     Ebpf, EbpfLoader,
 };
-use enforcer_common::{map_names, program_names, CgroupScope, PolicyKey, ScopeName};
+use cgroup_links::attach_cgroup_programs;
+use enforcer_common::{map_names, CgroupScope, PolicyKey, ScopeName, VethPod};
 
 pub use plan::MapPlan;
 pub use sync::ApplyReport;
@@ -36,13 +35,6 @@ pub use tc_links::sweep_stale_tc;
 
 /// The kernel object, built by `build.rs` from `enforcer-ebpf`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_BPF_OBJECT"));
-
-const PROGRAMS: [&str; 4] = [
-    program_names::CONNECT4,
-    program_names::CONNECT6,
-    program_names::SENDMSG4,
-    program_names::SENDMSG6,
-];
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -59,6 +51,10 @@ pub struct Datapath {
     // Keeps the programs loaded for the lifetime of the agent; the pins keep them after it.
     _ebpf: Ebpf,
     maps: sync::Maps,
+    /// Pod veths' own addresses, written as the TC programs go on and off each veth.
+    veths: HashMap<MapData, u32, VethPod>,
+    /// The kernel's per-CPU counters ([`enforcer_common::counter`]).
+    counters: PerCpuArray<MapData, u64>,
     applied: MapPlan,
     scope_ids: BTreeMap<String, u32>,
     max_scopes: usize,
@@ -130,6 +126,8 @@ impl Datapath {
             trees: HashMap::try_from(take(&mut ebpf, map_names::CG_TREES)?)?,
             tc_config: Array::try_from(take(&mut ebpf, map_names::TC_CONFIG)?)?,
         };
+        let veths = HashMap::try_from(take(&mut ebpf, map_names::VETHS)?)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, map_names::COUNTERS)?)?;
         tc_links::load_tc(&mut ebpf, &opts.pin_root)?;
         let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
         let applied = maps.read_current();
@@ -146,6 +144,8 @@ impl Datapath {
             Self {
                 _ebpf: ebpf,
                 maps,
+                veths,
+                counters,
                 applied,
                 scope_ids,
                 max_scopes: opts.max_scopes as usize,
@@ -241,6 +241,17 @@ impl Datapath {
         self.maps.set_flags(flags)
     }
 
+    /// A kernel counter ([`enforcer_common::counter`]), summed over the CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        match self.counters.get(&index, 0) {
+            Ok(values) => values.iter().sum(),
+            Err(err) => {
+                log::warn!("reading counter {index}: {err}");
+                0
+            }
+        }
+    }
+
     pub fn scope_ids(&self) -> &BTreeMap<String, u32> {
         &self.scope_ids
     }
@@ -279,60 +290,6 @@ fn exempt_in_old_maps(pin_root: &Path, cgroup_id: u64) -> anyhow::Result<()> {
         },
         0,
     )?;
-    Ok(())
-}
-
-/// The four connect and sendmsg programs on the cgroup root, each replacing its predecessor.
-fn attach_cgroup_programs(ebpf: &mut Ebpf, opts: &Options) -> anyhow::Result<()> {
-    let cgroup = File::open(&opts.cgroup_root)
-        .with_context(|| format!("opening cgroup {}", opts.cgroup_root.display()))?;
-    for name in PROGRAMS {
-        attach_replacing(ebpf, name, &cgroup, &opts.pin_root)?;
-    }
-    Ok(())
-}
-
-fn attach_replacing(
-    ebpf: &mut Ebpf,
-    name: &str,
-    cgroup: &File,
-    pin_root: &Path,
-) -> anyhow::Result<()> {
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} is missing from the BPF object"))?
-        .try_into()?;
-    prog.load()
-        .with_context(|| format!("loading program {name}"))?;
-    // bpf_link-based cgroup attachments are always multi-attach, and take no flags.
-    let link_id = prog
-        .attach(cgroup, CgroupAttachMode::Single)
-        .with_context(|| format!("attaching {name} to the cgroup root"))?;
-    let link: FdLink = prog
-        .take_link(link_id)?
-        .try_into()
-        .context("converting the link")?;
-
-    let link_pin = pin_root.join("links").join(name);
-    let staged = pin_root.join("links").join(format!("{name}_next"));
-    let _ = std::fs::remove_file(&staged);
-    link.pin(&staged)
-        .with_context(|| format!("pinning link {}", staged.display()))?;
-    // The new program is enforcing now; the old link, if any, can go.
-    if link_pin.exists() {
-        match PinnedLink::from_pin(&link_pin) {
-            Ok(old) => drop(old.unpin().context("unpinning the previous link")?),
-            Err(err) => log::warn!("could not open previous link {}: {err}", link_pin.display()),
-        }
-        let _ = std::fs::remove_file(&link_pin);
-    }
-    std::fs::rename(&staged, &link_pin)
-        .with_context(|| format!("renaming {}", staged.display()))?;
-
-    let prog_pin = pin_root.join("programs").join(name);
-    let _ = std::fs::remove_file(&prog_pin);
-    prog.pin(&prog_pin)
-        .with_context(|| format!("pinning program {}", prog_pin.display()))?;
     Ok(())
 }
 

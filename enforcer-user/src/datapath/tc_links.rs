@@ -1,7 +1,10 @@
 //! The TC programs on pod veths: loaded and pinned with the others, attached per veth at the
 //! head of the chain, and their link pins kept or swept by the interface the kernel reports.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
@@ -13,7 +16,7 @@ use aya::{
     util::KernelVersion,
     Ebpf,
 };
-use enforcer_common::program_names;
+use enforcer_common::{program_names, VethPod};
 
 use super::Datapath;
 
@@ -26,14 +29,34 @@ impl Datapath {
     /// Attaches the TC programs to the host side of a pod's veth: the judge on ingress (the
     /// pod's egress), the reply tracker on egress (the way into the pod). The links are pinned
     /// so that they outlive the agent; deleting the veth detaches them.
-    pub fn attach_tc(&mut self, ifname: &str, pin_root: &Path) -> anyhow::Result<()> {
-        self.attach_tc_indexed(ifname, pin_root).map(drop)
+    pub fn attach_tc(
+        &mut self,
+        ifname: &str,
+        pod_addrs: &[IpAddr],
+        pin_root: &Path,
+    ) -> anyhow::Result<()> {
+        self.attach_tc_indexed(ifname, pod_addrs, pin_root)
+            .map(drop)
     }
 
     /// [`Datapath::attach_tc`], returning the index of the interface the links are on: pins are
     /// named after the interface, and the index tells this interface's links from those of a
     /// later interface of the same name (see [`Datapath::forget_tc_of`]).
-    pub fn attach_tc_indexed(&mut self, ifname: &str, pin_root: &Path) -> anyhow::Result<u32> {
+    ///
+    /// The judge drops every packet on the veth whose source is not one of `pod_addrs`, so they
+    /// are registered first.
+    pub fn attach_tc_indexed(
+        &mut self,
+        ifname: &str,
+        pod_addrs: &[IpAddr],
+        pin_root: &Path,
+    ) -> anyhow::Result<u32> {
+        let ifindex = crate::veth::ifindex(ifname)
+            .with_context(|| format!("looking up {ifname}"))?
+            .with_context(|| format!("{ifname} is gone"))?;
+        self.veths
+            .insert(ifindex, veth_pod(pod_addrs)?, 0)
+            .with_context(|| format!("registering the pod addresses of {ifname}"))?;
         // Kernels before 6.6 have no TCX: aya falls back to a filter under clsact.
         let _ = aya::programs::tc::qdisc_add_clsact(ifname);
         let mut pinned = None;
@@ -66,19 +89,14 @@ impl Datapath {
         }
     }
 
-    /// Forgets the pins of detached TC links (their veth is gone).
-    pub fn forget_tc(&mut self, ifname: &str, pin_root: &Path) {
-        for (name, _) in TC_PROGRAMS {
-            let _ = std::fs::remove_file(tc_link_pin(pin_root, ifname, name));
-        }
-    }
-
     /// Removes the pins of the TC links that [`Datapath::attach_tc_indexed`] put on interface
     /// `ifindex`, then named `ifname`, which detaches them. Pins whose link is on another
     /// interface of that name now are left: Calico names a veth after its pod, so a
     /// StatefulSet's next pod gets the name and its links the pins. Pins of links without an
     /// interface are stale (the kernel detached them with it) and go too.
     pub fn forget_tc_of(&mut self, ifname: &str, ifindex: u32, pin_root: &Path) {
+        // Gone already when the veth went before the pod's entry (no error worth a word).
+        let _ = self.veths.remove(&ifindex);
         for (name, _) in TC_PROGRAMS {
             let pin = tc_link_pin(pin_root, ifname, name);
             match pinned_tcx_ifindex(&pin) {
@@ -94,6 +112,18 @@ impl Datapath {
             }
         }
     }
+}
+
+/// A pod's addresses in key form: its first of each family (Kubernetes gives one of each).
+fn veth_pod(addrs: &[IpAddr]) -> anyhow::Result<VethPod> {
+    let v4 = addrs.iter().find(|a| a.is_ipv4());
+    let v6 = addrs.iter().find(|a| a.is_ipv6());
+    anyhow::ensure!(v4.or(v6).is_some(), "the pod has no address");
+    let mut pod = VethPod::default();
+    for (slot, addr) in pod.addrs.iter_mut().zip(v4.into_iter().chain(v6)) {
+        *slot = crate::net::key_bytes(*addr);
+    }
+    Ok(pod)
 }
 
 /// In front of the CNI's programs, on purpose: a CNI program that redirects (Cilium's
@@ -188,7 +218,7 @@ fn pinned_tcx_ifindex(pin: &Path) -> std::io::Result<u32> {
         // Links are only handed out read-write.
         file_flags: 0,
     };
-    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut get)?;
+    let fd = super::sys::bpf(bpf_cmd::BPF_OBJ_GET, &mut get)?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `bpf_link_info` is plain data, for which all zeroes is valid (and expected).
@@ -198,7 +228,7 @@ fn pinned_tcx_ifindex(pin: &Path) -> std::io::Result<u32> {
         info_len: std::mem::size_of::<bpf_link_info>() as u32,
         info: std::ptr::addr_of_mut!(info) as u64,
     };
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    super::sys::bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -207,25 +237,6 @@ fn pinned_tcx_ifindex(pin: &Path) -> std::io::Result<u32> {
     }
     // SAFETY: the kernel filled the union's TCX member, the link being a TCX link.
     Ok(unsafe { info.__bindgen_anon_1.tcx.ifindex })
-}
-
-/// bpf(2) with `attr`, the head of `union bpf_attr` that `cmd` reads: the kernel takes a shorter
-/// attr as zero-extended.
-fn bpf<T>(cmd: aya_obj::generated::bpf_cmd, attr: &mut T) -> std::io::Result<i32> {
-    // SAFETY: `attr` is valid for `size_of::<T>()` bytes and outlives the call; the pointers in
-    // it point at memory that outlives the call as well.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    i32::try_from(rc).map_err(std::io::Error::other)
 }
 
 /// Loads the classifiers and pins them; they are attached per pod veth.

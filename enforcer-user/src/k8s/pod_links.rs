@@ -117,7 +117,7 @@ impl PodLinks {
                 None => Ok(found),
             })
             .and_then(|found| {
-                let ifindex = dp.attach_tc_indexed(found.ifname(), pin_root)?;
+                let ifindex = dp.attach_tc_indexed(found.ifname(), &pod.ips, pin_root)?;
                 Ok((found, ifindex))
             });
         match result {

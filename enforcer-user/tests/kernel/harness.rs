@@ -31,12 +31,26 @@ pub struct World {
     pub dir: PathBuf,
     pub policies: PathBuf,
     _serial: MutexGuard<'static, ()>,
+    /// Other test processes (another checkout's tests) use the same ranges: one at a time.
+    _machine: fs::File,
+}
+
+/// Waits for the machine-wide lock of kernel tests; it is let go when the file closes.
+fn machine_lock() -> fs::File {
+    use std::os::fd::AsRawFd as _;
+    let file = fs::File::create(std::env::temp_dir().join("enforcer-kernel-tests.lock"))
+        .expect("creating the kernel tests' lock file");
+    // SAFETY: flock on a descriptor this function owns.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "locking: {}", std::io::Error::last_os_error());
+    file
 }
 
 impl World {
     /// Fails the test, with the reason, where kernel tests cannot run.
     pub fn new(name: &str) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let machine = machine_lock();
         let uid = Command::new("id")
             .arg("-u")
             .output()
@@ -65,6 +79,7 @@ impl World {
             dir,
             policies,
             _serial: serial,
+            _machine: machine,
         }
     }
 
