@@ -181,6 +181,28 @@ impl Layout {
         Ok(out)
     }
 
+    /// The cgroups among `found` (from [`Layout::discover`]) that claim their descendants:
+    /// namespace cgroups, workload cgroups named by labels, and `--cgroup` mappings. A child a
+    /// workload makes and moves into is then enforced from its first instruction, not from
+    /// the next scan (the kernel's connect hooks look for the deepest claimed ancestor).
+    pub fn tree_roots(&self, found: &BTreeMap<u64, Assignment>) -> BTreeMap<u64, Assignment> {
+        found
+            .iter()
+            .filter(|(_, a)| self.is_tree_root(a))
+            .map(|(&id, a)| (id, a.clone()))
+            .collect()
+    }
+
+    fn is_tree_root(&self, a: &Assignment) -> bool {
+        let parent = a.path.parent();
+        let namespace_dir = parent == Some(self.managed.as_path());
+        // Labels come only from a name in a namespace directory; below it they are inherited.
+        let workload_dir =
+            !a.labels.is_empty() && parent.and_then(Path::parent) == Some(self.managed.as_path());
+        let mapped = self.mapped.iter().any(|(_, path)| *path == a.path);
+        namespace_dir || workload_dir || mapped
+    }
+
     /// Removes the managed cgroups that hold no process (workloads, then namespaces), then the
     /// parent.
     pub fn remove_empty(&self) {
@@ -315,6 +337,49 @@ mod tests {
         assert_eq!(decode_labels("worker"), None, "not a label list");
         assert_eq!(decode_labels("=x"), None);
         assert!(parse_labels("app").is_err());
+    }
+
+    #[test]
+    fn namespaces_labelled_workloads_and_mappings_claim_their_subtrees() {
+        let layout = Layout::new(
+            "enforcer",
+            &[(
+                "batch".to_string(),
+                PathBuf::from("system.slice/batch.service"),
+            )],
+            Some(Path::new("/cg")),
+        )
+        .expect("layout");
+        let labels = parse_labels("app=db").expect("labels");
+        let found: BTreeMap<u64, Assignment> = [
+            ("/cg/enforcer/default", "default", BTreeMap::new()),
+            (
+                "/cg/enforcer/default/made-by-workload",
+                "default",
+                BTreeMap::new(),
+            ),
+            ("/cg/enforcer/shop/app=db", "shop", labels.clone()),
+            ("/cg/enforcer/shop/app=db/child", "shop", labels),
+            ("/cg/system.slice/batch.service", "batch", BTreeMap::new()),
+            (
+                "/cg/system.slice/batch.service/worker",
+                "batch",
+                BTreeMap::new(),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (path, ns, labels))| {
+            let a = Assignment {
+                namespace: ns.to_string(),
+                labels,
+                path: PathBuf::from(path),
+            };
+            (i as u64, a)
+        })
+        .collect();
+        let roots: Vec<u64> = layout.tree_roots(&found).into_keys().collect();
+        assert_eq!(roots, vec![0, 2, 4], "{found:#?}");
     }
 
     #[test]

@@ -74,9 +74,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.judge_icmp {
         flags |= enforcer_common::tc_flags::JUDGE_ICMP;
     }
-    if cfg.kubernetes.is_some() {
-        flags |= enforcer_common::tc_flags::CG_TREES;
-    }
+    // Both modes claim subtrees (pods; namespace cgroups and `--cgroup` mappings): a child
+    // cgroup a workload makes is its parent's from its first connection, not the next scan.
+    flags |= enforcer_common::tc_flags::CG_TREES;
     dp.set_flags(flags)?;
     let agent_cgroup = exempt_self(&mut dp, &cfg.cgroups.root);
     let mut pods = match &cfg.pods {
@@ -154,8 +154,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let recompile = dirty || dns_changed || reconciler.stale(node.as_ref());
         dns_changed = false;
         if recompile || replan {
+            let trees = cfg.cgroups.tree_roots(&assignments);
             let workloads = Workloads {
                 cgroups: &assignments,
+                trees: &trees,
                 node: node.as_ref(),
                 pods: pods.as_ref(),
             };

@@ -2,6 +2,7 @@
 //! maps for where workloads run now, applies the difference, and reports what happened.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, RwLock},
     time::SystemTime,
@@ -22,8 +23,11 @@ use crate::{
 
 /// Where workloads run, as the loop last saw it.
 pub(super) struct Workloads<'a> {
-    /// Local mode's namespace cgroups (and `--cgroup` mappings).
+    /// Local mode's namespace cgroups (and `--cgroup` mappings), each with an exact entry:
+    /// it names the cgroup in records, and `enforcer exec` waits for its cgroup's.
     pub cgroups: &'a BTreeMap<u64, Assignment>,
+    /// Those of `cgroups` that also claim their descendants (see `Layout::tree_roots`).
+    pub trees: &'a BTreeMap<u64, Assignment>,
     /// Kubernetes mode: this node's pods.
     pub node: Option<&'a Node>,
     /// Local pods (`enforcer exec --netns`).
@@ -110,17 +114,13 @@ impl Reconciler {
         };
         self.generation += 1;
         let mut pod_list = workloads.pods.map(Pods::assignments).unwrap_or_default();
-        let no_trees = BTreeMap::new();
-        let trees = match workloads.node {
-            Some(n) => {
-                pod_list.extend(n.addresses.iter().cloned());
-                &n.trees
-            }
-            None => &no_trees,
-        };
+        if let Some(n) = workloads.node {
+            pod_list.extend(n.addresses.iter().cloned());
+        }
+        let trees = all_trees(workloads.trees, workloads.node);
         let planned = plan::Workloads {
             cgroups: workloads.cgroups,
-            trees,
+            trees: &trees,
             pods: &pod_list,
             agent: self.agent_cgroup,
         };
@@ -161,6 +161,23 @@ impl Reconciler {
 
     fn explainer(&self) -> std::sync::RwLockWriteGuard<'_, Explainer> {
         self.explainer.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Local trees and this node's pods' (`--cgroup` mappings are allowed in both modes); a pod
+/// wins where both claim a cgroup. Borrowed when only one side has any, as is usual.
+fn all_trees<'a>(
+    local: &'a BTreeMap<u64, Assignment>,
+    node: Option<&'a Node>,
+) -> Cow<'a, BTreeMap<u64, Assignment>> {
+    match node.map(|n| &n.trees) {
+        None => Cow::Borrowed(local),
+        Some(pods) if local.is_empty() => Cow::Borrowed(pods),
+        Some(pods) => {
+            let mut all = local.clone();
+            all.extend(pods.iter().map(|(&id, a)| (id, a.clone())));
+            Cow::Owned(all)
+        }
     }
 }
 

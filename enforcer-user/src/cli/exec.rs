@@ -8,7 +8,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Args;
 
-use super::Placement;
+use super::{user, Placement};
 use crate::{cgroup, datapath};
 
 #[derive(Args, Debug)]
@@ -27,6 +27,12 @@ pub struct ExecArgs {
     /// a veth with the TC program on it (a local "pod"); it is removed when CMD exits.
     #[arg(long, value_name = "NAME")]
     netns: Option<String>,
+    /// Run CMD as this user (a name or a numeric uid), with its primary group only and no
+    /// capabilities, after joining the cgroup (and --netns). Without it CMD runs as the caller;
+    /// a root workload can leave its cgroup, so this is what makes a local workload enforced
+    /// for good.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
     #[command(flatten)]
     placement: Placement,
     /// The command and its arguments.
@@ -36,6 +42,8 @@ pub struct ExecArgs {
 
 /// Never runs the command unenforced: it waits until the agent has mapped the cgroup.
 pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
+    // An unknown user fails before anything is made.
+    let who = args.user.as_deref().map(user::resolve).transpose()?;
     let layout = args.placement.layout(&[])?;
     let labels: BTreeMap<String, String> = args
         .labels
@@ -61,12 +69,17 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
         std::thread::sleep(Duration::from_millis(10));
     }
     if let Some(name) = &args.netns {
-        return in_pod(&args, name, labels, &dir);
+        return in_pod(&args, name, labels, &dir, who);
     }
     cgroup::enter(&dir)?;
     let (program, rest) = args.command.split_first().context("no command given")?;
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    if let Some(who) = who {
+        user::run_as(&mut cmd, who);
+    }
     // exec only returns on failure.
-    let err = Command::new(program).args(rest).exec();
+    let err = cmd.exec();
     eprintln!("enforcer exec: cannot run {program}: {err}");
     Ok(127)
 }
@@ -77,6 +90,7 @@ fn in_pod(
     name: &str,
     labels: BTreeMap<String, String>,
     cgroup_dir: &std::path::Path,
+    who: Option<user::Identity>,
 ) -> anyhow::Result<i32> {
     anyhow::ensure!(
         crate::pods::valid_name(name),
@@ -108,13 +122,36 @@ fn in_pod(
             std::thread::sleep(Duration::from_millis(10));
         }
         cgroup::enter(cgroup_dir)?;
-        let status = Command::new("ip")
-            .args(["netns", "exec", name])
-            .args(&args.command)
+        let mut cmd = pod_command(name, &args.command, who)?;
+        let status = cmd
             .status()
-            .context("running ip netns exec")?;
+            .with_context(|| format!("running {:?} in pod {name}", args.command))?;
         Ok(status.code().unwrap_or(128))
     })();
     let _ = std::fs::remove_file(&request);
     result
+}
+
+/// CMD in the pod's network namespace: through `ip netns exec` as the caller (which also
+/// gives it the pod's /sys and /etc/netns files), or, for `--user`, joined directly, since
+/// `ip netns exec` needs root.
+fn pod_command(
+    name: &str,
+    command: &[String],
+    who: Option<user::Identity>,
+) -> anyhow::Result<Command> {
+    let Some(who) = who else {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", name]).args(command);
+        return Ok(cmd);
+    };
+    let path = std::path::Path::new("/run/netns").join(name);
+    let netns =
+        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let (program, rest) = command.split_first().context("no command given")?;
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    user::join_netns(&mut cmd, netns);
+    user::run_as(&mut cmd, who);
+    Ok(cmd)
 }

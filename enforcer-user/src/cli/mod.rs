@@ -6,6 +6,7 @@ mod explain;
 mod health;
 mod run;
 mod teardown;
+mod user;
 mod validate;
 
 use std::path::PathBuf;

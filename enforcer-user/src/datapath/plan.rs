@@ -21,7 +21,8 @@ pub struct MapPlan {
     pub cgroups: BTreeMap<u64, CgroupScope>,
     /// Local pods' addresses (16-byte key form), for the TC program.
     pub pods: BTreeMap<[u8; 16], CgroupScope>,
-    /// Cgroups that claim their descendants (Kubernetes pods, the kubelet's root).
+    /// Cgroups that claim their descendants (Kubernetes pods, the kubelet's root; local
+    /// namespace and workload cgroups, `--cgroup` mappings).
     pub trees: BTreeMap<u64, CgroupScope>,
     pub exact: BTreeSet<PolicyKey>,
     /// Trie entries: (prefix length of the whole key, key).
@@ -69,7 +70,8 @@ pub struct PodAssignment {
 #[derive(Clone, Copy)]
 pub struct Workloads<'a> {
     pub cgroups: &'a BTreeMap<u64, Assignment>,
-    /// Cgroups whose descendants belong to the same workload (Kubernetes pods).
+    /// Cgroups whose descendants belong to the same workload (Kubernetes pods; local
+    /// namespaces and `--cgroup` mappings). An exact entry in `cgroups` wins over a tree.
     pub trees: &'a BTreeMap<u64, Assignment>,
     pub pods: &'a [PodAssignment],
     /// The agent's own cgroup: never enforced, whatever claims its ancestors.
