@@ -253,3 +253,67 @@ fn exec_user_runs_the_workload_unprivileged_and_enforced() {
         agent.denials()
     );
 }
+
+#[test]
+fn exec_user_in_a_pod_joins_its_netns_unprivileged() {
+    const POD_CIDR: &str = "203.0.113.192/26";
+    let world = World::new("podusr");
+    let hosts = Hosts::new(&world);
+    hosts.route_back(POD_CIDR);
+    world.write_policy("allowed.yaml", POLICY);
+    let mesh = registry_only(&world);
+    let agent = Agent::start(
+        &world,
+        &[
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "default",
+            "--pod-cidr",
+            POD_CIDR,
+        ],
+    );
+    let netns = format!("enfpod-{}", &world.id[world.id.len().saturating_sub(8)..]);
+    let run = |host: &str| {
+        let mut cmd = std::process::Command::new(ENFORCER);
+        cmd.args(["exec", "--namespace", "default", "--user", "nobody"])
+            .args(["--netns", &netns])
+            .args(["--bpffs-root", &agent.pin_root])
+            .args(["--cgroup-parent", &agent.cgroup_parent])
+            .args(["--", "sh", "-c", "id -u; exec \"$0\" \"$@\""])
+            .arg(enforcer_testkit::python())
+            .arg(enforcer_testkit::script("probe.py"))
+            .args(["tcp-connect", host, &PORT.to_string()]);
+        cmd.output().expect("running enforcer exec --netns")
+    };
+    let refused = run(REFUSED);
+    let allowed = run(ALLOWED);
+    let report = format!(
+        "--- refused ---\n{}\n--- allowed ---\n{}\n--- hosts ---\n{:?}\n--- agent log ---\n{}",
+        text(&refused),
+        text(&allowed),
+        hosts.received(),
+        agent.log()
+    );
+    for out in [&refused, &allowed] {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.lines().next(), Some("65534"), "{report}");
+    }
+    assert!(
+        String::from_utf8_lossy(&refused.stdout).contains("EPERM"),
+        "{report}"
+    );
+    assert!(
+        String::from_utf8_lossy(&allowed.stdout).contains("ok"),
+        "{report}"
+    );
+    settle(&hosts, ALLOWED, 1);
+    // The connection came from the pod's address: the workload joined the pod's netns.
+    let from_pod = hosts.received().iter().any(|l| {
+        l.strip_prefix(&format!("tcp {ALLOWED}:{PORT} from 203.0.113."))
+            .and_then(|octet| octet.parse::<u8>().ok())
+            .is_some_and(|o| o >= 192)
+    });
+    assert!(from_pod, "{report}");
+    assert_eq!(arrivals(&hosts, REFUSED), 0, "{report}");
+}
