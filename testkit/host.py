@@ -8,6 +8,8 @@ Usage: host.py --tcp 80,443 --udp 9999 --addrs 198.51.100.10,2001:db8::10 [--log
 UDP binds each address on its own, so that replies come from the address a client sent to.
 With --log, every TCP connection and UDP datagram that arrives is one line in FILE,
 `tcp|udp LOCAL_ADDR:PORT from PEER_ADDR`: what a test asserts reached (or never reached) a host.
+On a long-lived TCP flow (its first line starts with ECHO) every line that arrives is logged too,
+`line LOCAL_ADDR:PORT from PEER_ADDR: TEXT`, so a test can count what still gets through.
 """
 import argparse
 import socket
@@ -50,6 +52,15 @@ def record(kind, sock, peer):
         f.write(f"{kind} {local(sock)} from {peer}\n")
 
 
+def record_lines(sock, peer, text):
+    if LOG is None:
+        return
+    peer = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
+    with LOG_LOCK, open(LOG, "a") as f:
+        for line in text:
+            f.write(f"line {local(sock)} from {peer}: {line}\n")
+
+
 def local(sock):
     host, port = sock.getsockname()[:2]
     if host.startswith("::ffff:"):
@@ -68,9 +79,13 @@ class TCPHandler(socketserver.BaseRequestHandler):
             return
         if data.startswith(b"ECHO"):
             # A long-lived flow: echo every line until the client stops.
+            pending = b""
             try:
                 while data:
                     self.request.sendall(data)
+                    *lines, pending = (pending + data).split(b"\n")
+                    record_lines(self.request, self.client_address,
+                                 [l.decode(errors="replace") for l in lines])
                     data = self.request.recv(1024)
             except OSError:
                 pass

@@ -9,6 +9,7 @@ mod live;
 mod pod;
 mod prefixes;
 mod resolution;
+mod revoke;
 mod scoping;
 mod tc;
 mod tc_chain;
