@@ -19,6 +19,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     net::from_key_bytes,
     policy::{decide, Desired, L4},
+    revoke::{Action, Revocation},
 };
 
 /// What the agent knows that turns an id-only kernel record into a readable one.
@@ -35,14 +36,15 @@ pub struct Explainer {
 pub struct DenyRecord {
     pub time_unix_ms: u128,
     /// `denied`; `audit` for what REGISTRY_ONLY would have refused; `revoked` for a flow the
-    /// TC program cut after the policy changed.
+    /// TC program cut, or a socket the agent destroyed, after the policy changed.
     pub verdict: &'static str,
     pub namespace: String,
     /// The Sidecar in force for the workload, if any.
     pub sidecar: Option<String>,
     pub pid: u32,
     pub comm: String,
-    /// Where it was caught: connect4/6, sendmsg4/6, or tc (a packet on a pod's veth).
+    /// Where it was caught: connect4/6, sendmsg4/6, tc (a packet on a pod's veth), or revoke
+    /// (an established socket the agent destroyed after an apply).
     pub hook: &'static str,
     pub cgroup: String,
     pub dst: String,
@@ -132,6 +134,66 @@ fn special_reason(ev: &DenyEvent, dst: &str) -> Option<String> {
 
 impl Explainer {
     pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
+        let mut record = self.explain(ev);
+        match ev.verdict {
+            verdict::AUDIT => {
+                record.reason =
+                    format!("AUDIT: REGISTRY_ONLY would refuse this: {}", record.reason);
+                record.verdict = "audit";
+            }
+            verdict::REVOKED => {
+                record.reason = format!(
+                    "revoked: this flow was allowed under an earlier policy and its packets are now dropped: {}",
+                    record.reason
+                );
+                record.verdict = "revoked";
+            }
+            _ => {}
+        }
+        record
+    }
+
+    /// A socket the agent destroyed (or, in AUDIT mode, would have) after an apply refused
+    /// what it had connected to. Sockets name no process: pid 0, no comm.
+    pub fn revocation(&self, r: &Revocation) -> DenyRecord {
+        let ev = DenyEvent {
+            ts_ns: 0,
+            cgroup_id: r.cgroup,
+            scope: r.scope,
+            pid: 0,
+            comm: [0; 16],
+            addr: crate::net::key_bytes(r.dst.addr),
+            port: r.dst.port,
+            proto: r.dst.proto,
+            verdict: verdict::DENIED,
+            hook: 0,
+            reason: reason::NO_RULE,
+            sock_type: 0,
+            pad: 0,
+        };
+        let mut record = self.explain(&ev);
+        record.hook = "revoke";
+        match r.action {
+            Action::Destroy => {
+                record.verdict = "revoked";
+                record.reason = format!(
+                    "revoked: this established flow was allowed under an earlier policy; its socket was destroyed: {}",
+                    record.reason
+                );
+            }
+            Action::Report => {
+                record.verdict = "audit";
+                record.reason = format!(
+                    "AUDIT: REGISTRY_ONLY would revoke this established flow: {}",
+                    record.reason
+                );
+            }
+        }
+        record
+    }
+
+    /// The record with the plain refusal reason and verdict `denied`.
+    fn explain(&self, ev: &DenyEvent) -> DenyRecord {
         let ip = from_key_bytes(ev.addr);
         let scope = self
             .scopes
@@ -156,32 +218,19 @@ impl Explainer {
             .get(&ip)
             .and_then(|r| r.first())
             .map(|r| r.host.clone());
-        let mut reason = match (special_reason(ev, &ip.to_string()), l4) {
+        let reason = match (special_reason(ev, &ip.to_string()), l4) {
             (Some(special), _) => special,
             (None, Some(l4)) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
             (None, None) => format!(
                 "{proto} is judged on pod veths and no ServiceEntry allows it (--tc-pass-icmp lets ICMP pass)"
             ),
         };
-        let kind = match ev.verdict {
-            verdict::AUDIT => {
-                reason = format!("AUDIT: REGISTRY_ONLY would refuse this: {reason}");
-                "audit"
-            }
-            verdict::REVOKED => {
-                reason = format!(
-                    "revoked: this flow was allowed under an earlier policy and its packets are now dropped: {reason}"
-                );
-                "revoked"
-            }
-            _ => "denied",
-        };
         DenyRecord {
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis())
                 .unwrap_or_default(),
-            verdict: kind,
+            verdict: "denied",
             namespace,
             sidecar: policy.and_then(|p| p.sidecar.clone()),
             pid: ev.pid,
@@ -204,6 +253,17 @@ impl Explainer {
             reason,
         }
     }
+}
+
+/// Prints records as the ring buffer's are printed: one JSON line each on stdout.
+pub fn print(records: &[DenyRecord]) {
+    let mut out = std::io::stdout().lock();
+    for record in records {
+        if let Ok(line) = serde_json::to_string(record) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = out.flush();
 }
 
 /// Reads the ring buffer until the agent stops, printing one JSON line per record on stdout.

@@ -13,6 +13,7 @@ pub mod net;
 pub mod pods;
 pub mod policy;
 pub mod resolver;
+pub mod revoke;
 pub mod sources;
 pub mod stable_hash;
 pub mod status;

@@ -34,6 +34,12 @@ pub struct Status {
     /// agent started (its output).
     #[serde(default)]
     pub records_lost: RecordsLost,
+    /// Established sockets destroyed since the agent started because an apply refused what
+    /// they connected to (revocation without TC), and what the last sweep could not do.
+    #[serde(default)]
+    pub revoked: u64,
+    #[serde(default)]
+    pub revocation_errors: Vec<String>,
     pub inputs: Inputs,
 }
 

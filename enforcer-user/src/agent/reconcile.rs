@@ -11,12 +11,13 @@ use std::{
 use super::AgentConfig;
 use crate::{
     cgroup::Assignment,
-    datapath::{plan, Datapath},
-    events::Explainer,
+    datapath::{plan, Datapath, MapPlan},
+    events::{self, Explainer},
     k8s::{self, node::Node},
     pods::Pods,
     policy::Desired,
     resolver::Resolver,
+    revoke,
     sources::Sources,
     status::{Inputs, RecordsLost, Status},
 };
@@ -47,6 +48,9 @@ pub(super) struct Reconciler {
     failing_since: Option<SystemTime>,
     /// Never enforced, whatever claims its ancestors.
     agent_cgroup: Option<u64>,
+    /// Sockets destroyed since the start, and what the last revocation sweep could not do.
+    revoked: u64,
+    revocation_errors: Vec<String>,
 }
 
 impl Reconciler {
@@ -59,6 +63,8 @@ impl Reconciler {
             generation: 0,
             failing_since: None,
             agent_cgroup,
+            revoked: 0,
+            revocation_errors: Vec::new(),
         }
     }
 
@@ -124,7 +130,7 @@ impl Reconciler {
             pods: &pod_list,
             agent: self.agent_cgroup,
         };
-        let errors = apply_plan(&mut self.dp, &desired, planned, &self.explainer)?;
+        let (errors, before) = apply_plan(&mut self.dp, &desired, planned, &self.explainer)?;
         let complete = errors.is_empty();
         self.failing_since = match (complete, self.failing_since) {
             (true, _) => None,
@@ -137,12 +143,30 @@ impl Reconciler {
                 log::error!("migrating to the new maps: {err:#}; the old programs keep enforcing");
             }
         }
+        // Established flows in this network namespace, which no hook judges again. Not while
+        // the old programs still enforce the old maps.
+        if let Some(before) = before.filter(|b| b != self.dp.applied() && !self.dp.migrating()) {
+            let sweep = revoke_flows(
+                &before,
+                self.dp.applied(),
+                &cfg.cgroups.root,
+                &self.explainer,
+            );
+            self.revoked += sweep.destroyed() as u64;
+            self.revocation_errors = sweep.errors;
+            if sweep.more_errors > 0 {
+                self.revocation_errors
+                    .push(format!("and {} more", sweep.more_errors));
+            }
+        }
         if let Some(inputs) = &self.last_inputs {
             let applied = Applied {
                 generation: self.generation,
                 errors,
                 failing_since: self.failing_since,
                 records_lost: self.records_lost(),
+                revoked: self.revoked,
+                revocation_errors: self.revocation_errors.clone(),
             };
             write_status(cfg, applied, sources, &desired, inputs.clone(), resolver);
         }
@@ -209,14 +233,18 @@ fn inputs(
     }
 }
 
+/// Applies the plan; returns the errors, and what the maps held before where this apply
+/// changes them (for the revocation sweep).
 fn apply_plan(
     dp: &mut Datapath,
     desired: &Desired,
     workloads: plan::Workloads<'_>,
     explainer: &RwLock<Explainer>,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<(Vec<String>, Option<MapPlan>)> {
     let no_id = dp.ensure_scope_ids(desired.scopes.keys());
     let plan = plan::build(desired, workloads, dp.scope_ids());
+    // A copy only when something changes: at 100,000 entries it costs a few MiB, for a moment.
+    let before = (dp.applied() != &plan).then(|| dp.applied().clone());
     let started = std::time::Instant::now();
     let mut report = dp.apply(&plan);
     dp.reclaim_scope_ids(desired.scopes.keys());
@@ -252,7 +280,37 @@ fn apply_plan(
         .chain(workloads.trees)
         .map(|(id, a)| (*id, a.path.clone()))
         .collect();
-    Ok(report.errors)
+    Ok((report.errors, before))
+}
+
+/// Destroys the sockets of this network namespace that `new` refuses and `old` let pass, and
+/// prints a record for each. Its failures are logged and returned, never fatal: the maps
+/// already enforce every new connection.
+fn revoke_flows(
+    old: &MapPlan,
+    new: &MapPlan,
+    cgroup_root: &std::path::Path,
+    explainer: &RwLock<Explainer>,
+) -> revoke::Sweep {
+    let started = std::time::Instant::now();
+    let sweep = revoke::sweep(old, new, cgroup_root);
+    let records: Vec<_> = {
+        let ex = explainer.read().unwrap_or_else(|p| p.into_inner());
+        sweep.revocations.iter().map(|r| ex.revocation(r)).collect()
+    };
+    events::print(&records);
+    for err in &sweep.errors {
+        log::error!("revoking established flows: {err}");
+    }
+    if !sweep.revocations.is_empty() {
+        log::info!(
+            "revoked {} established sockets ({} AUDIT reports) in {:?}",
+            sweep.destroyed(),
+            sweep.revocations.len() - sweep.destroyed(),
+            started.elapsed()
+        );
+    }
+    sweep
 }
 
 /// What the last apply left.
@@ -261,6 +319,8 @@ struct Applied {
     errors: Vec<String>,
     failing_since: Option<SystemTime>,
     records_lost: RecordsLost,
+    revoked: u64,
+    revocation_errors: Vec<String>,
 }
 
 fn write_status(
@@ -290,6 +350,8 @@ fn write_status(
         apply_errors: applied.errors,
         failing_since,
         records_lost: applied.records_lost,
+        revoked: applied.revoked,
+        revocation_errors: applied.revocation_errors,
         inputs,
     };
     if let Err(err) = status.write(&cfg.status_file) {

@@ -256,6 +256,11 @@ impl Datapath {
         &self.scope_ids
     }
 
+    /// What the maps hold, as far as this agent wrote or adopted them.
+    pub fn applied(&self) -> &MapPlan {
+        &self.applied
+    }
+
     /// Brings the maps to `plan`: new allow entries first, then cgroups, then removals, so that
     /// no moment allows more than either the old or the new state.
     pub fn apply(&mut self, plan: &MapPlan) -> ApplyReport {

@@ -47,6 +47,51 @@ impl MapPlan {
             .chain(self.pods.values().map(|s| s.scope))
             .collect()
     }
+
+    /// Whether the allow maps of this plan let `key` pass, exactly as the kernel programs look
+    /// it up: an `ALLOW_EXACT` key, else an `ALLOW_CIDR` entry whose prefix covers the key,
+    /// else a [`GLOBAL_SCOPE`] CIDR that covers the address (any port, any protocol).
+    pub fn allows(&self, key: &PolicyKey) -> bool {
+        if self.exact.contains(key) {
+            return true;
+        }
+        let global = PolicyKey {
+            scope: GLOBAL_SCOPE,
+            port: 0,
+            proto: proto::ANY,
+            pad: 0,
+            addr: key.addr,
+        };
+        let (bits, global_bits) = (trie_bits(key), trie_bits(&global));
+        self.cidr.iter().any(|(len, entry)| {
+            let entry = trie_bits(entry);
+            prefix_matches(&entry, &bits, *len) || prefix_matches(&entry, &global_bits, *len)
+        })
+    }
+}
+
+/// A key as the LPM trie compares it: its bytes in memory order, the header first.
+fn trie_bits(key: &PolicyKey) -> [u8; 24] {
+    let mut out = [0; 24];
+    out[0..4].copy_from_slice(&key.scope.to_ne_bytes());
+    out[4..6].copy_from_slice(&key.port.to_ne_bytes());
+    out[6] = key.proto;
+    out[7] = key.pad;
+    out[8..].copy_from_slice(&key.addr);
+    out
+}
+
+/// Whether the first `len` bits of `entry` and `key` agree (an LPM trie match).
+fn prefix_matches(entry: &[u8; 24], key: &[u8; 24], len: u32) -> bool {
+    let len = len.min(24 * 8) as usize;
+    let (whole, rest) = (len / 8, len % 8);
+    if entry[..whole] != key[..whole] {
+        return false;
+    }
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        entry[whole] & mask == key[whole] & mask
+    }
 }
 
 pub fn mode_value(mode: OutboundMode) -> u32 {
@@ -360,6 +405,111 @@ mod tests {
             .map(|(len, k)| (*len, k.scope, k.port))
             .collect();
         assert_eq!(cidrs, [(64 + 32, 7, 443), (64 + 104, GLOBAL_SCOPE, 0)]);
+    }
+
+    fn key(scope: u32, port: u16, proto: u8, ip: &str) -> PolicyKey {
+        PolicyKey {
+            scope,
+            port,
+            proto,
+            pad: 0,
+            addr: key_bytes(ip.parse().unwrap()),
+        }
+    }
+
+    fn cidr(scope: u32, port: u16, proto: u8, net: &str) -> (u32, PolicyKey) {
+        let net: ipnet::IpNet = net.parse().unwrap();
+        (
+            POLICY_KEY_HEADER_BITS + u32::from(key_prefix_len(&net)),
+            key(scope, port, proto, &net.network().to_string()),
+        )
+    }
+
+    #[test]
+    fn allows_judges_keys_as_the_kernel_looks_them_up() {
+        let mut plan = MapPlan::default();
+        plan.exact.insert(key(7, 443, proto::TCP, "198.51.100.10"));
+        plan.cidr
+            .insert(cidr(7, 5432, proto::TCP, "203.0.113.0/25"));
+        plan.cidr.insert(cidr(7, 53, proto::UDP, "2001:db8::/33"));
+        plan.cidr
+            .insert(cidr(GLOBAL_SCOPE, 0, proto::ANY, "127.0.0.0/8"));
+
+        assert!(plan.allows(&key(7, 443, proto::TCP, "198.51.100.10")));
+        assert!(
+            !plan.allows(&key(7, 443, proto::UDP, "198.51.100.10")),
+            "protocol"
+        );
+        assert!(
+            !plan.allows(&key(7, 444, proto::TCP, "198.51.100.10")),
+            "port"
+        );
+        assert!(
+            !plan.allows(&key(8, 443, proto::TCP, "198.51.100.10")),
+            "scope"
+        );
+        assert!(
+            !plan.allows(&key(7, 443, proto::TCP, "198.51.100.11")),
+            "address"
+        );
+
+        assert!(plan.allows(&key(7, 5432, proto::TCP, "203.0.113.127")));
+        assert!(
+            !plan.allows(&key(7, 5432, proto::TCP, "203.0.113.128")),
+            "outside /25"
+        );
+        assert!(!plan.allows(&key(7, 5433, proto::TCP, "203.0.113.1")));
+        assert!(plan.allows(&key(7, 53, proto::UDP, "2001:db8:7fff::1")));
+        assert!(
+            !plan.allows(&key(7, 53, proto::UDP, "2001:db8:8000::1")),
+            "outside /33"
+        );
+
+        // The global entries: any scope, port and protocol.
+        assert!(plan.allows(&key(9, 8080, proto::UDP, "127.1.2.3")));
+        assert!(plan.allows(&key(FAILED_SCOPE, 1, proto::TCP, "127.0.0.1")));
+        assert!(!plan.allows(&key(9, 8080, proto::UDP, "128.0.0.1")));
+        // An IPv4 rule covers the IPv4-mapped IPv6 address (the same key bytes).
+        assert!(plan.allows(&key(7, 443, proto::TCP, "::ffff:198.51.100.10")));
+        assert!(!MapPlan::default().allows(&key(7, 443, proto::TCP, "198.51.100.10")));
+    }
+
+    #[test]
+    fn allows_agrees_with_build() {
+        let mut desired = Desired::default();
+        let mut rules = BTreeMap::new();
+        rules.insert(
+            Rule::new(L4::Tcp, 443, "198.51.100.0/24".parse().unwrap()),
+            Vec::new(),
+        );
+        desired.scopes.insert(
+            "a".into(),
+            ScopePolicy {
+                namespace: "a".into(),
+                mode: OutboundMode::RegistryOnly,
+                rules,
+                ..ScopePolicy::default()
+            },
+        );
+        desired.global.insert("::1/128".parse().unwrap());
+        let cgroups = BTreeMap::from([(
+            100,
+            Assignment {
+                namespace: "a".into(),
+                labels: BTreeMap::new(),
+                path: PathBuf::from("/x/a"),
+            },
+        )]);
+        let workloads = Workloads {
+            cgroups: &cgroups,
+            trees: &BTreeMap::new(),
+            pods: &[],
+            agent: None,
+        };
+        let plan = build(&desired, workloads, &BTreeMap::from([("a".to_string(), 3)]));
+        assert!(plan.allows(&key(3, 443, proto::TCP, "198.51.100.99")));
+        assert!(!plan.allows(&key(3, 443, proto::TCP, "198.51.101.1")));
+        assert!(plan.allows(&key(3, 22, proto::TCP, "::1")));
     }
 
     #[test]

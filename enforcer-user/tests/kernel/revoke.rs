@@ -196,9 +196,11 @@ fn removing_an_entry_destroys_its_established_sockets_in_the_host_namespace() {
     let before = generation(&agent);
     let removed = Instant::now();
     world.remove_policy("api.yaml");
-    agent.wait_for(Duration::from_secs(10), "the apply after the removal", || {
-        generation(&agent) > before
-    });
+    agent.wait_for(
+        Duration::from_secs(10),
+        "the apply after the removal",
+        || generation(&agent) > before,
+    );
     let applied = removed.elapsed();
     // Lines already on the wire when the apply finished may still land; then nothing more.
     std::thread::sleep(Duration::from_millis(500));
@@ -264,7 +266,8 @@ fn removing_an_entry_destroys_its_established_sockets_in_the_host_namespace() {
     let out = workload.output();
     for flow in &KEPT {
         assert!(
-            !out.iter().any(|l| l.starts_with(&format!("closed {} ", flow.spec))),
+            !out.iter()
+                .any(|l| l.starts_with(&format!("closed {} ", flow.spec))),
             "{}",
             report("a kept flow was closed")
         );
