@@ -127,7 +127,7 @@ pub fn scope_of(plan: &MapPlan, hierarchy: &Hierarchy, cgroup: u64) -> Option<Cg
         .iter()
         .take(MAX_TREE_LEVEL)
         .filter_map(|id| plan.trees.get(id))
-        .last()
+        .next_back()
         .copied()
 }
 
