@@ -72,11 +72,10 @@ impl Hierarchy {
         use std::os::unix::fs::MetadataExt as _;
         let root_id = crate::cgroup::cgroup_id(root)?;
         let mut parents = BTreeMap::new();
-        let mut todo = vec![(root.to_path_buf(), root_id, 0usize)];
-        while let Some((dir, id, depth)) = todo.pop() {
-            // Deeper than the kernel looks: a claim there is never seen by the programs.
-            if depth > MAX_TREE_LEVEL + 1 || parents.len() >= MAX_CGROUPS {
-                continue;
+        let mut todo = vec![(root.to_path_buf(), root_id)];
+        while let Some((dir, id)) = todo.pop() {
+            if parents.len() >= MAX_CGROUPS {
+                anyhow::bail!("more than {MAX_CGROUPS} cgroups under {}", root.display());
             }
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
@@ -87,7 +86,7 @@ impl Hierarchy {
                 }
                 if let Ok(meta) = entry.metadata() {
                     parents.insert(meta.ino(), id);
-                    todo.push((entry.path(), meta.ino(), depth + 1));
+                    todo.push((entry.path(), meta.ino()));
                 }
             }
         }
