@@ -249,6 +249,7 @@ fn removing_an_entry_destroys_its_established_sockets_in_the_host_namespace() {
             )
         });
         assert_eq!(record["namespace"], "shop", "{record}");
+        eprintln!("{record}");
     }
     assert!(
         !records
