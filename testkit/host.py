@@ -12,8 +12,11 @@ On a long-lived TCP flow (its first line starts with ECHO) every line that arriv
 `line LOCAL_ADDR:PORT from PEER_ADDR: TEXT`, so a test can count what still gets through.
 """
 import argparse
+import ipaddress
+import re
 import socket
 import socketserver
+import struct
 import threading
 
 
@@ -105,6 +108,43 @@ class UDPHandler(socketserver.BaseRequestHandler):
         sock.sendto(f"pong from {local(sock)}\n".encode(), self.client_address)
 
 
+MARKER = re.compile(rb"ENFX-[A-Za-z0-9-]+")
+PLAIN = (1, 6, 17, 58)
+
+
+def capture(sock):
+    """Logs marked and unusual packets that arrive on any interface of the namespace."""
+    while True:
+        frame, addr = sock.recvfrom(65535)
+        if addr[2] == socket.PACKET_OUTGOING:
+            continue
+        line = describe(frame)
+        if line:
+            with LOG_LOCK, open(LOG, "a") as f:
+                f.write(line + "\n")
+
+
+def describe(frame):
+    ethertype, off = struct.unpack("!H", frame[12:14])[0], 14
+    # VLAN tags, in case one gets this far.
+    while ethertype in (0x8100, 0x88A8) and len(frame) >= off + 4:
+        ethertype, off = struct.unpack("!H", frame[off + 2 : off + 4])[0], off + 4
+    if ethertype == 0x0800 and len(frame) >= off + 20:
+        proto = frame[off + 9]
+        src, dst = frame[off + 12 : off + 16], frame[off + 16 : off + 20]
+    elif ethertype == 0x86DD and len(frame) >= off + 40:
+        proto = frame[off + 6]
+        src, dst = frame[off + 8 : off + 24], frame[off + 24 : off + 40]
+    else:
+        return None
+    marker = MARKER.search(frame)
+    if not marker and proto in PLAIN:
+        return None
+    name = marker.group().decode() if marker else "-"
+    src, dst = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    return f"pkt {name} {proto} {dst} from {src}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tcp", default="")
@@ -121,6 +161,10 @@ def main():
             servers.append(server((addr, int(port)), UDPHandler))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    if LOG is not None:
+        # Open before "ready", so that nothing sent after it goes unseen.
+        sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        threading.Thread(target=capture, args=(sniffer,), daemon=True).start()
     print("ready", flush=True)
     threading.Event().wait()
 

@@ -78,7 +78,14 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         // them after TC and delivers what is inside.
         Frame::Ip if tagged == 0 => {}
         Frame::Arp if tagged == 0 => return Ok(PASS),
-        _ => return Ok(drop_unjudged(ifindex, reason::NOT_IP, [0; 16])),
+        _ => {
+            return Ok(drop_in(
+                veth_scope(ifindex),
+                ifindex,
+                reason::NOT_IP,
+                [0; 16],
+            ))
+        }
     }
     if link_control(&p) {
         return Ok(PASS);
@@ -87,13 +94,15 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     let Some(pod) = (unsafe { VETHS.get(ifindex) }) else {
         return Ok(drop_unjudged(ifindex, reason::UNKNOWN_VETH, p.dst));
     };
-    if !owns(pod, &p.src) {
-        return Ok(drop_unjudged(ifindex, reason::SPOOFED_SOURCE, p.dst));
-    }
-    if loopback(&p.dst) {
-        // Never legitimate on a wire, and with route_localnet=1 (kube-proxy sets it) the node
-        // would deliver it to its own loopback services.
-        return Ok(drop_unjudged(ifindex, reason::LOOPBACK, p.dst));
+    if !owns(pod, &p.src) || loopback(&p.dst) {
+        // A loopback destination is never legitimate on a wire, and with route_localnet=1
+        // (kube-proxy sets it) the node would deliver it to its own loopback services.
+        let why = if owns(pod, &p.src) {
+            reason::LOOPBACK
+        } else {
+            reason::SPOOFED_SOURCE
+        };
+        return Ok(drop_in(veth_scope(ifindex), ifindex, why, p.dst));
     }
     // SAFETY: the value is copied out at once.
     let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
@@ -240,8 +249,25 @@ fn refuse(scope: &CgroupScope, key: &PolicyKey, verdict: u8, why: u8) -> i32 {
 /// Drops what cannot be judged at all, whatever the pod's mode, with a record.
 #[inline(always)]
 fn drop_unjudged(ifindex: u32, why: u8, dst: [u8; 16]) -> i32 {
+    drop_in(NO_SCOPE, ifindex, why, dst)
+}
+
+/// The scope of the pod behind a veth, for records about what it sent that no rule decided.
+#[inline(always)]
+fn veth_scope(ifindex: u32) -> CgroupScope {
+    // SAFETY: both values are copied out at once.
+    unsafe {
+        match VETHS.get(ifindex) {
+            Some(pod) => POD_SCOPES.get(pod.addrs[0]).copied().unwrap_or(NO_SCOPE),
+            None => NO_SCOPE,
+        }
+    }
+}
+
+#[inline(always)]
+fn drop_in(scope: CgroupScope, ifindex: u32, why: u8, dst: [u8; 16]) -> i32 {
     let key = PolicyKey {
-        scope: 0,
+        scope: scope.scope,
         port: 0,
         proto: 0,
         pad: 0,
@@ -250,7 +276,7 @@ fn drop_unjudged(ifindex: u32, why: u8, dst: [u8; 16]) -> i32 {
     let mut record = tc_record(&key, verdict::DENIED, why);
     // The veth, where no cgroup is known.
     record.cgroup_id = u64::from(ifindex);
-    report(&NO_SCOPE, record);
+    report(&scope, record);
     TC_ACT_SHOT
 }
 

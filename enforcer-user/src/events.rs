@@ -6,7 +6,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc, Arc, RwLock,
+        mpsc, Arc, OnceLock, RwLock,
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -199,7 +199,10 @@ impl Explainer {
             .scopes
             .get(&ev.scope)
             .cloned()
-            .unwrap_or_else(|| format!("scope-{}", ev.scope));
+            .unwrap_or_else(|| match ev.scope {
+                enforcer_common::GLOBAL_SCOPE => "(no pod)".to_string(),
+                other => format!("scope-{other}"),
+            });
         let policy = self.desired.scopes.get(&scope);
         let namespace = policy.map_or_else(
             || scope.split('/').next().unwrap_or_default().to_string(),
@@ -237,8 +240,10 @@ impl Explainer {
             comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
                 .into_owned(),
             hook: hook_name(ev.hook),
-            // The TC program sees packets, not processes.
-            cgroup: if ev.hook == hook::TC {
+            // The TC program sees packets, not processes: it names the veth where it can.
+            cgroup: if ev.hook == hook::TC && ev.cgroup_id != 0 {
+                format!("(packet on the pod veth with ifindex {})", ev.cgroup_id)
+            } else if ev.hook == hook::TC {
                 "(packet on a pod veth)".to_string()
             } else {
                 self.cgroups
@@ -257,13 +262,33 @@ impl Explainer {
 
 /// Prints records as the ring buffer's are printed: one JSON line each on stdout.
 pub fn print(records: &[DenyRecord]) {
-    let mut out = std::io::stdout().lock();
     for record in records {
-        if let Ok(line) = serde_json::to_string(record) {
-            let _ = writeln!(out, "{line}");
-        }
+        emit(record);
     }
-    let _ = out.flush();
+}
+
+/// Queues one record for stdout, never waiting: what the queue cannot take is counted.
+fn emit(record: &DenyRecord) {
+    static OUTPUT: OnceLock<Option<mpsc::SyncSender<String>>> = OnceLock::new();
+    let output = OUTPUT.get_or_init(|| {
+        let (tx, rx) = mpsc::sync_channel::<String>(OUTPUT_QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("records".into())
+            .spawn(move || write_lines(&rx));
+        match writer {
+            Ok(_) => Some(tx),
+            Err(err) => {
+                log::error!("starting the records' writer: {err}; records are only counted");
+                None
+            }
+        }
+    });
+    let Ok(line) = serde_json::to_string(record) else {
+        return;
+    };
+    if output.as_ref().is_none_or(|tx| tx.try_send(line).is_err()) {
+        OUTPUT_DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Reads the ring buffer until the agent stops, printing one JSON line per record on stdout.
@@ -274,10 +299,6 @@ pub async fn run(ring: RingBuf<MapData>, explainer: Arc<RwLock<Explainer>>) -> a
     // owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {}", e.into_parts().1))?;
-    let (tx, rx) = mpsc::sync_channel::<String>(OUTPUT_QUEUE);
-    std::thread::Builder::new()
-        .name("records".into())
-        .spawn(move || write_lines(&rx))?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -291,19 +312,16 @@ pub async fn run(ring: RingBuf<MapData>, explainer: Arc<RwLock<Explainer>>) -> a
                 Ok(ex) => ex.record(&ev),
                 Err(poisoned) => poisoned.into_inner().record(&ev),
             };
-            if let Ok(line) = serde_json::to_string(&record) {
-                if tx.try_send(line).is_err() {
-                    OUTPUT_DROPPED.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            emit(&record);
         }
         guard.clear_ready();
     }
 }
 
+/// Holds stdout's lock only while it writes: others (logging aside) may print between.
 fn write_lines(rx: &mpsc::Receiver<String>) {
-    let mut out = std::io::stdout().lock();
     while let Ok(line) = rx.recv() {
+        let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         for more in rx.try_iter() {
             let _ = writeln!(out, "{more}");

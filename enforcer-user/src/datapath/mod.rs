@@ -27,7 +27,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cgroup_links::attach_cgroup_programs;
-use enforcer_common::{map_names, CgroupScope, PolicyKey, ScopeName, VethPod};
+use enforcer_common::{
+    map_names, CgroupScope, FlowKey, FlowVerdict, PolicyKey, ScopeName, VethPod,
+};
 
 pub use plan::MapPlan;
 pub use sync::ApplyReport;
@@ -53,6 +55,8 @@ pub struct Datapath {
     maps: sync::Maps,
     /// Pod veths' own addresses, written as the TC programs go on and off each veth.
     veths: HashMap<MapData, u32, VethPod>,
+    /// The TC judge's flow verdicts, purged of a pod's entries when it goes.
+    flows: HashMap<MapData, FlowKey, FlowVerdict>,
     /// The kernel's per-CPU counters ([`enforcer_common::counter`]).
     counters: PerCpuArray<MapData, u64>,
     applied: MapPlan,
@@ -127,6 +131,7 @@ impl Datapath {
             tc_config: Array::try_from(take(&mut ebpf, map_names::TC_CONFIG)?)?,
         };
         let veths = HashMap::try_from(take(&mut ebpf, map_names::VETHS)?)?;
+        let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, map_names::COUNTERS)?)?;
         tc_links::load_tc(&mut ebpf, &opts.pin_root)?;
         let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
@@ -145,6 +150,7 @@ impl Datapath {
                 _ebpf: ebpf,
                 maps,
                 veths,
+                flows,
                 counters,
                 applied,
                 scope_ids,

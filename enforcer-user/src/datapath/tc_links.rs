@@ -16,7 +16,7 @@ use aya::{
     util::KernelVersion,
     Ebpf,
 };
-use enforcer_common::{program_names, VethPod};
+use enforcer_common::{program_names, FlowKey, VethPod};
 
 use super::Datapath;
 
@@ -95,8 +95,10 @@ impl Datapath {
     /// StatefulSet's next pod gets the name and its links the pins. Pins of links without an
     /// interface are stale (the kernel detached them with it) and go too.
     pub fn forget_tc_of(&mut self, ifname: &str, ifindex: u32, pin_root: &Path) {
-        // Gone already when the veth went before the pod's entry (no error worth a word).
-        let _ = self.veths.remove(&ifindex);
+        if let Ok(pod) = self.veths.get(&ifindex, 0) {
+            let _ = self.veths.remove(&ifindex);
+            self.purge_flows(&pod);
+        }
         for (name, _) in TC_PROGRAMS {
             let pin = tc_link_pin(pin_root, ifname, name);
             match pinned_tcx_ifindex(&pin) {
@@ -110,6 +112,27 @@ impl Datapath {
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => log::warn!("{}: {err}; left in place", pin.display()),
             }
+        }
+    }
+}
+
+impl Datapath {
+    /// Removes the flow entries of a pod that went, so that none follows its address to the
+    /// next pod that gets it (a reply entry passes under every generation).
+    fn purge_flows(&mut self, pod: &VethPod) {
+        let theirs = |a: &[u8; 16]| *a != [0; 16] && pod.addrs.contains(a);
+        let keys: Vec<FlowKey> = self
+            .flows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| theirs(&k.src) || theirs(&k.dst))
+            .collect();
+        for key in &keys {
+            // Gone meanwhile (the LRU evicted it): nothing to do.
+            let _ = self.flows.remove(key);
+        }
+        if !keys.is_empty() {
+            log::info!("purged {} flow entries of a pod that went", keys.len());
         }
     }
 }

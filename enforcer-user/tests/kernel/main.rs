@@ -1,6 +1,8 @@
 //! Kernel tests: the real agent, the real BPF programs in this kernel, a real DNS server, and
 //! test hosts in a network namespace. They need root; without it they fail and say why.
 
+mod boundary;
+mod boundary_tc;
 mod escape;
 mod explain;
 mod harness;
@@ -8,6 +10,7 @@ mod kubernetes;
 mod live;
 mod pod;
 mod prefixes;
+mod records;
 mod resolution;
 mod revoke;
 mod scoping;
