@@ -132,6 +132,10 @@ def describe(frame):
     if ethertype == 0x0800 and len(frame) >= off + 20:
         proto = frame[off + 9]
         src, dst = frame[off + 12 : off + 16], frame[off + 16 : off + 20]
+        l4 = off + (frame[off] & 0x0F) * 4
+        if proto == 6 and len(frame) >= l4 + 14 and frame[l4 + 13] & 0x12 == 0x02:
+            port = struct.unpack("!H", frame[l4 + 2 : l4 + 4])[0]
+            return f"syn {socket.inet_ntoa(dst)}:{port} from {socket.inet_ntoa(src)}"
     elif ethertype == 0x86DD and len(frame) >= off + 40:
         proto = frame[off + 6]
         src, dst = frame[off + 8 : off + 24], frame[off + 24 : off + 40]
@@ -145,12 +149,34 @@ def describe(frame):
     return f"pkt {name} {proto} {dst} from {src}"
 
 
+def mptcp_server(port):
+    """MPTCP on PORT: reads what arrives, on whichever subflow, and logs marked lines."""
+    server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 262)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    server.bind(("::", port))
+    server.listen(16)
+
+    def serve(conn):
+        with conn:
+            while conn.recv(4096):
+                pass
+
+    def accept():
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tcp", default="")
     parser.add_argument("--udp", default="")
     parser.add_argument("--addrs", default="")
     parser.add_argument("--log")
+    parser.add_argument("--mptcp", type=int, help="an MPTCP listener on this port")
     args = parser.parse_args()
     global LOG
     LOG = args.log
@@ -161,6 +187,8 @@ def main():
             servers.append(server((addr, int(port)), UDPHandler))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    if args.mptcp:
+        mptcp_server(args.mptcp)
     if LOG is not None:
         # Open before "ready", so that nothing sent after it goes unseen.
         sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))

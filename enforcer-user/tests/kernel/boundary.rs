@@ -12,7 +12,7 @@ use enforcer_testkit::{python, script};
 
 use crate::harness::{registry_only, Agent, Hosts, Outcome, World};
 
-/// Allowed: 198.51.100.10 and 2001:db8::10 (TCP 443, UDP 9999), 203.0.113.30 (UDP 9999).
+/// Allowed: 198.51.100.10 and 2001:db8::10 (TCP 443 and 8443, UDP 9999), 203.0.113.30 (UDP 9999).
 /// Refused: everything else, 203.0.113.31, 198.51.100.11 and 2001:db8::11 among them.
 pub const POLICY: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -24,6 +24,7 @@ spec:
   ports:
   - {number: 443, name: tls, protocol: TLS}
   - {number: 9999, name: udp, protocol: UDP}
+  - {number: 8443, name: mptcp, protocol: TCP}
   resolution: NONE
 ---
 apiVersion: networking.istio.io/v1
@@ -295,4 +296,133 @@ fn connected_udp_with_a_control_message_is_judged_by_where_it_is_connected() {
         .filter(|d| d["dst"] == "0.0.0.0" || d["dst"] == "::")
         .count();
     assert_eq!(nonsense, 0, "records of 0.0.0.0:0: {:#?}", agent.denials());
+}
+
+/// The host namespace's MPTCP limits, raised so that the client accepts an advertised address,
+/// and put back.
+struct MptcpLimits(String);
+
+impl MptcpLimits {
+    fn accept_addresses() -> Self {
+        let out = Command::new("ip")
+            .args(["mptcp", "limits", "show"])
+            .output()
+            .expect("ip mptcp");
+        let old = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ip(&[
+            "mptcp",
+            "limits",
+            "set",
+            "add_addr_accepted",
+            "2",
+            "subflows",
+            "2",
+        ]);
+        Self(old)
+    }
+}
+
+impl Drop for MptcpLimits {
+    fn drop(&mut self) {
+        let mut args = vec!["mptcp", "limits", "set"];
+        args.extend(self.0.split_whitespace());
+        ip(&args);
+    }
+}
+
+#[track_caller]
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An MPTCP client sending to an allowed address for two seconds; prints what it was told.
+const MPTCP_CLIENT: &str = "
+import socket, sys, time
+try:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    s.settimeout(2)
+    s.connect(('198.51.100.10', 8443))
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        s.sendall(b'ENFX-mptcp-data ' * 64)
+        time.sleep(0.02)
+    print('sent')
+except PermissionError:
+    print('EPERM')
+";
+
+#[test]
+fn mptcp_subflows_to_advertised_addresses_go_nowhere() {
+    let world = World::new("mptcp");
+    let hosts = Hosts::new(&world);
+    let agent = start(&world);
+    // An MPTCP server on the allowed address that advertises a refused one (ADD_ADDR): the
+    // client's kernel opens a subflow there, which no connect() of the workload asks for.
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", hosts.netns(), python()])
+        .arg(script("host.py"))
+        .args(["--mptcp", "8443", "--addrs", ""])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the MPTCP server");
+    ip(&[
+        "-n",
+        hosts.netns(),
+        "mptcp",
+        "limits",
+        "set",
+        "subflows",
+        "2",
+    ]);
+    ip(&[
+        "-n",
+        hosts.netns(),
+        "mptcp",
+        "endpoint",
+        "add",
+        "203.0.113.31",
+        "signal",
+    ]);
+    let _limits = MptcpLimits::accept_addresses();
+    std::thread::sleep(Duration::from_millis(300));
+    let got = attack_script(&agent, MPTCP_CLIENT);
+    assert_eq!(
+        attack(
+            agent.exec("shop", None),
+            &["udp", "203.0.113.30", "9999", "ENFX-mp-ok"]
+        ),
+        "reply"
+    );
+    expect_arrival(&hosts, "ENFX-mp-ok");
+    let _ = server.kill();
+    let _ = server.wait();
+    let subflow: Vec<_> = hosts
+        .received()
+        .into_iter()
+        .filter(|l| l.contains(" 203.0.113.31") || l.starts_with("tcp 203.0.113.31:"))
+        .collect();
+    assert!(
+        subflow.is_empty(),
+        "reached the advertised address: {subflow:#?}"
+    );
+    assert_eq!(got, "EPERM", "the MPTCP client was told {got}");
+    assert_recorded(&agent, "socket_type", None);
+}
+
+fn attack_script(agent: &Agent, code: &str) -> String {
+    let out = agent
+        .exec("shop", None)
+        .args([python(), "-c", code])
+        .output()
+        .expect("running the client");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
 }

@@ -150,6 +150,11 @@ impl Hosts {
         self.0.received().contains(&line)
     }
 
+    /// The test hosts' network namespace.
+    pub fn netns(&self) -> &str {
+        self.0.name()
+    }
+
     /// Lets replies reach local pods in `cidr`.
     pub fn route_back(&self, cidr: &str) {
         self.0.route_back(cidr).expect("routing back to the pods");
