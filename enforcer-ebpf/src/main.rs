@@ -165,9 +165,8 @@ fn refuse(
         verdict: refusal(scope),
         reason: why,
         sock_type,
-        task: true,
     };
-    report(scope, record);
+    report::<true>(scope, record);
     if scope.mode == mode::AUDIT {
         Ok(ALLOW)
     } else {

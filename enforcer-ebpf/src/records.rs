@@ -32,11 +32,12 @@ pub struct Record {
     pub verdict: u8,
     pub reason: u8,
     pub sock_type: u8,
-    /// Whether the current task is the one that acted (socket hooks; not TC).
-    pub task: bool,
 }
 
-pub fn report(scope: &CgroupScope, record: Record) {
+/// `TASK`: the current task is the one that acted (socket hooks), so its pid and name go in.
+/// A const, so that programs without one (TC, cgroup_skb) hold no call to those helpers: the
+/// verifier of kernels before 6.? refuses them there even where the call is never made.
+pub fn report<const TASK: bool>(scope: &CgroupScope, record: Record) {
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if !spend(scope.scope, now) {
@@ -47,7 +48,7 @@ pub fn report(scope: &CgroupScope, record: Record) {
         count(counter::RING_FULL);
         return;
     };
-    let (pid, comm) = if record.task {
+    let (pid, comm) = if TASK {
         (
             (bpf_get_current_pid_tgid() >> 32) as u32,
             bpf_get_current_comm().unwrap_or([0; 16]),

@@ -75,9 +75,8 @@ fn judge(ctx: &SkBuffContext, dst: [u8; 16]) -> i32 {
         verdict: refusal(&scope),
         reason: reason::SOURCE_ROUTE,
         sock_type: 0,
-        task: false,
     };
-    report(&scope, record);
+    report::<false>(&scope, record);
     if scope.mode == mode::AUDIT {
         ALLOW
     } else {

@@ -174,7 +174,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         } else {
             refusal(&scope)
         };
-        report(&scope, tc_record(&key, why, reason::NO_RULE));
+        report::<false>(&scope, tc_record(&key, why, reason::NO_RULE));
     }
     Ok(action(verdict))
 }
@@ -238,7 +238,7 @@ fn frag_key(p: &Packet) -> FragKey {
 /// Records a refusal outside the flow cache; AUDIT lets the packet pass.
 #[inline(always)]
 fn refuse(scope: &CgroupScope, key: &PolicyKey, verdict: u8, why: u8) -> i32 {
-    report(scope, tc_record(key, verdict, why));
+    report::<false>(scope, tc_record(key, verdict, why));
     if scope.mode == mode::AUDIT {
         PASS
     } else {
@@ -276,7 +276,7 @@ fn drop_in(scope: CgroupScope, ifindex: u32, why: u8, dst: [u8; 16]) -> i32 {
     let mut record = tc_record(&key, verdict::DENIED, why);
     // The veth, where no cgroup is known.
     record.cgroup_id = u64::from(ifindex);
-    report(&scope, record);
+    report::<false>(&scope, record);
     TC_ACT_SHOT
 }
 
@@ -289,7 +289,6 @@ fn tc_record(key: &PolicyKey, verdict: u8, why: u8) -> Record {
         verdict,
         reason: why,
         sock_type: 0,
-        task: false,
     }
 }
 

@@ -209,12 +209,7 @@ impl Explainer {
             |p| p.namespace.clone(),
         );
         let l4 = L4::from_ip_proto(ev.proto);
-        let proto = match (l4, ev.proto) {
-            (Some(l4), _) => l4.to_string(),
-            (None, enforcer_common::proto::ICMP) => "icmp".to_string(),
-            (None, enforcer_common::proto::ICMPV6) => "icmpv6".to_string(),
-            (None, other) => format!("ip-proto-{other}"),
-        };
+        let proto = proto_name(ev.proto.into());
         let host = self
             .desired
             .hosts_by_ip
@@ -228,7 +223,7 @@ impl Explainer {
                 "{proto} is judged on pod veths and no ServiceEntry allows it (--tc-pass-icmp lets ICMP pass)"
             ),
         };
-        DenyRecord {
+        let mut record = DenyRecord {
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis())
@@ -256,7 +251,31 @@ impl Explainer {
             host,
             reason_code: reason_code(ev.reason),
             reason,
+        };
+        // Made before any destination: the socket's protocol, or nothing, in its place.
+        if matches!(ev.hook, hook::SOCK_CREATE | hook::SETSOCKOPT) {
+            record.dst = String::new();
+            record.port = 0;
+            record.host = None;
+            record.proto = match ev.hook {
+                hook::SOCK_CREATE => proto_name(ev.port),
+                _ => String::new(),
+            };
         }
+        record
+    }
+}
+
+fn proto_name(protocol: u16) -> String {
+    let l4 = u8::try_from(protocol).ok().and_then(L4::from_ip_proto);
+    match (l4, protocol) {
+        (Some(l4), _) => l4.to_string(),
+        (None, 1) => "icmp".to_string(),
+        (None, 58) => "icmpv6".to_string(),
+        (None, 132) => "sctp".to_string(),
+        (None, 136) => "udplite".to_string(),
+        (None, 262) => "mptcp".to_string(),
+        (None, other) => format!("ip-proto-{other}"),
     }
 }
 
@@ -391,5 +410,38 @@ mod tests {
             "{}",
             rec.reason
         );
+    }
+
+    #[test]
+    fn a_socket_refused_at_creation_names_its_kind_and_no_destination() {
+        let mut ex = Explainer::default();
+        ex.scopes.insert(3, "shop".into());
+        let ev = DenyEvent {
+            ts_ns: 0,
+            cgroup_id: 9,
+            scope: 3,
+            pid: 7,
+            comm: [0; 16],
+            addr: [0; 16],
+            port: 262,
+            proto: 0,
+            verdict: verdict::DENIED,
+            hook: hook::SOCK_CREATE,
+            reason: reason::SOCKET_TYPE,
+            sock_type: 1,
+            pad: 0,
+        };
+        let rec = ex.record(&ev);
+        assert_eq!(
+            (
+                rec.hook,
+                rec.reason_code,
+                rec.proto.as_str(),
+                rec.dst.as_str()
+            ),
+            ("sock_create", "socket_type", "mptcp", "")
+        );
+        assert!(rec.reason.starts_with("an MPTCP socket"), "{}", rec.reason);
+        assert_eq!(rec.namespace, "shop");
     }
 }
