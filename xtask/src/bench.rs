@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: everything measured side by side in one run, reported as ratios.
 //!
+//! - cost per run of every program, this build against a baseline commit (`bench_cost`);
 //! - cost per run of the connect4 program (bpf_stats), with 10 and with 100,000 allow entries;
 //! - loopback connect() rate with the programs attached vs detached, interleaved rounds;
 //! - time from a ServiceEntry file change to the kernel enforcing it;
@@ -33,27 +34,40 @@ const ROUNDS: usize = 7;
 const CONNECTS_PER_ROUND: u32 = 20_000;
 const CHANGES: usize = 10;
 
-/// With `tc_only`, only the TC measures run.
-pub fn run(bin: &Path, tc_only: bool) -> anyhow::Result<()> {
+/// Which parts run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    All,
+    /// The TC measures.
+    Tc,
+    /// The per-run costs against the baseline.
+    Cost,
+}
+
+/// Runs the measures `only` selects; `versions` name the commit the per-run costs compare with
+/// and the agent `bin` (a commit, or "this build").
+pub fn run(bin: &Path, only: Only, versions: [&str; 2]) -> anyhow::Result<()> {
     if !sh::is_root() {
         bail!("the benchmark loads BPF programs: run it as root");
     }
     let work = std::env::temp_dir().join("enforcer-bench");
+    let lock = machine_lock()?;
     let mut bench = Bench {
         bin: bin.to_path_buf(),
-        tc_only,
+        pin_root: PIN_ROOT.into(),
+        baseline: None,
+        only,
         work,
         agent: None,
         dns: None,
         net: None,
+        stats_before: fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .unwrap_or_else(|_| "0".into()),
+        _machine: lock,
     };
     bench.cleanup();
-    let stats_before =
-        fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_else(|_| "0".into());
-    let result = bench.all();
-    let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
-    bench.cleanup();
-    result
+    bench.all(versions)
+    // Dropping `bench` cleans up, on failure (or a panic) too.
 }
 
 struct Row {
@@ -65,23 +79,54 @@ struct Row {
 }
 
 pub struct Bench {
+    /// The agent binary in use, and its `--bpffs-root`.
     pub bin: PathBuf,
+    pub pin_root: String,
+    /// The baseline agent and its pin root, once built: torn down too when cleaning up.
+    pub baseline: Option<(PathBuf, String)>,
     pub work: PathBuf,
-    tc_only: bool,
+    only: Only,
     agent: Option<Child>,
     dns: Option<Dnsmasq>,
     net: Option<TestNet>,
+    /// kernel.bpf_stats_enabled as found, restored when done.
+    stats_before: String,
+    /// The kernel tests' machine-wide lock: they use the same address ranges and cgroup root.
+    _machine: fs::File,
+}
+
+/// Waits for the lock kernel tests take (`enforcer-user/tests/kernel/harness.rs`), held until
+/// the file closes.
+fn machine_lock() -> anyhow::Result<fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = fs::File::create(std::env::temp_dir().join("enforcer-kernel-tests.lock"))?;
+    eprintln!("bench: waiting for the kernel tests' machine-wide lock");
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("locking: {}", std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = fs::write(
+            "/proc/sys/kernel/bpf_stats_enabled",
+            self.stats_before.trim(),
+        );
+        self.cleanup();
+    }
 }
 
 /// A loopback port with no listener: each connect() is answered by an RST from the kernel, so a
 /// round measures the syscall and the hook, with no user-space peer to compete for the CPU.
-fn closed_port() -> anyhow::Result<SocketAddr> {
+pub fn closed_port() -> anyhow::Result<SocketAddr> {
     let probe = TcpListener::bind("127.0.0.1:0")?;
     Ok(probe.local_addr()?)
 }
 
 impl Bench {
-    fn all(&mut self) -> anyhow::Result<()> {
+    fn all(&mut self, versions: [&str; 2]) -> anyhow::Result<()> {
         fs::create_dir_all(self.work.join("policies"))?;
         fs::write(
             self.work.join("mesh.yaml"),
@@ -90,13 +135,23 @@ impl Bench {
         // A test host for the change measurements; it needs no listener (RST means allowed).
         let mut net = TestNet::new(NETNS, VETH, &[TARGET])?;
         net.serve(&[crate::bench_tc::ECHO_PORT], &[])?;
+        // Pods' replies go back through the host.
+        net.route_back(crate::bench_tc::POD_CIDR)?;
+        net.route_back(crate::bench_tc::BARE_CIDR)?;
         self.net = Some(net);
-        if !self.tc_only {
+        if self.only != Only::Tc {
+            crate::bench_cost::run(self, versions)?;
+        }
+        if self.only == Only::Cost {
+            return Ok(());
+        }
+        if self.only == Only::All {
+            println!();
             self.connect_costs()?;
         }
         self.write_entries(0)?;
         self.start_agent()?;
-        if !self.tc_only {
+        if self.only == Only::All {
             self.change_times()?;
         }
         if let Some(net) = &self.net {
@@ -104,6 +159,13 @@ impl Bench {
         }
         self.stop_agent();
         Ok(())
+    }
+
+    /// Switches to another agent binary with its own pin root (the previous one stopped).
+    pub fn use_agent(&mut self, bin: PathBuf, pin_root: &str) {
+        self.stop_agent();
+        self.bin = bin;
+        self.pin_root = pin_root.into();
     }
 
     fn connect_costs(&mut self) -> anyhow::Result<()> {
@@ -114,7 +176,7 @@ impl Bench {
              allow path: cgroup lookup, exact miss, scoped trie miss, global trie hit), and the agent's peak memory:"
         );
 
-        let connect4 = format!("{PIN_ROOT}/programs/enforcer_connect4");
+        let connect4 = format!("{}/programs/enforcer_connect4", self.pin_root);
         let mut table = Vec::new();
         for entries in [10usize, 100_000] {
             self.write_entries(entries)?;
@@ -227,7 +289,7 @@ impl Bench {
         Ok(())
     }
 
-    fn start_agent(&mut self) -> anyhow::Result<()> {
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
         let status = self.work.join("status.json");
         let _ = fs::remove_file(&status);
         let log = fs::File::create(self.work.join("agent.log"))?;
@@ -241,7 +303,7 @@ impl Bench {
                 "--namespace",
                 "bench",
                 "--bpffs-root",
-                PIN_ROOT,
+                &self.pin_root,
                 "--cgroup-parent",
                 CGROUP_PARENT,
             ])
@@ -255,10 +317,15 @@ impl Bench {
         self.agent = Some(child);
         let start = Instant::now();
         while !status.exists() {
-            if start.elapsed() > Duration::from_secs(60) {
+            let exited = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() > Duration::from_secs(60) {
                 bail!(
-                    "the agent did not start; see {}",
-                    self.work.join("agent.log").display()
+                    "the agent {} did not start; its log ends with:\n{}",
+                    self.bin.display(),
+                    self.agent_log_tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -266,19 +333,20 @@ impl Bench {
         Ok(())
     }
 
+    /// The last lines of the agent's log, for an error.
+    pub fn agent_log_tail(&self) -> String {
+        let log = fs::read_to_string(self.work.join("agent.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
     /// Stops the agent and detaches everything: the "detached" side of the comparison.
-    fn stop_agent(&mut self) {
+    pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = sh::output(Command::new(&self.bin).args([
-            "teardown",
-            "--bpffs-root",
-            PIN_ROOT,
-            "--cgroup-parent",
-            CGROUP_PARENT,
-        ]));
+        teardown(&self.bin, &self.pin_root);
     }
 
     /// Connects per second from a client in the enforced namespace (or, detached, in a plain
@@ -296,7 +364,7 @@ impl Bench {
         }
         c.args([
             "--bpffs-root",
-            PIN_ROOT,
+            &self.pin_root,
             "--cgroup-parent",
             CGROUP_PARENT,
             "--",
@@ -380,11 +448,25 @@ impl Bench {
 
     fn cleanup(&mut self) {
         self.stop_agent();
+        if let Some((bin, pin_root)) = &self.baseline {
+            teardown(bin, pin_root);
+        }
         // Their drops stop dnsmasq and remove the veth and netns.
         self.dns = None;
         self.net = None;
         let _ = fs::remove_dir_all(&self.work);
     }
+}
+
+/// `enforcer teardown` of an agent's pins and cgroup links.
+fn teardown(bin: &Path, pin_root: &str) {
+    let _ = sh::output(Command::new(bin).args([
+        "teardown",
+        "--bpffs-root",
+        pin_root,
+        "--cgroup-parent",
+        CGROUP_PARENT,
+    ]));
 }
 
 fn static_entry() -> String {
@@ -437,6 +519,11 @@ fn max(v: &[f64]) -> f64 {
 /// seconds N connects took; `bench-client poll ADDR allow|deny` prints `ready`, waits for a line,
 /// then connects every 0.2 ms until the verdict flips (at most 10 s) and prints `done`.
 pub fn client(args: &[String]) -> anyhow::Result<()> {
+    if let [mode, rest @ ..] = args {
+        if matches!(mode.as_str(), "sendto" | "socket" | "setsockopt" | "echo") {
+            return crate::bench_cost::client(mode, rest);
+        }
+    }
     let [mode, addr, rest @ ..] = args else {
         bail!("usage: bench-client connect|poll ADDR ...")
     };

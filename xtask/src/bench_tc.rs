@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _};
 use enforcer_testkit::TestNet;
 
 use crate::{
-    bench::{median, prog_stats, set_bpf_stats, Bench, PIN_ROOT, TARGET},
+    bench::{median, prog_stats, set_bpf_stats, Bench, TARGET},
     sh,
 };
 
@@ -27,7 +27,7 @@ const BARE_NETNS: &str = "enforcer-bench-bare";
 const BARE_VETH: &str = "enf-bare0";
 const BARE_HOST: &str = "203.0.113.129";
 const BARE_POD: &str = "203.0.113.130";
-const BARE_CIDR: &str = "203.0.113.128/30";
+pub const BARE_CIDR: &str = "203.0.113.128/30";
 const IPERF_PORT: u16 = 5201;
 /// host.py's echo on the test host.
 pub const ECHO_PORT: u16 = 7000;
@@ -43,8 +43,6 @@ pub fn entry() -> String {
 
 /// Runs with the agent started (with `--pod-cidr POD_CIDR`) and the test host up.
 pub fn run(bench: &Bench, net: &TestNet) -> anyhow::Result<()> {
-    net.route_back(POD_CIDR)?;
-    net.route_back(BARE_CIDR)?;
     let _bare = Bare::new()?;
     let server = Server::start(net)?;
     let entry_file = bench.work.join("policies/tc.yaml");
@@ -69,8 +67,8 @@ pub fn run(bench: &Bench, net: &TestNet) -> anyhow::Result<()> {
     }
     // The exact cost, in a separate round: bpf_stats adds two clock reads per run.
     set_bpf_stats(true)?;
-    let judge = format!("{PIN_ROOT}/programs/enforcer_tc");
-    let reply = format!("{PIN_ROOT}/programs/enforcer_reply");
+    let judge = format!("{}/programs/enforcer_tc", bench.pin_root);
+    let reply = format!("{}/programs/enforcer_reply", bench.pin_root);
     let (j0, r0) = (prog_stats(&judge)?, prog_stats(&reply)?);
     let started = Instant::now();
     let rate = iperf(&mut bench.enforced(Some("enfbench-pod")))?;

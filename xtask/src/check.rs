@@ -10,7 +10,16 @@ pub fn build_release() -> anyhow::Result<PathBuf> {
             .args(["build", "--release", "--package", "enforcer-user"])
             .current_dir(sh::root()),
     )?;
-    Ok(sh::root().join("target/release/enforcer"))
+    Ok(target_dir().join("release/enforcer"))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` if set (relative to the workspace), else
+/// `target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => sh::root().join(dir),
+        _ => sh::root().join("target"),
+    }
 }
 
 pub fn build_and_test() -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Orchestration only; the product lives in enforcer-user.
 
 mod bench;
+mod bench_cost;
 mod bench_k8s;
 mod bench_tc;
 mod check;
@@ -39,6 +40,15 @@ enum Task {
         /// Only the Kubernetes-mode measures (churn, occupancy, the ancestor walk).
         #[arg(long, conflicts_with = "tc_only")]
         k8s_only: bool,
+        /// Only the per-run costs of the programs, this build against the baseline.
+        #[arg(long, conflicts_with_all = ["tc_only", "k8s_only"])]
+        cost_only: bool,
+        /// The commit whose agent the per-run costs compare with (built once, in a worktree).
+        #[arg(long, value_name = "REV", default_value = bench_cost::BASELINE)]
+        baseline: String,
+        /// Measure the agent built at REV (like the baseline) instead of this checkout's.
+        #[arg(long, value_name = "REV")]
+        agent: Option<String>,
     },
     /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
     VmTest {
@@ -74,14 +84,28 @@ fn main() -> anyhow::Result<()> {
             let bin = check::build_release()?;
             demo::run(&bin)
         }
-        Task::Bench { tc_only, k8s_only } => {
+        Task::Bench {
+            tc_only,
+            k8s_only,
+            cost_only,
+            baseline,
+            agent,
+        } => {
             setup::run(false)?;
-            let bin = check::build_release()?;
+            let (bin, label) = match &agent {
+                Some(rev) => (bench_cost::agent_at(rev)?, rev.as_str()),
+                None => (check::build_release()?, "this build"),
+            };
             if k8s_only {
                 return bench_k8s::run(&bin);
             }
-            bench::run(&bin, tc_only)?;
-            if !tc_only {
+            let only = match (tc_only, cost_only) {
+                (true, _) => bench::Only::Tc,
+                (_, true) => bench::Only::Cost,
+                _ => bench::Only::All,
+            };
+            bench::run(&bin, only, [baseline.as_str(), label])?;
+            if only == bench::Only::All {
                 bench_k8s::run(&bin)?;
             }
             Ok(())
