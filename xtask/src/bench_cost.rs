@@ -139,7 +139,7 @@ fn print_table(samples: &BTreeMap<(Row, bool), Vec<Sample>>) {
         Some((median(&mut ns), median(&mut per)))
     };
     println!(
-        "  {:<21} | {:<34} | {:>15} | {:>14} | {:>9}",
+        "  {:<21} | {:<36} | {:>15} | {:>14} | {:>9}",
         "program", "workload", "baseline ns/run", "current ns/run", "ratio"
     );
     let rows = [
@@ -170,7 +170,7 @@ fn print_table(samples: &BTreeMap<(Row, bool), Vec<Sample>>) {
             _ => workload,
         };
         println!(
-            "  {name:<21} | {workload:<34} | {:>15} | {:>14} | {ratio:>9}",
+            "  {name:<21} | {workload:<36} | {:>15} | {:>14} | {ratio:>9}",
             cell(old),
             cell(new)
         );
