@@ -32,11 +32,23 @@ pub fn enforcer_skb_egress(ctx: SkBuffContext) -> i32 {
 /// routing header.
 #[inline(always)]
 fn routed_to(ctx: &SkBuffContext) -> Result<Option<[u8; 16]>, ()> {
-    let first: u8 = ctx.load(0).map_err(|_| ())?;
+    // A direct read of the first bytes costs no helper call per packet; the network header
+    // is linear on the way out, and the helper reads it where it is not.
+    // SAFETY: the context's own skb; data and data_end are readable by cgroup_skb programs.
+    let (start, end) = unsafe {
+        let skb = ctx.skb.skb;
+        ((*skb).data as usize, (*skb).data_end as usize)
+    };
+    let (first, next) = if start + 7 <= end {
+        // SAFETY: within [data, data_end), checked above.
+        unsafe { (*(start as *const u8), *((start + 6) as *const u8)) }
+    } else {
+        let head: [u8; 7] = ctx.load(0).map_err(|_| ())?;
+        (head[0], head[6])
+    };
     match first >> 4 {
         4 if first & 0x0f > 5 => Ok(Some(ipv4_mapped(ctx.load(16).map_err(|_| ())?))),
         6 => {
-            let next: u8 = ctx.load(6).map_err(|_| ())?;
             if !matches!(next, NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DSTOPTS) {
                 return Ok(None);
             }

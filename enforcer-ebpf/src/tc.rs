@@ -25,7 +25,7 @@ use enforcer_common::{
 
 use crate::{
     allowed,
-    packet::{parse, Frame, Packet},
+    packet::{parse, tcp_flags, Frame, Packet},
     refusal, report, Record,
 };
 
@@ -104,35 +104,11 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         };
         return Ok(drop_in(veth_scope(ifindex), ifindex, why, p.dst));
     }
-    // SAFETY: the value is copied out at once.
-    let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
-        // A pod this agent does not enforce.
-        return Ok(PASS);
-    };
-    if scope.mode == mode::ALLOW_ANY {
-        return Ok(PASS);
-    }
-    let key = PolicyKey {
-        scope: scope.scope,
-        port: p.dport,
-        proto: p.proto,
-        pad: 0,
-        addr: p.dst,
-    };
-    if p.routed || p.unwalked {
-        let why = if p.routed {
-            reason::SOURCE_ROUTE
-        } else {
-            reason::UNJUDGEABLE
-        };
-        return Ok(refuse(&scope, &key, refusal(&scope), why));
-    }
-    if p.frag.later {
-        return Ok(later_fragment(&p, &scope, &key));
-    }
     let config = config();
+    // Routed packets, unwalked headers and later fragments are never cached: each is judged.
+    let plain = !(p.routed || p.unwalked || p.frag.later);
     let icmp = p.proto == proto::ICMP || p.proto == proto::ICMPV6;
-    if icmp && config.flags & tc_flags::JUDGE_ICMP == 0 {
+    if plain && icmp && config.flags & tc_flags::JUDGE_ICMP == 0 {
         return Ok(PASS);
     }
     let flow = FlowKey {
@@ -143,16 +119,47 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         proto: p.proto,
         pad: [0; 3],
     };
-    // An established flow costs this one lookup.
-    // SAFETY: the value is copied out at once.
-    let cached = unsafe { FLOWS.get(flow) }.copied();
-    if let Some(c) = cached {
-        if c.allowed == flow::REPLY || c.generation == config.generation {
-            remember_first_fragment(&p, c.allowed);
-            return Ok(action(c.allowed));
+    // An established flow costs this one lookup, after the veth's.
+    let mut cached = None;
+    if plain {
+        // SAFETY: the value is copied out at once.
+        cached = unsafe { FLOWS.get(flow) }.copied();
+        if let Some(c) = cached {
+            if c.allowed == flow::REPLY || c.generation == config.generation {
+                remember_first_fragment(&p, c.allowed);
+                return Ok(action(c.allowed));
+            }
         }
     }
-    let ok = allowed(&key);
+    // SAFETY: the value is copied out at once.
+    let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
+        // A pod this agent does not enforce.
+        return Ok(PASS);
+    };
+    let key = PolicyKey {
+        scope: scope.scope,
+        port: p.dport,
+        proto: p.proto,
+        pad: 0,
+        addr: p.dst,
+    };
+    let enforced = scope.mode != mode::ALLOW_ANY;
+    if enforced && (p.routed || p.unwalked) {
+        let why = if p.routed {
+            reason::SOURCE_ROUTE
+        } else {
+            reason::UNJUDGEABLE
+        };
+        return Ok(refuse(&scope, &key, refusal(&scope), why));
+    }
+    if p.frag.later {
+        return Ok(if enforced {
+            later_fragment(&p, &scope, &key)
+        } else {
+            PASS
+        });
+    }
+    let ok = !enforced || allowed(&key);
     let verdict = match (ok, scope.mode) {
         (true, _) => flow::ALLOWED,
         (false, mode::AUDIT) => flow::AUDITED,
@@ -314,11 +321,7 @@ fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
     }
     let l4 = p.l4;
     let opens = match p.proto {
-        proto::TCP => {
-            // Data offset and flags, read as one u16 (see `packet::ipv4`).
-            let flags = (u16::from_be(ctx.load::<u16>(l4 + 12).map_err(|_| ())?) & 0xff) as u8;
-            flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        }
+        proto::TCP => tcp_flags(ctx, l4)? & (TCP_SYN | TCP_ACK) == TCP_SYN,
         proto::UDP => true,
         proto::ICMP => p.icmp_type == ICMP_ECHO_REQUEST,
         proto::ICMPV6 => p.icmp_type == ICMPV6_ECHO_REQUEST,
