@@ -10,7 +10,8 @@ or `error: ...`. Exits 0 unless the arguments are wrong.
   udp-tos DST PORT MARKER             connected UDP, sendmsg with an IP_TOS/IPV6_TCLASS cmsg
   udp-big DST PORT MARKER SIZE        a UDP datagram larger than the MTU (fragmented)
   raw-udp DST PORT MARKER [SPORT]     UDP built by hand on SOCK_RAW (IPv4 or IPv6)
-  raw-ip SRC DST PORT MARKER [FRAG]   a whole IPv4/UDP packet (IP_HDRINCL) from SRC; FRAG is a
+  raw-ip SRC DST PORT MARKER [FRAG] [SPORT]
+                                      a whole IPv4/UDP packet (IP_HDRINCL) from SRC; FRAG is a
                                       fragment offset in 8-byte units (a later fragment)
   ping DST MARKER                     an ICMP datagram ("ping") socket
   udplite DST PORT MARKER             UDP-Lite: connect, then send
@@ -107,9 +108,9 @@ def raw_udp(dst, port, marker, sport="40404"):
     return "sent"
 
 
-def raw_ip(src, dst, port, marker, frag="0"):
+def raw_ip(src, dst, port, marker, frag="0", sport="40405"):
     payload = marker.encode()
-    body = payload if int(frag) else udp_header(40405, int(port), payload) + payload
+    body = payload if int(frag) else udp_header(int(sport), int(port), payload) + payload
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     s.sendto(ipv4_header(src, dst, 17, len(body), frag=int(frag)) + body, (dst, 0))
     return "sent"

@@ -17,6 +17,11 @@ pub mod map_names {
     pub const POD_SCOPES: &str = "ENF_POD_SCOPES";
     /// Per-flow verdict cache of the TC program.
     pub const FLOWS: &str = "ENF_FLOWS";
+    /// Connections peers opened to pods, whose replies pass: apart from `FLOWS`, so that a
+    /// pod's own flows cannot evict them.
+    pub const REPLIES: &str = "ENF_REPLIES";
+    /// Flows the TC program revoked: a peer's packet never turns one into a reply.
+    pub const REVOKED: &str = "ENF_REVOKED";
     pub const TC_CONFIG: &str = "ENF_TC_CONFIG";
     /// Pod veth (host side ifindex) to the pod's own addresses: the TC judge's anti-spoofing.
     pub const VETHS: &str = "ENF_VETHS";
@@ -216,7 +221,10 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// Padding as two fields, not `[u8; 3]`: a three-byte array is zeroed with a call to
+    /// `memset`, after which the BPF verifier finds registers unreadable.
+    pub pad: u8,
+    pub pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
@@ -270,7 +278,9 @@ pub struct FragKey {
     /// The IPv4 identification or the IPv6 fragment header's identification.
     pub id: u32,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// As in [`FlowKey`].
+    pub pad: u8,
+    pub pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 

@@ -35,6 +35,8 @@ pub struct Packet {
     pub hop_limit: u8,
     /// The ICMP or ICMPv6 type, for those protocols in a first (or only) fragment.
     pub icmp_type: u8,
+    /// The TCP flags, for TCP in a first (or only) fragment.
+    pub tcp_flags: u8,
     /// Whether there is a transport header (at [`Packet::l4`]): not in later fragments.
     pub has_l4: bool,
     pub l4: usize,
@@ -55,6 +57,7 @@ impl Packet {
             dport: 0,
             hop_limit: 0,
             icmp_type: 0,
+            tcp_flags: 0,
             has_l4: false,
             l4: 0,
             frag: Frag {
@@ -82,7 +85,9 @@ pub struct Ext {
     pub next: u8,
     pub off: usize,
     pub routed: bool,
-    pub frag: Option<Frag>,
+    /// All false without a fragment header. Not an `Option`: LLVM spills a `None`'s unwritten
+    /// payload, which the verifier refuses to read.
+    pub frag: Frag,
     pub complete: bool,
 }
 
@@ -93,7 +98,12 @@ pub fn walk_ipv6(
     mut off: usize,
     load8: impl Fn(usize) -> Result<[u8; 8], ()>,
 ) -> Result<Ext, ()> {
-    let (mut routed, mut frag) = (false, None);
+    let mut routed = false;
+    let mut frag = Frag {
+        id: 0,
+        first: false,
+        later: false,
+    };
     for _ in 0..MAX_EXT {
         match next {
             NEXT_HOP_BY_HOP | NEXT_DSTOPTS | NEXT_ROUTING => {
@@ -106,11 +116,11 @@ pub fn walk_ipv6(
                 let h = load8(off)?;
                 let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
                 let more = h[3] & 1 == 1;
-                frag = Some(Frag {
+                frag = Frag {
                     id: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
                     first: offset == 0 && more,
                     later: offset != 0,
-                });
+                };
                 next = h[0];
                 off += 8;
             }
@@ -141,16 +151,23 @@ fn at<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
-/// An IPv6 address, in four loads: a 16-byte copy becomes a call to `memcpy`, which the
-/// verifier refuses on packet memory.
+/// An IPv6 address at `at`, a packet address the caller checked: four loads, as a 16-byte copy
+/// becomes a call to `memcpy`, which the verifier refuses on packet memory.
+///
+/// # Safety
+/// `at..at + 16` lies within the packet's linear data.
 #[inline(always)]
-fn addr16(ctx: &TcContext, off: usize) -> Result<[u8; 16], ()> {
+unsafe fn addr16(at: usize) -> [u8; 16] {
+    let word = |i: usize| {
+        // SAFETY: within the range the caller checked.
+        unsafe { core::ptr::read_unaligned((at + i * 4) as *const u32) }.to_ne_bytes()
+    };
     let mut a = [0u8; 16];
-    a[0..4].copy_from_slice(&at::<u32>(ctx, off)?.to_ne_bytes());
-    a[4..8].copy_from_slice(&at::<u32>(ctx, off + 4)?.to_ne_bytes());
-    a[8..12].copy_from_slice(&at::<u32>(ctx, off + 8)?.to_ne_bytes());
-    a[12..16].copy_from_slice(&at::<u32>(ctx, off + 12)?.to_ne_bytes());
-    Ok(a)
+    a[0..4].copy_from_slice(&word(0));
+    a[4..8].copy_from_slice(&word(1));
+    a[8..12].copy_from_slice(&word(2));
+    a[12..16].copy_from_slice(&word(3));
+    a
 }
 
 /// Ethernet, the longest IPv4 header, and TCP up to its flags.
@@ -202,13 +219,17 @@ fn ipv4(ctx: &TcContext, p: &mut Packet) -> Result<(), ()> {
     p.routed = ihl > 20;
     p.unwalked = false;
     p.has_l4 = offset == 0;
-    (p.sport, p.dport, p.icmp_type) = (0, 0, 0);
+    (p.sport, p.dport, p.icmp_type, p.tcp_flags) = (0, 0, 0, 0);
     if offset == 0 {
         let off = ETH_HLEN + ihl;
         p.l4 = off;
         if has_ports(p.proto) {
             p.sport = u16::from_be(at::<u16>(ctx, off)?);
             p.dport = u16::from_be(at::<u16>(ctx, off + 2)?);
+            if p.proto == proto::TCP {
+                // Data offset and flags, read as one u16 (see the ICMP type below).
+                p.tcp_flags = (u16::from_be(at::<u16>(ctx, off + 12)?) & 0xff) as u8;
+            }
         } else if p.proto == proto::ICMP {
             // Type and code read as one u16: for a one-byte read at a variable offset, LLVM
             // turns the bounds check into a form the verifier gives no range for.
@@ -220,46 +241,40 @@ fn ipv4(ctx: &TcContext, p: &mut Packet) -> Result<(), ()> {
 
 #[inline(always)]
 fn ipv6(ctx: &TcContext, p: &mut Packet) -> Result<(), ()> {
-    let next_hop = u16::from_be(at::<u16>(ctx, ETH_HLEN + 6)?);
-    p.src = addr16(ctx, ETH_HLEN + 8)?;
-    p.dst = addr16(ctx, ETH_HLEN + 24)?;
+    // One bounds check for the fixed header: a check per field lets LLVM merge them into
+    // masks on packet pointers, which the verifier refuses.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + 40 > end {
+        return Err(());
+    }
+    let head = start + ETH_HLEN;
+    // SAFETY: the fixed header lies within [data, data_end), checked above.
+    let next_hop = u16::from_be(unsafe { core::ptr::read_unaligned((head + 6) as *const u16) });
+    // SAFETY: as above.
+    (p.src, p.dst) = unsafe { (addr16(head + 8), addr16(head + 24)) };
     let load8 = |off: usize| ctx.load::<[u8; 8]>(off).map_err(|_| ());
     let ext = walk_ipv6((next_hop >> 8) as u8, ETH_HLEN + 40, load8)?;
-    p.frag = ext.frag.unwrap_or(Frag {
-        id: 0,
-        first: false,
-        later: false,
-    });
+    p.frag = ext.frag;
     p.proto = ext.next;
     p.hop_limit = next_hop as u8;
     p.routed = ext.routed;
     p.unwalked = !ext.complete;
     p.has_l4 = ext.complete && !p.frag.later;
     p.l4 = ext.off;
-    (p.sport, p.dport, p.icmp_type) = (0, 0, 0);
+    (p.sport, p.dport, p.icmp_type, p.tcp_flags) = (0, 0, 0, 0);
     if p.has_l4 {
         if has_ports(p.proto) {
             let ports = ctx.load::<[u8; 4]>(ext.off).map_err(|_| ())?;
             p.sport = u16::from_be_bytes([ports[0], ports[1]]);
             p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            if p.proto == proto::TCP {
+                p.tcp_flags = ctx.load::<u8>(ext.off + 13).map_err(|_| ())?;
+            }
         } else if p.proto == proto::ICMPV6 {
             p.icmp_type = ctx.load::<u8>(ext.off).map_err(|_| ())?;
         }
     }
     Ok(())
-}
-
-/// The TCP flags of the header at `l4`: read directly where the offset is small enough for
-/// the verifier to bound (IPv4, IPv6 without extension headers), else by the helper.
-#[inline(always)]
-pub fn tcp_flags(ctx: &TcContext, l4: usize) -> Result<u8, ()> {
-    // Data offset and flags, read as one u16 (see `ipv4`).
-    let both = if l4 <= ETH_HLEN + 60 {
-        at::<u16>(ctx, l4 + 12)?
-    } else {
-        ctx.load::<u16>(l4 + 12).map_err(|_| ())?
-    };
-    Ok((u16::from_be(both) & 0xff) as u8)
 }
 
 /// Protocols whose first four bytes are the source and destination ports.

@@ -25,7 +25,7 @@ use enforcer_common::{
 
 use crate::{
     allowed,
-    packet::{parse, tcp_flags, Frame, Packet},
+    packet::{parse, Frame, Packet},
     refusal, report, Record,
 };
 
@@ -37,6 +37,12 @@ static VETHS: HashMap<u32, VethPod> = HashMap::pinned(65_536, 0);
 
 #[map(name = "ENF_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowVerdict> = LruHashMap::pinned(262_144, 0);
+
+#[map(name = "ENF_REPLIES")]
+static REPLIES: LruHashMap<FlowKey, u32> = LruHashMap::pinned(65_536, 0);
+
+#[map(name = "ENF_REVOKED")]
+static REVOKED: LruHashMap<FlowKey, u32> = LruHashMap::pinned(16_384, 0);
 
 #[map(name = "ENF_FRAGS")]
 static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(16_384, 0);
@@ -117,18 +123,34 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         sport: p.sport,
         dport: p.dport,
         proto: p.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
     // An established flow costs this one lookup, after the veth's.
-    let mut cached = None;
+    // Whether the flow was allowed before (a refusal now is a revocation). Not an `Option`:
+    // LLVM spills a `None`'s unwritten payload, which the verifier refuses to read.
+    let mut was_allowed = false;
     if plain {
         // SAFETY: the value is copied out at once.
-        cached = unsafe { FLOWS.get(flow) }.copied();
-        if let Some(c) = cached {
+        if let Some(c) = unsafe { FLOWS.get(flow) } {
             if c.allowed == flow::REPLY || c.generation == config.generation {
-                remember_first_fragment(&p, c.allowed);
-                return Ok(action(c.allowed));
+                let verdict = c.allowed;
+                remember_first_fragment(&p, verdict);
+                return Ok(action(verdict));
             }
+            was_allowed = c.allowed == flow::ALLOWED;
+        }
+        // The reply side of a connection a peer opened: kept where the pod's own flows cannot
+        // evict it, and cached again.
+        // SAFETY: only presence is checked.
+        if unsafe { REPLIES.get(flow) }.is_some() {
+            let reply = FlowVerdict {
+                generation: 0,
+                allowed: flow::REPLY,
+            };
+            let _ = FLOWS.insert(flow, reply, 0);
+            remember_first_fragment(&p, flow::REPLY);
+            return Ok(PASS);
         }
     }
     // SAFETY: the value is copied out at once.
@@ -175,8 +197,11 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     );
     remember_first_fragment(&p, verdict);
     if !ok {
-        let was_allowed = cached.is_some_and(|c| c.allowed == flow::ALLOWED);
-        let why = if was_allowed && verdict == flow::REFUSED {
+        let revoked = was_allowed && verdict == flow::REFUSED;
+        let why = if revoked {
+            // Kept apart: the pod cannot evict it by making new flows and then have the peer
+            // reopen the flow as a reply.
+            let _ = REVOKED.insert(flow, 1, 0);
             verdict::REVOKED
         } else {
             refusal(&scope)
@@ -238,7 +263,8 @@ fn frag_key(p: &Packet) -> FragKey {
         dst: p.dst,
         id: p.frag.id,
         proto: p.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     }
 }
 
@@ -309,19 +335,18 @@ pub fn enforcer_reply(ctx: TcContext) -> i32 {
 }
 
 fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
-    // SAFETY: the context's own skb; these fields are readable by TC programs.
-    let (ifindex, came_in) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
-    // What the pod sent itself, turned around by the host (a hairpin), opens nothing.
-    if came_in == ifindex {
-        return Ok(());
-    }
+    // SAFETY: the context's own skb; ifindex is readable by TC programs.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // A hairpin (what the pod sent, turned around by the node) may open a reply: the judge
+    // dropped anything whose source was not the pod's own on the way in, so it can only be the
+    // pod talking to itself, or kube-proxy's masquerade of a Service that sends the pod back
+    // to itself, which needs the reply.
     let mut p = Packet::empty();
     if parse(ctx, &mut p)? != Frame::Ip || !p.has_l4 {
         return Ok(());
     }
-    let l4 = p.l4;
     let opens = match p.proto {
-        proto::TCP => tcp_flags(ctx, l4)? & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        proto::TCP => p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         proto::UDP => true,
         proto::ICMP => p.icmp_type == ICMP_ECHO_REQUEST,
         proto::ICMPV6 => p.icmp_type == ICMPV6_ECHO_REQUEST,
@@ -341,19 +366,17 @@ fn note_inbound(ctx: &TcContext) -> Result<(), ()> {
         sport: p.dport,
         dport: p.sport,
         proto: p.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
-    // Looked up first: an LRU insert makes room (evicts) even when the key exists.
+    // A flow the pod sent on is the pod's own (judged), and a revoked one stays refused.
+    // Looked up first, as an LRU insert makes room (evicts) even when the key exists.
     // SAFETY: only presence is checked.
-    if unsafe { FLOWS.get(reply) }.is_none() {
-        let _ = FLOWS.insert(
-            reply,
-            FlowVerdict {
-                generation: 0,
-                allowed: flow::REPLY,
-            },
-            0,
-        );
+    let known = unsafe {
+        FLOWS.get(reply).is_some() || REVOKED.get(reply).is_some() || REPLIES.get(reply).is_some()
+    };
+    if !known {
+        let _ = REPLIES.insert(reply, 1, 0);
     }
     Ok(())
 }

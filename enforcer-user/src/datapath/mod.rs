@@ -55,8 +55,11 @@ pub struct Datapath {
     maps: sync::Maps,
     /// Pod veths' own addresses, written as the TC programs go on and off each veth.
     veths: HashMap<MapData, u32, VethPod>,
-    /// The TC judge's flow verdicts, purged of a pod's entries when it goes.
+    /// The TC judge's flow verdicts, replies and revocations, purged of a pod's entries when
+    /// it goes.
     flows: HashMap<MapData, FlowKey, FlowVerdict>,
+    replies: HashMap<MapData, FlowKey, u32>,
+    revoked: HashMap<MapData, FlowKey, u32>,
     /// The kernel's per-CPU counters ([`enforcer_common::counter`]).
     counters: PerCpuArray<MapData, u64>,
     applied: MapPlan,
@@ -132,6 +135,8 @@ impl Datapath {
         };
         let veths = HashMap::try_from(take(&mut ebpf, map_names::VETHS)?)?;
         let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)?;
+        let replies = HashMap::try_from(take(&mut ebpf, map_names::REPLIES)?)?;
+        let revoked = HashMap::try_from(take(&mut ebpf, map_names::REVOKED)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, map_names::COUNTERS)?)?;
         tc_links::load_tc(&mut ebpf, &opts.pin_root)?;
         let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
@@ -151,6 +156,8 @@ impl Datapath {
                 maps,
                 veths,
                 flows,
+                replies,
+                revoked,
                 counters,
                 applied,
                 scope_ids,

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
+use aya::maps::{HashMap, MapData};
 use aya::{
     programs::{
         links::FdLink,
@@ -117,24 +118,38 @@ impl Datapath {
 }
 
 impl Datapath {
-    /// Removes the flow entries of a pod that went, so that none follows its address to the
-    /// next pod that gets it (a reply entry passes under every generation).
+    /// Removes the flow entries of a pod that went (verdicts, replies, revocations), so that
+    /// none follows its address to the next pod that gets it: a reply passes under every
+    /// generation.
     fn purge_flows(&mut self, pod: &VethPod) {
-        let theirs = |a: &[u8; 16]| *a != [0; 16] && pod.addrs.contains(a);
-        let keys: Vec<FlowKey> = self
-            .flows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| theirs(&k.src) || theirs(&k.dst))
-            .collect();
-        for key in &keys {
-            // Gone meanwhile (the LRU evicted it): nothing to do.
-            let _ = self.flows.remove(key);
-        }
-        if !keys.is_empty() {
-            log::info!("purged {} flow entries of a pod that went", keys.len());
+        let theirs = |k: &FlowKey| {
+            let mine = |a: &[u8; 16]| *a != [0; 16] && pod.addrs.contains(a);
+            mine(&k.src) || mine(&k.dst)
+        };
+        let purged = purge(&mut self.flows, theirs)
+            + purge(&mut self.replies, theirs)
+            + purge(&mut self.revoked, theirs);
+        if purged > 0 {
+            log::info!("purged {purged} flow entries of a pod that went");
         }
     }
+}
+
+/// Removes the keys `theirs` picks; returns how many.
+fn purge<V: aya::Pod>(
+    map: &mut HashMap<MapData, FlowKey, V>,
+    theirs: impl Fn(&FlowKey) -> bool,
+) -> usize {
+    let keys: Vec<FlowKey> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| theirs(k))
+        .collect();
+    for key in &keys {
+        // Gone meanwhile (the LRU evicted it): nothing to do.
+        let _ = map.remove(key);
+    }
+    keys.len()
 }
 
 /// A pod's addresses in key form: its first of each family (Kubernetes gives one of each).

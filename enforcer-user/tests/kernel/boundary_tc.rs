@@ -299,3 +299,112 @@ fn a_tunnel_from_a_pod_reaches_only_a_remote_the_policy_allows() {
     assert_never_arrived(&hosts, &["ENFX-tunnel-refused"]);
     assert_recorded(&agent, "no_rule", Some("203.0.113.31"));
 }
+
+#[test]
+fn a_revoked_flow_stays_revoked_when_its_cached_verdict_goes() {
+    let world = World::new("evict");
+    let hosts = Hosts::new(&world);
+    let agent = start(&world, &hosts);
+    let pod = Pod::idle(&agent, "shop", &netns_name(&world));
+    let send = |marker: &str| {
+        let args = [
+            "raw-ip",
+            &pod.ip,
+            "203.0.113.30",
+            "9999",
+            marker,
+            "0",
+            "6000",
+        ];
+        unmapped(&pod, &args)
+    };
+    send("ENFX-before");
+    expect_arrival(&hosts, "ENFX-before");
+    // The stats entry goes: the flow is revoked.
+    let api_only = POLICY.split("---").next().unwrap_or_default();
+    world.write_policy("shop.yaml", api_only);
+    agent.wait_for(Duration::from_secs(10), "the removal", || {
+        agent.status()["service_entries"] == 1
+    });
+    send("ENFX-revoked");
+    assert_recorded(&agent, "no_rule", Some("203.0.113.30"));
+    // The flow cache is an LRU shared by every pod: new flows evict old verdicts, in an order
+    // the kernel picks. A test cannot drive that order, so it takes the entry out itself.
+    forget_cached_verdict(&agent, &pod.ip, "203.0.113.30", 6000, 9999);
+    // The peer's datagram to the pod's port, as a reply would come, then the pod again.
+    let peer = [
+        "raw-ip",
+        "203.0.113.30",
+        &pod.ip,
+        "6000",
+        "ENFX-peer",
+        "0",
+        "9999",
+    ];
+    assert_eq!(attack(in_hosts(&hosts), &peer), "sent");
+    std::thread::sleep(Duration::from_millis(200));
+    send("ENFX-after-evict");
+    // A peer may still open a flow of its own to the pod, and the pod answer it.
+    let opener = [
+        "raw-ip",
+        "203.0.113.31",
+        &pod.ip,
+        "6001",
+        "ENFX-open",
+        "0",
+        "9999",
+    ];
+    attack(in_hosts(&hosts), &opener);
+    std::thread::sleep(Duration::from_millis(200));
+    let answer = [
+        "raw-ip",
+        &pod.ip,
+        "203.0.113.31",
+        "9999",
+        "ENFX-answer",
+        "0",
+        "6001",
+    ];
+    unmapped(&pod, &answer);
+    expect_arrival(&hosts, "ENFX-answer");
+    assert_never_arrived(&hosts, &["ENFX-revoked", "ENFX-after-evict"]);
+    let revoked = agent
+        .denials()
+        .into_iter()
+        .any(|d| d["verdict"] == "revoked" && d["dst"] == "203.0.113.30");
+    assert!(revoked, "no revoked record: {:#?}", agent.denials());
+}
+
+fn in_hosts(hosts: &Hosts) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", hosts.netns()]);
+    cmd
+}
+
+/// Deletes a UDP flow's entry from the pinned flow cache, as an eviction would.
+fn forget_cached_verdict(agent: &Agent, src: &str, dst: &str, sport: u16, dport: u16) {
+    let v4 = |a: &str| -> Vec<u8> {
+        let ip: std::net::Ipv4Addr = a.parse().expect("an IPv4 address");
+        let mut key = vec![0u8; 10];
+        key.extend([0xff, 0xff]);
+        key.extend(ip.octets());
+        key
+    };
+    // FlowKey: source, destination, ports in host byte order, protocol, padding.
+    let mut key = v4(src);
+    key.extend(v4(dst));
+    key.extend(sport.to_le_bytes());
+    key.extend(dport.to_le_bytes());
+    key.extend([17, 0, 0, 0]);
+    let pin = format!("{}/maps/ENF_FLOWS", agent.pin_root);
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "delete", "pinned", &pin, "key"])
+        .args(key.iter().map(u8::to_string))
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
