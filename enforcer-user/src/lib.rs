@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod datapath;
 pub mod diag;
+pub mod dns;
 pub mod events;
 pub mod istio;
 pub mod k8s;
