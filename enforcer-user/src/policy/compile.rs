@@ -221,6 +221,7 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
                 mode: sc.mode,
                 rules: BTreeMap::new(),
                 imports: sc.imports,
+                learn: Vec::new(),
             };
             for &server in inp.dns_servers {
                 for l4 in [L4::Udp, L4::Tcp] {
@@ -258,6 +259,8 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
         let visible = visible_to(se, inp.mesh);
         let mut entry = EntryRules::new(se, inp.workload_entries, inp.dns);
         entry.collect(inp.istio_compat);
+        let has_endpoints = endpoints_of(se, inp.workload_entries).is_some();
+        let learning = super::learn::entry_learning(se, has_endpoints, inp.istio_compat);
         out.notes.append(&mut entry.notes);
 
         let mut refs: BTreeMap<&str, Arc<HostRef>> = BTreeMap::new();
@@ -302,6 +305,13 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
                         );
                     }
                 }
+                scope.learn.extend(learning.iter().filter_map(|l| {
+                    l.rule_for(|host| {
+                        imports
+                            .as_ref()
+                            .is_none_or(|i| i.imports(&se.namespace, host, l.service_port))
+                    })
+                }));
             }
         }
     }
@@ -341,6 +351,7 @@ fn refuse_shared_names(
                 mode: OutboundMode::RegistryOnly,
                 rules: BTreeMap::new(),
                 imports: None,
+                learn: Vec::new(),
             };
         }
         shared.insert(name.clone());
@@ -531,7 +542,7 @@ impl<'a> EntryRules<'a> {
 }
 
 /// The service port, and the port endpoints receive on.
-fn port_numbers(port: &Port) -> (u16, u16) {
+pub(super) fn port_numbers(port: &Port) -> (u16, u16) {
     // Validation guarantees both are in 1..=65535.
     let number = u16::try_from(port.number).unwrap_or(0);
     let target = port

@@ -7,6 +7,8 @@ use crate::{
 
 #[path = "compile_export_tests.rs"]
 mod export_to;
+#[path = "compile_learn_tests.rs"]
+mod learn;
 #[path = "compile_scope_name_tests.rs"]
 mod scope_names;
 

@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod check;
 mod compile;
 pub mod decide;
+mod learn;
 mod model;
 pub mod sidecar;
 mod validate;

@@ -139,6 +139,9 @@ pub struct ScopePolicy {
     pub rules: BTreeMap<Rule, Vec<Arc<Origin>>>,
     /// The Sidecar's `egress` imports; `None` imports everything visible.
     pub imports: Option<Arc<Imports>>,
+    /// The hosts whose addresses, as workloads' own DNS answers give them, this scope may reach
+    /// (issue 14; nothing feeds them yet), and on which ports.
+    pub learn: Vec<crate::dns::learn::LearnRule>,
 }
 
 /// The scope of workloads in `namespace` that the Sidecar `sidecar` selects is
