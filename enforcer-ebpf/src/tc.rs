@@ -153,10 +153,17 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(PASS);
         }
     }
+    Ok(judge(&p, flow, was_allowed, config.generation))
+}
+
+/// The verdict of a packet no cached verdict covers, cached in turn (plain packets), and
+/// reported when it refuses.
+#[inline(always)]
+fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
     // SAFETY: the value is copied out at once.
     let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
         // A pod this agent does not enforce.
-        return Ok(PASS);
+        return PASS;
     };
     let key = PolicyKey {
         scope: scope.scope,
@@ -172,14 +179,14 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         } else {
             reason::UNJUDGEABLE
         };
-        return Ok(refuse(&scope, &key, refusal(&scope), why));
+        return refuse(&scope, &key, refusal(&scope), why);
     }
     if p.frag.later {
-        return Ok(if enforced {
-            later_fragment(&p, &scope, &key)
+        return if enforced {
+            later_fragment(p, &scope, &key)
         } else {
             PASS
-        });
+        };
     }
     let ok = !enforced || allowed(&key);
     let verdict = match (ok, scope.mode) {
@@ -190,12 +197,12 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     let _ = FLOWS.insert(
         flow,
         FlowVerdict {
-            generation: config.generation,
+            generation,
             allowed: verdict,
         },
         0,
     );
-    remember_first_fragment(&p, verdict);
+    remember_first_fragment(p, verdict);
     if !ok {
         let revoked = was_allowed && verdict == flow::REFUSED;
         let why = if revoked {
@@ -208,7 +215,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
         };
         report::<false>(&scope, tc_record(&key, why, reason::NO_RULE));
     }
-    Ok(action(verdict))
+    action(verdict)
 }
 
 /// Neighbour discovery and multicast listener reports, which IPv6 needs on the link: only
