@@ -101,12 +101,12 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         if read_volatile(&(*sa).user_family) == AF_UNSPEC {
             let sk = read_volatile(&(*sa).__bindgen_anon_1.sk);
             let addr = if V6 {
-                let mut a = [0u8; 16];
-                a[0..4].copy_from_slice(&read_volatile(&(*sk).dst_ip6[0]).to_ne_bytes());
-                a[4..8].copy_from_slice(&read_volatile(&(*sk).dst_ip6[1]).to_ne_bytes());
-                a[8..12].copy_from_slice(&read_volatile(&(*sk).dst_ip6[2]).to_ne_bytes());
-                a[12..16].copy_from_slice(&read_volatile(&(*sk).dst_ip6[3]).to_ne_bytes());
-                a
+                ipv6_bytes([
+                    read_volatile(&(*sk).dst_ip6[0]),
+                    read_volatile(&(*sk).dst_ip6[1]),
+                    read_volatile(&(*sk).dst_ip6[2]),
+                    read_volatile(&(*sk).dst_ip6[3]),
+                ])
             } else {
                 ipv4_mapped(read_volatile(&(*sk).dst_ip4).to_ne_bytes())
             };
@@ -115,12 +115,12 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
             (addr, port, read_volatile(&(*sa).protocol))
         } else {
             let addr = if V6 {
-                let mut a = [0u8; 16];
-                a[0..4].copy_from_slice(&read_volatile(&(*sa).user_ip6[0]).to_ne_bytes());
-                a[4..8].copy_from_slice(&read_volatile(&(*sa).user_ip6[1]).to_ne_bytes());
-                a[8..12].copy_from_slice(&read_volatile(&(*sa).user_ip6[2]).to_ne_bytes());
-                a[12..16].copy_from_slice(&read_volatile(&(*sa).user_ip6[3]).to_ne_bytes());
-                a
+                ipv6_bytes([
+                    read_volatile(&(*sa).user_ip6[0]),
+                    read_volatile(&(*sa).user_ip6[1]),
+                    read_volatile(&(*sa).user_ip6[2]),
+                    read_volatile(&(*sa).user_ip6[3]),
+                ])
             } else {
                 ipv4_mapped(read_volatile(&(*sa).user_ip4).to_ne_bytes())
             };
@@ -146,6 +146,16 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         return Ok(ALLOW);
     }
     refuse(&scope, cgroup_id, key, hook, reason::NO_RULE, 0)
+}
+
+/// An IPv6 address from the four 32-bit words a context holds it in (network byte order).
+#[inline(always)]
+fn ipv6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    for (chunk, word) in a.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    a
 }
 
 /// Reports a refusal by a socket hook and gives its verdict: AUDIT only reports.

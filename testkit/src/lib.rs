@@ -5,6 +5,9 @@
 pub mod apiserver;
 pub mod cgroups;
 
+pub use machine_lock::machine_lock;
+mod machine_lock;
+
 use std::{
     collections::BTreeSet,
     fs,

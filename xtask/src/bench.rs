@@ -51,7 +51,8 @@ pub fn run(bin: &Path, only: Only, versions: [&str; 2]) -> anyhow::Result<()> {
         bail!("the benchmark loads BPF programs: run it as root");
     }
     let work = std::env::temp_dir().join("enforcer-bench");
-    let lock = machine_lock()?;
+    eprintln!("bench: waiting for the kernel tests' machine-wide lock");
+    let lock = enforcer_testkit::machine_lock()?;
     let mut bench = Bench {
         bin: bin.to_path_buf(),
         pin_root: PIN_ROOT.into(),
@@ -93,19 +94,6 @@ pub struct Bench {
     stats_before: String,
     /// The kernel tests' machine-wide lock: they use the same address ranges and cgroup root.
     _machine: fs::File,
-}
-
-/// Waits for the lock kernel tests take (`enforcer-user/tests/kernel/harness.rs`), held until
-/// the file closes.
-fn machine_lock() -> anyhow::Result<fs::File> {
-    use std::os::fd::AsRawFd as _;
-    let file = fs::File::create(std::env::temp_dir().join("enforcer-kernel-tests.lock"))?;
-    eprintln!("bench: waiting for the kernel tests' machine-wide lock");
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!("locking: {}", std::io::Error::last_os_error());
-    }
-    Ok(file)
 }
 
 impl Drop for Bench {

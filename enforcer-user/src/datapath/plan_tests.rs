@@ -181,6 +181,35 @@ fn keys_use_scope_ids_and_mapped_ipv4() {
     assert_eq!(cidrs, [(64 + 32, 7, 443), (64 + 104, GLOBAL_SCOPE, 0)]);
 }
 
+/// A REGISTRY_ONLY scope of namespace `ns` with `rules`, asked for by nothing in particular.
+fn registry_only(ns: &str, rules: impl IntoIterator<Item = Rule>) -> ScopePolicy {
+    ScopePolicy {
+        namespace: ns.into(),
+        mode: OutboundMode::RegistryOnly,
+        rules: rules.into_iter().map(|r| (r, Vec::new())).collect(),
+        ..ScopePolicy::default()
+    }
+}
+
+/// The plan for one cgroup (id 100) of namespace `ns`, whose scope has id `id`.
+fn plan_of_one_cgroup(desired: &Desired, ns: &str, id: u32) -> MapPlan {
+    let cgroups = BTreeMap::from([(
+        100,
+        Assignment {
+            namespace: ns.into(),
+            labels: BTreeMap::new(),
+            path: PathBuf::from(format!("/x/{ns}")),
+        },
+    )]);
+    let workloads = Workloads {
+        cgroups: &cgroups,
+        trees: &BTreeMap::new(),
+        pods: &[],
+        agent: None,
+    };
+    build(desired, workloads, &BTreeMap::from([(ns.to_string(), id)]))
+}
+
 fn key(scope: u32, port: u16, proto: u8, ip: &str) -> PolicyKey {
     PolicyKey {
         scope,
@@ -251,36 +280,15 @@ fn allows_judges_keys_as_the_kernel_looks_them_up() {
 #[test]
 fn allows_agrees_with_build() {
     let mut desired = Desired::default();
-    let mut rules = BTreeMap::new();
-    rules.insert(
-        Rule::new(L4::Tcp, 443, "198.51.100.0/24".parse().unwrap()),
-        Vec::new(),
-    );
     desired.scopes.insert(
         "a".into(),
-        ScopePolicy {
-            namespace: "a".into(),
-            mode: OutboundMode::RegistryOnly,
-            rules,
-            ..ScopePolicy::default()
-        },
+        registry_only(
+            "a",
+            [Rule::new(L4::Tcp, 443, "198.51.100.0/24".parse().unwrap())],
+        ),
     );
     desired.global.insert("::1/128".parse().unwrap());
-    let cgroups = BTreeMap::from([(
-        100,
-        Assignment {
-            namespace: "a".into(),
-            labels: BTreeMap::new(),
-            path: PathBuf::from("/x/a"),
-        },
-    )]);
-    let workloads = Workloads {
-        cgroups: &cgroups,
-        trees: &BTreeMap::new(),
-        pods: &[],
-        agent: None,
-    };
-    let plan = build(&desired, workloads, &BTreeMap::from([("a".to_string(), 3)]));
+    let plan = plan_of_one_cgroup(&desired, "a", 3);
     assert!(plan.allows(&key(3, 443, proto::TCP, "198.51.100.99")));
     assert!(!plan.allows(&key(3, 443, proto::TCP, "198.51.101.1")));
     assert!(plan.allows(&key(3, 22, proto::TCP, "::1")));
@@ -325,19 +333,12 @@ fn a_scope_without_an_id_fails_closed() {
 #[test]
 fn a_namespace_without_workloads_on_this_node_costs_no_entries() {
     let mut desired = Desired::default();
-    let mut rules = BTreeMap::new();
-    rules.insert(
-        Rule::host(L4::Tcp, 443, "198.51.100.7".parse().unwrap()),
-        Vec::new(),
-    );
     desired.scopes.insert(
         "elsewhere".into(),
-        ScopePolicy {
-            namespace: "elsewhere".into(),
-            mode: OutboundMode::RegistryOnly,
-            rules,
-            ..ScopePolicy::default()
-        },
+        registry_only(
+            "elsewhere",
+            [Rule::host(L4::Tcp, 443, "198.51.100.7".parse().unwrap())],
+        ),
     );
     let ids = BTreeMap::from([("elsewhere".to_string(), 3)]);
     let none = BTreeMap::new();
@@ -366,35 +367,12 @@ fn a_namespace_without_workloads_on_this_node_costs_no_entries() {
 #[test]
 fn ipv6_prefixes_never_key_ipv4() {
     let mut desired = Desired::default();
-    let rules = BTreeMap::from([(
-        Rule::new(L4::Tcp, 5432, "::/1".parse().unwrap()),
-        Vec::new(),
-    )]);
     desired.scopes.insert(
         "a".into(),
-        ScopePolicy {
-            namespace: "a".into(),
-            mode: OutboundMode::RegistryOnly,
-            rules,
-            ..ScopePolicy::default()
-        },
+        registry_only("a", [Rule::new(L4::Tcp, 5432, "::/1".parse().unwrap())]),
     );
     desired.global.insert("::/64".parse().unwrap());
-    let cgroups = BTreeMap::from([(
-        100,
-        Assignment {
-            namespace: "a".into(),
-            labels: BTreeMap::new(),
-            path: PathBuf::from("/x/a"),
-        },
-    )]);
-    let workloads = Workloads {
-        cgroups: &cgroups,
-        trees: &BTreeMap::new(),
-        pods: &[],
-        agent: None,
-    };
-    let plan = build(&desired, workloads, &BTreeMap::from([("a".to_string(), 7)]));
+    let plan = plan_of_one_cgroup(&desired, "a", 7);
     // The address part of each trie entry, as a prefix.
     let covers = |ip: &str| -> Vec<u32> {
         let ip = std::net::Ipv6Addr::from(key_bytes(ip.parse().unwrap()));

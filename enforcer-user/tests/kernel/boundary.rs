@@ -44,13 +44,21 @@ fn start(world: &World) -> Agent {
 }
 
 /// Runs `attack.py` in `cmd` (a workload, or a pod's namespace) and returns what it printed.
-pub fn attack(mut cmd: Command, args: &[&str]) -> String {
+pub fn attack(cmd: Command, args: &[&str]) -> String {
+    let script = script("attack.py");
+    let script = script.to_string_lossy();
+    let mut all = vec![script.as_ref()];
+    all.extend(args);
+    python_says(cmd, &all)
+}
+
+/// What python with `args`, run by `cmd`, printed (stdout, then stderr).
+fn python_says(mut cmd: Command, args: &[&str]) -> String {
     let out = cmd
         .arg(python())
-        .arg(script("attack.py"))
         .args(args)
         .output()
-        .expect("running attack.py");
+        .expect("running python");
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -390,7 +398,7 @@ fn mptcp_subflows_to_advertised_addresses_go_nowhere() {
     ]);
     let _limits = MptcpLimits::accept_addresses();
     std::thread::sleep(Duration::from_millis(300));
-    let got = attack_script(&agent, MPTCP_CLIENT);
+    let got = python_says(agent.exec("shop", None), &["-c", MPTCP_CLIENT]);
     assert_eq!(
         attack(
             agent.exec("shop", None),
@@ -412,17 +420,4 @@ fn mptcp_subflows_to_advertised_addresses_go_nowhere() {
     );
     assert_eq!(got, "EPERM", "the MPTCP client was told {got}");
     assert_recorded(&agent, "socket_type", None);
-}
-
-fn attack_script(agent: &Agent, code: &str) -> String {
-    let out = agent
-        .exec("shop", None)
-        .args([python(), "-c", code])
-        .output()
-        .expect("running the client");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
 }

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     boundary::{assert_never_arrived, assert_recorded, attack, expect_arrival, POLICY},
-    harness::{registry_only, Agent, Hosts, World},
+    harness::{start_with_pods, Agent, Hosts, World},
     pod::Pod,
 };
 
@@ -18,27 +18,18 @@ const POD_CIDR: &str = "203.0.113.128/26";
 const POD_CIDR6: &str = "2001:db8:fe::/120";
 
 fn start(world: &World, hosts: &Hosts) -> Agent {
-    hosts.route_back(POD_CIDR);
-    hosts.route_back(POD_CIDR6);
-    world.write_policy("shop.yaml", POLICY);
-    let mesh = registry_only(world);
-    Agent::start(
+    let cidrs = [POD_CIDR, POD_CIDR6];
+    start_with_pods(
         world,
-        &[
-            "--mesh-config",
-            &mesh,
-            "--namespace",
-            "shop",
-            "--pod-cidr",
-            POD_CIDR,
-            "--pod-cidr6",
-            POD_CIDR6,
-        ],
+        hosts,
+        ("shop.yaml", POLICY),
+        &cidrs,
+        &["--namespace", "shop"],
     )
 }
 
 fn netns_name(world: &World) -> String {
-    format!("enfb-{}", &world.id[world.id.len().saturating_sub(8)..])
+    world.netns("enfb")
 }
 
 /// `attack.py` in the pod's namespace, outside its cgroup.

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{registry_only, Agent, Hosts, World, ENFORCER};
+use crate::harness::{registry_only, start_with_pods, Agent, Hosts, World, ENFORCER};
 
 const ALLOWED: &str = "198.51.100.10";
 const REFUSED: &str = "203.0.113.30";
@@ -264,21 +264,10 @@ fn exec_user_in_a_pod_joins_its_netns_unprivileged() {
     const POD_CIDR: &str = "203.0.113.192/26";
     let world = World::new("podusr");
     let hosts = Hosts::new(&world);
-    hosts.route_back(POD_CIDR);
-    world.write_policy("allowed.yaml", POLICY);
-    let mesh = registry_only(&world);
-    let agent = Agent::start(
-        &world,
-        &[
-            "--mesh-config",
-            &mesh,
-            "--namespace",
-            "default",
-            "--pod-cidr",
-            POD_CIDR,
-        ],
-    );
-    let netns = format!("enfpod-{}", &world.id[world.id.len().saturating_sub(8)..]);
+    let default = ["--namespace", "default"];
+    let policy = ("allowed.yaml", POLICY);
+    let agent = start_with_pods(&world, &hosts, policy, &[POD_CIDR], &default);
+    let netns = world.netns("enfpod");
     let run = |host: &str| {
         let mut cmd = std::process::Command::new(ENFORCER);
         cmd.args(["exec", "--namespace", "default", "--user", "nobody"])

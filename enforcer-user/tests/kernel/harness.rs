@@ -35,22 +35,12 @@ pub struct World {
     _machine: fs::File,
 }
 
-/// Waits for the machine-wide lock of kernel tests; it is let go when the file closes.
-fn machine_lock() -> fs::File {
-    use std::os::fd::AsRawFd as _;
-    let file = fs::File::create(std::env::temp_dir().join("enforcer-kernel-tests.lock"))
-        .expect("creating the kernel tests' lock file");
-    // SAFETY: flock on a descriptor this function owns.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "locking: {}", std::io::Error::last_os_error());
-    file
-}
-
 impl World {
     /// Fails the test, with the reason, where kernel tests cannot run.
     pub fn new(name: &str) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let machine = machine_lock();
+        let machine =
+            enforcer_testkit::machine_lock().expect("the kernel tests' machine-wide lock");
         let uid = Command::new("id")
             .arg("-u")
             .output()
@@ -87,6 +77,11 @@ impl World {
         let tmp = self.dir.join(format!(".{file}.tmp"));
         fs::write(&tmp, yaml).expect("writing policy");
         fs::rename(&tmp, self.policies.join(file)).expect("moving policy in place");
+    }
+
+    /// A network namespace name of this test's own, for a local pod.
+    pub fn netns(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", &self.id[self.id.len().saturating_sub(8)..])
     }
 
     pub fn remove_policy(&self, file: &str) {
@@ -506,6 +501,32 @@ pub fn check(agent: &Agent, ns: &str, kind: &str, host: &str, port: u16, want: W
 }
 
 pub const REGISTRY_ONLY: &str = "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n";
+
+/// A local-mode agent under REGISTRY_ONLY that makes local pods in `cidrs` (IPv4 and IPv6
+/// ranges, which the test hosts route back to), with `policy` written as `file` and `extra`
+/// arguments.
+pub fn start_with_pods(
+    world: &World,
+    hosts: &Hosts,
+    (file, policy): (&str, &str),
+    cidrs: &[&str],
+    extra: &[&str],
+) -> Agent {
+    world.write_policy(file, policy);
+    let mesh = registry_only(world);
+    let mut args = vec!["--mesh-config", mesh.as_str()];
+    for &cidr in cidrs {
+        hosts.route_back(cidr);
+        let flag = if cidr.contains(':') {
+            "--pod-cidr6"
+        } else {
+            "--pod-cidr"
+        };
+        args.extend([flag, cidr]);
+    }
+    args.extend(extra);
+    Agent::start(world, &args)
+}
 
 /// Writes a REGISTRY_ONLY mesh config beside the policies and returns its path, for `--mesh-config`.
 pub fn registry_only(world: &World) -> String {

@@ -10,7 +10,7 @@ use std::{
 use enforcer_testkit::{python, script};
 
 use crate::{
-    harness::{registry_only, Agent, Hosts, World},
+    harness::{start_with_pods, Hosts, World},
     pod,
 };
 
@@ -31,21 +31,9 @@ spec:
 fn deleting_an_entry_revokes_an_established_flow_within_a_second() {
     let world = World::new("tcrevoke");
     let hosts = Hosts::new(&world);
-    hosts.route_back(POD_CIDR);
-    world.write_policy("api.yaml", API);
-    let mesh = registry_only(&world);
-    let agent = Agent::start(
-        &world,
-        &[
-            "--mesh-config",
-            &mesh,
-            "--namespace",
-            "shop",
-            "--pod-cidr",
-            POD_CIDR,
-        ],
-    );
-    let netns = format!("enfpod-{}", &world.id[world.id.len().saturating_sub(8)..]);
+    let shop = ["--namespace", "shop"];
+    let agent = start_with_pods(&world, &hosts, ("api.yaml", API), &[POD_CIDR], &shop);
+    let netns = world.netns("enfpod");
     let mut client = agent
         .exec("shop", Some(&netns))
         .arg(python())

@@ -13,7 +13,7 @@ use std::{
 use aya::programs::{tc::TcAttachOptions, LinkOrder, ProgramInfo, SchedClassifier, TcAttachType};
 
 use crate::{
-    harness::{registry_only, Agent, Hosts, World},
+    harness::{start_with_pods, Hosts, World},
     pod::Pod,
 };
 
@@ -89,21 +89,9 @@ impl Drop for Pins {
 fn every_program_on_the_veth_still_runs_and_the_drop_still_happens() {
     let world = World::new("tcchain");
     let hosts = Hosts::new(&world);
-    hosts.route_back(POD_CIDR);
-    world.write_policy("shop.yaml", SHOP);
-    let mesh = registry_only(&world);
-    let agent = Agent::start(
-        &world,
-        &[
-            "--mesh-config",
-            &mesh,
-            "--namespace",
-            "shop",
-            "--pod-cidr",
-            POD_CIDR,
-        ],
-    );
-    let netns = format!("enfc-{}", &world.id[world.id.len().saturating_sub(8)..]);
+    let shop = ["--namespace", "shop"];
+    let agent = start_with_pods(&world, &hosts, ("shop.yaml", SHOP), &[POD_CIDR], &shop);
+    let netns = world.netns("enfc");
     let pod = Pod::idle(&agent, "shop", &netns);
     let host_if = pod.host_if();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF statistics");

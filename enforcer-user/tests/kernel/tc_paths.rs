@@ -6,7 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 use enforcer_testkit::{python, script};
 
 use crate::{
-    harness::{registry_only, Agent, Hosts, Outcome, World, ENFORCER},
+    harness::{start_with_pods, Agent, Hosts, Outcome, World, ENFORCER},
     pod::{netns_exists, Pod},
 };
 
@@ -52,31 +52,25 @@ spec:
 "#;
 
 fn start(world: &World, hosts: &Hosts) -> Agent {
-    hosts.route_back(POD_CIDR);
-    hosts.route_back(POD_CIDR6);
-    world.write_policy("shop.yaml", SHOP);
-    let mesh = registry_only(world);
-    Agent::start(
+    let extra = [
+        "--namespace",
+        "shop",
+        "--namespace",
+        "other",
+        "--allow-cidr",
+        "198.51.100.12/32",
+    ];
+    start_with_pods(
         world,
-        &[
-            "--mesh-config",
-            &mesh,
-            "--namespace",
-            "shop",
-            "--namespace",
-            "other",
-            "--allow-cidr",
-            "198.51.100.12/32",
-            "--pod-cidr",
-            POD_CIDR,
-            "--pod-cidr6",
-            POD_CIDR6,
-        ],
+        hosts,
+        ("shop.yaml", SHOP),
+        &[POD_CIDR, POD_CIDR6],
+        &extra,
     )
 }
 
 fn netns_name(world: &World, n: u32) -> String {
-    format!("enfp{n}-{}", &world.id[world.id.len().saturating_sub(8)..])
+    world.netns(&format!("enfp{n}"))
 }
 
 #[test]
