@@ -140,18 +140,6 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
             }
             was_allowed = c.allowed == flow::ALLOWED;
         }
-        // The reply side of a connection a peer opened: kept where the pod's own flows cannot
-        // evict it, and cached again.
-        // SAFETY: only presence is checked.
-        if unsafe { REPLIES.get(flow) }.is_some() {
-            let reply = FlowVerdict {
-                generation: 0,
-                allowed: flow::REPLY,
-            };
-            let _ = FLOWS.insert(flow, reply, 0);
-            remember_first_fragment(&p, flow::REPLY);
-            return Ok(PASS);
-        }
     }
     Ok(judge(&p, flow, was_allowed, config.generation))
 }
@@ -189,6 +177,19 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
         };
     }
     let ok = !enforced || allowed(&key);
+    // The reply side of a connection a peer opened, which policy alone would refuse: kept where
+    // the pod's own flows cannot evict it, and cached again. Asked only after a refusal, so
+    // that allowed new flows pay nothing for it.
+    // SAFETY: only presence is checked.
+    if !ok && unsafe { REPLIES.get(flow) }.is_some() {
+        let reply = FlowVerdict {
+            generation: 0,
+            allowed: flow::REPLY,
+        };
+        let _ = FLOWS.insert(flow, reply, 0);
+        remember_first_fragment(p, flow::REPLY);
+        return PASS;
+    }
     let verdict = match (ok, scope.mode) {
         (true, _) => flow::ALLOWED,
         (false, mode::AUDIT) => flow::AUDITED,
