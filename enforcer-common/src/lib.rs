@@ -31,6 +31,20 @@ pub mod map_names {
     pub const COUNTERS: &str = "ENF_COUNTERS";
     /// Per-CPU, per-scope record budgets (see [`crate::RECORDS_PER_SECOND`]).
     pub const RECORD_BUDGETS: &str = "ENF_RECORD_BUDGETS";
+    /// Element 0: the DNS proxy's addresses ([`crate::DnsConfig`]); all zero while it is off.
+    pub const DNS_CONFIG: &str = "ENF_DNS_CONFIG";
+    /// DNS server address (IPv4-mapped) to its upstream index: the servers whose port-53
+    /// traffic the proxy may take.
+    pub const DNS_UPSTREAMS: &str = "ENF_DNS_UPSTREAMS";
+    /// Upstream index to address, so that replies read as coming from the server asked.
+    pub const DNS_UPSTREAM_ADDRS: &str = "ENF_DNS_UPSTREAM_ADDRS";
+    /// Scope id to the scope's proxy slot: the last byte of the proxy address it is sent to.
+    pub const DNS_SLOTS: &str = "ENF_DNS_SLOTS";
+    /// The proxy's sockets, at [`crate::dns_socket_index`]: a query is redirected only to a
+    /// socket that exists, so a dead proxy means direct DNS at once.
+    pub const DNS_SOCKS: &str = "ENF_DNS_SOCKS";
+    /// Addresses learned from workloads' DNS answers, with their expiry.
+    pub const LEARNED: &str = "ENF_ALLOW_LEARNED";
 }
 
 /// Names of the programs in the object file.
@@ -48,6 +62,10 @@ pub mod program_names {
     pub const SETSOCKOPT: &str = "enforcer_setsockopt";
     /// `cgroup_skb/egress`: IP options and routing headers that control messages add.
     pub const SKB_EGRESS: &str = "enforcer_skb_egress";
+    /// `cgroup/recvmsg4` and `cgroup/getpeername4`: a reply of the DNS proxy reads as the
+    /// server's.
+    pub const RECVMSG4: &str = "enforcer_recvmsg4";
+    pub const GETPEERNAME4: &str = "enforcer_getpeername4";
 }
 
 /// Scope mode values stored in [`CgroupScope::mode`].
@@ -294,6 +312,43 @@ pub struct RecordBudget {
 }
 const _: () = assert!(core::mem::size_of::<RecordBudget>() == 16);
 
+/// Element 0 of `DNS_CONFIG`. A port-53 query to an upstream from a scope with a slot goes to
+/// `prefix4.slot : port_base + upstream index`, where the agent's proxy listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// The first three bytes of the proxy's /24 (network order); the fourth is the slot.
+    pub prefix4: [u8; 4],
+    /// 0 while the proxy is off.
+    pub port_base: u16,
+    /// Upstreams in use: indexes `0..upstreams`.
+    pub upstreams: u16,
+}
+const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
+
+/// Upstreams the proxy may serve; their indexes fit in [`dns_socket_index`].
+pub const DNS_MAX_UPSTREAMS: u16 = 16;
+
+/// Capacity of `DNS_SOCKS`: every slot (a byte) times every upstream, UDP and TCP.
+pub const DNS_SOCKS_CAPACITY: u32 = 256 * DNS_MAX_UPSTREAMS as u32 * 2;
+
+/// Where the proxy's socket for `slot`, upstream `idx` and protocol sits in `DNS_SOCKS`.
+pub const fn dns_socket_index(slot: u8, idx: u16, tcp: bool) -> u32 {
+    (slot as u32) * (DNS_MAX_UPSTREAMS as u32) * 2 + (idx as u32) * 2 + tcp as u32
+}
+
+/// Value of `LEARNED`: until when (`CLOCK_BOOTTIME`, which the kernel checks itself, so that a
+/// dead or hung agent can never extend it) and for which name the address was learned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub expires_ns: u64,
+    /// The agent's id of the name asked, for reports.
+    pub name_id: u32,
+    pub pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Learned>() == 16);
+
 /// Maps `a.b.c.d` (bytes in network order) to `::ffff:a.b.c.d`.
 pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
@@ -315,4 +370,6 @@ mod user {
     unsafe impl aya::Pod for super::VethPod {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::RecordBudget {}
+    unsafe impl aya::Pod for super::DnsConfig {}
+    unsafe impl aya::Pod for super::Learned {}
 }

@@ -20,6 +20,7 @@ use enforcer_common::{
     GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
 
+mod dns;
 mod packet;
 mod records;
 mod skb;
@@ -95,10 +96,12 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     let sa = ctx.sock_addr;
     // SAFETY: the kernel provides a valid bpf_sock_addr for this program type; each field is
     // read once with a 4-byte load, as the verifier requires.
+    // A connected UDP socket whose sendmsg carries a control message (IP_TOS, IP_PKTINFO,
+    // IPV6_TCLASS) comes here with no address at all: judge where the socket is connected.
+    // SAFETY: as below.
+    let unspec = unsafe { read_volatile(&(*sa).user_family) } == AF_UNSPEC;
     let (addr, user_port, protocol) = unsafe {
-        // A connected UDP socket whose sendmsg carries a control message (IP_TOS, IP_PKTINFO,
-        // IPV6_TCLASS) comes here with no address at all: judge where the socket is connected.
-        if read_volatile(&(*sa).user_family) == AF_UNSPEC {
+        if unspec {
             let sk = read_volatile(&(*sa).__bindgen_anon_1.sk);
             let addr = if V6 {
                 ipv6_bytes([
@@ -142,7 +145,11 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         pad: 0,
         addr,
     };
-    if allowed(&key) {
+    if allowed(&key, false) {
+        // A connected socket's address is not this call's to change.
+        if !V6 && !unspec {
+            dns::redirect4(ctx, &scope, &key);
+        }
         return Ok(ALLOW);
     }
     refuse(&scope, cgroup_id, key, hook, reason::NO_RULE, 0)
@@ -235,7 +242,9 @@ fn scope_of(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> CgroupScope {
     found
 }
 
-fn allowed(key: &PolicyKey) -> bool {
+/// Whether the allow maps let `key` through; last, an address learned from a DNS answer, which
+/// a flow allowed before (`was_allowed`) keeps after its expiry (see [`dns::learned`]).
+fn allowed(key: &PolicyKey, was_allowed: bool) -> bool {
     // SAFETY: lookups only; the value is not dereferenced.
     if unsafe { ALLOW_EXACT.get(key) }.is_some() {
         return true;
@@ -251,7 +260,7 @@ fn allowed(key: &PolicyKey) -> bool {
         pad: 0,
         addr: key.addr,
     };
-    ALLOW_CIDR.get(Key::new(full, global)).is_some()
+    ALLOW_CIDR.get(Key::new(full, global)).is_some() || dns::learned(key, was_allowed)
 }
 
 /// What a refusal is reported as in this scope's mode.

@@ -24,7 +24,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    allowed,
+    allowed, dns,
     packet::{parse, Frame, Packet},
     refusal, report, Record,
 };
@@ -176,7 +176,7 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
             PASS
         };
     }
-    let ok = !enforced || allowed(&key);
+    let ok = !enforced || allowed(&key, was_allowed) || dns::to_own_proxy(scope.scope, &key);
     // The reply side of a connection a peer opened, which policy alone would refuse: kept where
     // the pod's own flows cannot evict it, and cached again. Asked only after a refusal, so
     // that allowed new flows pay nothing for it.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// Where the agent writes its status unless told otherwise.
 pub const DEFAULT_PATH: &str = "/run/enforcer/status.json";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub generation: u64,
     pub service_entries: usize,
@@ -40,6 +40,12 @@ pub struct Status {
     pub revoked: u64,
     #[serde(default)]
     pub revocation_errors: Vec<String>,
+    /// The DNS proxy: its slots, counters and the addresses learned from workloads' answers.
+    /// `None` when learning is off or the proxy could not start (see `dns_learning_error`).
+    #[serde(default)]
+    pub dns_learning: Option<crate::dns::proxy::ProxyReport>,
+    #[serde(default)]
+    pub dns_learning_error: Option<String>,
     pub inputs: Inputs,
 }
 

@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub judge_icmp: bool,
     /// `tc_flags::ALLOW_*` bits: socket kinds enforced scopes may create.
     pub allow_sockets: u32,
+    /// Learning from workloads' DNS answers through the proxy; `None` turns it off.
+    pub dns_proxy: Option<crate::dns::proxy::ProxyOptions>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -121,7 +123,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(n) = node.as_mut() {
         n.refresh();
     }
-    let mut reconciler = Reconciler::new(dp, explainer, agent_cgroup);
+    let proxy = start_proxy(&cfg, &mut dp);
+    let mut reconciler = Reconciler::new(dp, explainer, agent_cgroup, proxy);
     // Compiling is the expensive step (100,000 entries take a while): only when an input changed.
     let mut dirty = true;
     // Only where workloads run changed (Kubernetes pods): the maps are planned again, with the
@@ -213,6 +216,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 dns_changed |= report.changed;
             }
             _ = rescan.tick() => {
+                reconciler.tick_learning(&cfg);
                 dirty |= rediscover(&cfg, &mut assignments);
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
                 if let Some(n) = node.as_mut().filter(|n| n.links_pending()) {
@@ -223,6 +227,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
+    }
+    // Queries go direct from now on; those already here are answered.
+    if let Ok(proxy) = std::mem::replace(&mut reconciler.proxy, Err("stopping".into())) {
+        proxy.drain().await;
     }
     events_task.abort();
     log::info!("agent stopping; the pinned programs and maps keep enforcing");
@@ -246,6 +254,20 @@ fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
             None
         }
     }
+}
+
+/// The DNS proxy, or why it is not running: without it nothing is learned (which fails closed)
+/// and queries go to their servers directly.
+fn start_proxy(cfg: &AgentConfig, dp: &mut Datapath) -> Result<crate::dns::proxy::Proxy, String> {
+    let Some(opts) = cfg.dns_proxy.clone() else {
+        return Err("off (--no-dns-learning)".into());
+    };
+    let (maps, learned) = dp.take_dns().ok_or("the DNS maps are taken")?;
+    crate::dns::proxy::Proxy::start(maps, learned, opts).map_err(|err| {
+        let why = format!("the DNS proxy did not start: {err:#}");
+        log::error!("{why}; nothing is learned from DNS answers");
+        why
+    })
 }
 
 /// How long the agent's first apply waits for the first DNS answers.

@@ -12,6 +12,7 @@ use super::AgentConfig;
 use crate::{
     cgroup::Assignment,
     datapath::{plan, Datapath, MapPlan},
+    dns::proxy::Proxy,
     events::{self, Explainer},
     k8s::{self, node::Node},
     pods::Pods,
@@ -51,11 +52,25 @@ pub(super) struct Reconciler {
     /// Sockets destroyed since the start, and what the last revocation sweep could not do.
     revoked: u64,
     revocation_errors: Vec<String>,
+    /// Learns from workloads' DNS answers; `Err` says why it is not running.
+    pub proxy: Result<Proxy, String>,
+    /// The last status written, rewritten when the proxy learned something.
+    last_status: Option<Status>,
+    /// The proxy's counter of answers that taught something, at the last status.
+    reported_answers: u64,
 }
 
 impl Reconciler {
-    pub fn new(dp: Datapath, explainer: Arc<RwLock<Explainer>>, agent_cgroup: Option<u64>) -> Self {
+    pub fn new(
+        dp: Datapath,
+        explainer: Arc<RwLock<Explainer>>,
+        agent_cgroup: Option<u64>,
+        proxy: Result<Proxy, String>,
+    ) -> Self {
         Self {
+            proxy,
+            last_status: None,
+            reported_answers: 0,
             dp,
             explainer,
             desired: None,
@@ -159,6 +174,9 @@ impl Reconciler {
                     .push(format!("and {} more", sweep.more_errors));
             }
         }
+        if let Ok(proxy) = &mut self.proxy {
+            proxy.update(&learning_scopes(&desired, self.dp.scope_ids()));
+        }
         if let Some(inputs) = &self.last_inputs {
             let applied = Applied {
                 generation: self.generation,
@@ -168,9 +186,39 @@ impl Reconciler {
                 revoked: self.revoked,
                 revocation_errors: self.revocation_errors.clone(),
             };
-            write_status(cfg, applied, sources, &desired, inputs.clone(), resolver);
+            let mut status = status(applied, sources, &desired, inputs.clone(), resolver);
+            self.learning_status(&mut status);
+            write(cfg, &status);
+            self.last_status = Some(status);
         }
         Ok(complete)
+    }
+
+    fn learning_status(&mut self, status: &mut Status) {
+        match &self.proxy {
+            Ok(proxy) => {
+                let report = proxy.report();
+                self.reported_answers = report.learned_answers + report.servfail_sent;
+                status.dns_learning = Some(report);
+            }
+            Err(why) => status.dns_learning_error = Some(why.clone()),
+        }
+    }
+
+    /// Deletes learned addresses long expired, and rewrites the status when the proxy learned
+    /// (or failed to) since it was last written.
+    pub fn tick_learning(&mut self, cfg: &AgentConfig) {
+        let Ok(proxy) = &self.proxy else { return };
+        proxy.expire();
+        let report = proxy.report();
+        if report.learned_answers + report.servfail_sent == self.reported_answers {
+            return;
+        }
+        if let Some(mut status) = self.last_status.take() {
+            self.learning_status(&mut status);
+            write(cfg, &status);
+            self.last_status = Some(status);
+        }
     }
 
     /// What the kernel's counters and the record output say was lost.
@@ -323,20 +371,45 @@ struct Applied {
     revocation_errors: Vec<String>,
 }
 
-fn write_status(
-    cfg: &AgentConfig,
+/// The scopes whose workloads learn from their DNS answers, with their ids in the maps.
+fn learning_scopes(
+    desired: &Desired,
+    ids: &BTreeMap<String, u32>,
+) -> Vec<crate::dns::learner::LearningScope> {
+    desired
+        .scopes
+        .iter()
+        // ALLOW_ANY reaches everything without learning; the hooks never redirect it.
+        .filter(|(_, s)| !s.learn.is_empty() && s.mode != crate::istio::OutboundMode::AllowAny)
+        .filter_map(|(name, s)| {
+            Some(crate::dns::learner::LearningScope {
+                id: *ids.get(name)?,
+                name: name.clone(),
+                rules: s.learn.clone(),
+            })
+        })
+        .collect()
+}
+
+fn write(cfg: &AgentConfig, status: &Status) {
+    if let Err(err) = status.write(&cfg.status_file) {
+        log::warn!("writing status file {}: {err:#}", cfg.status_file.display());
+    }
+}
+
+fn status(
     applied: Applied,
     sources: &Sources,
     desired: &Desired,
     inputs: Inputs,
     resolver: &Resolver,
-) {
+) -> Status {
     let failing_since = applied.failing_since.map(|t| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs()
     });
-    let status = Status {
+    Status {
         generation: applied.generation,
         service_entries: sources.entries.len(),
         scopes: desired
@@ -352,9 +425,8 @@ fn write_status(
         records_lost: applied.records_lost,
         revoked: applied.revoked,
         revocation_errors: applied.revocation_errors,
+        dns_learning: None,
+        dns_learning_error: None,
         inputs,
-    };
-    if let Err(err) = status.write(&cfg.status_file) {
-        log::warn!("writing status file {}: {err:#}", cfg.status_file.display());
     }
 }

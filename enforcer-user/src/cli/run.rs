@@ -83,9 +83,89 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_enum, value_name = "KIND")]
     allow_sockets: Vec<SocketKind>,
     #[command(flatten)]
+    learning: LearningArgs,
+    #[command(flatten)]
     placement: Placement,
     #[command(flatten)]
     kube: KubeArgs,
+}
+
+/// Learning from workloads' own DNS answers (a ServiceEntry host, wildcards included, allows
+/// the addresses the workload's lookups return).
+#[derive(Args, Debug)]
+struct LearningArgs {
+    /// Do not proxy workloads' DNS: only the agent's own lookups allow addresses, and
+    /// wildcard hosts allow nothing.
+    #[arg(long)]
+    no_dns_learning: bool,
+    /// DNS servers whose port-53 traffic from workloads goes through the proxy (IPv4).
+    /// Repeatable [default: the nameservers of /etc/resolv.conf and --dns-server on port 53].
+    #[arg(long = "dns-upstream", value_name = "IP")]
+    upstreams: Vec<std::net::Ipv4Addr>,
+    /// A /24 the node routes to itself for the proxy; the last byte says which scope asked.
+    #[arg(long, value_name = "CIDR", default_value = "169.254.53.0/24")]
+    dns_proxy_prefix: ipnet::Ipv4Net,
+    /// The proxy's port for the first upstream; the next ones follow.
+    #[arg(long, value_name = "PORT", default_value_t = 10053)]
+    dns_proxy_port_base: u16,
+    /// Addresses no answer may teach, besides loopback, link-local, multicast and the pod
+    /// range. Repeatable.
+    #[arg(long = "dns-learn-deny", value_name = "CIDR")]
+    learn_deny: Vec<IpNet>,
+    /// Capacity of the learned-address map (used when the maps are first created).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    dns_max_learned: u32,
+    /// Learned addresses per scope (address and port pairs): a flood of names under a
+    /// wildcard fills only its scope's share, then gets SERVFAIL.
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    dns_max_learned_per_scope: usize,
+    /// How long an expired learned address stays for flows that were allowed while it was
+    /// valid (they keep flowing in pods), in seconds. New connections are refused at expiry.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    dns_idle_grace: u64,
+}
+
+impl LearningArgs {
+    fn options(
+        &self,
+        dns_server: Option<SocketAddr>,
+        limits: crate::dns::learner::Limits,
+    ) -> anyhow::Result<Option<crate::dns::proxy::ProxyOptions>> {
+        if self.no_dns_learning {
+            return Ok(None);
+        }
+        let mut upstreams = self.upstreams.clone();
+        if upstreams.is_empty() {
+            upstreams = system_nameservers();
+            if let Some(SocketAddr::V4(s)) = dns_server.filter(|s| s.port() == 53) {
+                upstreams.push(*s.ip());
+            }
+            upstreams.dedup();
+        }
+        anyhow::ensure!(
+            self.dns_proxy_prefix.prefix_len() == 24,
+            "--dns-proxy-prefix {} must be a /24",
+            self.dns_proxy_prefix
+        );
+        Ok(Some(crate::dns::proxy::ProxyOptions {
+            prefix: self.dns_proxy_prefix.trunc(),
+            port_base: self.dns_proxy_port_base,
+            upstreams,
+            limits,
+            timeout: Duration::from_secs(5),
+        }))
+    }
+}
+
+/// The IPv4 nameservers of /etc/resolv.conf, on port 53.
+fn system_nameservers() -> Vec<std::net::Ipv4Addr> {
+    let Ok(text) = std::fs::read_to_string("/etc/resolv.conf") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect()
 }
 
 /// Kubernetes mode: one agent per node, policy from the API server.
@@ -217,6 +297,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut deny = crate::dns::learner::default_deny();
+    deny.extend(args.learning.learn_deny.iter().copied());
+    deny.extend(args.pod_cidr.map(IpNet::V4));
+    deny.extend(args.pod_cidr6.map(IpNet::V6));
+    deny.push(IpNet::V4(args.learning.dns_proxy_prefix));
+    let limits = crate::dns::learner::Limits {
+        life: crate::dns::learn::Lifetime {
+            min_ttl: Duration::from_secs(args.dns_min_ttl),
+            max_ttl: Duration::from_secs(args.dns_max_ttl),
+            grace: Duration::from_secs(args.dns_grace.unwrap_or(120)),
+        },
+        max_ips: args.dns_max_ips.max(1),
+        max_per_scope: args.learning.dns_max_learned_per_scope,
+        deny,
+        idle_grace_ns: args.learning.dns_idle_grace.saturating_mul(1_000_000_000),
+    };
+    let dns_proxy = args.learning.options(args.dns_server, limits)?;
     let cfg = AgentConfig {
         policies,
         kubernetes,
@@ -238,6 +335,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             max_exact: args.max_entries,
             max_cidr: args.max_cidr_entries,
             max_scopes: args.max_scopes,
+            max_learned: args.learning.dns_max_learned,
         },
         cgroups,
         root_namespace: args.root_namespace,
@@ -250,6 +348,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         judge_icmp: !args.tc_pass_icmp,
         allow_sockets: args.allow_sockets.iter().fold(0, |f, k| f | k.flag()),
+        dns_proxy,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -20,8 +20,9 @@ use enforcer_common::program_names;
 
 use super::{sys, Options};
 
-/// Every cgroup program: the address hooks, socket creation and options, and the egress check.
-const PROGRAMS: [&str; 7] = [
+/// Every cgroup program: the address hooks, socket creation and options, the egress check, and
+/// the DNS proxy's replies.
+const PROGRAMS: [&str; 9] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::SENDMSG4,
@@ -29,6 +30,8 @@ const PROGRAMS: [&str; 7] = [
     program_names::SOCK_CREATE,
     program_names::SETSOCKOPT,
     program_names::SKB_EGRESS,
+    program_names::RECVMSG4,
+    program_names::GETPEERNAME4,
 ];
 
 pub(super) fn attach_cgroup_programs(ebpf: &mut Ebpf, opts: &Options) -> anyhow::Result<()> {

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SockMap},
     programs::links::PinnedLink,
     Ebpf, EbpfLoader,
 };
@@ -32,6 +32,8 @@ use enforcer_common::{
 };
 
 pub use plan::MapPlan;
+
+use crate::dns::maps::{DnsMaps, LearnedMap};
 pub use sync::ApplyReport;
 pub use tc_links::sweep_stale_tc;
 
@@ -47,6 +49,8 @@ pub struct Options {
     pub max_cidr: u32,
     /// Capacity of the scope-name map (namespaces and selecting Sidecars in use at once).
     pub max_scopes: u32,
+    /// Capacity of the map of addresses learned from DNS answers.
+    pub max_learned: u32,
 }
 
 pub struct Datapath {
@@ -67,6 +71,8 @@ pub struct Datapath {
     max_scopes: usize,
     /// Set while new maps are being filled: the programs are not attached yet.
     migrating: Option<Options>,
+    /// The DNS proxy's maps, until the proxy takes them.
+    dns: Option<(DnsMaps, LearnedMap)>,
 }
 
 impl Datapath {
@@ -91,6 +97,7 @@ impl Datapath {
             (map_names::ALLOW_EXACT, opts.max_exact),
             (map_names::ALLOW_CIDR, opts.max_cidr),
             (map_names::SCOPE_NAMES, opts.max_scopes),
+            (map_names::LEARNED, opts.max_learned),
         ];
         let shapes = layout::expected(BPF_OBJECT, &capacities)?;
         let stale = layout::mismatches(&shapes, &maps_dir)?;
@@ -138,6 +145,14 @@ impl Datapath {
         let replies = HashMap::try_from(take(&mut ebpf, map_names::REPLIES)?)?;
         let revoked = HashMap::try_from(take(&mut ebpf, map_names::REVOKED)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, map_names::COUNTERS)?)?;
+        let dns = DnsMaps {
+            config: Array::try_from(take(&mut ebpf, map_names::DNS_CONFIG)?)?,
+            upstreams: HashMap::try_from(take(&mut ebpf, map_names::DNS_UPSTREAMS)?)?,
+            upstream_addrs: Array::try_from(take(&mut ebpf, map_names::DNS_UPSTREAM_ADDRS)?)?,
+            slots: HashMap::try_from(take(&mut ebpf, map_names::DNS_SLOTS)?)?,
+            socks: SockMap::try_from(take(&mut ebpf, map_names::DNS_SOCKS)?)?,
+        };
+        let learned = HashMap::try_from(take(&mut ebpf, map_names::LEARNED)?)?;
         tc_links::load_tc(&mut ebpf, &opts.pin_root)?;
         let events = RingBuf::try_from(take(&mut ebpf, map_names::EVENTS)?)?;
         let applied = maps.read_current();
@@ -163,6 +178,7 @@ impl Datapath {
                 scope_ids,
                 max_scopes: opts.max_scopes as usize,
                 migrating: (!stale.is_empty()).then(|| opts.clone()),
+                dns: Some((dns, learned)),
             },
             events,
         ))
@@ -248,6 +264,11 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// The DNS proxy's maps (once).
+    pub fn take_dns(&mut self) -> Option<(DnsMaps, LearnedMap)> {
+        self.dns.take()
     }
 
     pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {

@@ -1,7 +1,10 @@
-//! DNS-aware enforcement, its pure core (issue 14): which names a scope learns addresses for
-//! (Istio's host matching), and what a DNS answer teaches. The path that carries workloads'
-//! answers to it (a proxy, kernel hooks) is not built yet.
+//! DNS-aware enforcement (issue 14): which names a scope learns addresses for (Istio's host
+//! matching), what a DNS answer teaches, and the proxy that learns from workloads' own
+//! answers before releasing them (the kernel's side is `enforcer-ebpf`'s `dns.rs`).
 
 pub mod answer;
 pub mod host;
 pub mod learn;
+pub mod learner;
+pub mod maps;
+pub mod proxy;

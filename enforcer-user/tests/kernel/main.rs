@@ -7,6 +7,7 @@ mod escape;
 mod explain;
 mod harness;
 mod kubernetes;
+mod learning;
 mod live;
 mod pod;
 mod prefixes;

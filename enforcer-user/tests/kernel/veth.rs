@@ -151,6 +151,7 @@ impl TestDatapath {
             max_exact: 64,
             max_cidr: 64,
             max_scopes: 16,
+            max_learned: 64,
         };
         let mut this = Self {
             dp: None,

@@ -1,0 +1,160 @@
+//! Serving one slot's socket for one upstream: each query forwarded unchanged, over the
+//! transport it came on, and its answer released only through [`Shared::release`].
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    time::timeout,
+};
+
+use super::Shared;
+
+/// Largest DNS message over UDP (EDNS allows up to 65,535 bytes).
+const MAX_UDP: usize = 65_535;
+/// How long a client's TCP connection may stay idle between queries (RFC 7766 suggests
+/// seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+pub async fn serve_udp(sock: UdpSocket, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
+    let sock = Arc::new(sock);
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(err) => {
+                log::warn!("DNS proxy slot {slot}: receiving: {err}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let query = buf[..n].to_vec();
+        let guard = shared.arrived();
+        let sock = Arc::clone(&sock);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let reply = match udp_exchange(&query, server, shared.timeout).await {
+                Ok(reply) => shared.release(slot, &query, reply),
+                Err(err) => {
+                    log::debug!("DNS upstream {server}: {err}");
+                    shared
+                        .stats
+                        .upstream_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.servfail(&query)
+                }
+            };
+            if let Some(reply) = reply {
+                let _ = sock.send_to(&reply, client).await;
+            }
+        });
+    }
+}
+
+/// One query over UDP from a fresh socket on a random port, as a stub resolver sends it.
+async fn udp_exchange(
+    query: &[u8],
+    server: SocketAddr,
+    limit: Duration,
+) -> std::io::Result<Vec<u8>> {
+    let local: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().expect("address")
+    } else {
+        "[::]:0".parse().expect("address")
+    };
+    let sock = UdpSocket::bind(local).await?;
+    sock.connect(server).await?;
+    sock.send(query).await?;
+    let mut buf = vec![0u8; MAX_UDP];
+    let id = query.get(..2);
+    let exchange = async {
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            // Another id is a late answer or a forgery: wait for ours.
+            if buf.get(..2) == id {
+                return Ok::<_, std::io::Error>(buf[..n].to_vec());
+            }
+        }
+    };
+    timeout(limit, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+pub async fn serve_tcp(listener: TcpListener, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, _)) => {
+                tokio::spawn(tcp_client(client, slot, server, Arc::clone(&shared)));
+            }
+            Err(err) => {
+                log::warn!("DNS proxy slot {slot}: accepting: {err}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// A client's TCP connection: its queries in order, over one upstream connection.
+async fn tcp_client(mut client: TcpStream, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
+    let mut upstream: Option<TcpStream> = None;
+    loop {
+        let query = match timeout(TCP_IDLE, read_frame(&mut client)).await {
+            Ok(Ok(q)) => q,
+            _ => return,
+        };
+        let guard = shared.arrived();
+        let reply = match tcp_exchange(&mut upstream, &query, server, shared.timeout).await {
+            Ok(reply) => shared.release(slot, &query, reply),
+            Err(err) => {
+                log::debug!("DNS upstream {server} (TCP): {err}");
+                upstream = None;
+                shared.servfail(&query)
+            }
+        };
+        let Some(reply) = reply else { return };
+        let sent = write_frame(&mut client, &reply).await;
+        drop(guard);
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+async fn tcp_exchange(
+    upstream: &mut Option<TcpStream>,
+    query: &[u8],
+    server: SocketAddr,
+    limit: Duration,
+) -> std::io::Result<Vec<u8>> {
+    let exchange = async {
+        if upstream.is_none() {
+            *upstream = Some(TcpStream::connect(server).await?);
+        }
+        let conn = upstream.as_mut().expect("connected above");
+        write_frame(conn, query).await?;
+        read_frame(conn).await
+    };
+    timeout(limit, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+/// One message of DNS over TCP: two bytes of length, then the message.
+async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = stream.read_u16().await?;
+    let mut buf = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "message too long"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
+}

@@ -1,0 +1,421 @@
+//! The agent's DNS proxy. The socket hooks send a learning scope's queries to
+//! `prefix.slot : port_base + upstream`; here one UDP socket and one TCP listener per slot and
+//! upstream, bound to exactly that address (the prefix is routed `local` on `lo`, so every
+//! address in it is the node's), forward each query unchanged to its upstream, write what the
+//! answer teaches into the kernel, and only then release the answer. If the write fails the
+//! workload gets SERVFAIL: it never holds an address the kernel would refuse.
+//!
+//! Every socket is in the kernel's `DNS_SOCKS`; the hooks redirect only to sockets there, and
+//! a socket leaves it when it closes, so a dead agent means direct DNS from the next query.
+
+mod exchange;
+mod message;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    process::Command,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use enforcer_common::dns_socket_index;
+use ipnet::Ipv4Net;
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    task::JoinHandle,
+};
+
+use super::{
+    learner::{Entry, Learner, LearningScope, Limits},
+    maps::{read_learned, DnsMaps, LearnedMap},
+};
+
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// A /24 that no one else uses: the last byte is the scope's slot.
+    pub prefix: Ipv4Net,
+    pub port_base: u16,
+    pub upstreams: Vec<Ipv4Addr>,
+    pub limits: Limits,
+    /// How long an upstream may take to answer.
+    pub timeout: Duration,
+}
+
+/// Counters for the status.
+#[derive(Default)]
+pub struct Stats {
+    pub queries: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub servfail_sent: AtomicU64,
+    pub refused_sources: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    learner: Mutex<Learner<LearnedMap>>,
+    pub stats: Stats,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last query received, for the drain.
+    last_query_ms: AtomicU64,
+    epoch: Instant,
+    timeout: Duration,
+}
+
+impl Shared {
+    pub(crate) fn learner(&self) -> MutexGuard<'_, Learner<LearnedMap>> {
+        self.learner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a query from its arrival until its answer is sent (see [`Proxy::drain`]).
+    fn arrived(self: &Arc<Self>) -> InFlight {
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_query_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    /// What the workload gets for `reply`, the upstream's answer to `query` from `slot`: the
+    /// reply itself once what it teaches is in the kernel, or SERVFAIL.
+    fn release(&self, slot: u8, query: &[u8], reply: Vec<u8>) -> Option<Vec<u8>> {
+        if !message::answers(query, &reply) {
+            // Not the answer to this question: never learned from, never relayed.
+            self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            return self.servfail(query);
+        }
+        let learned = self.learner().learn(slot, &reply, boottime_ns());
+        match learned {
+            Ok(_) => Some(reply),
+            Err(err) => {
+                log::warn!("dns-learn-failed: {err}; the workload gets SERVFAIL");
+                self.servfail(query)
+            }
+        }
+    }
+
+    fn servfail(&self, query: &[u8]) -> Option<Vec<u8>> {
+        self.stats.servfail_sent.fetch_add(1, Ordering::Relaxed);
+        message::servfail(query)
+    }
+}
+
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A scope's slot and the sockets serving it.
+struct Slot {
+    slot: u8,
+    id: u32,
+    tasks: Vec<JoinHandle<()>>,
+    /// Where its sockets sit in `DNS_SOCKS`.
+    indexes: Vec<u32>,
+}
+
+pub struct Proxy {
+    opts: ProxyOptions,
+    maps: DnsMaps,
+    shared: Arc<Shared>,
+    slots: BTreeMap<String, Slot>,
+}
+
+impl Proxy {
+    /// Routes the prefix to the node, tells the kernel where the proxy is, and adopts what an
+    /// earlier agent learned. No query is redirected before [`Proxy::update`] gives slots.
+    pub fn start(
+        mut maps: DnsMaps,
+        learned: LearnedMap,
+        opts: ProxyOptions,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            opts.prefix.prefix_len() == 24,
+            "--dns-proxy-prefix {} must be a /24",
+            opts.prefix
+        );
+        anyhow::ensure!(
+            opts.upstreams.len() <= usize::from(enforcer_common::DNS_MAX_UPSTREAMS),
+            "at most {} DNS upstreams",
+            enforcer_common::DNS_MAX_UPSTREAMS
+        );
+        route_local(opts.prefix)?;
+        maps.clear_slots();
+        maps.enable(opts.prefix.network(), opts.port_base, &opts.upstreams)?;
+        let adopted = read_learned(&learned);
+        let mut learner = Learner::new(learned, opts.limits.clone());
+        if !adopted.is_empty() {
+            log::info!(
+                "kept {} learned addresses of an earlier agent until they expire",
+                adopted.len()
+            );
+        }
+        learner.adopt(adopted);
+        log::info!(
+            "DNS proxy on {} ports {}.., upstreams {:?}",
+            opts.prefix,
+            opts.port_base,
+            opts.upstreams
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                learner: Mutex::new(learner),
+                stats: Stats::default(),
+                in_flight: AtomicUsize::new(0),
+                last_query_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                timeout: opts.timeout,
+            }),
+            opts,
+            maps,
+            slots: BTreeMap::new(),
+        })
+    }
+
+    /// The scopes that learn now: slots are kept by scope name, given to new scopes and taken
+    /// from scopes gone. A slot is redirected to only once its sockets serve.
+    pub fn update(&mut self, scopes: &[LearningScope]) {
+        let wanted: BTreeMap<&str, &LearningScope> =
+            scopes.iter().map(|s| (s.name.as_str(), s)).collect();
+        let gone: Vec<String> = self
+            .slots
+            .keys()
+            .filter(|name| !wanted.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(slot) = self.slots.remove(&name) {
+                self.close(slot);
+            }
+        }
+        for scope in scopes {
+            if let Some(slot) = self.slots.get_mut(&scope.name) {
+                if slot.id != scope.id {
+                    self.maps.remove_slot(slot.id);
+                    slot.id = scope.id;
+                    if let Err(err) = self.maps.set_slot(scope.id, slot.slot) {
+                        log::error!("{err:#}");
+                    }
+                }
+                continue;
+            }
+            let Some(free) = (1..=254u8).find(|n| self.slots.values().all(|s| s.slot != *n)) else {
+                log::error!(
+                    "scope {}: no DNS slot left (254 in use): its workloads learn nothing",
+                    scope.name
+                );
+                continue;
+            };
+            match self.open(free, scope.id) {
+                Ok(slot) => {
+                    self.slots.insert(scope.name.clone(), slot);
+                }
+                Err(err) => log::error!(
+                    "scope {}: DNS proxy slot {free}: {err:#}; its workloads learn nothing",
+                    scope.name
+                ),
+            }
+        }
+        let by_slot = scopes
+            .iter()
+            .filter_map(|s| self.slots.get(&s.name).map(|slot| (slot.slot, s.clone())))
+            .collect();
+        self.shared.learner().set_scopes(by_slot);
+    }
+
+    /// Binds a slot's sockets, starts serving them, and only then lets the kernel send there.
+    fn open(&mut self, slot: u8, id: u32) -> anyhow::Result<Slot> {
+        let mut opened = Slot {
+            slot,
+            id,
+            tasks: Vec::new(),
+            indexes: Vec::new(),
+        };
+        let o = self.opts.prefix.network().octets();
+        let addr = Ipv4Addr::new(o[0], o[1], o[2], slot);
+        for (idx, upstream) in self.opts.upstreams.iter().enumerate() {
+            let port = self.opts.port_base + idx as u16;
+            let local = SocketAddr::V4(SocketAddrV4::new(addr, port));
+            let server = SocketAddr::V4(SocketAddrV4::new(*upstream, 53));
+            let udp =
+                std::net::UdpSocket::bind(local).with_context(|| format!("binding {local}/udp"))?;
+            udp.set_nonblocking(true)?;
+            let tcp = std::net::TcpListener::bind(local)
+                .with_context(|| format!("binding {local}/tcp"))?;
+            tcp.set_nonblocking(true)?;
+            let udp_index = dns_socket_index(slot, idx as u16, false);
+            let tcp_index = dns_socket_index(slot, idx as u16, true);
+            self.maps.add_socket(udp_index, &udp)?;
+            opened.indexes.push(udp_index);
+            self.maps.add_socket(tcp_index, &tcp)?;
+            opened.indexes.push(tcp_index);
+            let udp = UdpSocket::from_std(udp)?;
+            let tcp = TcpListener::from_std(tcp)?;
+            let shared = Arc::clone(&self.shared);
+            opened
+                .tasks
+                .push(tokio::spawn(exchange::serve_udp(udp, slot, server, shared)));
+            let shared = Arc::clone(&self.shared);
+            opened
+                .tasks
+                .push(tokio::spawn(exchange::serve_tcp(tcp, slot, server, shared)));
+        }
+        self.maps.set_slot(id, slot)?;
+        Ok(opened)
+    }
+
+    fn close(&mut self, slot: Slot) {
+        self.maps.remove_slot(slot.id);
+        for index in &slot.indexes {
+            self.maps.remove_socket(*index);
+        }
+        for task in slot.tasks {
+            task.abort();
+        }
+    }
+
+    /// Deletes learned entries long expired.
+    pub fn expire(&self) {
+        let gone = self.shared.learner().expire(boottime_ns());
+        if gone > 0 {
+            log::debug!("{gone} learned addresses expired");
+        }
+    }
+
+    /// A planned stop: new queries go to their servers directly at once, and those already
+    /// here are answered, so that no query is lost.
+    pub async fn drain(mut self) {
+        for slot in self.slots.values() {
+            for index in &slot.indexes {
+                self.maps.remove_socket(*index);
+            }
+        }
+        let quiet = Duration::from_millis(200);
+        let deadline = Instant::now() + self.opts.timeout + quiet;
+        while Instant::now() < deadline {
+            let last = Duration::from_millis(self.shared.last_query_ms.load(Ordering::Relaxed));
+            let idle = self.shared.epoch.elapsed().saturating_sub(last);
+            if self.shared.in_flight.load(Ordering::Relaxed) == 0 && idle >= quiet {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for name in names {
+            if let Some(slot) = self.slots.remove(&name) {
+                self.close(slot);
+            }
+        }
+    }
+
+    pub fn report(&self) -> ProxyReport {
+        let learner = self.shared.learner();
+        let now = boottime_ns();
+        let scope_of = |id: u32| learner.scope_name(id).unwrap_or("?").to_string();
+        ProxyReport {
+            prefix: self.opts.prefix.to_string(),
+            upstreams: self
+                .opts
+                .upstreams
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            slots: self
+                .slots
+                .iter()
+                .map(|(name, s)| (name.clone(), s.slot))
+                .collect(),
+            queries: self.shared.stats.queries.load(Ordering::Relaxed),
+            upstream_failures: self.shared.stats.upstream_failures.load(Ordering::Relaxed),
+            servfail_sent: self.shared.stats.servfail_sent.load(Ordering::Relaxed),
+            learned_answers: learner.learned_answers,
+            learn_failures: learner
+                .failures
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            last_failure: learner.last_failure.clone(),
+            learned: learner
+                .entries()
+                .into_iter()
+                .take(REPORTED_ENTRIES)
+                .map(|e: Entry| LearnedReport {
+                    scope: scope_of(e.scope),
+                    name: e.name,
+                    addr: e.addr.to_string(),
+                    expires_in_s: (e.expires_ns as i64 - now as i64) / 1_000_000_000,
+                })
+                .collect(),
+            learned_keys: learner.len(),
+        }
+    }
+}
+
+/// Learned entries listed in the status (all are counted).
+const REPORTED_ENTRIES: usize = 1000;
+
+/// What the status file says of the proxy.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ProxyReport {
+    pub prefix: String,
+    pub upstreams: Vec<String>,
+    pub slots: BTreeMap<String, u8>,
+    pub queries: u64,
+    pub upstream_failures: u64,
+    pub servfail_sent: u64,
+    pub learned_answers: u64,
+    pub learn_failures: BTreeMap<String, u64>,
+    pub last_failure: Option<String>,
+    pub learned_keys: usize,
+    pub learned: Vec<LearnedReport>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LearnedReport {
+    pub scope: String,
+    pub name: String,
+    pub addr: String,
+    /// Negative once expired (kept for the flows it allowed, until the idle grace ends).
+    pub expires_in_s: i64,
+}
+
+/// `CLOCK_BOOTTIME`, the kernel's `bpf_ktime_get_boot_ns`.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Makes every address of the prefix the node's own (AnyIP), so that the proxy can bind them
+/// and pods reach them through their default route.
+fn route_local(prefix: Ipv4Net) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["route", "replace", "local", &prefix.to_string()])
+        .args(["dev", "lo", "table", "local"])
+        .output()
+        .context("running ip route")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "routing {prefix} to the node: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Takes the prefix's route away (teardown).
+pub fn unroute_local(prefix: Ipv4Net) {
+    let _ = Command::new("ip")
+        .args(["route", "del", "local", &prefix.to_string()])
+        .args(["dev", "lo", "table", "local"])
+        .output();
+}
