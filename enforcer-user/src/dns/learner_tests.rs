@@ -100,10 +100,10 @@ fn an_answer_is_written_for_the_scope_of_its_slot_on_the_entrys_ports_with_its_e
     assert_eq!(
         held(&l),
         [
-            (10, "2001:db8::7".to_string(), 80, 1040),
-            (10, "2001:db8::7".to_string(), 443, 1040),
             (10, "198.51.100.7".to_string(), 80, 1040),
+            (10, "2001:db8::7".to_string(), 80, 1040),
             (10, "198.51.100.7".to_string(), 443, 1040),
+            (10, "2001:db8::7".to_string(), 443, 1040),
         ]
     );
     // The same answer reaching another scope's slot teaches that scope nothing.
