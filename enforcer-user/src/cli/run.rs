@@ -123,6 +123,10 @@ struct LearningArgs {
     /// valid (they keep flowing in pods), in seconds. New connections are refused at expiry.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     dns_idle_grace: u64,
+    /// Tests only: release answers at once and learn this many milliseconds later, so that
+    /// the race test can show it catches a proxy that does not hold answers.
+    #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
+    dns_debug_learn_delay_ms: u64,
 }
 
 impl LearningArgs {
@@ -153,6 +157,7 @@ impl LearningArgs {
             upstreams,
             limits,
             timeout: Duration::from_secs(5),
+            debug_learn_delay: Duration::from_millis(self.dns_debug_learn_delay_ms),
         }))
     }
 }

@@ -44,6 +44,9 @@ pub struct ProxyOptions {
     pub limits: Limits,
     /// How long an upstream may take to answer.
     pub timeout: Duration,
+    /// For the race test's control only: release answers first and learn this much later, as
+    /// a proxy that does not hold answers would. Zero in production.
+    pub debug_learn_delay: Duration,
 }
 
 /// Counters for the status.
@@ -63,6 +66,7 @@ pub(crate) struct Shared {
     last_query_ms: AtomicU64,
     epoch: Instant,
     timeout: Duration,
+    debug_learn_delay: Duration,
 }
 
 impl Shared {
@@ -81,11 +85,19 @@ impl Shared {
 
     /// What the workload gets for `reply`, the upstream's answer to `query` from `slot`: the
     /// reply itself once what it teaches is in the kernel, or SERVFAIL.
-    fn release(&self, slot: u8, query: &[u8], reply: Vec<u8>) -> Option<Vec<u8>> {
+    fn release(self: &Arc<Self>, slot: u8, query: &[u8], reply: Vec<u8>) -> Option<Vec<u8>> {
         if !message::answers(query, &reply) {
             // Not the answer to this question: never learned from, never relayed.
             self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
             return self.servfail(query);
+        }
+        if !self.debug_learn_delay.is_zero() {
+            let (shared, later) = (Arc::clone(self), reply.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(shared.debug_learn_delay).await;
+                let _ = shared.learner().learn(slot, &later, boottime_ns());
+            });
+            return Some(reply);
         }
         let learned = self.learner().learn(slot, &reply, boottime_ns());
         match learned {
@@ -171,6 +183,7 @@ impl Proxy {
                 last_query_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
                 timeout: opts.timeout,
+                debug_learn_delay: opts.debug_learn_delay,
             }),
             opts,
             maps,
