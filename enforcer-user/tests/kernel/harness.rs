@@ -338,6 +338,19 @@ impl Agent {
         self.spawn();
     }
 
+    /// Kills the agent as a crash or the OOM killer would (SIGKILL): nothing of it runs after.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again after [`Agent::kill`] or [`Agent::stop`], with the same arguments.
+    pub fn respawn(&mut self) {
+        self.spawn();
+    }
+
     /// The agent's JSON status.
     pub fn status(&self) -> serde_json::Value {
         fs::read(&self.status)

@@ -22,8 +22,9 @@ pub struct Upstream {
     pub log: PathBuf,
 }
 
-/// Names under `example.test` rotate over 198.51.100.128/25 (AAAA over 2001:db8:1::/64);
-/// names under `evil.test` over 203.0.113.128/25. TTL 1 s.
+/// Names under `example.test` rotate over 198.51.100.128/25 (AAAA over 2001:db8:1::/64),
+/// except those under `fresh.example.test` (203.0.113.64/26); names under `evil.test` over
+/// 203.0.113.128/25. TTL 1 s.
 pub const ZONES: &[&str] = &[
     "--rotate",
     "example.test=198.51.100.128/25",
@@ -31,6 +32,9 @@ pub const ZONES: &[&str] = &[
     "example.test=2001:db8:1::/64",
     "--rotate",
     "evil.test=203.0.113.128/25",
+    // A pool of its own, for names that must not have been learned under another name.
+    "--rotate",
+    "fresh.example.test=203.0.113.64/26",
     "--cname",
     "alias.example.test=edge.cdn.test",
     "--rotate",
@@ -42,6 +46,8 @@ pub const ZONES: &[&str] = &[
     // Apart from the pools: an address no other name was given.
     "--static",
     "example.test=198.51.100.99",
+    "--static",
+    "fixed.example.test=198.51.100.70",
 ];
 
 impl Upstream {
@@ -57,7 +63,12 @@ impl Upstream {
         };
         // Every address of the pools is the hosts' own (AnyIP), so each fresh answer accepts.
         in_ns(&["ip", "addr", "add", &format!("{DNS}/32"), "dev", "lo"]);
-        for pool in ["198.51.100.128/25", "198.51.100.64/27", "203.0.113.128/25"] {
+        for pool in [
+            "198.51.100.128/25",
+            "198.51.100.64/26",
+            "203.0.113.64/26",
+            "203.0.113.128/25",
+        ] {
             in_ns(&["ip", "route", "add", "local", pool, "dev", "lo"]);
         }
         in_ns(&[
@@ -339,7 +350,14 @@ fn no_answer_reaches_a_workload_before_its_addresses_are_allowed() {
             &agent,
             "default",
             netns,
-            &["--mode", mode, "--pattern", "r{i}.example.test", "--count", &count_arg],
+            &[
+                "--mode",
+                mode,
+                "--pattern",
+                "r{i}.example.test",
+                "--count",
+                &count_arg,
+            ],
         );
         eprintln!("{netns:?} {mode}: {got}");
         assert_eq!(count(&got, "ok"), n, "{netns:?} {mode}: {got}");
@@ -358,7 +376,14 @@ fn the_race_test_catches_a_proxy_that_releases_before_it_writes() {
         &agent,
         "default",
         None,
-        &["--mode", "udp-connected", "--pattern", "r{i}.example.test", "--count", "200"],
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "r{i}.example.test",
+            "--count",
+            "200",
+        ],
     );
     eprintln!("released before written: {got}");
     // Addresses rotate over 126 hosts, so some were learned by an earlier lookup; most not.

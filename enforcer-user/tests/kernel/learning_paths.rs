@@ -1,0 +1,377 @@
+//! DNS learning by every path a resolver takes (CNAME chains, AAAA, truncation to TCP, glibc
+//! with a search list), what must never teach anything (forged answers, addresses a name must
+//! not point at), and the agent's death, expiry without it, and a planned restart.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use enforcer_testkit::{python, script};
+
+use crate::{
+    harness::{Hosts, Want, World},
+    learning::{count, resolve, start_agent, Upstream, DNS, ZONES},
+};
+
+/// Probes `dst:port` over TCP as a workload of `default`.
+fn probe(agent: &crate::harness::Agent, dst: &str, port: u16) -> crate::harness::Outcome {
+    agent.probe("default", "tcp", dst, port)
+}
+
+#[test]
+fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
+    let world = World::new("paths");
+    let hosts = Hosts::new(&world);
+    let upstream = Upstream::start(&world, &hosts, ZONES);
+    let agent = start_agent(&world, &[]);
+
+    // alias.example.test (port 80) is a CNAME to a rotating CDN name: its addresses are the
+    // alias's, on the alias's port.
+    let alias = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--name",
+            "alias.example.test",
+            "--count",
+            "20",
+            "--connect-port",
+            "80",
+        ],
+    );
+    assert_eq!(count(&alias, "ok"), 20, "{alias}");
+    // The chain's target is not declared: its fresh addresses stay refused.
+    let target = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--name",
+            "edge.cdn.test",
+            "--count",
+            "5",
+            "--connect-port",
+            "80",
+        ],
+    );
+    assert_eq!(count(&target, "eperm"), 5, "{target}");
+
+    // AAAA answers open IPv6 addresses.
+    let v6 = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--family",
+            "6",
+            "--pattern",
+            "v{i}.example.test",
+            "--count",
+            "50",
+        ],
+    );
+    assert_eq!(count(&v6, "ok"), 50, "{v6}");
+    assert!(hosts
+        .received()
+        .iter()
+        .any(|l| l.starts_with("tcp 2001:db8:1::")));
+
+    // A truncated answer over UDP, then the full one over TCP: both through the proxy.
+    let big = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-unconnected",
+            "--pattern",
+            "t{i}.big.example.test",
+            "--count",
+            "20",
+        ],
+    );
+    assert_eq!(count(&big, "ok"), 20, "{big}");
+    let queries = upstream.queries();
+    assert!(
+        queries
+            .iter()
+            .any(|q| q.starts_with("query tcp t3.big.example.test A")),
+        "{queries:?}"
+    );
+
+    // glibc's own stub, with a search list: the expanded name is what was asked and learned.
+    let glibc = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "glibc",
+            "--private-resolv",
+            "--search",
+            "example.test",
+            "--ndots",
+            "2",
+            "--pattern",
+            "s{i}",
+            "--count",
+            "30",
+        ],
+    );
+    assert_eq!(count(&glibc, "ok"), 30, "{glibc}");
+
+    // A name under the wildcard that points at the metadata service teaches nothing.
+    let meta = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--name",
+            "meta.example.test",
+            "--count",
+            "1",
+            "--connect-timeout",
+            "1",
+        ],
+    );
+    assert_eq!(count(&meta, "eperm"), 1, "{meta}");
+}
+
+#[test]
+fn forged_answers_teach_nothing() {
+    let world = World::new("forge");
+    let hosts = Hosts::new(&world);
+    let _upstream = Upstream::start(&world, &hosts, ZONES);
+    let agent = start_agent(&world, &[]);
+
+    // A server of the workload's own on a loopback port 53 answers what it likes: the agent
+    // proxies only the servers it trusts, so nothing is learned.
+    let ready = world.dir.join("forger-ready");
+    let mut forger = Command::new(python())
+        .arg(script("dns_server.py"))
+        .args([
+            "--listen",
+            "127.0.0.54:53",
+            "--static",
+            "forged.example.test=198.51.100.77",
+        ])
+        .arg("--ready")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting the forging server");
+    let start = Instant::now();
+    while !ready.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = agent
+        .exec("default", None)
+        .arg(python())
+        .arg(script("resolve.py"))
+        .args([
+            "--server",
+            "127.0.0.54",
+            "--json",
+            "--mode",
+            "udp-connected",
+        ])
+        .args(["--name", "forged.example.test", "--count", "3"])
+        .output()
+        .expect("resolve.py");
+    let _ = forger.kill();
+    let _ = forger.wait();
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resolve.py's result");
+    assert_eq!(count(&got, "eperm"), 3, "{got}");
+    assert!(!hosts
+        .received()
+        .iter()
+        .any(|l| l.starts_with("tcp 198.51.100.77")));
+
+    // Sending an "answer" straight to the proxy is refused by the socket hooks, whichever slot
+    // it names.
+    for slot in ["169.254.53.1", "169.254.53.2"] {
+        let host = probe(&agent, slot, 10053);
+        assert!(Want::Denied.matches(&host), "{slot}: {host:?}");
+    }
+    // The address the forger named was never allowed.
+    assert!(Want::Denied.matches(&probe(&agent, "198.51.100.77", 443)));
+    let status = agent.status();
+    assert_eq!(
+        status["dns_learning"]["learned_keys"], 0,
+        "{}",
+        status["dns_learning"]
+    );
+}
+
+/// Starts `n` copies of `resolve.py` at once as workloads of `default`.
+fn clients(agent: &crate::harness::Agent, n: usize, args: &[&str]) -> Vec<std::process::Child> {
+    (0..n)
+        .map(|_| {
+            agent
+                .exec("default", None)
+                .arg(python())
+                .arg(script("resolve.py"))
+                .args(["--server", DNS, "--json"])
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("resolve.py")
+        })
+        .collect()
+}
+
+/// Their results.
+fn results(children: Vec<std::process::Child>) -> Vec<serde_json::Value> {
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("resolve.py");
+            serde_json::from_slice(&out.stdout).expect("resolve.py's result")
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_agent_leaves_dns_working_and_what_it_learned_expires_without_it() {
+    let world = World::new("killdns");
+    let hosts = Hosts::new(&world);
+    let _upstream = Upstream::start(&world, &hosts, ZONES);
+    let mut agent = start_agent(&world, &["--dns-min-ttl", "1", "--dns-grace", "2"]);
+
+    // Learned before the crash: an address, and a connection to it that stays open.
+    let fixed = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--name",
+            "fixed.example.test",
+            "--count",
+            "1",
+        ],
+    );
+    assert_eq!(count(&fixed, "ok"), 1, "{fixed}");
+    let stream = agent
+        .exec("default", None)
+        .arg(python())
+        .arg(script("stream.py"))
+        .args(["198.51.100.70", "443", "6"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("stream.py");
+
+    // Four clients resolve in a loop (glibc, one second timeout, two attempts) while the agent
+    // is killed.
+    let args = [
+        "--mode",
+        "glibc",
+        "--private-resolv",
+        "--pattern",
+        "k{i}.example.test",
+        "--count",
+        "1500",
+        "--no-connect",
+    ];
+    let running = clients(&agent, 4, &args);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill();
+    let results = results(running);
+    let failed: u64 = results
+        .iter()
+        .map(|r| r["iterations"].as_u64().unwrap_or(0) - count(r, "ok"))
+        .sum();
+    eprintln!("lookups failed across the kill: {failed} of 6000; {results:?}");
+    // A query the agent had read when it died is lost; its client's retry goes direct.
+    assert!(failed <= 4, "{results:?}");
+
+    // Down: names still resolve (directly), but nothing new is learned.
+    let down = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "d{i}.fresh.example.test",
+            "--count",
+            "10",
+        ],
+    );
+    assert_eq!(count(&down, "eperm"), 10, "{down}");
+    // TTL 1 s + grace 2 s: the kernel refuses the learned address although no agent runs;
+    // the connection opened while it was valid goes on.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(Want::Denied.matches(&probe(&agent, "198.51.100.70", 443)));
+    let out = stream.wait_with_output().expect("stream.py");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("stalled"), "{text}");
+
+    // Back: learning resumes.
+    agent.respawn();
+    let back = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "b{i}.fresh.example.test",
+            "--count",
+            "10",
+        ],
+    );
+    assert_eq!(count(&back, "ok"), 10, "{back}");
+}
+
+#[test]
+fn a_planned_restart_loses_no_query() {
+    let world = World::new("restartdns");
+    let hosts = Hosts::new(&world);
+    let _upstream = Upstream::start(&world, &hosts, ZONES);
+    let mut agent = start_agent(&world, &[]);
+    let args = [
+        "--mode",
+        "glibc",
+        "--private-resolv",
+        "--pattern",
+        "p{i}.example.test",
+        "--count",
+        "2000",
+        "--no-connect",
+    ];
+    let running = clients(&agent, 4, &args);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.restart();
+    let results = results(running);
+    for r in &results {
+        assert_eq!(count(r, "ok"), 2000, "{r}");
+    }
+    let after = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "a{i}.example.test",
+            "--count",
+            "10",
+        ],
+    );
+    assert_eq!(count(&after, "ok"), 10, "{after}");
+}
