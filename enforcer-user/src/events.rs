@@ -23,13 +23,26 @@ use crate::{
 };
 
 /// What the agent knows that turns an id-only kernel record into a readable one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Explainer {
     /// Scope id to scope name.
     pub scopes: BTreeMap<u32, String>,
     pub cgroups: BTreeMap<u64, PathBuf>,
     /// The state the kernel maps were last brought to.
     pub desired: Arc<Desired>,
+    /// What the DNS proxy learned, or why it is not learning.
+    pub learning: Result<crate::dns::proxy::LearningHandle, String>,
+}
+
+impl Default for Explainer {
+    fn default() -> Self {
+        Self {
+            scopes: BTreeMap::new(),
+            cgroups: BTreeMap::new(),
+            desired: Arc::default(),
+            learning: Err("not started".into()),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +68,11 @@ pub struct DenyRecord {
     /// `not_ip`, `loopback`, `unjudgeable`, `unknown_veth`.
     pub reason_code: &'static str,
     pub reason: String,
+    /// For a scope that learns from DNS answers: why learning did not allow the address
+    /// (`never_answered`, `undeclared_name`, `expired`, `other_port`, `other_scope`,
+    /// `learning_off`); the reason says more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning: Option<&'static str>,
 }
 
 /// Records the output could not take (stdout blocked), since the agent started.
@@ -251,7 +269,11 @@ impl Explainer {
             host,
             reason_code: reason_code(ev.reason),
             reason,
+            learning: None,
         };
+        if ev.reason == reason::NO_RULE && l4.is_some() {
+            self.add_learning(&mut record, ev, policy.is_some_and(|p| !p.learn.is_empty()));
+        }
         // Made before any destination: the socket's protocol, or nothing, in its place.
         if matches!(ev.hook, hook::SOCK_CREATE | hook::SETSOCKOPT) {
             record.dst = String::new();
@@ -263,6 +285,32 @@ impl Explainer {
             };
         }
         record
+    }
+}
+
+impl Explainer {
+    /// Says why what the scope learned from DNS answers did not allow the destination.
+    fn add_learning(&self, record: &mut DenyRecord, ev: &DenyEvent, learns: bool) {
+        let key = enforcer_common::PolicyKey {
+            scope: ev.scope,
+            port: ev.port,
+            proto: ev.proto,
+            pad: 0,
+            addr: ev.addr,
+        };
+        let (code, why) = match &self.learning {
+            Ok(handle) => match handle.why_refused(&key) {
+                Some(not) => (not.code(), not.to_string()),
+                None => return,
+            },
+            Err(off) if learns => (
+                "learning_off",
+                format!("learning from DNS answers is off: {off}"),
+            ),
+            Err(_) => return,
+        };
+        record.learning = Some(code);
+        record.reason = format!("{}; {why}", record.reason);
     }
 }
 

@@ -124,6 +124,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         n.refresh();
     }
     let proxy = start_proxy(&cfg, &mut dp);
+    explainer
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .learning = match &proxy {
+        Ok(p) => Ok(p.handle()),
+        Err(why) => Err(why.clone()),
+    };
     let mut reconciler = Reconciler::new(dp, explainer, agent_cgroup, proxy);
     // Compiling is the expensive step (100,000 entries take a while): only when an input changed.
     let mut dirty = true;

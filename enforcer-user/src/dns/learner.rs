@@ -3,7 +3,7 @@
 //! entries, scopes and names no longer declared).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
 };
 
@@ -112,6 +112,12 @@ pub struct Learner<S> {
     names: BTreeMap<String, u32>,
     name_of: BTreeMap<u32, String>,
     next_name: u32,
+    /// Every address answers gave each learning scope, declared or not, with the name and
+    /// when (bounded, oldest out first): refusals say what an address was answered for.
+    seen: BTreeMap<(u32, [u8; 16]), (String, u64)>,
+    seen_order: VecDeque<(u32, [u8; 16])>,
+    /// Learned addresses that also answered a name the scope may not reach, logged once.
+    shared_logged: BTreeSet<(u32, [u8; 16])>,
     /// Answers that taught something, and answers not released.
     pub learned_answers: u64,
     pub failures: BTreeMap<&'static str, u64>,
@@ -128,6 +134,9 @@ impl<S: Store> Learner<S> {
             names: BTreeMap::new(),
             name_of: BTreeMap::new(),
             next_name: 1,
+            seen: BTreeMap::new(),
+            seen_order: VecDeque::new(),
+            shared_logged: BTreeSet::new(),
             learned_answers: 0,
             failures: BTreeMap::new(),
             last_failure: None,
@@ -182,6 +191,7 @@ impl<S: Store> Learner<S> {
             .into_iter()
             .filter(|a| !self.limits.deny.iter().any(|net| net.contains(&a.addr)))
             .collect();
+        self.note_seen(&scope, &answers, now_ns);
         let now = now_ns / NS_PER_SEC;
         let granted = grants(
             &scope.rules,
@@ -255,6 +265,85 @@ impl<S: Store> Learner<S> {
             self.cap_name(scope.id, name);
         }
         Ok(written)
+    }
+
+    /// Remembers what the answer gave, and says once when an address the scope learns also
+    /// answers a name it may not reach: enforcement is by address, so either name reaches it.
+    fn note_seen(&mut self, scope: &LearningScope, answers: &[Answered], now_ns: u64) {
+        for a in answers {
+            let key = (scope.id, key_bytes(a.addr));
+            let declared = scope.rules.iter().any(|r| r.hosts.covers(&a.name));
+            if let Some((other, _)) = self.seen.get(&key) {
+                let other_declared = scope.rules.iter().any(|r| r.hosts.covers(other));
+                if other != &a.name && declared != other_declared && self.shared_logged.insert(key)
+                {
+                    let (allowed, also) = if declared {
+                        (&a.name, other)
+                    } else {
+                        (other, &a.name)
+                    };
+                    log::warn!(
+                        "dns-shared-address: scope {}: {} is learned for {allowed} and also answers {also}, which no visible ServiceEntry declares; enforcement is by address, so a connection there is allowed whatever name it is for",
+                        scope.name,
+                        a.addr
+                    );
+                }
+                // A declared name is the more useful one to report.
+                if other_declared && !declared {
+                    continue;
+                }
+            }
+            if self.seen.insert(key, (a.name.clone(), now_ns)).is_none() {
+                self.seen_order.push_back(key);
+            }
+            while self.seen_order.len() > SEEN_CAPACITY {
+                if let Some(old) = self.seen_order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Why learning does not allow `key` now, for a refusal's record; `None` when the scope
+    /// does not learn.
+    pub fn why_refused(&self, key: &PolicyKey, now_ns: u64) -> Option<NotLearned> {
+        self.scopes.values().find(|s| s.id == key.scope)?;
+        let name = |id: &u32| {
+            self.name_of
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| "a name an earlier agent learned".to_string())
+        };
+        if let Some((id, expires)) = self.keys.get(key) {
+            if *expires <= now_ns {
+                return Some(NotLearned::Expired {
+                    name: name(id),
+                    ago_s: (now_ns - expires) / NS_PER_SEC,
+                });
+            }
+        }
+        if let Some((n, _)) = self
+            .keys
+            .iter()
+            .find(|(k, _)| k.scope == key.scope && k.addr == key.addr)
+            .map(|(_, v)| v)
+        {
+            return Some(NotLearned::OtherPort { name: name(n) });
+        }
+        if let Some((name, _)) = self.seen.get(&(key.scope, key.addr)) {
+            return Some(NotLearned::Undeclared { name: name.clone() });
+        }
+        if let Some((k, (n, _))) = self.keys.iter().find(|(k, _)| k.addr == key.addr) {
+            let scope = self
+                .scope_name(k.scope)
+                .unwrap_or("another scope")
+                .to_string();
+            return Some(NotLearned::OtherScope {
+                name: name(n),
+                scope,
+            });
+        }
+        Some(NotLearned::NeverAnswered)
     }
 
     /// Keeps at most `max_ips` addresses of one name in one scope: the latest to expire.
@@ -360,6 +449,58 @@ impl<S: Store> Learner<S> {
             .values()
             .find(|s| s.id == id)
             .map(|s| s.name.as_str())
+    }
+}
+
+/// Addresses remembered from answers, for refusal records.
+const SEEN_CAPACITY: usize = 16_384;
+
+/// Why an address a learning scope was refused is not allowed by what it learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotLearned {
+    /// In no answer to this scope's workloads since the agent started.
+    NeverAnswered,
+    /// Answered for a name no ServiceEntry visible to the scope declares.
+    Undeclared {
+        name: String,
+    },
+    Expired {
+        name: String,
+        ago_s: u64,
+    },
+    /// Learned for this name, on other ports only.
+    OtherPort {
+        name: String,
+    },
+    /// Another scope learned it; this one did not.
+    OtherScope {
+        name: String,
+        scope: String,
+    },
+}
+
+impl NotLearned {
+    /// A stable code for records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NeverAnswered => "never_answered",
+            Self::Undeclared { .. } => "undeclared_name",
+            Self::Expired { .. } => "expired",
+            Self::OtherPort { .. } => "other_port",
+            Self::OtherScope { .. } => "other_scope",
+        }
+    }
+}
+
+impl std::fmt::Display for NotLearned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NeverAnswered => write!(f, "the address was in no DNS answer this workload's scope received through the agent's DNS proxy (a hard-coded address, an application's cache older than the grace, DNS over HTTPS or TLS, or a resolver the agent does not proxy?)"),
+            Self::Undeclared { name } => write!(f, "the address was answered for {name}, which no ServiceEntry visible to this scope declares"),
+            Self::Expired { name, ago_s } => write!(f, "the address was learned for {name} and expired {ago_s} s ago"),
+            Self::OtherPort { name } => write!(f, "the address was learned for {name}, whose ServiceEntries declare other ports"),
+            Self::OtherScope { name, scope } => write!(f, "the address was learned for {name} by scope {scope} only"),
+        }
     }
 }
 

@@ -250,3 +250,41 @@ fn entries_go_when_their_entry_or_scope_goes_or_long_after_expiry() {
     assert_eq!(l.expire(131 * SEC), 1);
     assert!(l.is_empty());
 }
+
+#[test]
+fn a_refusal_says_why_learning_did_not_allow_it() {
+    let mut l = learner(&[
+        (1, scope(10, &["*.example.com"], &[(L4::Tcp, 443)])),
+        (2, scope(20, &["*.other.net"], &[(L4::Tcp, 443)])),
+    ]);
+    l.learn(1, &answer("a.example.com.", 60, &["198.51.100.7"]), 0)
+        .unwrap();
+    l.learn(1, &answer("evil.test.", 60, &["198.51.100.8"]), 0)
+        .unwrap();
+    let key = |scope, addr: &str, port| PolicyKey {
+        scope,
+        port,
+        proto: L4::Tcp.ip_proto(),
+        pad: 0,
+        addr: key_bytes(addr.parse().unwrap()),
+    };
+    let why = |k: PolicyKey, now| l.why_refused(&k, now).map(|w| w.code());
+    assert_eq!(
+        why(key(10, "198.51.100.7", 443), 100 * SEC),
+        Some("expired")
+    );
+    assert_eq!(why(key(10, "198.51.100.7", 80), 0), Some("other_port"));
+    assert_eq!(
+        why(key(10, "198.51.100.8", 443), 0),
+        Some("undeclared_name")
+    );
+    assert_eq!(why(key(20, "198.51.100.7", 443), 0), Some("other_scope"));
+    assert_eq!(why(key(10, "198.51.100.9", 443), 0), Some("never_answered"));
+    // A scope that does not learn gets no word on learning.
+    assert_eq!(why(key(30, "198.51.100.9", 443), 0), None);
+    let text = l
+        .why_refused(&key(10, "198.51.100.8", 443), 0)
+        .unwrap()
+        .to_string();
+    assert!(text.contains("answered for evil.test"), "{text}");
+}

@@ -302,6 +302,26 @@ fn every_rotating_answer_is_allowed_at_once_and_an_unrelated_name_never() {
         "{port}\n{}",
         agent.status()["dns_learning"]
     );
+    // The records say why learning did not allow each refusal.
+    let denials = agent.denials();
+    let why = |dst_prefix: &str, port: u64| {
+        denials
+            .iter()
+            .find(|d| {
+                d["dst"].as_str().is_some_and(|a| a.starts_with(dst_prefix)) && d["port"] == port
+            })
+            .map(|d| d["learning"].clone())
+    };
+    assert_eq!(
+        why("203.0.113.", 443),
+        Some("undeclared_name".into()),
+        "{denials:?}"
+    );
+    assert_eq!(
+        why("198.51.100.", 80),
+        Some("other_port".into()),
+        "{denials:?}"
+    );
     // The status catches up within a tick.
     agent.wait_for(
         Duration::from_secs(3),

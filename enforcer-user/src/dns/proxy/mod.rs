@@ -115,6 +115,25 @@ impl Shared {
     }
 }
 
+/// What refusal records ask the proxy: why an address was not learned.
+#[derive(Clone)]
+pub struct LearningHandle(Arc<Shared>);
+
+impl LearningHandle {
+    pub fn why_refused(
+        &self,
+        key: &enforcer_common::PolicyKey,
+    ) -> Option<super::learner::NotLearned> {
+        self.0.learner().why_refused(key, boottime_ns())
+    }
+}
+
+impl std::fmt::Debug for LearningHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LearningHandle")
+    }
+}
+
 struct InFlight(Arc<Shared>);
 
 impl Drop for InFlight {
@@ -291,6 +310,10 @@ impl Proxy {
         for task in slot.tasks {
             task.abort();
         }
+    }
+
+    pub fn handle(&self) -> LearningHandle {
+        LearningHandle(Arc::clone(&self.shared))
     }
 
     /// Deletes learned entries long expired.
