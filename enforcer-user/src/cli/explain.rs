@@ -117,18 +117,21 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let mut all_allowed = true;
     for ip in ips {
         let decision = decide(&desired, &scope, ip, port, l4);
-        all_allowed &= decision.allowed;
         println!(
             "  {}: {}",
             crate::net::SocketFmt(ip, port),
             decision.describe()
         );
+        let mut learned = false;
         if let Some(live) = &live {
-            println!(
-                "    kernel: {}",
-                kernel_view(live, &scope, &decision, ip, port, l4)
-            );
+            let (view, by_learning) = kernel_view(live, &scope, &decision, ip, port, l4);
+            learned = by_learning;
+            println!("    kernel: {view}");
         }
+        all_allowed &= decision.allowed || learned;
+    }
+    if let Ok(status) = Status::read(&args.status_file) {
+        print_learned(&status, &scope, &host);
     }
     if live.is_none() {
         println!(
@@ -190,7 +193,8 @@ fn header(d: &Desired, ns: &str, labels: &BTreeMap<String, String>, scope: &str)
     }
 }
 
-/// What the pinned maps say, and whether it agrees with the compiled decision.
+/// What the pinned maps say, and whether it agrees with the compiled decision; and whether
+/// an address learned from a DNS answer allows it now.
 fn kernel_view(
     live: &LiveMaps,
     scope: &str,
@@ -198,30 +202,54 @@ fn kernel_view(
     ip: IpAddr,
     port: u16,
     l4: L4,
-) -> String {
+) -> (String, bool) {
     let Some(id) = live.scope_id(scope) else {
-        return "no scope of this name in the maps yet (no workload of it has run)".to_string();
+        return (
+            "no scope of this name in the maps yet (no workload of it has run)".to_string(),
+            false,
+        );
     };
     let found = live.lookup(id, ip, port, l4);
     let entry = match found {
-        KernelMatch::Exact => "an exact allow entry",
-        KernelMatch::Cidr => "a CIDR allow entry",
-        KernelMatch::Global => "a global allow entry",
-        KernelMatch::None => "no allow entry",
-    };
-    let modes = live.modes_of(id);
-    let allowed = match modes.as_slice() {
-        [] => {
-            return format!(
-                "{entry} for scope {scope} (id {id}); no cgroup of this scope is mapped now"
-            )
+        KernelMatch::Exact => "an exact allow entry".to_string(),
+        KernelMatch::Cidr => "a CIDR allow entry".to_string(),
+        KernelMatch::Global => "a global allow entry".to_string(),
+        KernelMatch::Learned { expires_in_s } if expires_in_s > 0 => {
+            format!("an entry learned from a DNS answer (expires in {expires_in_s} s)")
         }
-        [mode] => *mode != enforcer_common::mode::REGISTRY_ONLY || found != KernelMatch::None,
-        _ => return format!("{entry}; cgroups of scope {scope} disagree on the mode: {modes:?}"),
+        KernelMatch::Learned { expires_in_s } => format!(
+            "an entry learned from a DNS answer that expired {} s ago (flows it allowed go on; new ones are refused)",
+            -expires_in_s
+        ),
+        KernelMatch::None => "no allow entry".to_string(),
     };
+    let learned = matches!(found, KernelMatch::Learned { expires_in_s } if expires_in_s > 0);
+    let modes = live.modes_of(id);
+    let allowed =
+        match modes.as_slice() {
+            [] => return (
+                format!(
+                    "{entry} for scope {scope} (id {id}); no cgroup of this scope is mapped now"
+                ),
+                learned,
+            ),
+            [mode] => {
+                *mode != enforcer_common::mode::REGISTRY_ONLY
+                    || !matches!(found, KernelMatch::None | KernelMatch::Learned { .. })
+                    || learned
+            }
+            _ => {
+                return (
+                    format!("{entry}; cgroups of scope {scope} disagree on the mode: {modes:?}"),
+                    learned,
+                )
+            }
+        };
     let expected_mode = decision.mode.map(mode_value);
-    let agrees = allowed == decision.allowed && expected_mode == modes.first().copied();
-    format!(
+    // The files cannot know what workloads' answers taught: a learned entry is no disagreement.
+    let agrees =
+        (allowed == decision.allowed || learned) && expected_mode == modes.first().copied();
+    let view = format!(
         "{entry} for scope {scope} (id {id}), so {}{}",
         if allowed { "allowed" } else { "refused" },
         if agrees {
@@ -229,7 +257,36 @@ fn kernel_view(
         } else {
             "; this DISAGREES with the policy files (the agent may not have applied a change yet)"
         }
-    )
+    );
+    (view, learned)
+}
+
+/// What the scope learned from DNS answers for this name or address, as the agent last wrote.
+fn print_learned(status: &Status, scope: &str, target: &str) {
+    let Some(report) = &status.dns_learning else {
+        if let Some(why) = &status.dns_learning_error {
+            println!("learning from DNS answers: {why}");
+        }
+        return;
+    };
+    let target = crate::dns::host::normalize(target);
+    let rows: Vec<_> = report
+        .learned
+        .iter()
+        .filter(|l| l.scope == scope && (l.name == target || l.addr == target))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("learned from this scope's DNS answers:");
+    for l in rows {
+        let life = if l.expires_in_s >= 0 {
+            format!("expires in {} s", l.expires_in_s)
+        } else {
+            format!("expired {} s ago", -l.expires_in_s)
+        };
+        println!("  {} for {} ({life})", l.addr, l.name);
+    }
 }
 
 /// `host:port`, `1.2.3.4:port` or `[2001:db8::1]:port`.

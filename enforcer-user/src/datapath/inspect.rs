@@ -4,7 +4,8 @@ use std::{net::IpAddr, path::Path};
 
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use enforcer_common::{
-    map_names, proto, CgroupScope, PolicyKey, ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+    map_names, proto, CgroupScope, Learned, PolicyKey, ScopeName, GLOBAL_SCOPE,
+    POLICY_KEY_HEADER_BITS,
 };
 
 use crate::{net::key_bytes, policy::L4};
@@ -17,6 +18,11 @@ pub enum KernelMatch {
     Cidr,
     /// Loopback or `--allow-cidr`.
     Global,
+    /// Learned from a DNS answer, for this many more seconds (negative: expired, refused to new
+    /// connections).
+    Learned {
+        expires_in_s: i64,
+    },
     None,
 }
 
@@ -25,6 +31,8 @@ pub struct LiveMaps {
     exact: HashMap<MapData, PolicyKey, u32>,
     cidr: LpmTrie<MapData, PolicyKey, u32>,
     names: HashMap<MapData, ScopeName, u32>,
+    /// Absent in maps pinned by an agent that did not learn yet.
+    learned: Option<HashMap<MapData, PolicyKey, Learned>>,
 }
 
 impl LiveMaps {
@@ -50,6 +58,9 @@ impl LiveMaps {
                 pin_root,
                 map_names::SCOPE_NAMES,
             )?))?,
+            learned: super::open_pinned(pin_root, map_names::LEARNED)
+                .ok()
+                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
         }))
     }
 
@@ -102,6 +113,12 @@ impl LiveMaps {
         };
         if self.cidr.get(&Key::new(full, global), 0).is_ok() {
             return KernelMatch::Global;
+        }
+        if let Some(l) = self.learned.as_ref().and_then(|m| m.get(&key, 0).ok()) {
+            let now = crate::dns::proxy::boottime_ns() as i64;
+            return KernelMatch::Learned {
+                expires_in_s: (l.expires_ns as i64 - now) / 1_000_000_000,
+            };
         }
         KernelMatch::None
     }
