@@ -45,6 +45,9 @@ pub mod map_names {
     pub const DNS_SOCKS: &str = "ENF_DNS_SOCKS";
     /// Addresses learned from workloads' DNS answers, with their expiry.
     pub const LEARNED: &str = "ENF_ALLOW_LEARNED";
+    /// Cgroups whose DNS is never redirected (pods whose DNS an Istio sidecar or ztunnel
+    /// captures), with their subtrees.
+    pub const DNS_SKIP: &str = "ENF_DNS_SKIP";
 }
 
 /// Names of the programs in the object file.
@@ -323,8 +326,17 @@ pub struct DnsConfig {
     pub port_base: u16,
     /// Upstreams in use: indexes `0..upstreams`.
     pub upstreams: u16,
+    /// [`dns_flags`] bits.
+    pub flags: u32,
+    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DnsConfig>() == 16);
+
+/// Bits of [`DnsConfig::flags`].
+pub mod dns_flags {
+    /// `DNS_SKIP` has entries: the hooks look the caller's cgroups up there.
+    pub const SKIPS: u32 = 1;
+}
 
 /// Upstreams the proxy may serve; their indexes fit in [`dns_socket_index`].
 pub const DNS_MAX_UPSTREAMS: u16 = 16;

@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    dns_socket_index, proto, CgroupScope, DnsConfig, Learned, PolicyKey, DNS_MAX_UPSTREAMS,
-    DNS_SOCKS_CAPACITY,
+    dns_flags, dns_socket_index, proto, CgroupScope, DnsConfig, Learned, PolicyKey,
+    DNS_MAX_UPSTREAMS, DNS_SOCKS_CAPACITY,
 };
 
 #[map(name = "ENF_DNS_CONFIG")]
@@ -36,6 +36,9 @@ static DNS_SLOTS: HashMap<u32, u32> = HashMap::pinned(4_096, 0);
 
 #[map(name = "ENF_DNS_SOCKS")]
 static DNS_SOCKS: SockMap = SockMap::pinned(DNS_SOCKS_CAPACITY, 0);
+
+#[map(name = "ENF_DNS_SKIP")]
+static DNS_SKIP: HashMap<u64, u32> = HashMap::pinned(16_384, 0);
 
 #[map(name = "ENF_ALLOW_LEARNED")]
 static LEARNED: HashMap<PolicyKey, Learned> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
@@ -71,7 +74,7 @@ fn config() -> DnsConfig {
 /// sendmsg4) when `key` is port 53 of an upstream, the scope has a slot, and the proxy's socket
 /// for it is alive. Anything else goes where it was sent.
 #[inline(always)]
-pub fn redirect4(ctx: &SockAddrContext, scope: &CgroupScope, key: &PolicyKey) {
+pub fn redirect4(ctx: &SockAddrContext, cgroup_id: u64, scope: &CgroupScope, key: &PolicyKey) {
     if key.port != DNS_PORT || (key.proto != proto::UDP && key.proto != proto::TCP) {
         return;
     }
@@ -89,6 +92,9 @@ pub fn redirect4(ctx: &SockAddrContext, scope: &CgroupScope, key: &PolicyKey) {
     if idx >= cfg.upstreams || !alive(dns_socket_index(slot, idx, key.proto == proto::TCP)) {
         return;
     }
+    if cfg.flags & dns_flags::SKIPS != 0 && skipped(cgroup_id) {
+        return;
+    }
     let p = cfg.prefix4;
     let addr = [p[0], p[1], p[2], slot];
     let port = (cfg.port_base + idx).to_be();
@@ -98,6 +104,29 @@ pub fn redirect4(ctx: &SockAddrContext, scope: &CgroupScope, key: &PolicyKey) {
         (*sa).user_ip4 = u32::from_ne_bytes(addr);
         (*sa).user_port = u32::from(port);
     }
+}
+
+/// Whether the caller's cgroup, or an ancestor, is in `DNS_SKIP`.
+#[inline(always)]
+fn skipped(cgroup_id: u64) -> bool {
+    // SAFETY: presence only.
+    if unsafe { DNS_SKIP.get(cgroup_id) }.is_some() {
+        return true;
+    }
+    let mut level = 1;
+    while level <= crate::MAX_TREE_LEVEL {
+        // SAFETY: the helper has no preconditions; it returns 0 below the current cgroup.
+        let id = unsafe { aya_ebpf::helpers::bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == cgroup_id {
+            break;
+        }
+        // SAFETY: presence only.
+        if unsafe { DNS_SKIP.get(id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
 }
 
 /// Whether the proxy socket at `index` exists (a closed socket leaves a SOCKMAP by itself).

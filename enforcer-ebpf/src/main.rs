@@ -148,7 +148,7 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     if allowed(&key, false) {
         // A connected socket's address is not this call's to change.
         if !V6 && !unspec {
-            dns::redirect4(ctx, &scope, &key);
+            dns::redirect4(ctx, cgroup_id, &scope, &key);
         }
         return Ok(ALLOW);
     }

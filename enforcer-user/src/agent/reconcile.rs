@@ -176,6 +176,9 @@ impl Reconciler {
         }
         if let Ok(proxy) = &mut self.proxy {
             proxy.update(&learning_scopes(&desired, self.dp.scope_ids()));
+            if let Some(n) = workloads.node {
+                proxy.set_skipped(&n.dns_skip);
+            }
         }
         if let Some(inputs) = &self.last_inputs {
             let applied = Applied {

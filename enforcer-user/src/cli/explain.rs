@@ -225,26 +225,27 @@ fn kernel_view(
     };
     let learned = matches!(found, KernelMatch::Learned { expires_in_s } if expires_in_s > 0);
     let modes = live.modes_of(id);
-    let allowed =
-        match modes.as_slice() {
-            [] => return (
+    let allowed = match modes.as_slice() {
+        [] => {
+            return (
                 format!(
                     "{entry} for scope {scope} (id {id}); no cgroup of this scope is mapped now"
                 ),
                 learned,
-            ),
-            [mode] => {
-                *mode != enforcer_common::mode::REGISTRY_ONLY
-                    || !matches!(found, KernelMatch::None | KernelMatch::Learned { .. })
-                    || learned
-            }
-            _ => {
-                return (
-                    format!("{entry}; cgroups of scope {scope} disagree on the mode: {modes:?}"),
-                    learned,
-                )
-            }
-        };
+            )
+        }
+        [mode] => {
+            *mode != enforcer_common::mode::REGISTRY_ONLY
+                || !matches!(found, KernelMatch::None | KernelMatch::Learned { .. })
+                || learned
+        }
+        _ => {
+            return (
+                format!("{entry}; cgroups of scope {scope} disagree on the mode: {modes:?}"),
+                learned,
+            )
+        }
+    };
     let expected_mode = decision.mode.map(mode_value);
     // The files cannot know what workloads' answers taught: a learned entry is no disagreement.
     let agrees =

@@ -151,6 +151,8 @@ impl Datapath {
             upstream_addrs: Array::try_from(take(&mut ebpf, map_names::DNS_UPSTREAM_ADDRS)?)?,
             slots: HashMap::try_from(take(&mut ebpf, map_names::DNS_SLOTS)?)?,
             socks: SockMap::try_from(take(&mut ebpf, map_names::DNS_SOCKS)?)?,
+            skip: HashMap::try_from(take(&mut ebpf, map_names::DNS_SKIP)?)?,
+            current: enforcer_common::DnsConfig::default(),
         };
         let learned = HashMap::try_from(take(&mut ebpf, map_names::LEARNED)?)?;
         tc_links::load_tc(&mut ebpf, &opts.pin_root)?;

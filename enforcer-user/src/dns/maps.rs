@@ -13,6 +13,9 @@ pub struct DnsMaps {
     pub(crate) upstream_addrs: Array<MapData, [u8; 16]>,
     pub(crate) slots: HashMap<MapData, u32, u32>,
     pub(crate) socks: SockMap<MapData>,
+    pub(crate) skip: HashMap<MapData, u64, u32>,
+    /// What `config` holds.
+    pub(crate) current: DnsConfig,
 }
 
 /// The learned addresses, which the [`super::learner::Learner`] owns.
@@ -49,17 +52,48 @@ impl DnsMaps {
             prefix4: prefix.octets(),
             port_base,
             upstreams: upstreams.len() as u16,
+            // Skips an earlier agent left stay in force until the first plan says otherwise.
+            flags: match self.skip.keys().next() {
+                Some(_) => enforcer_common::dns_flags::SKIPS,
+                None => 0,
+            },
+            pad: 0,
         };
-        self.config
-            .set(0, config, 0)
-            .context("writing the DNS proxy's configuration")
+        self.write_config(config)
     }
 
-    /// No more redirection: queries go to their servers directly.
-    pub fn disable(&mut self) -> anyhow::Result<()> {
+    fn write_config(&mut self, config: DnsConfig) -> anyhow::Result<()> {
         self.config
-            .set(0, DnsConfig::default(), 0)
-            .context("turning the DNS proxy off")
+            .set(0, config, 0)
+            .context("writing the DNS proxy's configuration")?;
+        self.current = config;
+        Ok(())
+    }
+
+    /// The cgroups (with their subtrees) whose DNS is never redirected. Entries go in before
+    /// the flag that makes the hooks look, and the flag goes off before the last entry leaves.
+    pub fn set_skipped(&mut self, cgroups: &std::collections::BTreeSet<u64>) -> anyhow::Result<()> {
+        let held: Vec<u64> = self.skip.keys().filter_map(Result::ok).collect();
+        for id in cgroups {
+            if !held.contains(id) {
+                self.skip
+                    .insert(id, 1, 0)
+                    .with_context(|| format!("exempting cgroup {id} from DNS redirection"))?;
+            }
+        }
+        let mut config = self.current;
+        if cgroups.is_empty() {
+            config.flags &= !enforcer_common::dns_flags::SKIPS;
+        } else {
+            config.flags |= enforcer_common::dns_flags::SKIPS;
+        }
+        if config != self.current {
+            self.write_config(config)?;
+        }
+        for id in held.iter().filter(|id| !cgroups.contains(id)) {
+            let _ = self.skip.remove(id);
+        }
+        Ok(())
     }
 
     pub fn set_slot(&mut self, scope: u32, slot: u8) -> anyhow::Result<()> {

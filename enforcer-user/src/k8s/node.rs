@@ -91,6 +91,8 @@ pub struct Node {
     cgroup_tx: mpsc::UnboundedSender<()>,
     /// Pods that claim one cgroup (forged mirror pods), as last reported.
     conflicts: Vec<String>,
+    /// Cgroup ids of pods whose DNS Istio captures: never redirected to the agent's proxy.
+    pub dns_skip: BTreeSet<u64>,
 }
 
 impl Node {
@@ -107,6 +109,7 @@ impl Node {
             watcher: None,
             cgroup_tx,
             conflicts: Vec::new(),
+            dns_skip: BTreeSet::new(),
         }
     }
 
@@ -160,7 +163,14 @@ impl Node {
             }
             self.conflicts = mapping.conflicts;
         }
-        let changed = trees != self.trees || mapping.addresses != self.addresses;
+        let dns_skip: BTreeSet<u64> = mapping
+            .dns_skip
+            .iter()
+            .filter_map(|p| cgroup::cgroup_id(p).ok())
+            .collect();
+        let changed =
+            trees != self.trees || mapping.addresses != self.addresses || dns_skip != self.dns_skip;
+        self.dns_skip = dns_skip;
         self.trees = trees;
         self.addresses = mapping.addresses;
         self.pod_nets = mapping.pod_nets;

@@ -37,6 +37,9 @@ pub struct NodePod {
     pub labels: BTreeMap<String, String>,
     pub host_network: bool,
     pub ips: Vec<IpAddr>,
+    /// An Istio sidecar (injected: `sidecar.istio.io/status`) or ambient's ztunnel
+    /// (`istio.io/dataplane-mode: ambient`) captures the pod's DNS: the agent must not redirect it.
+    pub dns_captured: bool,
 }
 
 impl NodePod {
@@ -75,6 +78,7 @@ impl NodePod {
                 .and_then(|s| s.host_network)
                 .unwrap_or(false),
             ips,
+            dns_captured: dns_captured(meta),
         })
     }
 
@@ -82,6 +86,20 @@ impl NodePod {
     fn is_mirror(&self) -> bool {
         self.cgroup_uid != self.uid
     }
+}
+
+/// Whether Istio captures the pod's DNS itself (sidecar injection, or ambient mode).
+fn dns_captured(meta: &ObjectMeta) -> bool {
+    let injected = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("sidecar.istio.io/status"));
+    let ambient = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("istio.io/dataplane-mode"))
+        .is_some_and(|m| m == "ambient");
+    injected || ambient
 }
 
 /// The uid in the name of a pod's cgroup. Anyone who may create pods can set the mirror
@@ -113,6 +131,8 @@ pub struct Mapping {
     /// Cgroups more than one pod claims, each with the pod whose scope it got, for the caller
     /// to report.
     pub conflicts: Vec<String>,
+    /// Cgroups of pods whose DNS Istio captures (see [`NodePod::dns_captured`]).
+    pub dns_skip: BTreeSet<PathBuf>,
 }
 
 /// Maps every pod found in the cgroup tree that the API server knows. `kubelet_roots` map to
@@ -141,6 +161,9 @@ pub fn map(
         let (namespace, labels) = scope_of(pod, is_enforced(pod));
         out.trees
             .insert(cg.path.clone(), assignment(namespace, labels, &cg.path));
+        if pod.dns_captured {
+            out.dns_skip.insert(cg.path.clone());
+        }
     }
     for (i, pod) in pods.iter().enumerate() {
         // A host-network pod's address is the node's: never judge it per packet.
@@ -301,6 +324,26 @@ mod tests {
                 path: PathBuf::from(format!("/cg/kubepods.slice/{uid}")),
             },
         )
+    }
+
+    #[test]
+    fn pods_whose_dns_istio_captures_are_skipped_by_the_dns_proxy() {
+        let pods = [
+            pod(&format!("metadata: {{name: meshed, namespace: shop, uid: {UID_A}, annotations: {{sidecar.istio.io/status: '{{}}'}}}}")),
+            pod(&format!("metadata: {{name: ambient, namespace: shop, uid: {UID_B}, labels: {{istio.io/dataplane-mode: ambient}}}}")),
+            pod(&format!("metadata: {{name: plain, namespace: shop, uid: {UID_C}, labels: {{istio.io/dataplane-mode: none}}}}")),
+        ];
+        let enforced = BTreeSet::from(["shop".to_string()]);
+        let found = BTreeMap::from([cg(UID_A), cg(UID_B), cg(UID_C)]);
+        let m = map(&pods, &enforced, &found, &[], false);
+        let skipped: Vec<String> = m.dns_skip.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            skipped,
+            [
+                format!("/cg/kubepods.slice/{UID_A}"),
+                format!("/cg/kubepods.slice/{UID_B}")
+            ]
+        );
     }
 
     #[test]

@@ -528,7 +528,7 @@ impl<'a> EntryRules<'a> {
                                 self.resolved(host, l4, &[number], true);
                             } else {
                                 self.notes.push(format!(
-                                    "ServiceEntry {}: wildcard host {host} cannot be enforced by address; nothing is allowed for it",
+                                    "ServiceEntry {}: wildcard host {host}: only addresses in workloads' own DNS answers are allowed for it (nothing with --no-dns-learning)",
                                     self.se.id()
                                 ));
                             }

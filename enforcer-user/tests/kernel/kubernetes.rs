@@ -24,14 +24,14 @@ use crate::{
 };
 
 /// A kubelet's cgroup tree under a test cgroup; dropping it kills its processes and removes it.
-struct KubeletTree {
+pub(crate) struct KubeletTree {
     /// Relative to the cgroup2 mount, for `--kubelet-cgroups`.
-    relative: String,
+    pub(crate) relative: String,
     root: PathBuf,
 }
 
 impl KubeletTree {
-    fn new(world: &World) -> Self {
+    pub(crate) fn new(world: &World) -> Self {
         let mount = enforcer_user::cgroup::cgroup2_mount().expect("cgroup2 mount");
         let relative = format!("enforcer-test-{}-kubelet", world.id);
         let root = mount.join(&relative);
@@ -40,7 +40,7 @@ impl KubeletTree {
     }
 
     /// Makes `relative` (pod and container levels) and returns the deepest directory.
-    fn make(&self, relative: &str) -> PathBuf {
+    pub(crate) fn make(&self, relative: &str) -> PathBuf {
         let dir = self.root.join(relative);
         fs::create_dir_all(&dir).expect("creating a kubelet cgroup");
         dir
@@ -103,7 +103,7 @@ fn node_args(tree: &KubeletTree, dns: &Dns, extra: &[&str]) -> Vec<String> {
     .collect()
 }
 
-fn uid(n: u32) -> String {
+pub(crate) fn uid(n: u32) -> String {
     format!("{n:08x}-1111-4222-8333-444455556666")
 }
 

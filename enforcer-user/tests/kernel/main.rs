@@ -8,6 +8,7 @@ mod explain;
 mod harness;
 mod kubernetes;
 mod learning;
+mod learning_kubernetes;
 mod learning_paths;
 mod live;
 mod pod;

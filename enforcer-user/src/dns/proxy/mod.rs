@@ -312,6 +312,14 @@ impl Proxy {
         }
     }
 
+    /// Pods whose DNS something else captures (an Istio sidecar or ztunnel): their queries go
+    /// where they were sent, and they learn nothing.
+    pub fn set_skipped(&mut self, cgroups: &std::collections::BTreeSet<u64>) {
+        if let Err(err) = self.maps.set_skipped(cgroups) {
+            log::error!("{err:#}");
+        }
+    }
+
     pub fn handle(&self) -> LearningHandle {
         LearningHandle(Arc::clone(&self.shared))
     }
