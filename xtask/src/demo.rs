@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: seeds 000 and 001 (steps 1 to 4) live on this machine.
+//! `cargo xtask demo`: seeds 000 and 001 (steps 1 to 4), 002 and 003 live on this machine.
 //!
 //! An "internet" network namespace holds test hosts on documentation addresses, dnsmasq on
 //! loopback serves their names, and the agent runs from policies copied in step by step. Clients
@@ -25,6 +25,12 @@ const VETH: &str = "enf-demo0";
 const PIN_ROOT: &str = "/sys/fs/bpf/enforcer-demo";
 const CGROUP_PARENT: &str = "enforcer-demo";
 const DNS_IP: &str = "127.0.0.153";
+/// A CDN's DNS server, in the "internet" namespace: a fresh address on every answer.
+const CDN_DNS: &str = "203.0.113.53";
+/// Where its answers point (the test hosts' own, so that every fresh address accepts).
+const CDN_POOL: &str = "198.51.100.128/25";
+const OTHER_POOL: &str = "198.51.100.64/26";
+const WIKI_POOL: &str = "203.0.113.128/25";
 // 192.0.2.0/24 is avoided: some hosts (these CI machines among them) use it for their uplink.
 const RECORDS: &[(&str, &str)] = &[
     ("www.wikipedia.org", "203.0.113.10"),
@@ -42,6 +48,7 @@ struct Demo {
     agent: Option<Child>,
     net: Option<TestNet>,
     dns: Option<Dnsmasq>,
+    cdn: Option<Child>,
 }
 
 pub fn run(bin: &Path) -> anyhow::Result<()> {
@@ -55,6 +62,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         agent: None,
         net: None,
         dns: None,
+        cdn: None,
     };
     demo.cleanup();
     let result = demo.scenario();
@@ -140,7 +148,130 @@ impl Demo {
         self.expect_tcp("default", "203.0.113.40", 80, true)?;
         self.expect_tcp("default", "203.0.113.41", 80, true)?;
         self.expect_tcp("default", "www.example.org", 80, false)?;
+
+        title("Step 6 (seed 003): github, apt and pip hosts, and *.wikipedia.org, with resolution NONE: allowed by what the workload's own DNS answers say (policies/003-*.yaml)");
+        self.start_cdn()?;
+        copy("003-external-hosts.yaml")?;
+        copy("003-wikipedia-wildcard.yaml")?;
+        std::thread::sleep(Duration::from_millis(300));
+        println!("  {CDN_DNS} answers like a CDN: a fresh address from {CDN_POOL} on every query, TTL 1 s");
+        self.expect_lookups(
+            "default",
+            &[
+                "--name",
+                "pypi.org",
+                "--name",
+                "files.pythonhosted.org",
+                "--name",
+                "github.com",
+            ],
+            443,
+            300,
+            true,
+        )?;
+        self.expect_lookups(
+            "default",
+            &["--name", "deb.debian.org", "--name", "security.debian.org"],
+            80,
+            100,
+            true,
+        )?;
+        self.expect_lookups(
+            "default",
+            &["--pattern", "lang{i}.wikipedia.org"],
+            443,
+            100,
+            true,
+        )?;
+        self.expect_lookups("default", &["--name", "wikipedia.org"], 443, 5, false)?;
+        self.expect_lookups(
+            "default",
+            &["--name", "downloads.evil.example"],
+            443,
+            5,
+            false,
+        )?;
+        self.show_last_denial()?;
+        self.expect_lookups("frontend", &["--name", "pypi.org"], 443, 5, false)?;
         Ok(())
+    }
+
+    /// The CDN's authoritative server in the "internet" namespace, and its pools made the
+    /// test hosts' own addresses.
+    fn start_cdn(&mut self) -> anyhow::Result<()> {
+        let in_ns =
+            |args: &[&str]| sh::run(Command::new("ip").args(["netns", "exec", NETNS]).args(args));
+        in_ns(&["ip", "addr", "add", &format!("{CDN_DNS}/32"), "dev", "lo"])?;
+        for pool in [CDN_POOL, OTHER_POOL, WIKI_POOL] {
+            in_ns(&["ip", "route", "add", "local", pool, "dev", "lo"])?;
+        }
+        let ready = self.work.join("cdn-ready");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", NETNS, enforcer_testkit::python()])
+            .arg(enforcer_testkit::script("dns_server.py"))
+            .args(["--listen", &format!("{CDN_DNS}:53"), "--ttl", "1"]);
+        for zone in ["pypi.org", "pythonhosted.org", "github.com", "debian.org"] {
+            cmd.args(["--rotate", &format!("{zone}={CDN_POOL}")]);
+        }
+        cmd.args(["--rotate", &format!("wikipedia.org={WIKI_POOL}")])
+            .args(["--rotate", &format!("evil.example={OTHER_POOL}")])
+            .arg("--ready")
+            .arg(&ready)
+            .stdout(Stdio::null());
+        self.cdn = Some(cmd.spawn().context("starting dns_server.py")?);
+        wait(Duration::from_secs(10), || ready.exists())
+            .context("the CDN's DNS server did not start")
+    }
+
+    /// `count` lookups through glibc at the CDN's server, each connected to `port` at once;
+    /// all must connect (`allowed`) or all be refused.
+    fn expect_lookups(
+        &self,
+        ns: &str,
+        names: &[&str],
+        port: u16,
+        count: u32,
+        allowed: bool,
+    ) -> anyhow::Result<()> {
+        let resolve = enforcer_testkit::script("resolve.py").display().to_string();
+        let port_s = port.to_string();
+        let count_s = count.to_string();
+        let mut cmd = vec![
+            enforcer_testkit::python(),
+            &resolve,
+            "--mode",
+            "glibc",
+            "--private-resolv",
+            "--server",
+            CDN_DNS,
+            "--json",
+            "--connect-port",
+            &port_s,
+            "--count",
+            &count_s,
+        ];
+        cmd.extend(names);
+        let out = sh::output(&mut self.client(ns, &cmd))?;
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("resolve.py: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let class = |c: &str| got["counts"][c].as_u64().unwrap_or(0);
+        let what = format!(
+            "{count} x resolve+connect {}:{port}",
+            names
+                .iter()
+                .filter(|n| !n.starts_with("--"))
+                .copied()
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let shown = format!(
+            "{} connected, {} refused (EPERM), {} failed to resolve",
+            class("ok"),
+            class("eperm"),
+            class("resolve_failed")
+        );
+        let want = if allowed { "ok" } else { "eperm" };
+        report(ns, &what, &shown, class(want) == u64::from(count))
     }
 
     fn start_world(&mut self) -> anyhow::Result<()> {
@@ -175,6 +306,13 @@ impl Demo {
             .args([
                 "--dns-server",
                 &format!("{DNS_IP}:53"),
+                // The resolvers whose answers teach: the demo's own and the CDN's.
+                "--dns-upstream",
+                DNS_IP,
+                "--dns-upstream",
+                CDN_DNS,
+                "--allow-cidr",
+                &format!("{CDN_DNS}/32"),
                 "--namespace",
                 "default",
                 "--namespace",
@@ -329,6 +467,10 @@ impl Demo {
         if let Some(mut agent) = self.agent.take() {
             let _ = Command::new("kill").arg(agent.id().to_string()).status();
             let _ = agent.wait();
+        }
+        if let Some(mut cdn) = self.cdn.take() {
+            let _ = cdn.kill();
+            let _ = cdn.wait();
         }
         // Their drops kill dnsmasq and the test hosts, and remove the veth and netns.
         self.dns = None;

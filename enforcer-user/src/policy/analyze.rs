@@ -182,7 +182,7 @@ fn none_without_addresses(se: &ServiceEntry, istio_compat: bool, out: &mut Vec<F
     let effect = if istio_compat {
         "with --istio-compat any IP is allowed on them, as Istio does"
     } else {
-        "Istio would allow any IP on them; enforcer resolves the hosts instead (strict)"
+        "Istio would allow any IP on them; enforcer allows the addresses its own lookups and workloads' DNS answers give for the hosts instead (strict)"
     };
     out.push(finding(
         "IST0134",
