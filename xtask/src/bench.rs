@@ -4,7 +4,8 @@
 //! - cost per run of the connect4 program (bpf_stats), with 10 and with 100,000 allow entries;
 //! - loopback connect() rate with the programs attached vs detached, interleaved rounds;
 //! - time from a ServiceEntry file change to the kernel enforcing it;
-//! - the TC programs on a pod veth (`bench_tc`).
+//! - the TC programs on a pod veth (`bench_tc`);
+//! - DNS learning: lookups through the proxy vs direct, CPU, memory (`bench_dns`).
 //!
 //! Loopback stays always-allowed, so an enforced connect to 127.0.0.1 takes the longest allow
 //! path: cgroup lookup, exact-map miss, scoped trie miss, global trie hit.
@@ -42,6 +43,8 @@ pub enum Only {
     Tc,
     /// The per-run costs against the baseline.
     Cost,
+    /// DNS learning: lookup latency through the proxy vs direct, CPU, memory.
+    Dns,
 }
 
 /// Runs the measures `only` selects; `versions` name the commit the per-run costs compare with
@@ -127,6 +130,12 @@ impl Bench {
         net.route_back(crate::bench_tc::POD_CIDR)?;
         net.route_back(crate::bench_tc::BARE_CIDR)?;
         self.net = Some(net);
+        if self.only == Only::Dns {
+            if let Some(net) = &self.net {
+                crate::bench_dns::run(self, net)?;
+            }
+            return Ok(());
+        }
         if self.only != Only::Tc {
             crate::bench_cost::run(self, versions)?;
         }
@@ -146,6 +155,11 @@ impl Bench {
             crate::bench_tc::run(self, net)?;
         }
         self.stop_agent();
+        if self.only == Only::All {
+            if let Some(net) = &self.net {
+                crate::bench_dns::run(self, net)?;
+            }
+        }
         Ok(())
     }
 

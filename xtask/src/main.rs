@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cost;
+mod bench_dns;
 mod bench_k8s;
 mod bench_tc;
 mod check;
@@ -43,6 +44,9 @@ enum Task {
         /// Only the per-run costs of the programs, this build against the baseline.
         #[arg(long, conflicts_with_all = ["tc_only", "k8s_only"])]
         cost_only: bool,
+        /// Only DNS learning: lookups through the proxy vs direct, CPU, memory.
+        #[arg(long, conflicts_with_all = ["tc_only", "k8s_only", "cost_only"])]
+        dns_only: bool,
         /// The commit whose agent the per-run costs compare with (built once, in a worktree).
         #[arg(long, value_name = "REV", default_value = bench_cost::BASELINE)]
         baseline: String,
@@ -88,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             tc_only,
             k8s_only,
             cost_only,
+            dns_only,
             baseline,
             agent,
         } => {
@@ -99,9 +104,10 @@ fn main() -> anyhow::Result<()> {
             if k8s_only {
                 return bench_k8s::run(&bin);
             }
-            let only = match (tc_only, cost_only) {
-                (true, _) => bench::Only::Tc,
-                (_, true) => bench::Only::Cost,
+            let only = match (tc_only, cost_only, dns_only) {
+                (true, _, _) => bench::Only::Tc,
+                (_, true, _) => bench::Only::Cost,
+                (_, _, true) => bench::Only::Dns,
                 _ => bench::Only::All,
             };
             bench::run(&bin, only, [baseline.as_str(), label])?;

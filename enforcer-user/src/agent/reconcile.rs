@@ -200,9 +200,8 @@ impl Reconciler {
     fn learning_status(&mut self, status: &mut Status) {
         match &self.proxy {
             Ok(proxy) => {
-                let report = proxy.report();
-                self.reported_answers = report.learned_answers + report.servfail_sent;
-                status.dns_learning = Some(report);
+                self.reported_answers = proxy.progress();
+                status.dns_learning = Some(proxy.report());
             }
             Err(why) => status.dns_learning_error = Some(why.clone()),
         }
@@ -213,8 +212,7 @@ impl Reconciler {
     pub fn tick_learning(&mut self, cfg: &AgentConfig) {
         let Ok(proxy) = &self.proxy else { return };
         proxy.expire();
-        let report = proxy.report();
-        if report.learned_answers + report.servfail_sent == self.reported_answers {
+        if proxy.progress() == self.reported_answers {
             return;
         }
         if let Some(mut status) = self.last_status.take() {

@@ -111,6 +111,9 @@ pub struct Learner<S> {
     /// Name ids, both ways: the kernel holds the id.
     names: BTreeMap<String, u32>,
     name_of: BTreeMap<u32, String>,
+    /// Keys per name id: a name goes with its last key, so that a flood of names under a
+    /// wildcard leaves nothing behind once its entries expire.
+    name_keys: BTreeMap<u32, usize>,
     next_name: u32,
     /// Every address answers gave each learning scope, declared or not, with the name and
     /// when (bounded, oldest out first): refusals say what an address was answered for.
@@ -133,6 +136,7 @@ impl<S: Store> Learner<S> {
             keys: BTreeMap::new(),
             names: BTreeMap::new(),
             name_of: BTreeMap::new(),
+            name_keys: BTreeMap::new(),
             next_name: 1,
             seen: BTreeMap::new(),
             seen_order: VecDeque::new(),
@@ -239,25 +243,25 @@ impl<S: Store> Learner<S> {
         for g in granted {
             let key = key_of(scope.id, &g.rule);
             let expires_ns = g.expires.saturating_mul(NS_PER_SEC);
-            let name_id = self.name_id(&g.name);
             // A fresh answer extends; an older one never shortens.
-            let expires_ns = match self.keys.get(&key) {
-                Some(&(_, old)) if old >= expires_ns => continue,
-                _ => expires_ns,
-            };
+            if matches!(self.keys.get(&key), Some(&(_, old)) if old >= expires_ns) {
+                continue;
+            }
+            let name_id = self.name_id(&g.name);
             let value = Learned {
                 expires_ns,
                 name_id,
                 pad: 0,
             };
-            self.store
-                .put(key, value)
-                .map_err(|why| LearnError::Write {
+            if let Err(why) = self.store.put(key, value) {
+                self.drop_if_unused(name_id);
+                return Err(LearnError::Write {
                     name: g.name.clone(),
                     addr: g.rule.net.addr(),
                     why,
-                })?;
-            self.keys.insert(key, (name_id, expires_ns));
+                });
+            }
+            self.remember(key, name_id, expires_ns);
             names.insert(name_id);
             written += 1;
         }
@@ -404,7 +408,38 @@ impl<S: Store> Learner<S> {
 
     fn forget(&mut self, key: &PolicyKey) {
         self.store.delete(key);
-        self.keys.remove(key);
+        if let Some((name, _)) = self.keys.remove(key) {
+            self.release_name(name);
+        }
+    }
+
+    /// Records a key the kernel now holds, for the name it was last learned for.
+    fn remember(&mut self, key: PolicyKey, name: u32, expires_ns: u64) {
+        *self.name_keys.entry(name).or_default() += 1;
+        if let Some((old, _)) = self.keys.insert(key, (name, expires_ns)) {
+            self.release_name(old);
+        }
+    }
+
+    fn drop_if_unused(&mut self, id: u32) {
+        if !self.name_keys.contains_key(&id) {
+            if let Some(name) = self.name_of.remove(&id) {
+                self.names.remove(&name);
+            }
+        }
+    }
+
+    fn release_name(&mut self, id: u32) {
+        let Some(count) = self.name_keys.get_mut(&id) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.name_keys.remove(&id);
+            if let Some(name) = self.name_of.remove(&id) {
+                self.names.remove(&name);
+            }
+        }
     }
 
     fn name_id(&mut self, name: &str) -> u32 {
@@ -418,11 +453,14 @@ impl<S: Store> Learner<S> {
         id
     }
 
-    /// What is learned now, for the status and `explain`.
-    pub fn entries(&self) -> Vec<Entry> {
+    /// What is learned now (the first `limit` addresses), for the status and `explain`.
+    pub fn entries(&self, limit: usize) -> Vec<Entry> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for (key, &(name, expires_ns)) in &self.keys {
+            if out.len() >= limit {
+                break;
+            }
             if !seen.insert((key.scope, key.addr, name)) {
                 continue;
             }

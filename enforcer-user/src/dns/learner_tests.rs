@@ -288,3 +288,23 @@ fn a_refusal_says_why_learning_did_not_allow_it() {
         .to_string();
     assert!(text.contains("answered for evil.test"), "{text}");
 }
+
+#[test]
+fn names_go_with_their_last_entry_so_a_flood_leaves_nothing_behind() {
+    let mut l = learner(&[(1, scope(10, &["*.example.com"], &[(L4::Tcp, 443)]))]);
+    for i in 0..200u64 {
+        let name = format!("r{i}.example.com.");
+        l.learn(
+            1,
+            &answer(&name, 60, &[&format!("198.51.100.{}", i % 50)]),
+            0,
+        )
+        .unwrap();
+    }
+    // Addresses are shared by several names: each key holds the name it was last learned for.
+    assert_eq!(l.len(), 50);
+    assert_eq!(l.names.len(), l.name_keys.len());
+    assert!(l.names.len() <= 50, "{}", l.names.len());
+    assert_eq!(l.expire(1000 * SEC), 50);
+    assert!(l.names.is_empty() && l.name_of.is_empty() && l.name_keys.is_empty());
+}

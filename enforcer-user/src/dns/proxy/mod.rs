@@ -55,7 +55,11 @@ pub struct Stats {
     pub queries: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub servfail_sent: AtomicU64,
-    pub refused_sources: AtomicU64,
+    /// Time from an answer's arrival to its addresses being in the kernel (lock wait, parse,
+    /// map writes), over the answers that wrote something.
+    pub learn_ns_sum: AtomicU64,
+    pub learn_ns_max: AtomicU64,
+    pub learn_count: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -99,9 +103,18 @@ impl Shared {
             });
             return Some(reply);
         }
+        let started = Instant::now();
         let learned = self.learner().learn(slot, &reply, boottime_ns());
         match learned {
-            Ok(_) => Some(reply),
+            Ok(written) => {
+                if written > 0 {
+                    let ns = started.elapsed().as_nanos() as u64;
+                    self.stats.learn_ns_sum.fetch_add(ns, Ordering::Relaxed);
+                    self.stats.learn_ns_max.fetch_max(ns, Ordering::Relaxed);
+                    self.stats.learn_count.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(reply)
+            }
             Err(err) => {
                 log::warn!("dns-learn-failed: {err}; the workload gets SERVFAIL");
                 self.servfail(query)
@@ -358,6 +371,13 @@ impl Proxy {
         }
     }
 
+    /// Answers learned from and answers refused (SERVFAIL) so far: when it moves, the status
+    /// is due.
+    pub fn progress(&self) -> u64 {
+        self.shared.learner().learned_answers
+            + self.shared.stats.servfail_sent.load(Ordering::Relaxed)
+    }
+
     pub fn report(&self) -> ProxyReport {
         let learner = self.shared.learner();
         let now = boottime_ns();
@@ -386,9 +406,8 @@ impl Proxy {
                 .collect(),
             last_failure: learner.last_failure.clone(),
             learned: learner
-                .entries()
+                .entries(REPORTED_ENTRIES)
                 .into_iter()
-                .take(REPORTED_ENTRIES)
                 .map(|e: Entry| LearnedReport {
                     scope: scope_of(e.scope),
                     name: e.name,
@@ -397,6 +416,11 @@ impl Proxy {
                 })
                 .collect(),
             learned_keys: learner.len(),
+            learn_us_mean: {
+                let n = self.shared.stats.learn_count.load(Ordering::Relaxed).max(1);
+                self.shared.stats.learn_ns_sum.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0
+            },
+            learn_us_max: self.shared.stats.learn_ns_max.load(Ordering::Relaxed) as f64 / 1000.0,
         }
     }
 }
@@ -417,6 +441,11 @@ pub struct ProxyReport {
     pub learn_failures: BTreeMap<String, u64>,
     pub last_failure: Option<String>,
     pub learned_keys: usize,
+    /// From an answer's arrival to its addresses in the kernel, in microseconds.
+    #[serde(default)]
+    pub learn_us_mean: f64,
+    #[serde(default)]
+    pub learn_us_max: f64,
     pub learned: Vec<LearnedReport>,
 }
 
