@@ -91,6 +91,14 @@ fn measure(bench: &Bench, agent: &Agent) -> anyhow::Result<()> {
     let ok = got["counts"]["ok"].as_u64().unwrap_or(0);
     let rate = 10_000.0 / elapsed;
     let class = |c: &str| got["counts"][c].as_u64().unwrap_or(0);
+    if class("eperm") > 0 {
+        let records = fs::read_to_string(bench.work.join("dns-records.jsonl")).unwrap_or_default();
+        println!(
+            "  REFUSED after an answer: {}\n  last record: {}",
+            got["failures"],
+            records.lines().last().unwrap_or("none")
+        );
+    }
     println!(
         "  10,000 x resolve and connect at once: {ok} connected, {} refused (EPERM), {} other failures; {rate:.0} lookups and connects/s",
         class("eperm"),
@@ -145,7 +153,8 @@ fn lookups(
             "r{i}.bench.test",
             "--count",
             &count.to_string(),
-        ]);
+        ])
+        .args(["--connect-port", PORT]);
     if !connect {
         cmd.arg("--no-connect");
     }
@@ -339,7 +348,7 @@ impl Agent {
             ])
             .arg("--status-file")
             .arg(&status)
-            .stdout(Stdio::null())
+            .stdout(fs::File::create(bench.work.join("dns-records.jsonl"))?)
             .stderr(log)
             .spawn()?;
         let agent = Self {

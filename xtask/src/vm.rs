@@ -30,8 +30,15 @@ pub const DEFAULT_KERNELS: &[&str] = &[
     "linux-image-6.12-cloud-amd64",
 ];
 const MODULES: &[&str] = &["dummy", "veth", "sch_ingress", "cls_bpf"];
-const HOST_TOOLS: &[&str] = &["ip", "tc", "bpftool"];
-const PACKAGES: &[&str] = &["busybox-static", "cpio", "xz-utils", "iproute2", "bpftool"];
+const HOST_TOOLS: &[&str] = &["ip", "tc", "bpftool", "dnsmasq"];
+const PACKAGES: &[&str] = &[
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "iproute2",
+    "bpftool",
+    "dnsmasq-base",
+];
 const TIMEOUT: Duration = Duration::from_secs(240);
 
 struct Outcome {

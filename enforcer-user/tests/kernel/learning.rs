@@ -35,6 +35,11 @@ pub const ZONES: &[&str] = &[
     // A pool of its own, for names that must not have been learned under another name.
     "--rotate",
     "fresh.example.test=203.0.113.64/26",
+    // For the partial wildcard `*shop.test`.
+    "--rotate",
+    "shop.test=203.0.113.64/26",
+    "--rotate",
+    "myshop.test=203.0.113.64/26",
     "--cname",
     "alias.example.test=edge.cdn.test",
     "--rotate",
@@ -154,6 +159,14 @@ metadata: {name: alias}
 spec:
   hosts: [alias.example.test]
   ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partial}
+spec:
+  hosts: ["*shop.test"]
+  ports: [{number: 8080, name: http-alt, protocol: HTTP}]
   resolution: NONE
 "#;
 

@@ -128,6 +128,13 @@ fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
     );
     assert_eq!(count(&glibc, "ok"), 30, "{glibc}");
 
+    // A partial wildcard, `*shop.test`, covers any name ending in it, `shop.test` included
+    // (Istio's validation only warns about it).
+    for name in ["myshop.test", "shop.test"] {
+        let got = resolve(&agent, "default", None, &["--mode", "udp-connected", "--name", name, "--count", "5", "--connect-port", "8080"]);
+        assert_eq!(count(&got, "ok"), 5, "{name}: {got}");
+    }
+
     // A name under the wildcard that points at the metadata service teaches nothing.
     let meta = resolve(
         &agent,

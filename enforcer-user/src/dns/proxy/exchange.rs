@@ -98,19 +98,35 @@ pub async fn serve_tcp(listener: TcpListener, slot: u8, server: SocketAddr, shar
 }
 
 /// A client's TCP connection: its queries in order, over one upstream connection.
-async fn tcp_client(mut client: TcpStream, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
+async fn tcp_client(client: TcpStream, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
     let mut upstream: Option<TcpStream> = None;
+    serve_tcp_client(client, &mut upstream, slot, server, &shared).await;
+    // The proxy closes first: without a reset, every client connection would leave a
+    // TIME_WAIT towards the server, and tens of thousands of them slow every new connect()
+    // (measured: a TCP lookup from 0.3 to 2.4 ms).
+    if let Some(conn) = upstream {
+        let _ = conn.set_zero_linger();
+    }
+}
+
+async fn serve_tcp_client(
+    mut client: TcpStream,
+    upstream: &mut Option<TcpStream>,
+    slot: u8,
+    server: SocketAddr,
+    shared: &Arc<Shared>,
+) {
     loop {
         let query = match timeout(TCP_IDLE, read_frame(&mut client)).await {
             Ok(Ok(q)) => q,
             _ => return,
         };
         let guard = shared.arrived();
-        let reply = match tcp_exchange(&mut upstream, &query, server, shared.timeout).await {
+        let reply = match tcp_exchange(upstream, &query, server, shared.timeout).await {
             Ok(reply) => shared.release(slot, &query, reply),
             Err(err) => {
                 log::debug!("DNS upstream {server} (TCP): {err}");
-                upstream = None;
+                *upstream = None;
                 shared.servfail(&query)
             }
         };
