@@ -131,7 +131,21 @@ fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
     // A partial wildcard, `*shop.test`, covers any name ending in it, `shop.test` included
     // (Istio's validation only warns about it).
     for name in ["myshop.test", "shop.test"] {
-        let got = resolve(&agent, "default", None, &["--mode", "udp-connected", "--name", name, "--count", "5", "--connect-port", "8080"]);
+        let got = resolve(
+            &agent,
+            "default",
+            None,
+            &[
+                "--mode",
+                "udp-connected",
+                "--name",
+                name,
+                "--count",
+                "5",
+                "--connect-port",
+                "8080",
+            ],
+        );
         assert_eq!(count(&got, "ok"), 5, "{name}: {got}");
     }
 
