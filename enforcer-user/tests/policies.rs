@@ -30,6 +30,12 @@ fn example_service_entries_are_valid() {
             "default/external-svc-mongocluster",
             "default/wikipedia-egress",
             "default/external-svc",
+            // Seed 003: Istio's samples/external, and a wildcard.
+            "default/github-https",
+            "default/github-tcp",
+            "default/make-aptget-work",
+            "default/pypi-https",
+            "default/wikipedia-wildcard",
         ]
     );
     for se in &snap.service_entries {

@@ -57,6 +57,9 @@ pub struct AgentConfig {
     pub allow_sockets: u32,
     /// Learning from workloads' DNS answers through the proxy; `None` turns it off.
     pub dns_proxy: Option<crate::dns::proxy::ProxyOptions>,
+    /// Whether the agent resolves entries' hosts itself (`--dns-allow` both or resolved); if
+    /// not, only what workloads' own answers give is allowed for them.
+    pub pre_resolve: bool,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -144,7 +147,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The first answers are awaited, briefly, so that a restart does not drop the entries of
     // names that merely have no answer yet; a name that hangs holds the start up a second at
     // most. After that, lookups run beside the loop and never delay an apply.
-    let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
+    let names = names_to_resolve(&cfg, &sources);
     let first = resolver.refresh_within(&names, FIRST_ANSWERS).await;
     for err in first.errors {
         log::warn!("{err}");
@@ -156,7 +159,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     loop {
         timing::beat(&cfg.status_file, &mut last_beat);
-        let names = policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat);
+        let names = names_to_resolve(&cfg, &sources);
         dns_changed |= resolver.start(&names);
         if let Some(p) = pods.as_mut() {
             dirty |= p.reconcile(&mut reconciler.dp);
@@ -267,7 +270,7 @@ fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
 /// and queries go to their servers directly.
 fn start_proxy(cfg: &AgentConfig, dp: &mut Datapath) -> Result<crate::dns::proxy::Proxy, String> {
     let Some(opts) = cfg.dns_proxy.clone() else {
-        return Err("off (--no-dns-learning)".into());
+        return Err("off (--dns-allow resolved)".into());
     };
     let (maps, learned) = dp.take_dns().ok_or("the DNS maps are taken")?;
     crate::dns::proxy::Proxy::start(maps, learned, opts).map_err(|err| {
@@ -275,6 +278,15 @@ fn start_proxy(cfg: &AgentConfig, dp: &mut Datapath) -> Result<crate::dns::proxy
         log::error!("{why}; nothing is learned from DNS answers");
         why
     })
+}
+
+/// The names the agent resolves itself: entries' hosts too, unless `--dns-allow learned`.
+fn names_to_resolve(cfg: &AgentConfig, sources: &Sources) -> std::collections::BTreeSet<String> {
+    if cfg.pre_resolve {
+        policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat)
+    } else {
+        policy::endpoint_names(&sources.entries, &sources.workloads)
+    }
 }
 
 /// How long the agent's first apply waits for the first DNS answers.

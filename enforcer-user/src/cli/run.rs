@@ -94,10 +94,11 @@ pub struct RunArgs {
 /// the addresses the workload's lookups return).
 #[derive(Args, Debug)]
 struct LearningArgs {
-    /// Do not proxy workloads' DNS: only the agent's own lookups allow addresses, and
-    /// wildcard hosts allow nothing.
-    #[arg(long)]
-    no_dns_learning: bool,
+    /// Which addresses a ServiceEntry host allows: those the agent's own lookups give and
+    /// those workloads' own DNS answers give (both), only the agent's (resolved: no DNS proxy,
+    /// and wildcard hosts allow nothing), or only the workloads' (learned).
+    #[arg(long, value_enum, value_name = "WHICH", default_value = "both")]
+    dns_allow: DnsAllow,
     /// DNS servers whose port-53 traffic from workloads goes through the proxy (IPv4).
     /// Repeatable [default: the nameservers of /etc/resolv.conf and --dns-server on port 53].
     #[arg(long = "dns-upstream", value_name = "IP")]
@@ -135,7 +136,7 @@ impl LearningArgs {
         dns_server: Option<SocketAddr>,
         limits: crate::dns::learner::Limits,
     ) -> anyhow::Result<Option<crate::dns::proxy::ProxyOptions>> {
-        if self.no_dns_learning {
+        if self.dns_allow == DnsAllow::Resolved {
             return Ok(None);
         }
         let mut upstreams = self.upstreams.clone();
@@ -160,6 +161,13 @@ impl LearningArgs {
             debug_learn_delay: Duration::from_millis(self.dns_debug_learn_delay_ms),
         }))
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DnsAllow {
+    Both,
+    Resolved,
+    Learned,
 }
 
 /// The IPv4 nameservers of /etc/resolv.conf, on port 53.
@@ -354,6 +362,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         judge_icmp: !args.tc_pass_icmp,
         allow_sockets: args.allow_sockets.iter().fold(0, |f, k| f | k.flag()),
         dns_proxy,
+        pre_resolve: args.learning.dns_allow != DnsAllow::Learned,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

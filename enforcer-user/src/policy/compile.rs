@@ -73,6 +73,29 @@ pub struct Inputs<'a> {
 }
 
 /// The names the agent must resolve for these ServiceEntries.
+/// The names of DNS endpoints (WorkloadEntries and `endpoints` given by name), which only
+/// the agent resolves: workloads connect to the entry's hosts, not to these.
+pub fn endpoint_names(entries: &[ServiceEntry], workloads: &[WorkloadEntry]) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for se in entries {
+        if !matches!(
+            se.spec.resolution,
+            Resolution::Dns | Resolution::DnsRoundRobin
+        ) {
+            continue;
+        }
+        if let Some(eps) = endpoints_of(se, workloads) {
+            names.extend(
+                eps.iter()
+                    .filter_map(|ep| ep.address)
+                    .filter(|a| is_name(a))
+                    .map(str::to_string),
+            );
+        }
+    }
+    names
+}
+
 pub fn dns_names(
     entries: &[ServiceEntry],
     workloads: &[WorkloadEntry],
@@ -528,7 +551,7 @@ impl<'a> EntryRules<'a> {
                                 self.resolved(host, l4, &[number], true);
                             } else {
                                 self.notes.push(format!(
-                                    "ServiceEntry {}: wildcard host {host}: only addresses in workloads' own DNS answers are allowed for it (nothing with --no-dns-learning)",
+                                    "ServiceEntry {}: wildcard host {host}: only addresses in workloads' own DNS answers are allowed for it (nothing with --dns-allow resolved)",
                                     self.se.id()
                                 ));
                             }

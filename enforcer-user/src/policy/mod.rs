@@ -12,7 +12,7 @@ pub mod sidecar;
 mod validate;
 mod validate_workload;
 
-pub use compile::{compile, dns_names, Inputs, MeshSettings};
+pub use compile::{compile, dns_names, endpoint_names, Inputs, MeshSettings};
 pub use model::{
     canonical_ip, canonical_net, scope_name, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
 };

@@ -396,3 +396,69 @@ fn a_planned_restart_loses_no_query() {
     );
     assert_eq!(count(&after, "ok"), 10, "{after}");
 }
+
+#[test]
+fn dns_allow_learned_stops_the_agents_own_lookups_of_hosts() {
+    let world = World::new("learnonly");
+    let hosts = Hosts::new(&world);
+    let _upstream = Upstream::start(&world, &hosts, ZONES);
+    let server = format!("{DNS}:53");
+    let resolved = |agent: &crate::harness::Agent| {
+        let status = agent.status();
+        status["dns"].to_string().contains("alias.example.test")
+    };
+    // Both (the default): the agent resolves the exact host itself as well.
+    let agent = start_agent(&world, &["--dns-server", &server]);
+    agent.wait_for(Duration::from_secs(5), "the agent's own answer", || {
+        resolved(&agent)
+    });
+    drop(agent);
+    // Learned only: it does not; the workload's own answer still allows the address.
+    let agent = start_agent(&world, &["--dns-server", &server, "--dns-allow", "learned"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!resolved(&agent), "{}", agent.status()["dns"]);
+    let got = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--name",
+            "alias.example.test",
+            "--count",
+            "5",
+            "--connect-port",
+            "80",
+        ],
+    );
+    assert_eq!(count(&got, "ok"), 5, "{got}");
+}
+
+#[test]
+fn an_answer_that_cannot_be_written_is_servfail_never_a_refused_address() {
+    let world = World::new("learnfull");
+    let hosts = Hosts::new(&world);
+    let _upstream = Upstream::start(&world, &hosts, ZONES);
+    // Three learned keys at most: the fourth fresh address cannot go in.
+    let agent = start_agent(&world, &["--dns-max-learned-per-scope", "3"]);
+    let got = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "f{i}.fresh.example.test",
+            "--count",
+            "6",
+        ],
+    );
+    assert_eq!(count(&got, "ok"), 3, "{got}");
+    assert_eq!(count(&got, "resolve_failed"), 3, "{got}");
+    assert_eq!(count(&got, "eperm"), 0, "{got}");
+    agent.wait_for(Duration::from_secs(3), "the failure in the status", || {
+        agent.status()["dns_learning"]["learn_failures"]["scope_full"].as_u64() >= Some(3)
+    });
+}
