@@ -69,6 +69,9 @@ pub mod program_names {
     /// server's.
     pub const RECVMSG4: &str = "enforcer_recvmsg4";
     pub const GETPEERNAME4: &str = "enforcer_getpeername4";
+    /// `cgroup/bind4` and `bind6`: only the agent binds the proxy's addresses.
+    pub const BIND4: &str = "enforcer_bind4";
+    pub const BIND6: &str = "enforcer_bind6";
 }
 
 /// Scope mode values stored in [`CgroupScope::mode`].
@@ -329,13 +332,20 @@ pub struct DnsConfig {
     /// [`dns_flags`] bits.
     pub flags: u32,
     pub pad: u32,
+    /// The agent's own cgroup: the only one that may bind or send from the proxy's addresses
+    /// (with [`dns_flags::GUARD`]).
+    pub agent_cgroup: u64,
 }
-const _: () = assert!(core::mem::size_of::<DnsConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<DnsConfig>() == 24);
 
 /// Bits of [`DnsConfig::flags`].
 pub mod dns_flags {
     /// `DNS_SKIP` has entries: the hooks look the caller's cgroups up there.
     pub const SKIPS: u32 = 1;
+    /// `agent_cgroup` is known: no other cgroup may bind an address of the prefix or send
+    /// from one, so that nothing else can pass as the proxy (whose replies read as the DNS
+    /// server's).
+    pub const GUARD: u32 = 2;
 }
 
 /// Upstreams the proxy may serve; their indexes fit in [`dns_socket_index`].

@@ -12,7 +12,9 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::{bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_release},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, SockMap},
     programs::SockAddrContext,
@@ -160,6 +162,43 @@ pub fn to_own_proxy(scope: u32, key: &PolicyKey) -> bool {
     let ports = cfg.port_base..cfg.port_base + cfg.upstreams;
     let dns = key.proto == proto::UDP || key.proto == proto::TCP;
     dns && ports.contains(&key.port) && slot_of(scope) == Some(a[15])
+}
+
+/// Whether `addr` (network order) is one of the proxy's and the caller is not the agent: such a
+/// bind, or a datagram sent from such a source (`IP_PKTINFO`), is refused, since a reply from
+/// the prefix reads as the DNS server's.
+#[inline(always)]
+pub fn foreign_proxy_source(addr: [u8; 4]) -> bool {
+    let cfg = config();
+    let p = cfg.prefix4;
+    if cfg.flags & dns_flags::GUARD == 0 || addr[0] != p[0] || addr[1] != p[1] || addr[2] != p[2] {
+        return false;
+    }
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_get_current_cgroup_id() != cfg.agent_cgroup }
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn enforcer_bind4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: bind4 may read user_ip4 with a 4-byte load.
+    let ip = unsafe { read_volatile(&(*ctx.sock_addr).user_ip4) };
+    i32::from(!foreign_proxy_source(ip.to_ne_bytes()))
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn enforcer_bind6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: bind6 may read user_ip6 with 4-byte loads.
+    let (w2, w3) = unsafe {
+        (
+            read_volatile(&(*sa).user_ip6[2]),
+            read_volatile(&(*sa).user_ip6[3]),
+        )
+    };
+    // SAFETY: as above.
+    let w01 = unsafe { read_volatile(&(*sa).user_ip6[0]) | read_volatile(&(*sa).user_ip6[1]) };
+    let mapped = w01 == 0 && w2.to_ne_bytes() == [0, 0, 0xff, 0xff];
+    i32::from(!(mapped && foreign_proxy_source(w3.to_ne_bytes())))
 }
 
 /// A reply from the proxy reads as coming from the server the workload asked.

@@ -66,6 +66,13 @@ pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // A datagram from an address of the DNS proxy (IP_PKTINFO) would pass as the proxy's
+    // reply, whoever sends it: only the agent may send one.
+    // SAFETY: sendmsg4 may read msg_src_ip4 with a 4-byte load.
+    let src = unsafe { read_volatile(&(*ctx.sock_addr).msg_src_ip4) };
+    if dns::foreign_proxy_source(src.to_ne_bytes()) {
+        return DENY;
+    }
     decide::<false>(&ctx, hook::SENDMSG4)
 }
 

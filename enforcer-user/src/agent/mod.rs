@@ -126,7 +126,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(n) = node.as_mut() {
         n.refresh();
     }
-    let proxy = start_proxy(&cfg, &mut dp);
+    let proxy = start_proxy(&cfg, &mut dp, agent_cgroup);
     explainer
         .write()
         .unwrap_or_else(|p| p.into_inner())
@@ -268,12 +268,16 @@ fn exempt_self(dp: &mut Datapath, cgroup2: &std::path::Path) -> Option<u64> {
 
 /// The DNS proxy, or why it is not running: without it nothing is learned (which fails closed)
 /// and queries go to their servers directly.
-fn start_proxy(cfg: &AgentConfig, dp: &mut Datapath) -> Result<crate::dns::proxy::Proxy, String> {
+fn start_proxy(
+    cfg: &AgentConfig,
+    dp: &mut Datapath,
+    agent_cgroup: Option<u64>,
+) -> Result<crate::dns::proxy::Proxy, String> {
     let Some(opts) = cfg.dns_proxy.clone() else {
         return Err("off (--dns-allow resolved)".into());
     };
     let (maps, learned) = dp.take_dns().ok_or("the DNS maps are taken")?;
-    crate::dns::proxy::Proxy::start(maps, learned, opts).map_err(|err| {
+    crate::dns::proxy::Proxy::start(maps, learned, opts, agent_cgroup).map_err(|err| {
         let why = format!("the DNS proxy did not start: {err:#}");
         log::error!("{why}; nothing is learned from DNS answers");
         why

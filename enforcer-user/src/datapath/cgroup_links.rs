@@ -21,8 +21,8 @@ use enforcer_common::program_names;
 use super::{sys, Options};
 
 /// Every cgroup program: the address hooks, socket creation and options, the egress check, and
-/// the DNS proxy's replies.
-const PROGRAMS: [&str; 9] = [
+/// the DNS proxy's replies and addresses.
+const PROGRAMS: [&str; 11] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::SENDMSG4,
@@ -32,6 +32,8 @@ const PROGRAMS: [&str; 9] = [
     program_names::SKB_EGRESS,
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
+    program_names::BIND4,
+    program_names::BIND6,
 ];
 
 pub(super) fn attach_cgroup_programs(ebpf: &mut Ebpf, opts: &Options) -> anyhow::Result<()> {

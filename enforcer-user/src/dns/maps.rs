@@ -29,11 +29,14 @@ pub fn read_learned(map: &LearnedMap) -> Vec<(PolicyKey, Learned)> {
 impl DnsMaps {
     /// Turns redirection on for these upstreams (index = position), at `prefix.slot :
     /// port_base + index`. The upstreams go in before the configuration that uses them.
+    /// Only `agent_cgroup` may then bind or send from the prefix; unknown, nothing is guarded
+    /// (the agent would lock itself out).
     pub fn enable(
         &mut self,
         prefix: Ipv4Addr,
         port_base: u16,
         upstreams: &[Ipv4Addr],
+        agent_cgroup: Option<u64>,
     ) -> anyhow::Result<()> {
         let stale: Vec<[u8; 16]> = self.upstreams.keys().filter_map(Result::ok).collect();
         for key in stale {
@@ -56,8 +59,12 @@ impl DnsMaps {
             flags: match self.skip.keys().next() {
                 Some(_) => enforcer_common::dns_flags::SKIPS,
                 None => 0,
+            } | match agent_cgroup {
+                Some(_) => enforcer_common::dns_flags::GUARD,
+                None => 0,
             },
             pad: 0,
+            agent_cgroup: agent_cgroup.unwrap_or(0),
         };
         self.write_config(config)
     }

@@ -462,3 +462,75 @@ fn an_answer_that_cannot_be_written_is_servfail_never_a_refused_address() {
         agent.status()["dns_learning"]["learn_failures"]["scope_full"].as_u64() >= Some(3)
     });
 }
+
+/// Binds UDP `bind` and sends one datagram to 127.0.0.1:9 from `source` (`IP_PKTINFO`, option 8; no
+/// privilege needed for a local address); prints `bind=...` and `send=...` (ok or the errno).
+const SPOOF: &str = r#"
+import errno, socket, struct, sys
+bind, source = sys.argv[1], sys.argv[2]
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("bind=" + attempt(lambda: s.bind((bind, 10053))))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+info = struct.pack("i4s4s", 0, socket.inet_aton(source), b"\0" * 4)
+print("send=" + attempt(lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IP, 8, info)], 0, ("127.0.0.1", 9))))
+"#;
+
+#[test]
+fn only_the_agent_may_bind_or_send_from_the_proxys_addresses() {
+    let world = World::new("proxyaddr");
+    let hosts = Hosts::new(&world);
+    let _upstream = Upstream::start(&world, &hosts, ZONES);
+    let agent = start_agent(&world, &[]);
+    let spoof = |cmd: &mut Command| {
+        let out = cmd
+            .args(["-c", SPOOF, "169.254.53.200", "169.254.53.1"])
+            .output()
+            .expect("python");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // An enforced workload, and a process in a cgroup no scope claims.
+    let workload = spoof(agent.exec("default", None).arg(python()));
+    assert_eq!(workload, "bind=EPERM\nsend=EPERM\n");
+    let outside = enforcer_user::cgroup::cgroup2_mount()
+        .expect("cgroup2")
+        .join(format!("enforcer-test-{}-outside", world.id));
+    std::fs::create_dir_all(&outside).expect("a cgroup");
+    let got = spoof(&mut enforcer_testkit::cgroups::in_cgroup(
+        &outside,
+        python(),
+    ));
+    let _ = std::fs::remove_dir(&outside);
+    assert_eq!(got, "bind=EPERM\nsend=EPERM\n");
+    // The same calls with a loopback address pass: only the proxy's prefix is guarded.
+    let fine = {
+        let out = agent
+            .exec("default", None)
+            .arg(python())
+            .args(["-c", SPOOF, "127.0.0.1", "127.0.0.1"])
+            .output()
+            .expect("python");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(fine, "bind=ok\nsend=ok\n");
+    // And learning still works: the agent's own sockets are there.
+    let got = resolve(
+        &agent,
+        "default",
+        None,
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "g{i}.example.test",
+            "--count",
+            "5",
+        ],
+    );
+    assert_eq!(count(&got, "ok"), 5, "{got}");
+}

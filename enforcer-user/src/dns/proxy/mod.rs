@@ -178,6 +178,7 @@ impl Proxy {
         mut maps: DnsMaps,
         learned: LearnedMap,
         opts: ProxyOptions,
+        agent_cgroup: Option<u64>,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             opts.prefix.prefix_len() == 24,
@@ -191,7 +192,18 @@ impl Proxy {
         );
         route_local(opts.prefix)?;
         maps.clear_slots();
-        maps.enable(opts.prefix.network(), opts.port_base, &opts.upstreams)?;
+        if agent_cgroup.is_none() {
+            log::warn!(
+                "the agent's cgroup is unknown: any process may bind {} and pass as the DNS proxy",
+                opts.prefix
+            );
+        }
+        maps.enable(
+            opts.prefix.network(),
+            opts.port_base,
+            &opts.upstreams,
+            agent_cgroup,
+        )?;
         let adopted = read_learned(&learned);
         let mut learner = Learner::new(learned, opts.limits.clone());
         if !adopted.is_empty() {
