@@ -11,7 +11,7 @@ use enforcer_testkit::{python, script};
 
 use crate::{
     harness::{Hosts, Want, World},
-    learning::{count, resolve, start_agent, Upstream, DNS, ZONES},
+    learning::{count, resolve, start_agent, Upstream, DNS, NODE_LOCAL, ZONES},
 };
 
 /// Probes `dst:port` over TCP as a workload of `default`.
@@ -533,4 +533,35 @@ fn only_the_agent_may_bind_or_send_from_the_proxys_addresses() {
         ],
     );
     assert_eq!(count(&got, "ok"), 5, "{got}");
+}
+
+#[test]
+fn a_node_local_dns_cache_is_one_more_upstream() {
+    let world = World::new("nodelocal");
+    let hosts = Hosts::new(&world);
+    let upstream = Upstream::start(&world, &hosts, ZONES);
+    let cidr = format!("{NODE_LOCAL}/32");
+    let agent = start_agent(
+        &world,
+        &["--dns-upstream", NODE_LOCAL, "--allow-cidr", &cidr],
+    );
+    let out = agent
+        .exec("default", None)
+        .arg(python())
+        .arg(script("resolve.py"))
+        .args(["--server", NODE_LOCAL, "--json", "--mode", "udp-connected"])
+        .args(["--pattern", "n{i}.example.test", "--count", "20"])
+        .output()
+        .expect("resolve.py");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resolve.py's result");
+    assert_eq!(count(&got, "ok"), 20, "{got}");
+    // The agent asked the node-local address on the workload's behalf.
+    let asked = upstream
+        .queries()
+        .iter()
+        .filter(|q| q.contains(".example.test A") && q.starts_with("query udp n"))
+        .count();
+    assert_eq!(asked, 20);
+    let slots = agent.status()["dns_learning"]["upstreams"].to_string();
+    assert!(slots.contains(NODE_LOCAL), "{slots}");
 }
