@@ -31,7 +31,7 @@ enum Task {
     BuildAndTest,
     /// Check deploy/ offline: kustomizations complete, objects valid against Kubernetes schemas.
     CheckDeploy,
-    /// Live demo of seeds 000 and 001 on this machine (root).
+    /// Live demo of seeds 000 to 003 on this machine (root).
     Demo,
     /// Measure program cost, connect() overhead, time to enforcement and the TC programs (root).
     Bench {
