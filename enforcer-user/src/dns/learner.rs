@@ -279,6 +279,9 @@ impl<S: Store> Learner<S> {
             let declared = scope.rules.iter().any(|r| r.hosts.covers(&a.name));
             if let Some((other, _)) = self.seen.get(&key) {
                 let other_declared = scope.rules.iter().any(|r| r.hosts.covers(other));
+                if self.shared_logged.len() >= SEEN_CAPACITY {
+                    self.shared_logged.clear();
+                }
                 if other != &a.name && declared != other_declared && self.shared_logged.insert(key)
                 {
                     let (allowed, also) = if declared {
