@@ -199,8 +199,15 @@ impl Demo {
     /// The CDN's authoritative server in the "internet" namespace, and its pools made the
     /// test hosts' own addresses.
     fn start_cdn(&mut self) -> anyhow::Result<()> {
-        let in_ns =
-            |args: &[&str]| sh::run(Command::new("ip").args(["netns", "exec", NETNS]).args(args));
+        let in_ns = |args: &[&str]| -> anyhow::Result<()> {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", NETNS])
+                .args(args)
+                .status()?
+                .success();
+            anyhow::ensure!(ok, "ip netns exec {NETNS} {}", args.join(" "));
+            Ok(())
+        };
         in_ns(&["ip", "addr", "add", &format!("{CDN_DNS}/32"), "dev", "lo"])?;
         for pool in [CDN_POOL, OTHER_POOL, WIKI_POOL] {
             in_ns(&["ip", "route", "add", "local", pool, "dev", "lo"])?;
