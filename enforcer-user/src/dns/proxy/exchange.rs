@@ -16,6 +16,8 @@ const MAX_UDP: usize = 65_535;
 /// How long a client's TCP connection may stay idle between queries (RFC 7766 suggests
 /// seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Client TCP connections per slot and upstream at once.
+const MAX_TCP_CLIENTS: usize = 512;
 
 pub async fn serve_udp(sock: UdpSocket, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
     let sock = Arc::new(sock);
@@ -30,7 +32,12 @@ pub async fn serve_udp(sock: UdpSocket, slot: u8, server: SocketAddr, shared: Ar
             }
         };
         let query = buf[..n].to_vec();
-        let guard = shared.arrived();
+        let Some(guard) = shared.arrived() else {
+            if let Some(reply) = shared.servfail(&query) {
+                let _ = sock.send_to(&reply, client).await;
+            }
+            continue;
+        };
         let sock = Arc::clone(&sock);
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
@@ -84,10 +91,20 @@ async fn udp_exchange(
 }
 
 pub async fn serve_tcp(listener: TcpListener, slot: u8, server: SocketAddr, shared: Arc<Shared>) {
+    // Idle client connections are bounded too: each waits up to TCP_IDLE for its next query.
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
     loop {
         match listener.accept().await {
             Ok((client, _)) => {
-                tokio::spawn(tcp_client(client, slot, server, Arc::clone(&shared)));
+                let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                    // Dropped at once: the client sees the connection reset and retries.
+                    continue;
+                };
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    tcp_client(client, slot, server, shared).await;
+                    drop(permit);
+                });
             }
             Err(err) => {
                 log::warn!("DNS proxy slot {slot}: accepting: {err}");
@@ -121,7 +138,12 @@ async fn serve_tcp_client(
             Ok(Ok(q)) => q,
             _ => return,
         };
-        let guard = shared.arrived();
+        let Some(guard) = shared.arrived() else {
+            if let Some(reply) = shared.servfail(&query) {
+                let _ = write_frame(&mut client, &reply).await;
+            }
+            return;
+        };
         let reply = match tcp_exchange(upstream, &query, server, shared.timeout).await {
             Ok(reply) => shared.release(slot, &query, reply),
             Err(err) => {

@@ -49,12 +49,18 @@ pub struct ProxyOptions {
     pub debug_learn_delay: Duration,
 }
 
+/// Queries forwarded at once, over every slot, UDP and TCP. Each holds a socket towards the
+/// upstream until it is answered or times out.
+const MAX_IN_FLIGHT: usize = 4096;
+
 /// Counters for the status.
 #[derive(Default)]
 pub struct Stats {
     pub queries: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub servfail_sent: AtomicU64,
+    /// Queries answered SERVFAIL at once because [`MAX_IN_FLIGHT`] were under way.
+    pub overloaded: AtomicU64,
     /// Time from an answer's arrival to its addresses being in the kernel (lock wait, parse,
     /// map writes), over the answers that wrote something.
     pub learn_ns_sum: AtomicU64,
@@ -79,12 +85,18 @@ impl Shared {
     }
 
     /// Counts a query from its arrival until its answer is sent (see [`Proxy::drain`]).
-    fn arrived(self: &Arc<Self>) -> InFlight {
+    /// `None` when [`MAX_IN_FLIGHT`] queries are under way already: the query gets SERVFAIL
+    /// at once, so that a flood from one workload cannot take the agent's sockets and memory.
+    fn arrived(self: &Arc<Self>) -> Option<InFlight> {
         self.stats.queries.fetch_add(1, Ordering::Relaxed);
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_query_ms.store(ms, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight(Arc::clone(self)))
     }
 
     /// What the workload gets for `reply`, the upstream's answer to `query` from `slot`: the
@@ -410,6 +422,7 @@ impl Proxy {
             queries: self.shared.stats.queries.load(Ordering::Relaxed),
             upstream_failures: self.shared.stats.upstream_failures.load(Ordering::Relaxed),
             servfail_sent: self.shared.stats.servfail_sent.load(Ordering::Relaxed),
+            overloaded: self.shared.stats.overloaded.load(Ordering::Relaxed),
             learned_answers: learner.learned_answers,
             learn_failures: learner
                 .failures
@@ -449,6 +462,9 @@ pub struct ProxyReport {
     pub queries: u64,
     pub upstream_failures: u64,
     pub servfail_sent: u64,
+    /// Queries refused at once (SERVFAIL) because too many were under way.
+    #[serde(default)]
+    pub overloaded: u64,
     pub learned_answers: u64,
     pub learn_failures: BTreeMap<String, u64>,
     pub last_failure: Option<String>,
