@@ -11,9 +11,31 @@ pub struct MeshConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OutboundTrafficPolicy {
     #[serde(default)]
     pub mode: Option<OutboundMode>,
+    /// A Sidecar's proxy for traffic to unknown destinations (Istio: only with ALLOW_ANY).
+    /// Validated, not enforced: ALLOW_ANY lets that traffic through here anyway.
+    #[serde(default)]
+    pub egress_proxy: Option<EgressProxy>,
+}
+
+/// `outboundTrafficPolicy.egressProxy`: a Destination.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EgressProxy {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PortSelector {
+    #[serde(default)]
+    pub number: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]

@@ -67,6 +67,7 @@ pub fn analyze(s: &Subject<'_>) -> Vec<Finding> {
     for se in s.entries {
         exported_nowhere(se, s, &existing, &mut out);
         selector_matches_nothing(se, s.workloads, &mut out);
+        no_ports(se, &mut out);
         none_without_addresses(se, s.istio_compat, &mut out);
     }
     conflicting_resolution(s, &mut out);
@@ -160,6 +161,20 @@ fn selector_matches_nothing(
                 selector.labels, se.namespace
             ),
             "add WorkloadEntries with these labels in the entry's namespace, or fix the selector",
+        ));
+    }
+}
+
+/// ENF0106: Istio accepts an entry without ports, but every rule is a port: it allows nothing.
+fn no_ports(se: &ServiceEntry, out: &mut Vec<Finding>) {
+    if se.spec.ports.is_empty() {
+        out.push(finding(
+            "ENF0106",
+            Severity::Warning,
+            "ServiceEntry",
+            se,
+            "the entry declares no ports, so it allows nothing".to_string(),
+            "add spec.ports for the ports workloads connect to",
         ));
     }
 }

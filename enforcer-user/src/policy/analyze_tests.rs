@@ -142,6 +142,23 @@ fn registry_only_namespace_without_entries() {
 }
 
 #[test]
+fn an_entry_without_ports_is_valid_and_allows_nothing() {
+    let yaml = se(
+        "shop",
+        "portless",
+        "{hosts: [api.example.com], resolution: DNS}",
+    );
+    // Its namespace, REGISTRY_ONLY, then imports nothing either.
+    assert_eq!(
+        Case::new(&yaml).codes(),
+        [
+            ("ENF0106", "ServiceEntry shop/portless".to_string()),
+            ("ENF0104", "namespace shop".to_string())
+        ]
+    );
+}
+
+#[test]
 fn workload_selector_matching_nothing() {
     let yaml = se(
         "shop",

@@ -72,9 +72,7 @@ pub fn validate_service_entry(se: &ServiceEntry) -> Vec<Problem> {
         }
     }
 
-    if spec.ports.is_empty() {
-        errs.push("spec.ports", "at least one port is required");
-    }
+    // Istio accepts an entry without ports; it allows nothing here (`analyze`: ENF0106).
     for (i, port) in spec.ports.iter().enumerate() {
         let name = port.name.as_deref().unwrap_or_default();
         if !is_dns1123_label(name) {
@@ -408,7 +406,7 @@ mod tests {
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}, {number: 80, name: y}]}", Some("spec.ports[1].number")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x}, {number: 81, name: x}]}", Some("spec.ports[1].name")),
         ("{hosts: [a.example.com], ports: [{number: 80, name: x, targetPort: 70000}]}", Some("spec.ports[0].targetPort")),
-        ("{hosts: [a.example.com], ports: []}", Some("spec.ports")),
+        ("{hosts: [a.example.com], ports: []}", None),
         ("{hosts: [a.example.com], addresses: [10.0.0.0/8], ports: [{number: 80, name: x}], resolution: DNS}", Some("spec.addresses[0]")),
         ("{hosts: [a.example.com], addresses: [not-an-ip], ports: [{number: 80, name: x}]}", Some("spec.addresses[0]")),
         ("{hosts: [a.example.com], addresses: ['2001:db8::/32'], ports: [{number: 80, name: x}], resolution: STATIC}", None),

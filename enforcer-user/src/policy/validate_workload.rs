@@ -98,6 +98,9 @@ pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
         }
     }
     check_egress_ports(&spec.egress, &mut errs);
+    if let Some(policy) = &spec.outbound_traffic_policy {
+        check_egress_proxy(policy, &mut errs);
+    }
     if let Some(mode) = spec.outbound_traffic_policy.as_ref().and_then(|p| p.mode) {
         if mode == OutboundMode::Audit {
             errs.warn(
@@ -107,6 +110,45 @@ pub fn validate_sidecar(sc: &Sidecar) -> Vec<Problem> {
         }
     }
     errs.out
+}
+
+/// Istio's `validateSidecarOutboundTrafficPolicy`: an egress proxy only with an explicit
+/// ALLOW_ANY (an unset mode reads as REGISTRY_ONLY there), a host that is a name, and a port.
+fn check_egress_proxy(policy: &crate::istio::OutboundTrafficPolicy, errs: &mut Errors) {
+    let Some(proxy) = &policy.egress_proxy else {
+        return;
+    };
+    let field = "spec.outboundTrafficPolicy.egressProxy";
+    if policy.mode != Some(OutboundMode::AllowAny) {
+        errs.push(
+            field,
+            "sidecar: egress_proxy must be set only with ALLOW_ANY outbound_traffic_policy mode",
+        );
+        return;
+    }
+    match proxy.host.as_deref() {
+        Some(host) if !host.contains('*') => {
+            if let Err(msg) = super::validate::check_host(host) {
+                errs.push(format!("{field}.host"), msg);
+            }
+        }
+        Some(host) => errs.push(
+            format!("{field}.host"),
+            format!("{host:?} is not a name (no wildcards)"),
+        ),
+        None => errs.push(format!("{field}.host"), "a host is required"),
+    }
+    match proxy.port.as_ref().map(|p| p.number) {
+        None => errs.push(
+            format!("{field}.port"),
+            "sidecar: egress_proxy port must be non-nil",
+        ),
+        Some(Some(n)) if (1..=65535).contains(&n) => {}
+        Some(n) => errs.push(
+            format!("{field}.port.number"),
+            format!("{} is not a port number (1-65535)", n.unwrap_or(0)),
+        ),
+    }
 }
 
 /// Istio's listener rules: one catch-all listener (no port), last; unique ports; known protocols.
@@ -363,6 +405,32 @@ mod tests {
             "Sidecar",
             "{egress: [{port: {number: 25, protocol: SMTP}, hosts: ['*/*']}]}",
             Some("spec.egress[0].port.protocol"),
+        ),
+        (
+            "Sidecar",
+            "{outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: proxy.example.com, port: {number: 3128}}}}",
+            None,
+        ),
+        (
+            "Sidecar",
+            "{outboundTrafficPolicy: {mode: REGISTRY_ONLY, egressProxy: {host: proxy.example.com, port: {number: 3128}}}}",
+            Some("spec.outboundTrafficPolicy.egressProxy"),
+        ),
+        // Unset reads as REGISTRY_ONLY in Istio's check.
+        (
+            "Sidecar",
+            "{outboundTrafficPolicy: {egressProxy: {host: proxy.example.com, port: {number: 3128}}}}",
+            Some("spec.outboundTrafficPolicy.egressProxy"),
+        ),
+        (
+            "Sidecar",
+            "{outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: proxy.example.com}}}",
+            Some("spec.outboundTrafficPolicy.egressProxy.port"),
+        ),
+        (
+            "Sidecar",
+            "{outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: '*.example.com', port: {number: 3128}}}}",
+            Some("spec.outboundTrafficPolicy.egressProxy.host"),
         ),
     ];
 
