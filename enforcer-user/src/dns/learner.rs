@@ -114,6 +114,8 @@ pub struct Learner<S> {
     /// Keys per name id: a name goes with its last key, so that a flood of names under a
     /// wildcard leaves nothing behind once its entries expire.
     name_keys: BTreeMap<u32, usize>,
+    /// Keys per scope id, for the scope's share without a scan.
+    scope_keys: BTreeMap<u32, usize>,
     next_name: u32,
     /// Every address answers gave each learning scope, declared or not, with the name and
     /// when (bounded, oldest out first): refusals say what an address was answered for.
@@ -137,6 +139,7 @@ impl<S: Store> Learner<S> {
             names: BTreeMap::new(),
             name_of: BTreeMap::new(),
             name_keys: BTreeMap::new(),
+            scope_keys: BTreeMap::new(),
             next_name: 1,
             seen: BTreeMap::new(),
             seen_order: VecDeque::new(),
@@ -151,7 +154,13 @@ impl<S: Store> Learner<S> {
     /// entries stay until they expire, and go earlier only with their scope or port.
     pub fn adopt(&mut self, entries: impl IntoIterator<Item = (PolicyKey, Learned)>) {
         for (key, value) in entries {
-            self.keys.insert(key, (UNKNOWN_NAME, value.expires_ns));
+            if self
+                .keys
+                .insert(key, (UNKNOWN_NAME, value.expires_ns))
+                .is_none()
+            {
+                *self.scope_keys.entry(key.scope).or_default() += 1;
+            }
         }
     }
 
@@ -228,10 +237,11 @@ impl<S: Store> Learner<S> {
             .iter()
             .filter(|g| !self.keys.contains_key(&key_of(scope.id, &g.rule)))
             .count();
-        if new_keys > 0 {
+        let held = |l: &Self| l.scope_keys.get(&scope.id).copied().unwrap_or(0);
+        if new_keys > 0 && held(self) + new_keys > self.limits.max_per_scope {
+            // Expired entries make room first; only then is the share spent.
             self.expire_scope(scope.id, now_ns);
-            let held = self.keys.keys().filter(|k| k.scope == scope.id).count();
-            if held + new_keys > self.limits.max_per_scope {
+            if held(self) + new_keys > self.limits.max_per_scope {
                 return Err(LearnError::ScopeFull {
                     scope: scope.name.clone(),
                     max: self.limits.max_per_scope,
@@ -355,9 +365,13 @@ impl<S: Store> Learner<S> {
 
     /// Keeps at most `max_ips` addresses of one name in one scope: the latest to expire.
     fn cap_name(&mut self, scope: u32, name: u32) {
+        // Each address holds at least one key: under the cap in keys, under it in addresses.
+        if self.name_keys.get(&name).copied().unwrap_or(0) <= self.limits.max_ips {
+            return;
+        }
         let mut by_addr: BTreeMap<[u8; 16], u64> = BTreeMap::new();
-        for (key, &(n, expires)) in &self.keys {
-            if key.scope == scope && n == name {
+        for (key, &(n, expires)) in self.keys.range(scope_range(scope)) {
+            if n == name {
                 let e = by_addr.entry(key.addr).or_default();
                 *e = (*e).max(expires);
             }
@@ -400,8 +414,8 @@ impl<S: Store> Learner<S> {
     fn expire_scope(&mut self, scope: u32, now_ns: u64) {
         let gone: Vec<PolicyKey> = self
             .keys
-            .iter()
-            .filter(|(k, &(_, expires))| k.scope == scope && expires < now_ns)
+            .range(scope_range(scope))
+            .filter(|(_, &(_, expires))| expires < now_ns)
             .map(|(k, _)| *k)
             .collect();
         for key in gone {
@@ -413,14 +427,21 @@ impl<S: Store> Learner<S> {
         self.store.delete(key);
         if let Some((name, _)) = self.keys.remove(key) {
             self.release_name(name);
+            if let Some(n) = self.scope_keys.get_mut(&key.scope) {
+                *n -= 1;
+                if *n == 0 {
+                    self.scope_keys.remove(&key.scope);
+                }
+            }
         }
     }
 
     /// Records a key the kernel now holds, for the name it was last learned for.
     fn remember(&mut self, key: PolicyKey, name: u32, expires_ns: u64) {
         *self.name_keys.entry(name).or_default() += 1;
-        if let Some((old, _)) = self.keys.insert(key, (name, expires_ns)) {
-            self.release_name(old);
+        match self.keys.insert(key, (name, expires_ns)) {
+            Some((old, _)) => self.release_name(old),
+            None => *self.scope_keys.entry(key.scope).or_default() += 1,
         }
     }
 
@@ -543,6 +564,25 @@ impl std::fmt::Display for NotLearned {
             Self::OtherScope { name, scope } => write!(f, "the address was learned for {name} by scope {scope} only"),
         }
     }
+}
+
+/// Every key of one scope (keys order by scope first).
+fn scope_range(scope: u32) -> std::ops::RangeInclusive<PolicyKey> {
+    let low = PolicyKey {
+        scope,
+        port: 0,
+        proto: 0,
+        pad: 0,
+        addr: [0; 16],
+    };
+    let high = PolicyKey {
+        scope,
+        port: u16::MAX,
+        proto: u8::MAX,
+        pad: u8::MAX,
+        addr: [u8::MAX; 16],
+    };
+    low..=high
 }
 
 fn key_of(scope: u32, rule: &crate::policy::Rule) -> PolicyKey {

@@ -307,4 +307,5 @@ fn names_go_with_their_last_entry_so_a_flood_leaves_nothing_behind() {
     assert!(l.names.len() <= 50, "{}", l.names.len());
     assert_eq!(l.expire(1000 * SEC), 50);
     assert!(l.names.is_empty() && l.name_of.is_empty() && l.name_keys.is_empty());
+    assert!(l.scope_keys.is_empty());
 }
