@@ -169,6 +169,10 @@ pub fn to_own_proxy(scope: u32, key: &PolicyKey) -> bool {
 /// the prefix reads as the DNS server's.
 #[inline(always)]
 pub fn foreign_proxy_source(addr: [u8; 4]) -> bool {
+    // Most sends name no source and most binds the wildcard: no map lookup for them.
+    if addr == [0; 4] {
+        return false;
+    }
     let cfg = config();
     let p = cfg.prefix4;
     if cfg.flags & dns_flags::GUARD == 0 || addr[0] != p[0] || addr[1] != p[1] || addr[2] != p[2] {

@@ -7,4 +7,5 @@ pub mod host;
 pub mod learn;
 pub mod learner;
 pub mod maps;
+pub mod not_learned;
 pub mod proxy;

@@ -214,11 +214,29 @@ pub fn start_agent(world: &World, extra: &[&str]) -> Agent {
 
 /// `resolve.py` as a workload of `ns` (in local pod `netns` if given); its JSON result.
 pub fn resolve(agent: &Agent, ns: &str, netns: Option<&str>, args: &[&str]) -> serde_json::Value {
+    resolve_at(agent, ns, netns, DNS, args)
+}
+
+/// [`resolve`] with glibc's kind of stub (connected UDP) from `default`, in the host namespace.
+pub fn udp_lookups(agent: &Agent, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--mode", "udp-connected"];
+    all.extend(args);
+    resolve(agent, "default", None, &all)
+}
+
+/// [`resolve`] asking `server` instead of [`DNS`].
+pub fn resolve_at(
+    agent: &Agent,
+    ns: &str,
+    netns: Option<&str>,
+    server: &str,
+    args: &[&str],
+) -> serde_json::Value {
     let out = agent
         .exec(ns, netns)
         .arg(python())
         .arg(script("resolve.py"))
-        .args(["--server", DNS, "--json"])
+        .args(["--server", server, "--json"])
         .args(args)
         .output()
         .expect("running resolve.py");
@@ -276,18 +294,9 @@ fn every_rotating_answer_is_allowed_at_once_and_an_unrelated_name_never() {
     assert!(!out.status.success(), "reached an address no answer gave");
 
     let n = 300;
-    let got = resolve(
+    let got = udp_lookups(
         &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "r{i}.example.test",
-            "--count",
-            &n.to_string(),
-        ],
+        &["--pattern", "r{i}.example.test", "--count", &n.to_string()],
     );
     assert_eq!(count(&got, "ok"), n, "{got}");
     assert_eq!(
@@ -304,44 +313,16 @@ fn every_rotating_answer_is_allowed_at_once_and_an_unrelated_name_never() {
     assert!(asked >= n as usize, "{asked} queries reached the server");
 
     // An unrelated name on the same port: the answer arrives, the connection is refused.
-    let evil = resolve(
-        &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--name",
-            "www.evil.test",
-            "--count",
-            "20",
-        ],
-    );
+    let evil = udp_lookups(&agent, &["--name", "www.evil.test", "--count", "20"]);
     assert_eq!(count(&evil, "eperm"), 20, "{evil}");
     assert_eq!(arrivals(&hosts, "203.0.113.", 443), 0);
     // The wildcard's apex is not under it; a port the entry does not declare stays refused.
-    let apex = resolve(
-        &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--name",
-            "example.test",
-            "--count",
-            "5",
-        ],
-    );
+    let apex = udp_lookups(&agent, &["--name", "example.test", "--count", "5"]);
     assert_eq!(count(&apex, "eperm"), 5, "{apex}");
     assert_eq!(arrivals(&hosts, "198.51.100.99", 443), 0);
-    let port = resolve(
+    let port = udp_lookups(
         &agent,
-        "default",
-        None,
         &[
-            "--mode",
-            "udp-connected",
             "--name",
             "a.example.test",
             "--count",
@@ -462,18 +443,9 @@ fn the_race_test_catches_a_proxy_that_releases_before_it_writes() {
     let hosts = Hosts::new(&world);
     let _upstream = Upstream::start(&world, &hosts, ZONES);
     let agent = start_agent(&world, &["--dns-debug-learn-delay-ms", "5"]);
-    let got = resolve(
+    let got = udp_lookups(
         &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "r{i}.example.test",
-            "--count",
-            "200",
-        ],
+        &["--pattern", "r{i}.example.test", "--count", "200"],
     );
     eprintln!("released before written: {got}");
     // Addresses rotate over 126 hosts, so some were learned by an earlier lookup; most not.
