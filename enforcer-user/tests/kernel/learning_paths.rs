@@ -11,7 +11,9 @@ use enforcer_testkit::{python, script};
 
 use crate::{
     harness::{Hosts, Want, World},
-    learning::{count, resolve, start_agent, Upstream, DNS, NODE_LOCAL, ZONES},
+    learning::{
+        count, resolve, resolve_at, start_agent, udp_lookups, Upstream, DNS, NODE_LOCAL, ZONES,
+    },
 };
 
 /// Probes `dst:port` over TCP as a workload of `default`.
@@ -28,13 +30,9 @@ fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
 
     // alias.example.test (port 80) is a CNAME to a rotating CDN name: its addresses are the
     // alias's, on the alias's port.
-    let alias = resolve(
+    let alias = udp_lookups(
         &agent,
-        "default",
-        None,
         &[
-            "--mode",
-            "udp-connected",
             "--name",
             "alias.example.test",
             "--count",
@@ -45,13 +43,9 @@ fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
     );
     assert_eq!(count(&alias, "ok"), 20, "{alias}");
     // The chain's target is not declared: its fresh addresses stay refused.
-    let target = resolve(
+    let target = udp_lookups(
         &agent,
-        "default",
-        None,
         &[
-            "--mode",
-            "udp-connected",
             "--name",
             "edge.cdn.test",
             "--count",
@@ -63,13 +57,9 @@ fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
     assert_eq!(count(&target, "eperm"), 5, "{target}");
 
     // AAAA answers open IPv6 addresses.
-    let v6 = resolve(
+    let v6 = udp_lookups(
         &agent,
-        "default",
-        None,
         &[
-            "--mode",
-            "udp-connected",
             "--family",
             "6",
             "--pattern",
@@ -131,32 +121,17 @@ fn cname_chains_aaaa_truncation_and_search_lists_teach_the_name_asked() {
     // A partial wildcard, `*shop.test`, covers any name ending in it, `shop.test` included
     // (Istio's validation only warns about it).
     for name in ["myshop.test", "shop.test"] {
-        let got = resolve(
+        let got = udp_lookups(
             &agent,
-            "default",
-            None,
-            &[
-                "--mode",
-                "udp-connected",
-                "--name",
-                name,
-                "--count",
-                "5",
-                "--connect-port",
-                "8080",
-            ],
+            &["--name", name, "--count", "5", "--connect-port", "8080"],
         );
         assert_eq!(count(&got, "ok"), 5, "{name}: {got}");
     }
 
     // A name under the wildcard that points at the metadata service teaches nothing.
-    let meta = resolve(
+    let meta = udp_lookups(
         &agent,
-        "default",
-        None,
         &[
-            "--mode",
-            "udp-connected",
             "--name",
             "meta.example.test",
             "--count",
@@ -195,23 +170,22 @@ fn forged_answers_teach_nothing() {
     while !ready.exists() && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = agent
-        .exec("default", None)
-        .arg(python())
-        .arg(script("resolve.py"))
-        .args([
-            "--server",
-            "127.0.0.54",
-            "--json",
+    let got = resolve_at(
+        &agent,
+        "default",
+        None,
+        "127.0.0.54",
+        &[
             "--mode",
             "udp-connected",
-        ])
-        .args(["--name", "forged.example.test", "--count", "3"])
-        .output()
-        .expect("resolve.py");
+            "--name",
+            "forged.example.test",
+            "--count",
+            "3",
+        ],
+    );
     let _ = forger.kill();
     let _ = forger.wait();
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resolve.py's result");
     assert_eq!(count(&got, "eperm"), 3, "{got}");
     assert!(!hosts
         .received()
@@ -270,19 +244,7 @@ fn a_killed_agent_leaves_dns_working_and_what_it_learned_expires_without_it() {
     let mut agent = start_agent(&world, &["--dns-min-ttl", "1", "--dns-grace", "2"]);
 
     // Learned before the crash: an address, and a connection to it that stays open.
-    let fixed = resolve(
-        &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--name",
-            "fixed.example.test",
-            "--count",
-            "1",
-        ],
-    );
+    let fixed = udp_lookups(&agent, &["--name", "fixed.example.test", "--count", "1"]);
     assert_eq!(count(&fixed, "ok"), 1, "{fixed}");
     let stream = agent
         .exec("default", None)
@@ -318,18 +280,9 @@ fn a_killed_agent_leaves_dns_working_and_what_it_learned_expires_without_it() {
     assert!(failed <= 4, "{results:?}");
 
     // Down: names still resolve (directly), but nothing new is learned.
-    let down = resolve(
+    let down = udp_lookups(
         &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "d{i}.fresh.example.test",
-            "--count",
-            "10",
-        ],
+        &["--pattern", "d{i}.fresh.example.test", "--count", "10"],
     );
     assert_eq!(count(&down, "eperm"), 10, "{down}");
     // TTL 1 s + grace 2 s: the kernel refuses the learned address although no agent runs;
@@ -342,18 +295,9 @@ fn a_killed_agent_leaves_dns_working_and_what_it_learned_expires_without_it() {
 
     // Back: learning resumes.
     agent.respawn();
-    let back = resolve(
+    let back = udp_lookups(
         &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "b{i}.fresh.example.test",
-            "--count",
-            "10",
-        ],
+        &["--pattern", "b{i}.fresh.example.test", "--count", "10"],
     );
     assert_eq!(count(&back, "ok"), 10, "{back}");
 }
@@ -381,19 +325,7 @@ fn a_planned_restart_loses_no_query() {
     for r in &results {
         assert_eq!(count(r, "ok"), 2000, "{r}");
     }
-    let after = resolve(
-        &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "a{i}.example.test",
-            "--count",
-            "10",
-        ],
-    );
+    let after = udp_lookups(&agent, &["--pattern", "a{i}.example.test", "--count", "10"]);
     assert_eq!(count(&after, "ok"), 10, "{after}");
 }
 
@@ -417,13 +349,9 @@ fn dns_allow_learned_stops_the_agents_own_lookups_of_hosts() {
     let agent = start_agent(&world, &["--dns-server", &server, "--dns-allow", "learned"]);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!resolved(&agent), "{}", agent.status()["dns"]);
-    let got = resolve(
+    let got = udp_lookups(
         &agent,
-        "default",
-        None,
         &[
-            "--mode",
-            "udp-connected",
             "--name",
             "alias.example.test",
             "--count",
@@ -442,18 +370,9 @@ fn an_answer_that_cannot_be_written_is_servfail_never_a_refused_address() {
     let _upstream = Upstream::start(&world, &hosts, ZONES);
     // Three learned keys at most: the fourth fresh address cannot go in.
     let agent = start_agent(&world, &["--dns-max-learned-per-scope", "3"]);
-    let got = resolve(
+    let got = udp_lookups(
         &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "f{i}.fresh.example.test",
-            "--count",
-            "6",
-        ],
+        &["--pattern", "f{i}.fresh.example.test", "--count", "6"],
     );
     assert_eq!(count(&got, "ok"), 3, "{got}");
     assert_eq!(count(&got, "resolve_failed"), 3, "{got}");
@@ -463,11 +382,12 @@ fn an_answer_that_cannot_be_written_is_servfail_never_a_refused_address() {
     });
 }
 
-/// Binds UDP `bind` and sends one datagram to 127.0.0.1:9 from `source` (`IP_PKTINFO`, option 8; no
-/// privilege needed for a local address); prints `bind=...` and `send=...` (ok or the errno).
+/// Binds UDP `bind`, then sends `spoof` to 127.0.0.1:`port` from `source` (`IP_PKTINFO`,
+/// option 8; no privilege needed for a local address) and `plain` from no chosen source;
+/// prints `bind=...` and `send=...` (ok or the errno).
 const SPOOF: &str = r#"
 import errno, socket, struct, sys
-bind, source = sys.argv[1], sys.argv[2]
+bind, source, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def attempt(f):
     try:
         f()
@@ -478,8 +398,33 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 print("bind=" + attempt(lambda: s.bind((bind, 10053))))
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 info = struct.pack("i4s4s", 0, socket.inet_aton(source), b"\0" * 4)
-print("send=" + attempt(lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IP, 8, info)], 0, ("127.0.0.1", 9))))
+print("send=" + attempt(lambda: u.sendmsg([b"spoof"], [(socket.IPPROTO_IP, 8, info)], 0, ("127.0.0.1", port))))
+u.sendto(b"plain", ("127.0.0.1", port))
 "#;
+
+/// Runs [`SPOOF`] through `cmd` towards a socket of this test, the receiving side: what the
+/// script printed, and the datagrams that arrived (payload and source), until `plain` did.
+fn spoof(cmd: &mut Command, bind: &str, source: &str) -> (String, Vec<(String, String)>) {
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").expect("a receiving socket");
+    victim
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("a timeout");
+    let port = victim.local_addr().expect("its port").port().to_string();
+    let out = cmd
+        .args(["-c", SPOOF, bind, source, &port])
+        .output()
+        .expect("python");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16];
+    while let Ok((n, from)) = victim.recv_from(&mut buf) {
+        let payload = String::from_utf8_lossy(&buf[..n]).into_owned();
+        got.push((payload.clone(), from.ip().to_string()));
+        if payload == "plain" {
+            break;
+        }
+    }
+    (String::from_utf8_lossy(&out.stdout).into_owned(), got)
+}
 
 #[test]
 fn only_the_agent_may_bind_or_send_from_the_proxys_addresses() {
@@ -487,51 +432,42 @@ fn only_the_agent_may_bind_or_send_from_the_proxys_addresses() {
     let hosts = Hosts::new(&world);
     let _upstream = Upstream::start(&world, &hosts, ZONES);
     let agent = start_agent(&world, &[]);
-    let spoof = |cmd: &mut Command| {
-        let out = cmd
-            .args(["-c", SPOOF, "169.254.53.200", "169.254.53.1"])
-            .output()
-            .expect("python");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    // An enforced workload, and a process in a cgroup no scope claims.
-    let workload = spoof(agent.exec("default", None).arg(python()));
-    assert_eq!(workload, "bind=EPERM\nsend=EPERM\n");
+    let refused = (
+        "bind=EPERM\nsend=EPERM\n".to_string(),
+        vec![("plain".to_string(), "127.0.0.1".to_string())],
+    );
+    // An enforced workload, and a process in a cgroup no scope claims: the receiver gets the
+    // plain datagram only, never one from the proxy's address.
+    let workload = spoof(
+        agent.exec("default", None).arg(python()),
+        "169.254.53.200",
+        "169.254.53.1",
+    );
+    assert_eq!(workload, refused);
     let outside = enforcer_user::cgroup::cgroup2_mount()
         .expect("cgroup2")
         .join(format!("enforcer-test-{}-outside", world.id));
     std::fs::create_dir_all(&outside).expect("a cgroup");
-    let got = spoof(&mut enforcer_testkit::cgroups::in_cgroup(
-        &outside,
-        python(),
-    ));
-    let _ = std::fs::remove_dir(&outside);
-    assert_eq!(got, "bind=EPERM\nsend=EPERM\n");
-    // The same calls with a loopback address pass: only the proxy's prefix is guarded.
-    let fine = {
-        let out = agent
-            .exec("default", None)
-            .arg(python())
-            .args(["-c", SPOOF, "127.0.0.1", "127.0.0.1"])
-            .output()
-            .expect("python");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    assert_eq!(fine, "bind=ok\nsend=ok\n");
-    // And learning still works: the agent's own sockets are there.
-    let got = resolve(
-        &agent,
-        "default",
-        None,
-        &[
-            "--mode",
-            "udp-connected",
-            "--pattern",
-            "g{i}.example.test",
-            "--count",
-            "5",
-        ],
+    let got = spoof(
+        &mut enforcer_testkit::cgroups::in_cgroup(&outside, python()),
+        "169.254.53.200",
+        "169.254.53.1",
     );
+    let _ = std::fs::remove_dir(&outside);
+    assert_eq!(got, refused);
+    // The same calls with a loopback address pass: only the proxy's prefix is guarded.
+    let fine = spoof(
+        agent.exec("default", None).arg(python()),
+        "127.0.0.1",
+        "127.0.0.1",
+    );
+    let both = vec![
+        ("spoof".to_string(), "127.0.0.1".to_string()),
+        ("plain".to_string(), "127.0.0.1".to_string()),
+    ];
+    assert_eq!(fine, ("bind=ok\nsend=ok\n".to_string(), both));
+    // And learning still works: the agent's own sockets are there.
+    let got = udp_lookups(&agent, &["--pattern", "g{i}.example.test", "--count", "5"]);
     assert_eq!(count(&got, "ok"), 5, "{got}");
 }
 
@@ -545,15 +481,20 @@ fn a_node_local_dns_cache_is_one_more_upstream() {
         &world,
         &["--dns-upstream", NODE_LOCAL, "--allow-cidr", &cidr],
     );
-    let out = agent
-        .exec("default", None)
-        .arg(python())
-        .arg(script("resolve.py"))
-        .args(["--server", NODE_LOCAL, "--json", "--mode", "udp-connected"])
-        .args(["--pattern", "n{i}.example.test", "--count", "20"])
-        .output()
-        .expect("resolve.py");
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resolve.py's result");
+    let got = resolve_at(
+        &agent,
+        "default",
+        None,
+        NODE_LOCAL,
+        &[
+            "--mode",
+            "udp-connected",
+            "--pattern",
+            "n{i}.example.test",
+            "--count",
+            "20",
+        ],
+    );
     assert_eq!(count(&got, "ok"), 20, "{got}");
     // The agent asked the node-local address on the workload's behalf.
     let asked = upstream
