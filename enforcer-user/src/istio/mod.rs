@@ -2,10 +2,12 @@
 //! server would keep them; the fields that matter are checked by `policy::validate`.
 
 mod mesh;
+pub mod routing;
 mod service_entry;
 mod workload;
 
 pub use mesh::{MeshConfig, OutboundMode, OutboundTrafficPolicy};
+pub use routing::{DestinationRule, Gateway, VirtualService};
 pub use service_entry::{Endpoint, Port, Resolution, ServiceEntrySpec};
 pub use workload::{
     DeclaredAs, EgressListener, Object, Sidecar, SidecarSpec, WorkloadEntry, WorkloadEntrySpec,

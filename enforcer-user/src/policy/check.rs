@@ -3,10 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use super::{validate_service_entry, validate_sidecar, validate_workload_entry};
+use super::{
+    validate_destination_rule, validate_gateway, validate_service_entry, validate_sidecar,
+    validate_virtual_service, validate_workload_entry,
+};
 use crate::{
     diag::Problem,
-    istio::{MeshConfig, Object, ServiceEntry, Sidecar, WorkloadEntry},
+    istio::{
+        DestinationRule, Gateway, MeshConfig, Object, ServiceEntry, Sidecar, VirtualService,
+        WorkloadEntry,
+    },
     sources::Snapshot,
 };
 
@@ -16,6 +22,9 @@ pub struct Checked {
     pub service_entries: Vec<ServiceEntry>,
     pub workload_entries: Vec<WorkloadEntry>,
     pub sidecars: Vec<Sidecar>,
+    pub gateways: Vec<Gateway>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
     pub mesh: Vec<(String, MeshConfig)>,
     pub problems: Vec<Problem>,
     /// A mesh config was found but could not be read: the caller must fail closed.
@@ -43,10 +52,26 @@ pub fn check(snap: Snapshot) -> Checked {
         &mut problems,
     );
     let sidecars = keep_valid("Sidecar", snap.sidecars, validate_sidecar, &mut problems);
+    let gateways = keep_valid("Gateway", snap.gateways, validate_gateway, &mut problems);
+    let virtual_services = keep_valid(
+        "VirtualService",
+        snap.virtual_services,
+        validate_virtual_service,
+        &mut problems,
+    );
+    let destination_rules = keep_valid(
+        "DestinationRule",
+        snap.destination_rules,
+        validate_destination_rule,
+        &mut problems,
+    );
     Checked {
         service_entries,
         workload_entries,
         sidecars,
+        gateways,
+        virtual_services,
+        destination_rules,
         mesh: snap.mesh,
         problems,
         mesh_unreadable,

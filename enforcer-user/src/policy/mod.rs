@@ -10,6 +10,7 @@ mod learn;
 mod model;
 pub mod sidecar;
 mod validate;
+mod validate_routing;
 mod validate_workload;
 
 pub use compile::{compile, dns_names, endpoint_names, Inputs, MeshSettings};
@@ -17,6 +18,7 @@ pub use model::{
     canonical_ip, canonical_net, scope_name, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
 };
 pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
+pub use validate_routing::{validate_destination_rule, validate_gateway, validate_virtual_service};
 pub use validate_workload::{
     is_label_key, is_label_value, validate_sidecar, validate_workload_entry,
 };

@@ -161,6 +161,9 @@ pub fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot)
                 out.sidecars.push(sc);
             }
         }
+        "Gateway" | "VirtualService" | "DestinationRule" => {
+            routing_object(origin, &kind, &object, &meta, &api_version, &value, out)
+        }
         "IstioOperator" => {
             let mesh = value.get("spec").and_then(|s| s.get("meshConfig")).cloned();
             match mesh.map(typed::<MeshConfig>) {
@@ -199,6 +202,52 @@ pub fn parse_object(origin: &str, label: &str, value: Value, out: &mut Snapshot)
         )),
         _ => out.ignored.push(format!(
             "{origin}: {object} ({api_version}) is not enforced by enforcer"
+        )),
+    }
+}
+
+/// Gateway, VirtualService and DestinationRule. `Gateway` of `gateway.networking.k8s.io` is
+/// another API, which is not read.
+fn routing_object(
+    origin: &str,
+    kind: &str,
+    object: &str,
+    meta: &ObjectMeta,
+    api_version: &str,
+    value: &Value,
+    out: &mut Snapshot,
+) {
+    if kind == "Gateway" && api_version.starts_with("gateway.networking.k8s.io/") {
+        out.ignored.push(format!(
+            "{origin}: {object} ({api_version}) is not enforced by enforcer"
+        ));
+        return;
+    }
+    let problems = &mut out.problems;
+    match kind {
+        "Gateway" => out.gateways.extend(networking(
+            origin,
+            object,
+            meta,
+            api_version,
+            value,
+            problems,
+        )),
+        "VirtualService" => out.virtual_services.extend(networking(
+            origin,
+            object,
+            meta,
+            api_version,
+            value,
+            problems,
+        )),
+        _ => out.destination_rules.extend(networking(
+            origin,
+            object,
+            meta,
+            api_version,
+            value,
+            problems,
         )),
     }
 }

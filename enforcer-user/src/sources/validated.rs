@@ -6,7 +6,10 @@ use std::path::Path;
 use super::files;
 use crate::{
     diag::Problem,
-    istio::{OutboundMode, ServiceEntry, Sidecar, WorkloadEntry},
+    istio::{
+        DestinationRule, Gateway, OutboundMode, ServiceEntry, Sidecar, VirtualService,
+        WorkloadEntry,
+    },
     policy::{self, Desired, MeshSettings},
     sources::Snapshot,
     status::Inputs,
@@ -17,6 +20,9 @@ pub struct Sources {
     pub entries: Vec<ServiceEntry>,
     pub workloads: Vec<WorkloadEntry>,
     pub sidecars: Vec<Sidecar>,
+    pub gateways: Vec<Gateway>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
     pub mesh: MeshSettings,
     /// Every problem, as logged (warnings prefixed).
     pub problems: Vec<String>,
@@ -133,6 +139,9 @@ fn validate(snap: Snapshot) -> Sources {
         entries: checked.service_entries,
         workloads: checked.workload_entries,
         sidecars: checked.sidecars,
+        gateways: checked.gateways,
+        virtual_services: checked.virtual_services,
+        destination_rules: checked.destination_rules,
         mesh,
         problems,
         diagnostics: checked.problems,
