@@ -48,6 +48,9 @@ pub mod map_names {
     /// Cgroups whose DNS is never redirected (pods whose DNS an Istio sidecar or ztunnel
     /// captures), with their subtrees.
     pub const DNS_SKIP: &str = "ENF_DNS_SKIP";
+    /// Destinations a VirtualService routes through an egress gateway, per scope: the
+    /// gateway's addresses ([`crate::Redirect`]).
+    pub const REDIRECTS: &str = "ENF_REDIRECTS";
 }
 
 /// Names of the programs in the object file.
@@ -123,6 +126,12 @@ pub mod reason {
     pub const UNJUDGEABLE: u8 = 6;
     /// A packet on a veth the agent registered no pod for.
     pub const UNKNOWN_VETH: u8 = 7;
+    /// A destination a VirtualService routes through an egress gateway, reached around it (a
+    /// packet that was not redirected, or any port of it under `--egress-gateway-only`).
+    pub const GATEWAY_BYPASS: u8 = 8;
+    /// A destination routed through an egress gateway that the kernel cannot take there: the
+    /// client would have to originate TLS, or the gateway has no address of that family.
+    pub const GATEWAY_REFUSED: u8 = 9;
 }
 
 /// Indexes of the per-CPU `COUNTERS` array.
@@ -165,7 +174,40 @@ pub mod tc_flags {
     pub const ALLOW_MPTCP: u32 = 1 << 6;
     /// Other protocols of `AF_INET`/`AF_INET6` sockets.
     pub const ALLOW_OTHER: u32 = 1 << 7;
+    /// `REDIRECTS` has entries: only then do the hooks look there.
+    pub const REDIRECTS: u32 = 1 << 8;
+    /// `--egress-gateway-only`: `REDIRECTS` also holds port-0, protocol-0 entries that refuse
+    /// every other port and protocol of a gateway-routed address.
+    pub const GATEWAY_ONLY: u32 = 1 << 9;
 }
+
+/// Values of [`Redirect::action`].
+pub mod redirect {
+    /// Rewrite `connect()` to one of the targets.
+    pub const TO_GATEWAY: u32 = 1;
+    /// Refuse: the kernel cannot do what the route asks (see [`crate::reason::GATEWAY_REFUSED`]).
+    pub const REFUSE: u32 = 2;
+    /// Refuse every port and protocol but the routed ones (`--egress-gateway-only`).
+    pub const GATEWAY_ONLY: u32 = 3;
+}
+
+/// Gateway endpoints one redirect picks from, at random, as Cilium's socket LB does.
+pub const MAX_REDIRECT_TARGETS: usize = 8;
+
+/// Value of `REDIRECTS`, keyed by the [`PolicyKey`] of the original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// IPv4 is IPv4-mapped. Targets of an IPv4 destination are IPv4.
+    pub addrs: [[u8; 16]; MAX_REDIRECT_TARGETS],
+    /// Host byte order.
+    pub ports: [u16; MAX_REDIRECT_TARGETS],
+    /// Targets in use, 1 to [`MAX_REDIRECT_TARGETS`] for [`redirect::TO_GATEWAY`].
+    pub count: u32,
+    /// One of [`redirect`].
+    pub action: u32,
+}
+const _: () = assert!(core::mem::size_of::<Redirect>() == 152);
 
 /// Scope id reserved for the always-allowed CIDRs (loopback, `--allow-cidr`).
 pub const GLOBAL_SCOPE: u32 = 0;
@@ -392,6 +434,7 @@ mod user {
     unsafe impl aya::Pod for super::VethPod {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::RecordBudget {}
+    unsafe impl aya::Pod for super::Redirect {}
     unsafe impl aya::Pod for super::DnsConfig {}
     unsafe impl aya::Pod for super::Learned {}
 }

@@ -16,11 +16,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    hook, ipv4_mapped, mode, proto, reason, tc_flags, verdict, CgroupScope, PolicyKey, ScopeName,
-    GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+    hook, ipv4_mapped, mode, proto, reason, redirect, tc_flags, verdict, CgroupScope, PolicyKey,
+    ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
 
 mod dns;
+mod gateway;
 mod packet;
 mod records;
 mod skb;
@@ -96,7 +97,13 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     // SAFETY: the helper has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let scope = current_scope(cgroup_id);
-    if scope.mode == UNCLAIMED || scope.mode == mode::ALLOW_ANY {
+    if scope.mode == UNCLAIMED {
+        return Ok(ALLOW);
+    }
+    // Redirects apply in every mode, as Istio's mesh routes do; without any, ALLOW_ANY
+    // costs nothing more.
+    let flags = tc::config().flags;
+    if scope.mode == mode::ALLOW_ANY && flags & tc_flags::REDIRECTS == 0 {
         return Ok(ALLOW);
     }
 
@@ -152,6 +159,12 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         pad: 0,
         addr,
     };
+    if let Some(r) = gateway::lookup(&key, flags) {
+        return through_gateway::<V6>(ctx, &scope, cgroup_id, key, hook, r);
+    }
+    if scope.mode == mode::ALLOW_ANY {
+        return Ok(ALLOW);
+    }
     if allowed(&key, false) {
         // A connected socket's address is not this call's to change.
         if !V6 && !unspec {
@@ -160,6 +173,35 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         return Ok(ALLOW);
     }
     refuse(&scope, cgroup_id, key, hook, reason::NO_RULE, 0)
+}
+
+/// A `connect()` to a destination routed through an egress gateway goes to the gateway; any
+/// other use of it (a datagram, another port under `--egress-gateway-only`, a route the kernel
+/// cannot take) is refused.
+#[inline(always)]
+fn through_gateway<const V6: bool>(
+    ctx: &SockAddrContext,
+    scope: &CgroupScope,
+    cgroup_id: u64,
+    key: PolicyKey,
+    hook: u8,
+    r: &enforcer_common::Redirect,
+) -> Result<i32, ()> {
+    let connect = hook == hook::CONNECT4 || hook == hook::CONNECT6;
+    if r.action == redirect::TO_GATEWAY && connect {
+        if V6 {
+            gateway::rewrite6(ctx, r)?;
+        } else {
+            gateway::rewrite4(ctx, r)?;
+        }
+        return Ok(ALLOW);
+    }
+    let why = if r.action == redirect::REFUSE {
+        reason::GATEWAY_REFUSED
+    } else {
+        reason::GATEWAY_BYPASS
+    };
+    refuse(scope, cgroup_id, key, hook, why, 0)
 }
 
 /// An IPv6 address from the four 32-bit words a context holds it in (network byte order).

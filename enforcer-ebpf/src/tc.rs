@@ -19,12 +19,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    flow, hook, mode, proto, reason, tc_flags, verdict, CgroupScope, FlowKey, FlowVerdict, FragKey,
-    PolicyKey, TcConfig, VethPod,
+    flow, hook, mode, proto, reason, redirect, tc_flags, verdict, CgroupScope, FlowKey,
+    FlowVerdict, FragKey, PolicyKey, TcConfig, VethPod,
 };
 
 use crate::{
-    allowed, dns,
+    allowed, dns, gateway,
     packet::{parse, Frame, Packet},
     refusal, report, Record,
 };
@@ -160,6 +160,16 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
         pad: 0,
         addr: p.dst,
     };
+    // A packet to a gateway-routed destination was not redirected at connect: a bypass, in
+    // every mode.
+    if let Some(r) = gateway::lookup(&key, config().flags) {
+        let why = if r.action == redirect::REFUSE {
+            reason::GATEWAY_REFUSED
+        } else {
+            reason::GATEWAY_BYPASS
+        };
+        return refuse_flow(p, &scope, flow, &key, was_allowed, generation, why);
+    }
     let enforced = scope.mode != mode::ALLOW_ANY;
     if enforced && (p.routed || p.unwalked) {
         let why = if p.routed {
@@ -190,10 +200,45 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
         remember_first_fragment(p, flow::REPLY);
         return PASS;
     }
-    let verdict = match (ok, scope.mode) {
-        (true, _) => flow::ALLOWED,
-        (false, mode::AUDIT) => flow::AUDITED,
-        (false, _) => flow::REFUSED,
+    if !ok {
+        return refuse_flow(
+            p,
+            &scope,
+            flow,
+            &key,
+            was_allowed,
+            generation,
+            reason::NO_RULE,
+        );
+    }
+    let _ = FLOWS.insert(
+        flow,
+        FlowVerdict {
+            generation,
+            allowed: flow::ALLOWED,
+        },
+        0,
+    );
+    remember_first_fragment(p, flow::ALLOWED);
+    PASS
+}
+
+/// Refuses a flow and caches the refusal, as the judge does for a flow no rule allows; one that
+/// was allowed before is revoked.
+#[inline(always)]
+fn refuse_flow(
+    p: &Packet,
+    scope: &CgroupScope,
+    flow: FlowKey,
+    key: &PolicyKey,
+    was_allowed: bool,
+    generation: u32,
+    why: u8,
+) -> i32 {
+    let verdict = if scope.mode == mode::AUDIT {
+        flow::AUDITED
+    } else {
+        flow::REFUSED
     };
     let _ = FLOWS.insert(
         flow,
@@ -204,18 +249,15 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
         0,
     );
     remember_first_fragment(p, verdict);
-    if !ok {
-        let revoked = was_allowed && verdict == flow::REFUSED;
-        let why = if revoked {
-            // Kept apart: the pod cannot evict it by making new flows and then have the peer
-            // reopen the flow as a reply.
-            let _ = REVOKED.insert(flow, 1, 0);
-            verdict::REVOKED
-        } else {
-            refusal(&scope)
-        };
-        report::<false>(&scope, tc_record(&key, why, reason::NO_RULE));
-    }
+    let record = if was_allowed && verdict == flow::REFUSED {
+        // Kept apart: the pod cannot evict it by making new flows and then have the peer
+        // reopen the flow as a reply.
+        let _ = REVOKED.insert(flow, 1, 0);
+        verdict::REVOKED
+    } else {
+        refusal(scope)
+    };
+    report::<false>(scope, tc_record(key, record, why));
     action(verdict)
 }
 

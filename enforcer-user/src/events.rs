@@ -65,7 +65,7 @@ pub struct DenyRecord {
     pub proto: String,
     pub host: Option<String>,
     /// A stable code for why: `no_rule`, `socket_type`, `source_route`, `spoofed_source`,
-    /// `not_ip`, `loopback`, `unjudgeable`, `unknown_veth`.
+    /// `not_ip`, `loopback`, `unjudgeable`, `unknown_veth`, `gateway_bypass`, `gateway_refused`.
     pub reason_code: &'static str,
     pub reason: String,
     /// For a scope that learns from DNS answers: why learning did not allow the address
@@ -73,6 +73,13 @@ pub struct DenyRecord {
     /// `learning_off`); the reason says more.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learning: Option<&'static str>,
+    /// For a destination routed through an egress gateway (`gateway_bypass`,
+    /// `gateway_refused`): the VirtualService that routes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_service: Option<String>,
+    /// That route's Gateway; or, for a gateway's own workload, the Gateways that chose it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// Records the output could not take (stdout blocked), since the agent started.
@@ -91,6 +98,8 @@ fn reason_code(code: u8) -> &'static str {
         reason::LOOPBACK => "loopback",
         reason::UNJUDGEABLE => "unjudgeable",
         reason::UNKNOWN_VETH => "unknown_veth",
+        reason::GATEWAY_BYPASS => "gateway_bypass",
+        reason::GATEWAY_REFUSED => "gateway_refused",
         _ => "unknown",
     }
 }
@@ -234,7 +243,11 @@ impl Explainer {
             .get(&ip)
             .and_then(|r| r.first())
             .map(|r| r.host.clone());
+        let route = policy
+            .filter(|_| matches!(ev.reason, reason::GATEWAY_BYPASS | reason::GATEWAY_REFUSED))
+            .and_then(|p| crate::policy::gateway::route_for(&p.redirects, ip, ev.port));
         let reason = match (special_reason(ev, &ip.to_string()), l4) {
+            _ if route.is_some() => route.map(|r| r.refusal(ip, ev.port)).unwrap_or_default(),
             (Some(special), _) => special,
             (None, Some(l4)) => decide::refusal(&self.desired, &scope, ip, ev.port, l4),
             (None, None) => format!(
@@ -270,6 +283,10 @@ impl Explainer {
             reason_code: reason_code(ev.reason),
             reason,
             learning: None,
+            virtual_service: route.map(|r| r.virtual_service.clone()),
+            gateway: route
+                .map(|r| r.gateway.clone())
+                .or_else(|| policy.and_then(|p| p.gateway.clone())),
         };
         if ev.reason == reason::NO_RULE && l4.is_some() {
             self.add_learning(&mut record, ev, policy.is_some_and(|p| !p.learn.is_empty()));

@@ -74,6 +74,9 @@ pub struct Inputs {
     /// Kubernetes mode: the namespaces with workloads on this node, the only ones compiled.
     #[serde(default)]
     pub only_namespaces: Option<BTreeSet<String>>,
+    /// `--egress-gateway-only`.
+    #[serde(default)]
+    pub egress_gateway_only: bool,
 }
 
 impl Status {

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub dns: DnsSettings,
     pub allow_cidrs: Vec<IpNet>,
     pub istio_compat: bool,
+    /// `--egress-gateway-only`.
+    pub egress_gateway_only: bool,
     pub datapath: datapath::Options,
     pub cgroups: Layout,
     /// Sidecars without a workloadSelector here set the default for every namespace.
@@ -82,6 +84,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Both modes claim subtrees (pods; namespace cgroups and `--cgroup` mappings): a child
     // cgroup a workload makes is its parent's from its first connection, not the next scan.
     flags |= enforcer_common::tc_flags::CG_TREES;
+    if cfg.egress_gateway_only {
+        flags |= enforcer_common::tc_flags::GATEWAY_ONLY;
+    }
     dp.set_flags(flags)?;
     let agent_cgroup = exempt_self(&mut dp, &cfg.cgroups.root);
     let mut pods = match &cfg.pods {
@@ -285,12 +290,15 @@ fn start_proxy(
 }
 
 /// The names the agent resolves itself: entries' hosts too, unless `--dns-allow learned`.
+/// Hosts routed through an egress gateway always are: their redirects name addresses.
 fn names_to_resolve(cfg: &AgentConfig, sources: &Sources) -> std::collections::BTreeSet<String> {
-    if cfg.pre_resolve {
+    let mut names = if cfg.pre_resolve {
         policy::dns_names(&sources.entries, &sources.workloads, cfg.istio_compat)
     } else {
         policy::endpoint_names(&sources.entries, &sources.workloads)
-    }
+    };
+    names.extend(policy::routing_names(&sources.routing(false)));
+    names
 }
 
 /// How long the agent's first apply waits for the first DNS answers.

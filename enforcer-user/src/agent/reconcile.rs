@@ -106,7 +106,11 @@ impl Reconciler {
         drop(self.desired.take());
         self.explainer().desired = Arc::default();
         let inputs = inputs(cfg, workloads.cgroups, workloads.node, resolver);
-        let mut compiled = sources.compile(&inputs);
+        let mut pods = workloads.pods.map(Pods::assignments).unwrap_or_default();
+        if let Some(n) = workloads.node {
+            pods.extend(n.addresses.iter().cloned());
+        }
+        let mut compiled = sources.compile_with_pods(&inputs, &pods);
         if let Some(n) = workloads.node {
             let unmapped = n.unmapped_mode(&compiled, sources.mesh.mode);
             let bootstrap = n.cluster.bootstrap_rules();
@@ -279,6 +283,7 @@ fn inputs(
         namespaces,
         answers: resolver.answers(),
         only_namespaces: node.map(Node::local_namespaces),
+        egress_gateway_only: cfg.egress_gateway_only,
     }
 }
 

@@ -78,7 +78,8 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     inputs.namespaces.insert(args.namespace.clone());
     let sources = Sources::load(&inputs.policies, inputs.mesh_config.as_deref());
     if args.policies.is_some() {
-        let names = dns_names(&sources.entries, &sources.workloads, inputs.istio_compat);
+        let mut names = dns_names(&sources.entries, &sources.workloads, inputs.istio_compat);
+        names.extend(crate::policy::routing_names(&sources.routing(false)));
         for (name, answer) in Resolver::resolve_blocking(args.dns_server, &names)? {
             match answer {
                 Ok(ips) => {

@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// Follow Istio where `resolution: NONE` has no addresses: any IP on an opaque TCP port.
     #[arg(long)]
     istio_compat: bool,
+    /// Refuse every port and protocol of a gateway-routed host to all but its egress
+    /// gateway's workloads (an egress gateway plus a NetworkPolicy, in one).
+    #[arg(long)]
+    egress_gateway_only: bool,
     /// Map an existing cgroup (path relative to the cgroup2 mount) to a namespace. Repeatable.
     #[arg(long = "cgroup", value_name = "NS=PATH", value_parser = parse_mapping)]
     cgroups: Vec<(String, PathBuf)>,
@@ -342,6 +346,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         allow_cidrs: args.allow_cidr,
         istio_compat: args.istio_compat,
+        egress_gateway_only: args.egress_gateway_only,
         datapath: datapath::Options {
             pin_root: args.placement.pin_root(),
             cgroup_root: cgroups.root.clone(),

@@ -139,6 +139,7 @@ impl Datapath {
             pods: HashMap::try_from(take(&mut ebpf, map_names::POD_SCOPES)?)?,
             trees: HashMap::try_from(take(&mut ebpf, map_names::CG_TREES)?)?,
             tc_config: Array::try_from(take(&mut ebpf, map_names::TC_CONFIG)?)?,
+            redirects: HashMap::try_from(take(&mut ebpf, map_names::REDIRECTS)?)?,
         };
         let veths = HashMap::try_from(take(&mut ebpf, map_names::VETHS)?)?;
         let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)?;

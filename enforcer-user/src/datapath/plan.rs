@@ -2,8 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::net::SocketAddr;
+
 use enforcer_common::{
-    mode, proto, CgroupScope, PolicyKey, FAILED_SCOPE, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+    mode, proto, redirect, CgroupScope, PolicyKey, Redirect, FAILED_SCOPE, GLOBAL_SCOPE,
+    MAX_REDIRECT_TARGETS, POLICY_KEY_HEADER_BITS,
 };
 use ipnet::IpNet;
 
@@ -12,7 +15,7 @@ use crate::{
     istio::OutboundMode,
     k8s::UNENFORCED,
     net::{key_bytes, key_nets, key_prefix_len},
-    policy::Desired,
+    policy::{Desired, RedirectKey, Via},
 };
 
 /// What the kernel maps should hold.
@@ -27,6 +30,8 @@ pub struct MapPlan {
     pub exact: BTreeSet<PolicyKey>,
     /// Trie entries: (prefix length of the whole key, key).
     pub cidr: BTreeSet<(u32, PolicyKey)>,
+    /// Gateway-routed destinations (see `policy::gateway`).
+    pub redirects: BTreeMap<PolicyKey, Redirect>,
 }
 
 /// What workloads get whose scope has no id: no rule names [`FAILED_SCOPE`].
@@ -45,6 +50,7 @@ impl MapPlan {
             .chain(self.cgroups.values().map(|s| s.scope))
             .chain(self.trees.values().map(|s| s.scope))
             .chain(self.pods.values().map(|s| s.scope))
+            .chain(self.redirects.keys().map(|k| k.scope))
             .collect()
     }
 
@@ -171,6 +177,13 @@ pub fn build(
                 ));
             }
         }
+        for (key, route) in &policy.redirects {
+            let (key, value) = redirect_entry(scope, key, &route.via);
+            // Without its redirect (a failed insert), a routed destination is refused, not
+            // reached directly through the entry that declares it.
+            plan.exact.remove(&key);
+            plan.redirects.insert(key, value);
+        }
     }
     for net in desired.global.iter().flat_map(|&net| key_nets(net)) {
         let key = PolicyKey {
@@ -213,6 +226,53 @@ pub fn build(
         plan.cgroups.insert(id, scope);
     }
     plan
+}
+
+/// The kernel's entry for one gateway-routed destination. Targets are of the destination's
+/// family where the gateway has such addresses; an IPv6 destination falls back to IPv4 ones
+/// (written IPv4-mapped), an IPv4 one cannot, and is refused instead of going direct.
+pub fn redirect_entry(scope: u32, key: &RedirectKey, via: &Via) -> (PolicyKey, Redirect) {
+    let (port, proto) = match key.port {
+        0 => (0, proto::ANY),
+        p => (p, proto::TCP),
+    };
+    let pkey = PolicyKey {
+        scope,
+        port,
+        proto,
+        pad: 0,
+        addr: key_bytes(key.ip),
+    };
+    let mut value = Redirect {
+        addrs: [[0; 16]; MAX_REDIRECT_TARGETS],
+        ports: [0; MAX_REDIRECT_TARGETS],
+        count: 0,
+        action: redirect::REFUSE,
+    };
+    match via {
+        Via::GatewayOnly => value.action = redirect::GATEWAY_ONLY,
+        Via::Refused(_) => {}
+        Via::Gateway(targets) => {
+            let same: Vec<&SocketAddr> = targets
+                .iter()
+                .filter(|t| t.is_ipv4() == key.ip.is_ipv4())
+                .collect();
+            let usable = if same.is_empty() && key.ip.is_ipv6() {
+                targets.iter().collect()
+            } else {
+                same
+            };
+            for (i, t) in usable.iter().take(MAX_REDIRECT_TARGETS).enumerate() {
+                value.addrs[i] = key_bytes(t.ip());
+                value.ports[i] = t.port();
+                value.count = i as u32 + 1;
+            }
+            if value.count > 0 {
+                value.action = redirect::TO_GATEWAY;
+            }
+        }
+    }
+    (pkey, value)
 }
 
 /// The scope the agent's own cgroup is exempted with: `enforcer.unenforced`, allowed. `None`

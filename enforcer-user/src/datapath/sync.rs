@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData};
-use enforcer_common::{CgroupScope, PolicyKey, ScopeName, TcConfig};
+use enforcer_common::{tc_flags, CgroupScope, PolicyKey, Redirect, ScopeName, TcConfig};
 
 use super::MapPlan;
 
@@ -18,6 +18,7 @@ pub struct Maps {
     pub pods: HashMap<MapData, [u8; 16], CgroupScope>,
     pub trees: HashMap<MapData, u64, CgroupScope>,
     pub tc_config: Array<MapData, TcConfig>,
+    pub redirects: HashMap<MapData, PolicyKey, Redirect>,
 }
 
 /// What one apply did. Errors leave the affected entries out: less is allowed, never more.
@@ -41,6 +42,7 @@ impl Maps {
                 .filter_map(Result::ok)
                 .map(|k| (k.prefix_len(), k.data()))
                 .collect(),
+            redirects: self.redirects.iter().filter_map(Result::ok).collect(),
         }
     }
 
@@ -94,6 +96,7 @@ impl Maps {
                 )),
             }
         }
+        self.sync_redirects(applied, plan, &mut report);
         // Assignments go in after the rules they point at, and stale ones out before the rules.
         sync_scopes(
             &mut self.cgroups,
@@ -142,15 +145,60 @@ impl Maps {
                 )),
             }
         }
-        // Cached TC verdicts were decided under the old maps.
-        if report.added + report.removed > 0 {
-            if let Err(err) = self.update_tc_config(|_| {}) {
+        // Cached TC verdicts were decided under the old maps. The hooks look for redirects
+        // only while there are some.
+        let want = if applied.redirects.is_empty() {
+            0
+        } else {
+            tc_flags::REDIRECTS
+        };
+        let flags = self.tc_config.get(&0, 0).unwrap_or_default().flags;
+        if report.added + report.removed > 0 || flags & tc_flags::REDIRECTS != want {
+            let set = |c: &mut TcConfig| c.flags = (c.flags & !tc_flags::REDIRECTS) | want;
+            if let Err(err) = self.update_tc_config(set) {
                 report
                     .errors
                     .push(format!("bumping the policy generation: {err}"));
             }
         }
         report
+    }
+
+    /// Redirects are replaced whole: a changed target list is a new value for the same key.
+    fn sync_redirects(&mut self, applied: &mut MapPlan, plan: &MapPlan, report: &mut ApplyReport) {
+        for (key, value) in &plan.redirects {
+            if applied.redirects.get(key) == Some(value) {
+                continue;
+            }
+            match self.redirects.insert(key, value, 0) {
+                Ok(()) => {
+                    applied.redirects.insert(*key, *value);
+                    report.added += 1;
+                }
+                Err(err) => report.errors.push(format!(
+                    "adding a gateway redirect for scope {}: {err}",
+                    key.scope
+                )),
+            }
+        }
+        let stale: Vec<PolicyKey> = applied
+            .redirects
+            .keys()
+            .filter(|k| !plan.redirects.contains_key(*k))
+            .copied()
+            .collect();
+        for key in stale {
+            match self.redirects.remove(&key) {
+                Ok(()) => {
+                    applied.redirects.remove(&key);
+                    report.removed += 1;
+                }
+                Err(err) => report.errors.push(format!(
+                    "removing a gateway redirect for scope {}: {err}",
+                    key.scope
+                )),
+            }
+        }
     }
 
     pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {

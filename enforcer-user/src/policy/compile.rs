@@ -70,6 +70,8 @@ pub struct Inputs<'a> {
     /// runs, and every namespace's scope would multiply the cluster's Services by its
     /// namespaces. `None`: every namespace.
     pub only_namespaces: Option<&'a BTreeSet<String>>,
+    /// Gateways, VirtualServices and DestinationRules.
+    pub routing: super::gateway::Routing<'a>,
 }
 
 /// The names the agent must resolve for these ServiceEntries.
@@ -131,15 +133,16 @@ pub fn dns_names(
 }
 
 /// An endpoint of a ServiceEntry: inline in `endpoints`, or a WorkloadEntry it selects.
-struct EndpointRef<'a> {
-    address: Option<&'a str>,
-    ports: &'a BTreeMap<String, u32>,
+pub(super) struct EndpointRef<'a> {
+    pub address: Option<&'a str>,
+    pub ports: &'a BTreeMap<String, u32>,
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 /// The entry's endpoints, or `None` when it has neither `endpoints` nor a `workloadSelector`
 /// (then its hosts are the endpoints). A selector picks the WorkloadEntries of the entry's
 /// namespace whose labels include all of the selector's.
-fn endpoints_of<'a>(
+pub(super) fn endpoints_of<'a>(
     se: &'a ServiceEntry,
     workloads: &'a [WorkloadEntry],
 ) -> Option<Vec<EndpointRef<'a>>> {
@@ -156,6 +159,7 @@ fn endpoints_of<'a>(
                 .map(|we| EndpointRef {
                     address: we.spec.address.as_deref(),
                     ports: &we.spec.ports,
+                    labels: &we.spec.labels,
                 })
                 .collect(),
         );
@@ -170,6 +174,7 @@ fn endpoints_of<'a>(
             .map(|ep| EndpointRef {
                 address: ep.address.as_deref(),
                 ports: &ep.ports,
+                labels: &ep.labels,
             })
             .collect(),
     )
@@ -210,13 +215,21 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
     // neither policy may stand in for the other's.
     let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ns in &all {
-        let (scopes, mut notes) =
+        let (mut scopes, mut notes) =
             sidecar::scopes_for_namespace(ns, inp.sidecars, inp.root_namespace, inp.mesh.mode);
         out.notes.append(&mut notes);
+        // Gateway workloads are chosen before any Sidecar's: a Sidecar does not apply to them.
+        let (gateways, mut notes) = super::gateway::gateway_scopes(ns, &inp.routing);
+        out.notes.append(&mut notes);
+        scopes.splice(1..1, gateways);
         for sc in scopes {
             let selector = sc.selector.clone();
             let (name, owner) = match &selector {
                 None => (ns.clone(), ns.clone()),
+                Some(labels) if sc.gateway.is_some() => {
+                    let label = super::gateway::scope_label(labels);
+                    (name_of(ns, Some(&label)), format!("{ns}/{label}"))
+                }
                 Some(_) => (
                     name_of(
                         ns,
@@ -245,6 +258,8 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
                 rules: BTreeMap::new(),
                 imports: sc.imports,
                 learn: Vec::new(),
+                gateway: sc.gateway,
+                redirects: BTreeMap::new(),
             };
             for &server in inp.dns_servers {
                 for l4 in [L4::Udp, L4::Tcp] {
@@ -338,6 +353,8 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
             }
         }
     }
+    let mut notes = super::gateway::add_redirects(&mut out, inp);
+    out.notes.append(&mut notes);
     out.notes.sort();
     out.notes.dedup();
     out
@@ -374,7 +391,7 @@ fn refuse_shared_names(
                 mode: OutboundMode::RegistryOnly,
                 rules: BTreeMap::new(),
                 imports: None,
-                learn: Vec::new(),
+                ..ScopePolicy::default()
             };
         }
         shared.insert(name.clone());

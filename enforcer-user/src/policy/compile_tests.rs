@@ -76,6 +76,7 @@ impl Case {
                 workload_entries: &self.workloads,
                 root_namespace: "istio-system",
                 only_namespaces: None,
+                routing: Default::default(),
             },
             name_of,
         )
@@ -290,6 +291,7 @@ fn builtins_dns_servers_and_global_cidrs() {
         workload_entries: &[],
         root_namespace: "istio-system",
         only_namespaces: None,
+        routing: Default::default(),
     });
     assert_eq!(
         d.scopes["x"].mode,

@@ -64,6 +64,7 @@ fn desired(mode: OutboundMode) -> Desired {
         workload_entries: &checked.workload_entries,
         root_namespace: "istio-system",
         only_namespaces: None,
+        routing: Default::default(),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod check;
 mod compile;
 pub mod decide;
+pub mod gateway;
 mod learn;
 mod model;
 pub mod sidecar;
@@ -14,8 +15,10 @@ mod validate_routing;
 mod validate_workload;
 
 pub use compile::{compile, dns_names, endpoint_names, Inputs, MeshSettings};
+pub use gateway::{routing_names, Routing};
 pub use model::{
-    canonical_ip, canonical_net, scope_name, Desired, HostRef, Origin, Rule, ScopePolicy, L4,
+    canonical_ip, canonical_net, scope_name, Desired, GatewayRoute, HostRef, Origin, RedirectKey,
+    Rule, ScopePolicy, Via, L4,
 };
 pub use validate::{export_to_errors, is_dns1123_label, validate_service_entry};
 pub use validate_routing::{validate_destination_rule, validate_gateway, validate_virtual_service};

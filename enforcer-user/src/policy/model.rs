@@ -142,6 +142,60 @@ pub struct ScopePolicy {
     /// The hosts whose addresses, as workloads' own DNS answers give them, this scope may reach
     /// (issue 14; nothing feeds them yet), and on which ports.
     pub learn: Vec<crate::dns::learn::LearnRule>,
+    /// For the workloads of egress gateways: `Gateway namespace/name`, the Gateways whose
+    /// selector chose them. Such a scope reaches only what routes bound to them name.
+    pub gateway: Option<String>,
+    /// Destinations a VirtualService routes through an egress gateway (TCP).
+    pub redirects: BTreeMap<RedirectKey, Arc<GatewayRoute>>,
+}
+
+/// A destination routed through an egress gateway: a port of an address, or (port 0, under
+/// `--egress-gateway-only`) every other port and protocol of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RedirectKey {
+    pub port: u16,
+    pub ip: IpAddr,
+}
+
+/// Why and where a destination goes through a gateway.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GatewayRoute {
+    /// `namespace/name` of the VirtualService.
+    pub virtual_service: String,
+    /// `namespace/name` of the Gateway its other routes bind to.
+    pub gateway: String,
+    /// The host whose address this is.
+    pub host: String,
+    pub via: Via,
+}
+
+impl GatewayRoute {
+    /// Why a connection to `ip`:`port` that this route covers was refused.
+    pub fn refusal(&self, ip: IpAddr, port: u16) -> String {
+        let dst = crate::net::SocketFmt(ip, port);
+        let (vs, gw, host) = (&self.virtual_service, &self.gateway, &self.host);
+        match &self.via {
+            Via::Refused(why) => format!(
+                "{dst} ({host}) is routed through egress gateway {gw} by VirtualService {vs}, but not taken there: {why}"
+            ),
+            Via::Gateway(_) => format!(
+                "{dst} ({host}) is routed through egress gateway {gw} by VirtualService {vs}; only the gateway's workloads connect to it directly, and this packet went around the gateway"
+            ),
+            Via::GatewayOnly => format!(
+                "{host} ({dst}) is routed through egress gateway {gw} by VirtualService {vs}, and --egress-gateway-only refuses its other ports and protocols to all but the gateway's workloads"
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Via {
+    /// The gateway's endpoints (or its Service address), on the port they listen on.
+    Gateway(Vec<std::net::SocketAddr>),
+    /// Refused: the kernel cannot take the connection where the route says, for this reason.
+    Refused(String),
+    /// Every port and protocol but the routed ones (`--egress-gateway-only`).
+    GatewayOnly,
 }
 
 /// The scope of workloads in `namespace` that the Sidecar `sidecar` selects is

@@ -72,6 +72,19 @@ impl Imports {
         })
     }
 
+    /// Imports of a gateway's workloads: each routed host, on the routed port if the route
+    /// names one.
+    pub fn routed(destinations: Vec<(String, Option<u16>)>) -> Self {
+        let listeners = destinations
+            .into_iter()
+            .map(|(host, port)| Listener {
+                port,
+                hosts: BTreeMap::from([("*".to_string(), vec![host])]),
+            })
+            .collect();
+        Self { listeners }
+    }
+
     /// The listener ports that narrow imports, for messages.
     pub fn ports(&self) -> Vec<u16> {
         self.listeners.iter().filter_map(|l| l.port).collect()
@@ -83,6 +96,8 @@ impl Imports {
 pub struct SidecarScope {
     /// `namespace/name` of the Sidecar in force; `None` for the mesh defaults.
     pub sidecar: Option<String>,
+    /// For the workloads of egress gateways: the Gateways (see `policy::gateway`).
+    pub gateway: Option<String>,
     /// `Some` for a Sidecar that selects workloads by these labels.
     pub selector: Option<BTreeMap<String, String>>,
     pub mode: OutboundMode,
@@ -94,6 +109,7 @@ impl SidecarScope {
     fn of(sidecar: Option<&Sidecar>, ns: &str, mesh_mode: OutboundMode) -> Self {
         Self {
             sidecar: sidecar.map(Sidecar::id),
+            gateway: None,
             selector: sidecar
                 .and_then(|s| s.spec.workload_selector.as_ref())
                 .map(|w| w.labels.clone()),

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::files;
+use crate::datapath::plan::PodAssignment;
 use crate::{
     diag::Problem,
     istio::{
@@ -51,6 +52,15 @@ impl Sources {
 
     /// Compiles these sources with the other inputs.
     pub fn compile(&self, inputs: &Inputs) -> Desired {
+        self.compile_with_pods(inputs, &[])
+    }
+
+    /// [`Sources::compile`], with running pods as endpoints of the ServiceEntries whose
+    /// `workloadSelector` selects them, as Istio makes them (an egress gateway's Service,
+    /// seed 002's pod behind a WorkloadEntry's selector).
+    pub fn compile_with_pods(&self, inputs: &Inputs, pods: &[PodAssignment]) -> Desired {
+        let mut workloads = self.workloads.clone();
+        workloads.extend(pods.iter().map(pod_entry));
         policy::compile(&policy::Inputs {
             service_entries: &self.entries,
             mesh: &self.mesh,
@@ -60,10 +70,37 @@ impl Sources {
             allow_cidrs: &inputs.allow_cidrs,
             istio_compat: inputs.istio_compat,
             sidecars: &self.sidecars,
-            workload_entries: &self.workloads,
+            workload_entries: &workloads,
             root_namespace: &inputs.root_namespace,
             only_namespaces: inputs.only_namespaces.as_ref(),
+            routing: self.routing(inputs.egress_gateway_only),
         })
+    }
+
+    /// The routing objects, for the compiler.
+    pub fn routing(&self, gateway_only: bool) -> policy::Routing<'_> {
+        policy::Routing {
+            gateways: &self.gateways,
+            virtual_services: &self.virtual_services,
+            destination_rules: &self.destination_rules,
+            gateway_only,
+        }
+    }
+}
+
+/// A pod's address as the WorkloadEntry Istio would see for it.
+fn pod_entry(pod: &PodAssignment) -> WorkloadEntry {
+    WorkloadEntry {
+        namespace: pod.namespace.clone(),
+        name: format!("pod-{}", pod.ip),
+        spec: crate::istio::WorkloadEntrySpec {
+            address: Some(pod.ip.to_string()),
+            labels: pod.labels.clone(),
+            ..Default::default()
+        },
+        origin: "running pod".to_string(),
+        declared_as: crate::istio::DeclaredAs::Istio,
+        created: None,
     }
 }
 

@@ -1,0 +1,584 @@
+//! Egress gateways, as Istio routes through them (`research/egress-gateway.md`):
+//!
+//! - a VirtualService bound to `mesh` that sends a host's port to a gateway's service makes the
+//!   kernel rewrite a workload's `connect()` there (a [`GatewayRoute`] per address and port);
+//! - the workloads a Gateway's selector chooses get a scope of their own, which reaches only
+//!   the destinations of the routes bound to that Gateway and is never redirected.
+//!
+//! Only static predicates are decided here (gateways, port, source namespace), as Istio does
+//! when it builds a sidecar's config; SNI and Host are left to the gateway's proxy, which sees
+//! the application's own bytes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use super::{
+    compile::{endpoints_of, port_numbers, visible_to, Inputs},
+    model::{GatewayRoute, Labels, RedirectKey, Via},
+    sidecar::{selects, Imports, SidecarScope},
+    Desired, Origin, Rule, L4,
+};
+use crate::istio::{
+    routing::{resolve_gateway_name, HttpMatch, L4Match, RouteDestination, TlsMatch, MESH_GATEWAY},
+    DestinationRule, Gateway, OutboundMode, ServiceEntry, VirtualService,
+};
+
+/// The routing objects, valid ones only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Routing<'a> {
+    pub gateways: &'a [Gateway],
+    pub virtual_services: &'a [VirtualService],
+    pub destination_rules: &'a [DestinationRule],
+    /// `--egress-gateway-only`: every other port and protocol of a gateway-routed address is
+    /// refused to non-gateway workloads (egress gateway plus NetworkPolicy, in one).
+    pub gateway_only: bool,
+}
+
+/// One match of a route, whatever its kind: the predicates decided here.
+struct Match<'a> {
+    gateways: &'a [String],
+    port: Option<u32>,
+    /// A `tls` route's SNI hosts: the names whose addresses are routed, instead of the
+    /// VirtualService's hosts.
+    sni_hosts: &'a [String],
+    source_labels: &'a Labels,
+    source_namespace: Option<&'a str>,
+}
+
+/// A route of any kind, with its matches (one that matches everything when it has none).
+struct Route<'a> {
+    matches: Vec<Match<'a>>,
+    destinations: &'a [RouteDestination],
+}
+
+const NO_LABELS: &Labels = &Labels::new();
+
+fn http_match(m: &HttpMatch) -> Match<'_> {
+    Match {
+        gateways: &m.gateways,
+        port: m.port,
+        sni_hosts: &[],
+        source_labels: &m.source_labels,
+        source_namespace: m.source_namespace.as_deref(),
+    }
+}
+
+fn tls_match(m: &TlsMatch) -> Match<'_> {
+    Match {
+        gateways: &m.gateways,
+        port: m.port,
+        sni_hosts: &m.sni_hosts,
+        source_labels: &m.source_labels,
+        source_namespace: m.source_namespace.as_deref(),
+    }
+}
+
+fn l4_match(m: &L4Match) -> Match<'_> {
+    Match {
+        gateways: &m.gateways,
+        port: m.port,
+        sni_hosts: &[],
+        source_labels: &m.source_labels,
+        source_namespace: m.source_namespace.as_deref(),
+    }
+}
+
+fn any_match() -> Match<'static> {
+    Match {
+        gateways: &[],
+        port: None,
+        sni_hosts: &[],
+        source_labels: NO_LABELS,
+        source_namespace: None,
+    }
+}
+
+fn or_any<'a>(matches: Vec<Match<'a>>) -> Vec<Match<'a>> {
+    if matches.is_empty() {
+        vec![any_match()]
+    } else {
+        matches
+    }
+}
+
+/// Every route of a VirtualService, HTTP, then TLS, then TCP.
+fn routes(vs: &VirtualService) -> Vec<Route<'_>> {
+    let spec = &vs.spec;
+    let http = spec.http.iter().map(|r| Route {
+        matches: or_any(r.matches.iter().map(http_match).collect()),
+        destinations: &r.route,
+    });
+    let tls = spec.tls.iter().map(|r| Route {
+        matches: or_any(r.matches.iter().map(tls_match).collect()),
+        destinations: &r.route,
+    });
+    let tcp = spec.tcp.iter().map(|r| Route {
+        matches: or_any(r.matches.iter().map(l4_match).collect()),
+        destinations: &r.route,
+    });
+    http.chain(tls).chain(tcp).collect()
+}
+
+/// The gateways a match applies to, as `namespace/name` (or `mesh`): its own list, else the
+/// VirtualService's.
+fn match_gateways(m: &Match<'_>, vs: &VirtualService) -> BTreeSet<String> {
+    let own: Vec<&str> = m.gateways.iter().map(String::as_str).collect();
+    let list = if own.is_empty() {
+        vs.spec.effective_gateways()
+    } else {
+        own
+    };
+    list.into_iter()
+        .map(|g| resolve_gateway_name(g, &vs.namespace))
+        .collect()
+}
+
+/// Whether a VirtualService applies in `ns`: no `exportTo` means every namespace.
+fn vs_visible(vs: &VirtualService, ns: &str) -> bool {
+    vs.spec.export_to.as_ref().is_none_or(|list| {
+        list.iter()
+            .any(|e| e == "*" || e == ns || (e == "." && vs.namespace == ns))
+    })
+}
+
+/// Oldest first, as Istio orders conflicting objects.
+fn by_age<T>(objects: &[crate::istio::Object<T>]) -> Vec<&crate::istio::Object<T>> {
+    let mut sorted: Vec<_> = objects.iter().collect();
+    sorted.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+    sorted
+}
+
+/// The scopes of gateway workloads in namespace `ns`: one per distinct Gateway selector, the
+/// oldest Gateway's first. Each imports exactly the destinations of the routes bound to the
+/// Gateways with that selector, and is REGISTRY_ONLY whatever the mesh says: a gateway forwards
+/// only what is routed (Istio's 404 NR, 503 NC).
+pub fn gateway_scopes(ns: &str, routing: &Routing<'_>) -> (Vec<SidecarScope>, Vec<String>) {
+    let mut groups: Vec<(Labels, Vec<String>)> = Vec::new();
+    let mut notes = Vec::new();
+    for gw in by_age(routing.gateways) {
+        if gw.spec.selector.is_empty() {
+            notes.push(format!(
+                "Gateway {}: an empty selector chooses no workload here (every workload would escape its policy)",
+                gw.id()
+            ));
+            continue;
+        }
+        match groups.iter_mut().find(|(s, _)| *s == gw.spec.selector) {
+            Some((_, ids)) => ids.push(gw.id()),
+            None => groups.push((gw.spec.selector.clone(), vec![gw.id()])),
+        }
+    }
+    let scopes = groups
+        .into_iter()
+        .map(|(selector, ids)| {
+            let routed = routed_destinations(ns, &ids, routing);
+            SidecarScope {
+                sidecar: None,
+                gateway: Some(format!("Gateway {}", ids.join(", "))),
+                selector: Some(selector),
+                mode: OutboundMode::RegistryOnly,
+                imports: Some(Arc::new(Imports::routed(routed))),
+            }
+        })
+        .collect();
+    (scopes, notes)
+}
+
+/// The name of a gateway scope: one no Sidecar can have (`:` and `=` are not in DNS names).
+pub fn scope_label(selector: &Labels) -> String {
+    let text: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("gateway:{}", text.join(","))
+}
+
+/// The destinations (host, and port when the route names one) of every route bound to one of
+/// the Gateways `ids`, as a gateway workload in `ns` sees them.
+fn routed_destinations(
+    ns: &str,
+    ids: &[String],
+    routing: &Routing<'_>,
+) -> Vec<(String, Option<u16>)> {
+    let mut out = Vec::new();
+    for vs in routing
+        .virtual_services
+        .iter()
+        .filter(|v| vs_visible(v, ns))
+    {
+        for route in routes(vs) {
+            let bound = route
+                .matches
+                .iter()
+                .any(|m| ids.iter().any(|id| match_gateways(m, vs).contains(id)));
+            if !bound {
+                continue;
+            }
+            for d in route
+                .destinations
+                .iter()
+                .filter_map(|d| d.destination.as_ref())
+            {
+                let port = d.port.and_then(|p| u16::try_from(p.number).ok());
+                out.push((d.host.clone(), port.filter(|&p| p != 0)));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Adds, to every scope that is not a gateway's, the redirects of the mesh routes it is
+/// subject to, and allows it the gateways' addresses. Returns notes.
+pub fn add_redirects(out: &mut Desired, inp: &Inputs<'_>) -> Vec<String> {
+    let mut notes = Vec::new();
+    let names: Vec<String> = out.scopes.keys().cloned().collect();
+    for name in names {
+        let Some(scope) = out.scopes.get(&name) else {
+            continue;
+        };
+        if scope.gateway.is_some() {
+            continue;
+        }
+        let ns = scope.namespace.clone();
+        let found = mesh_redirects(&ns, inp, &mut notes);
+        let Some(scope) = out.scopes.get_mut(&name) else {
+            continue;
+        };
+        for (key, route) in found {
+            if let Via::Gateway(targets) = &route.via {
+                let origin = Arc::new(Origin {
+                    service_entry: format!(
+                        "VirtualService {} (egress gateway)",
+                        route.virtual_service
+                    ),
+                    host: None,
+                });
+                for t in targets {
+                    scope
+                        .rules
+                        .entry(Rule::host(L4::Tcp, t.port(), t.ip()))
+                        .or_default()
+                        .push(Arc::clone(&origin));
+                }
+            }
+            for rule in &mut scope.learn {
+                if rule.hosts.covers(&route.host) {
+                    // A learned address of a routed host would go around the gateway.
+                    rule.ports
+                        .retain(|&(l4, p)| !(key.port == 0 || (l4 == L4::Tcp && p == key.port)));
+                }
+            }
+            scope.redirects.entry(key).or_insert(route);
+        }
+        scope.learn.retain(|r| !r.ports.is_empty());
+    }
+    notes.sort();
+    notes.dedup();
+    notes
+}
+
+/// The redirects of namespace `ns`'s mesh routes.
+fn mesh_redirects(
+    ns: &str,
+    inp: &Inputs<'_>,
+    notes: &mut Vec<String>,
+) -> Vec<(RedirectKey, Arc<GatewayRoute>)> {
+    let routing = &inp.routing;
+    let mut out = Vec::new();
+    for vs in by_age(routing.virtual_services) {
+        if !vs_visible(vs, ns) {
+            continue;
+        }
+        // The Gateway whose workloads take what the mesh routes send them.
+        let Some(gateway) = vs
+            .spec
+            .gateways
+            .iter()
+            .map(|g| resolve_gateway_name(g, &vs.namespace))
+            .find(|g| routing.gateways.iter().any(|gw| gw.id() == *g))
+        else {
+            continue;
+        };
+        for route in routes(vs) {
+            for m in &route.matches {
+                if !match_gateways(m, vs).contains(MESH_GATEWAY)
+                    || m.source_namespace.is_some_and(|s| s != ns)
+                {
+                    continue;
+                }
+                if !m.source_labels.is_empty() {
+                    notes.push(format!(
+                        "VirtualService {}: a mesh match with sourceLabels is not redirected (scopes are not split by source labels)",
+                        vs.id()
+                    ));
+                    continue;
+                }
+                for dest in route
+                    .destinations
+                    .iter()
+                    .filter_map(|d| d.destination.as_ref())
+                {
+                    let ctx = RouteCtx {
+                        ns,
+                        vs,
+                        gateway: &gateway,
+                        m,
+                    };
+                    out.extend(ctx.redirects(dest, inp));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One mesh match of one VirtualService, in one namespace.
+struct RouteCtx<'a> {
+    ns: &'a str,
+    vs: &'a VirtualService,
+    gateway: &'a str,
+    m: &'a Match<'a>,
+}
+
+impl RouteCtx<'_> {
+    /// The redirects one destination of the match makes: each routed address, on each routed
+    /// port, to the gateway's endpoints.
+    fn redirects(
+        &self,
+        dest: &crate::istio::routing::Destination,
+        inp: &Inputs<'_>,
+    ) -> Vec<(RedirectKey, Arc<GatewayRoute>)> {
+        let hosts: Vec<&String> = if self.m.sni_hosts.is_empty() {
+            self.vs.spec.hosts.iter().collect()
+        } else {
+            self.m.sni_hosts.iter().collect()
+        };
+        let mut out = Vec::new();
+        for host in hosts {
+            let ips = addresses(host, inp);
+            for port in self.ports(host, inp) {
+                let via = self.via(dest, port, inp);
+                let route = Arc::new(GatewayRoute {
+                    virtual_service: self.vs.id(),
+                    gateway: self.gateway.to_string(),
+                    host: host.clone(),
+                    via,
+                });
+                for &ip in &ips {
+                    out.push((RedirectKey { port, ip }, Arc::clone(&route)));
+                    if inp.routing.gateway_only {
+                        let only = GatewayRoute {
+                            via: Via::GatewayOnly,
+                            ..(*route).clone()
+                        };
+                        out.push((RedirectKey { port: 0, ip }, Arc::new(only)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The match's port, else the TCP ports the host's visible ServiceEntries declare, else
+    /// 80 (Istio routes port 80 to hosts outside the registry).
+    fn ports(&self, host: &str, inp: &Inputs<'_>) -> Vec<u16> {
+        if let Some(p) = self.m.port.and_then(|p| u16::try_from(p).ok()) {
+            return vec![p];
+        }
+        let mut ports: Vec<u16> = entries_for(host, self.ns, inp)
+            .flat_map(|se| se.spec.ports.iter())
+            .filter(|p| super::l4_of_protocol(p.protocol.as_deref()) == Some(L4::Tcp))
+            .map(|p| port_numbers(p).0)
+            .collect();
+        if ports.is_empty() {
+            ports.push(80);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Where a connection to `port` goes: the gateway service's endpoints (filtered by the
+    /// subset's labels) on their port for the destination port, or a refusal saying why not.
+    fn via(&self, dest: &crate::istio::routing::Destination, port: u16, inp: &Inputs<'_>) -> Via {
+        let q = dest
+            .port
+            .and_then(|p| u16::try_from(p.number).ok())
+            .filter(|&p| p != 0)
+            .unwrap_or(port);
+        let Some(service) = entries_for(&dest.host, self.ns, inp).next() else {
+            return Via::Refused(format!(
+                "the gateway service {} is not in the registry visible to namespace {}",
+                dest.host, self.ns
+            ));
+        };
+        let rule = destination_rule(&dest.host, self.ns, &service.namespace, inp);
+        let subset_labels = match (&dest.subset, rule) {
+            (None, _) => None,
+            (Some(name), Some(dr)) => match dr.spec.subsets.iter().find(|s| s.name == *name) {
+                Some(subset) => Some(&subset.labels),
+                None => return Via::Refused(missing_subset(name, &dest.host)),
+            },
+            (Some(name), None) => return Via::Refused(missing_subset(name, &dest.host)),
+        };
+        if let Some(why) = rule.and_then(|dr| client_tls(dr, dest.subset.as_deref(), q)) {
+            return Via::Refused(why);
+        }
+        let targets = targets(service, q, subset_labels, inp);
+        if targets.is_empty() {
+            return Via::Refused(format!(
+                "the gateway service {} has no endpoint on port {q}",
+                dest.host
+            ));
+        }
+        Via::Gateway(targets)
+    }
+}
+
+fn missing_subset(name: &str, host: &str) -> String {
+    format!("no DestinationRule defines subset {name} of {host}")
+}
+
+/// Why a DestinationRule's client TLS setting cannot be honoured: the client would have to
+/// originate TLS towards the gateway, which no kernel hook can do.
+fn client_tls(dr: &DestinationRule, subset: Option<&str>, port: u16) -> Option<String> {
+    let subset_policy = subset
+        .and_then(|name| dr.spec.subsets.iter().find(|s| s.name == name))
+        .and_then(|s| s.traffic_policy.as_ref());
+    let mode = subset_policy
+        .and_then(|p| p.tls_mode_for(port.into()))
+        .or_else(|| {
+            dr.spec
+                .traffic_policy
+                .as_ref()
+                .and_then(|p| p.tls_mode_for(port.into()))
+        })?;
+    matches!(mode, "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL").then(|| {
+        format!(
+            "DestinationRule {} makes clients originate TLS ({mode}) to the gateway; the kernel cannot, so the connection is refused",
+            dr.id()
+        )
+    })
+}
+
+/// The DestinationRule for `host` a client in `ns` uses: its own namespace's, then the
+/// service's, as Istio looks them up.
+fn destination_rule<'a>(
+    host: &str,
+    ns: &str,
+    service_ns: &str,
+    inp: &Inputs<'a>,
+) -> Option<&'a DestinationRule> {
+    let rules = by_age(inp.routing.destination_rules);
+    [ns, service_ns].into_iter().find_map(|look_in| {
+        rules
+            .iter()
+            .find(|dr| dr.namespace == look_in && dr.spec.host == host)
+            .copied()
+    })
+}
+
+/// The ServiceEntries (and Services) that declare `host` and are visible to `ns`.
+fn entries_for<'a>(
+    host: &'a str,
+    ns: &'a str,
+    inp: &'a Inputs<'_>,
+) -> impl Iterator<Item = &'a ServiceEntry> + 'a {
+    inp.service_entries.iter().filter(move |se| {
+        se.spec.hosts.iter().any(|h| h == host)
+            && visible_to(se, inp.mesh).is_none_or(|set| set.contains(ns))
+    })
+}
+
+/// The addresses of a routed host: itself if it is one, else the agent's answers for it.
+fn addresses(host: &str, inp: &Inputs<'_>) -> Vec<IpAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![super::canonical_ip(ip)];
+    }
+    inp.dns
+        .get(host)
+        .map(|ips| ips.iter().map(|&ip| super::canonical_ip(ip)).collect())
+        .unwrap_or_default()
+}
+
+/// The gateway service's endpoints for service port `q`, on the port each listens on; the
+/// service's own addresses (a ClusterIP) on `q` when it has no endpoints listed.
+fn targets(
+    service: &ServiceEntry,
+    q: u16,
+    subset: Option<&Labels>,
+    inp: &Inputs<'_>,
+) -> Vec<SocketAddr> {
+    let Some(port) = service.spec.ports.iter().find(|p| port_numbers(p).0 == q) else {
+        return Vec::new();
+    };
+    let target = port_numbers(port).1;
+    let mut out: Vec<SocketAddr> = match endpoints_of(service, inp.workload_entries) {
+        Some(endpoints) => endpoints
+            .iter()
+            .filter(|ep| subset.is_none_or(|labels| selects(labels, ep.labels)))
+            .filter_map(|ep| {
+                let ip = ep.address?.parse::<IpAddr>().ok()?;
+                let p = port
+                    .name
+                    .as_ref()
+                    .and_then(|n| ep.ports.get(n))
+                    .and_then(|&p| u16::try_from(p).ok())
+                    .unwrap_or(target);
+                Some(SocketAddr::new(super::canonical_ip(ip), p))
+            })
+            .collect(),
+        None => service
+            .spec
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(super::canonical_ip(ip), q))
+            .collect(),
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The names the agent must resolve for routing: the hosts and SNI hosts of mesh routes.
+pub fn routing_names(routing: &Routing<'_>) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for vs in routing.virtual_services {
+        for route in routes(vs) {
+            for m in &route.matches {
+                let hosts: &[String] = if m.sni_hosts.is_empty() {
+                    &vs.spec.hosts
+                } else {
+                    m.sni_hosts
+                };
+                names.extend(
+                    hosts
+                        .iter()
+                        .filter(|h| !h.contains('*') && h.parse::<IpAddr>().is_err())
+                        .cloned(),
+                );
+            }
+        }
+    }
+    names
+}
+
+/// Redirects by address, for explaining a refusal: the routes of one scope that cover it.
+pub fn route_for(
+    redirects: &BTreeMap<RedirectKey, Arc<GatewayRoute>>,
+    ip: IpAddr,
+    port: u16,
+) -> Option<&GatewayRoute> {
+    let ip = super::canonical_ip(ip);
+    redirects
+        .get(&RedirectKey { port, ip })
+        .or_else(|| redirects.get(&RedirectKey { port: 0, ip }))
+        .map(|r| &**r)
+}
+
+#[cfg(test)]
+#[path = "gateway_tests.rs"]
+mod tests;
