@@ -375,23 +375,33 @@ impl Agent {
     /// `enforcer exec` as a workload (`ns`, or `ns:k=v,k2=v2` with labels), in a new local pod
     /// named `netns` if given, up to `--`.
     pub fn exec(&self, workload: &str, netns: Option<&str>) -> Command {
+        let argv = self.exec_argv(workload, netns);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
+    }
+
+    /// [`Agent::exec`]'s command line, for a runner that takes a prefix (Envoy's).
+    pub fn exec_argv(&self, workload: &str, netns: Option<&str>) -> Vec<String> {
         let (ns, labels) = workload.split_once(':').unwrap_or((workload, ""));
-        let mut cmd = Command::new(ENFORCER);
-        cmd.args(["exec", "--namespace", ns]);
+        let mut argv: Vec<String> = [ENFORCER, "exec", "--namespace", ns]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         if let Some(netns) = netns {
-            cmd.args(["--netns", netns]);
+            argv.extend(["--netns".to_string(), netns.to_string()]);
         }
-        cmd.args([
-            "--bpffs-root",
-            &self.pin_root,
-            "--cgroup-parent",
-            &self.cgroup_parent,
+        argv.extend([
+            "--bpffs-root".to_string(),
+            self.pin_root.clone(),
+            "--cgroup-parent".to_string(),
+            self.cgroup_parent.clone(),
         ]);
         if !labels.is_empty() {
-            cmd.args(["--label", labels]);
+            argv.extend(["--label".to_string(), labels.to_string()]);
         }
-        cmd.arg("--");
-        cmd
+        argv.push("--".to_string());
+        argv
     }
 
     /// Runs `probe.py` through `enforcer exec` as a workload: `ns`, or `ns:k=v,k2=v2` for a

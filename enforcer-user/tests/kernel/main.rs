@@ -5,6 +5,7 @@ mod boundary;
 mod boundary_tc;
 mod escape;
 mod explain;
+mod gateway;
 mod harness;
 mod kubernetes;
 mod learning;

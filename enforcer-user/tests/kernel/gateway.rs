@@ -1,0 +1,376 @@
+//! Seed 001 steps 5 and 6: mesh traffic to www.wikipedia.org goes through a real Envoy playing
+//! Istio's egress gateway, as a local pod in istio-system labelled istio=egressgateway. What
+//! reaches the test host is asserted there (which source address connected), never only on
+//! the client's side.
+
+use std::{net::SocketAddr, process::Output, time::Duration};
+
+use enforcer_testkit::envoy::{EgressGateway, Envoy, Upstream};
+
+use crate::{
+    harness::{start_with_pods, Agent, Dns, Hosts, World},
+    pod::Pod,
+};
+
+const POD_CIDR: &str = "203.0.113.128/26";
+const POD_CIDR6: &str = "2001:db8:fe::/120";
+const WIKI: &str = "203.0.113.30";
+const WIKI6: &str = "2001:db8::10";
+
+/// Step 4's entry, exported to the gateway's namespace as well (Istio's default `*` would be).
+const ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: wikipedia-egress, namespace: default}
+spec:
+  hosts: [www.wikipedia.org]
+  exportTo: [".", istio-system]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 443, name: https, protocol: HTTPS}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  hosts: [istio-egressgateway.istio-system.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  exportTo: ["*"]
+  ports:
+  - {number: 80, name: http2, protocol: HTTP2, targetPort: 8080}
+  - {number: 443, name: https, protocol: HTTPS, targetPort: 8443}
+  workloadSelector: {labels: {istio: egressgateway}}
+"#;
+
+/// Step 5: the seed's Gateway, DestinationRule and VirtualService, the misplaced `port` moved
+/// into the gateway's match.
+const STEP5: &str = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [www.wikipedia.org]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: egressgateway-for-wikipedia, namespace: default}
+spec:
+  host: istio-egressgateway.istio-system.svc.cluster.local
+  subsets:
+  - name: wikipedia
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: wikipedia-egress-gateway, namespace: default}
+spec:
+  hosts: [www.wikipedia.org]
+  gateways: [istio-system/istio-egressgateway, mesh]
+  http:
+  - match:
+    - {gateways: [mesh], port: 80}
+    route:
+    - destination:
+        host: istio-egressgateway.istio-system.svc.cluster.local
+        subset: wikipedia
+        port: {number: 80}
+  - match:
+    - {gateways: [istio-system/istio-egressgateway], port: 80}
+    route:
+    - destination: {host: www.wikipedia.org, port: {number: 80}}
+"#;
+
+/// The same route for HTTPS, passed through by SNI.
+const TLS_ROUTE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-egressgateway-tls, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [www.wikipedia.org]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: wikipedia-tls, namespace: default}
+spec:
+  hosts: [www.wikipedia.org]
+  gateways: [mesh, istio-system/istio-egressgateway-tls]
+  tls:
+  - match:
+    - {gateways: [mesh], port: 443, sniHosts: [www.wikipedia.org]}
+    route:
+    - destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 443}}
+  - match:
+    - {gateways: [istio-system/istio-egressgateway-tls], port: 443, sniHosts: [www.wikipedia.org]}
+    route:
+    - destination: {host: www.wikipedia.org, port: {number: 443}}
+"#;
+
+struct Setup {
+    world: World,
+    hosts: Hosts,
+    _dns: Dns,
+    agent: Agent,
+}
+
+fn setup(name: &str, policy: &str, extra: &[&str]) -> Setup {
+    let world = World::new(name);
+    let hosts = Hosts::new(&world);
+    let dns = Dns::new(
+        &world,
+        60,
+        &[("www.wikipedia.org", WIKI), ("www.wikipedia.org", WIKI6)],
+    );
+    let dns_addr = dns.addr();
+    let mut args = vec![
+        "--namespace",
+        "default",
+        "--namespace",
+        "istio-system",
+        "--dns-server",
+        dns_addr.as_str(),
+    ];
+    args.extend(extra);
+    let agent = start_with_pods(
+        &world,
+        &hosts,
+        ("001-wikipedia.yaml", policy),
+        &[POD_CIDR, POD_CIDR6],
+        &args,
+    );
+    Setup {
+        world,
+        hosts,
+        _dns: dns,
+        agent,
+    }
+}
+
+/// Envoy as istio-egressgateway: a local pod in istio-system labelled istio=egressgateway.
+fn gateway(s: &Setup, netns: &str) -> Envoy {
+    let argv = s
+        .agent
+        .exec_argv("istio-system:istio=egressgateway", Some(netns));
+    let prefix: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let any6: SocketAddr = "[::]:8080".parse().expect("address");
+    let tls6: SocketAddr = "[::]:8443".parse().expect("address");
+    EgressGateway::new(s.world.dir.join(netns))
+        .http_listener(Some(any6))
+        .tls_listener(Some(tls6))
+        .route_http(
+            "www.wikipedia.org",
+            Upstream::Static(vec![format!("{WIKI}:80").parse().expect("address")]),
+        )
+        .route_tls(
+            "www.wikipedia.org",
+            Upstream::Static(vec![format!("{WIKI}:443").parse().expect("address")]),
+        )
+        .spawn(&prefix)
+        .unwrap_or_else(|e| panic!("starting the gateway: {e:#}\n{}", s.agent.log()))
+}
+
+/// The IPv4 address of `eth0` in a pod's network namespace.
+fn pod_ip(netns: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", netns, "ip", "-j", "-4", "addr", "show", "eth0",
+        ])
+        .output()
+        .expect("ip addr");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v[0]["addr_info"][0]["local"]
+        .as_str()
+        .expect("the pod's address")
+        .to_string()
+}
+
+/// curl from a pod as workload `ns`, with www.wikipedia.org pinned to `addr` (the pod cannot
+/// reach the test's DNS server).
+fn curl(agent: &Agent, pod: &Pod, scheme: &str, addr: &str, port: u16) -> Output {
+    let pin = format!("www.wikipedia.org:{port}:{addr}");
+    let url = format!("{scheme}://www.wikipedia.org:{port}/");
+    pod.run_in(
+        agent,
+        "default",
+        &["curl", "-sk", "-m", "3", "--resolve", &pin, &url],
+    )
+}
+
+fn connections_from(hosts: &Hosts, dst: &str, port: u16, from: &str) -> usize {
+    let line = format!("tcp {dst}:{port} from {from}");
+    hosts.received().iter().filter(|l| **l == line).count()
+}
+
+#[test]
+fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
+    let s = setup("egw", &format!("{ENTRY}---{STEP5}"), &[]);
+    let gw_ns = s.world.netns("enfegw");
+    let envoy = gateway(&s, &gw_ns);
+    let gw_ip = pod_ip(&gw_ns);
+    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcli"));
+
+    // The gateway pod becomes the gateway Service's endpoint once the agent sees it.
+    s.agent.wait_for(
+        Duration::from_secs(10),
+        "a request through the gateway",
+        || curl(&s.agent, &client, "http", WIKI, 80).status.success(),
+    );
+    let through = connections_from(&s.hosts, WIKI, 80, &gw_ip);
+    assert!(through >= 1, "{:?}", s.hosts.received());
+    assert_eq!(connections_from(&s.hosts, WIKI, 80, &client.ip), 0);
+    let log = envoy
+        .wait_for_access_log(Duration::from_secs(5), |l| l.contains("www.wikipedia.org"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(log.contains(&format!("\"{WIKI}:80\"")), "{log}");
+    assert!(log.contains(" 200 "), "{log}");
+
+    // IPv6: the destination's v6 address is redirected to the gateway's v6 address.
+    let out = curl(&s.agent, &client, "http", WIKI6, 80);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s
+        .hosts
+        .received()
+        .iter()
+        .any(|l| l.starts_with(&format!("tcp {WIKI6}:80"))));
+
+    // 443 is not routed: it stays direct, as in Istio.
+    assert!(curl_reaches(&s, &client, WIKI, 443));
+
+    // Around the gateway: the pod's network namespace outside its cgroup, so only TC judges.
+    let bypass = client.run_unmapped(&["curl", "-s", "-m", "2", &format!("http://{WIKI}/")]);
+    assert!(!bypass.status.success(), "the bypass got through");
+    assert_eq!(
+        connections_from(&s.hosts, WIKI, 80, &client.ip),
+        0,
+        "{:?}",
+        s.hosts.received()
+    );
+    let record = record(&s.agent, |d| d["reason_code"] == "gateway_bypass");
+    assert_eq!(record["hook"], "tc", "{record}");
+    assert_eq!(
+        record["virtual_service"], "default/wikipedia-egress-gateway",
+        "{record}"
+    );
+    assert_eq!(
+        record["gateway"], "istio-system/istio-egressgateway",
+        "{record}"
+    );
+
+    // Only the gateway's workloads go direct: another istio-system workload is refused.
+    let other = Pod::idle(&s.agent, "istio-system", &s.world.netns("enfsys"));
+    let out = other.run_in(
+        &s.agent,
+        "istio-system",
+        &["curl", "-s", "-m", "2", &format!("http://{WIKI}/")],
+    );
+    assert!(!out.status.success());
+    assert_eq!(connections_from(&s.hosts, WIKI, 80, &other.ip), 0);
+
+    // Without the VirtualService, traffic goes direct again and the gateway sees none of it.
+    s.world.write_policy("001-wikipedia.yaml", ENTRY);
+    s.agent
+        .wait_for(Duration::from_secs(10), "direct routing", || {
+            curl(&s.agent, &client, "http", WIKI, 80).status.success()
+                && connections_from(&s.hosts, WIKI, 80, &client.ip) > 0
+        });
+    let logged = envoy.access_log_lines().len();
+    let direct = connections_from(&s.hosts, WIKI, 80, &client.ip);
+    assert!(curl(&s.agent, &client, "http", WIKI, 80).status.success());
+    assert_eq!(connections_from(&s.hosts, WIKI, 80, &client.ip), direct + 1);
+    assert_eq!(envoy.access_log_lines().len(), logged);
+}
+
+/// The first record that `want` accepts, waiting for it (records arrive asynchronously).
+fn record(agent: &Agent, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut found = None;
+    agent.wait_for(Duration::from_secs(5), "the refusal's record", || {
+        found = agent.denials().into_iter().find(|d| want(d));
+        found.is_some()
+    });
+    found.unwrap_or_default()
+}
+
+/// Whether curl from the client reached `addr:port` directly (seen from the client's address).
+fn curl_reaches(s: &Setup, client: &Pod, addr: &str, port: u16) -> bool {
+    let before = connections_from(&s.hosts, addr, port, &client.ip);
+    let _ = curl(&s.agent, client, "https", addr, port);
+    connections_from(&s.hosts, addr, port, &client.ip) > before
+}
+
+#[test]
+fn tls_is_passed_through_by_sni_and_strict_mode_closes_the_other_ports() {
+    let s = setup(
+        "egwtls",
+        &format!("{ENTRY}---{TLS_ROUTE}"),
+        &["--egress-gateway-only"],
+    );
+    let gw_ns = s.world.netns("enfegw");
+    let envoy = gateway(&s, &gw_ns);
+    let gw_ip = pod_ip(&gw_ns);
+    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcli"));
+
+    // The test host speaks no TLS: the ClientHello arriving from the gateway is the proof.
+    s.agent.wait_for(
+        Duration::from_secs(10),
+        "the ClientHello through the gateway",
+        || {
+            let _ = curl(&s.agent, &client, "https", WIKI, 443);
+            connections_from(&s.hosts, WIKI, 443, &gw_ip) > 0
+        },
+    );
+    assert_eq!(connections_from(&s.hosts, WIKI, 443, &client.ip), 0);
+    let log = envoy
+        .wait_for_access_log(Duration::from_secs(5), |l| l.contains("www.wikipedia.org"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(log.contains(&format!("\"{WIKI}:443\"")), "{log}");
+
+    // Strict: port 80 of the routed host is refused at connect, naming the VirtualService.
+    let out = curl(&s.agent, &client, "http", WIKI, 80);
+    assert!(!out.status.success());
+    assert_eq!(connections_from(&s.hosts, WIKI, 80, &client.ip), 0);
+    let record = record(&s.agent, |d| {
+        d["port"] == 80 && d["reason_code"] == "gateway_bypass"
+    });
+    assert_eq!(record["hook"], "connect4", "{record}");
+    assert_eq!(
+        record["virtual_service"], "default/wikipedia-tls",
+        "{record}"
+    );
+    // The allowed traffic of this test is the TLS above, through the gateway.
+    drop(envoy);
+}
+
+#[test]
+fn client_tls_towards_the_gateway_is_refused_at_connect_with_the_reason() {
+    let mutual = STEP5.replace(
+        "  - name: wikipedia\n",
+        "  - name: wikipedia\n    trafficPolicy:\n      tls: {mode: ISTIO_MUTUAL}\n",
+    );
+    let s = setup("egwmtls", &format!("{ENTRY}---{mutual}"), &[]);
+    let gw_ns = s.world.netns("enfegw");
+    let _envoy = gateway(&s, &gw_ns);
+    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcli"));
+    let out = curl(&s.agent, &client, "http", WIKI, 80);
+    assert!(!out.status.success());
+    assert!(!s
+        .hosts
+        .received()
+        .iter()
+        .any(|l| l.starts_with(&format!("tcp {WIKI}:80"))));
+    let record = record(&s.agent, |d| d["reason_code"] == "gateway_refused");
+    let reason = record["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ISTIO_MUTUAL"), "{record}");
+    // 443 is not routed and stays allowed, directly.
+    assert!(curl_reaches(&s, &client, WIKI, 443));
+}
