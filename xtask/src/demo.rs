@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: seeds 000 and 001 (steps 1 to 4), 002 and 003 live on this machine.
+//! `cargo xtask demo`: seeds 000, 001 (the egress gateway included), 002 and 003 live on this
+//! machine.
 //!
 //! An "internet" network namespace holds test hosts on documentation addresses, dnsmasq on
 //! loopback serves their names, and the agent runs from policies copied in step by step. Clients
@@ -19,6 +20,8 @@ use anyhow::{bail, Context as _};
 use enforcer_testkit::{Dnsmasq, TestNet};
 
 use crate::sh;
+
+mod gateway;
 
 const NETNS: &str = "internet";
 const VETH: &str = "enf-demo0";
@@ -49,6 +52,10 @@ struct Demo {
     net: Option<TestNet>,
     dns: Option<Dnsmasq>,
     cdn: Option<Child>,
+    /// Envoy as istio-egressgateway (step 7).
+    gateway: Option<enforcer_testkit::envoy::Envoy>,
+    /// Local pods' `enforcer exec` processes.
+    pods: Vec<Child>,
 }
 
 pub fn run(bin: &Path) -> anyhow::Result<()> {
@@ -63,6 +70,8 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         net: None,
         dns: None,
         cdn: None,
+        gateway: None,
+        pods: Vec::new(),
     };
     demo.cleanup();
     let result = demo.scenario();
@@ -193,7 +202,7 @@ impl Demo {
         )?;
         self.show_last_denial()?;
         self.expect_lookups("frontend", &["--name", "pypi.org"], 443, 5, false)?;
-        Ok(())
+        self.gateway_steps()
     }
 
     /// The CDN's authoritative server in the "internet" namespace, and its pools made the
@@ -287,6 +296,7 @@ impl Demo {
         let addrs: Vec<&str> = RECORDS.iter().map(|(_, ip)| *ip).collect();
         let mut net = TestNet::new(NETNS, VETH, &addrs)?;
         net.serve(&[80, 443, 5432], &[])?;
+        gateway::route_back(&net)?;
         self.net = Some(net);
         fs::write(
             self.work.join("resolv.conf"),
@@ -324,6 +334,12 @@ impl Demo {
                 "default",
                 "--namespace",
                 "frontend",
+                "--namespace",
+                "istio-system",
+                "--pod-cidr",
+                gateway::POD_CIDR,
+                "--pod-cidr6",
+                gateway::POD_CIDR6,
             ])
             .args(["--bpffs-root", PIN_ROOT, "--cgroup-parent", CGROUP_PARENT])
             .arg("--status-file")
@@ -471,6 +487,16 @@ impl Demo {
     }
 
     fn cleanup(&mut self) {
+        // Pods first, while the agent that removes their network namespaces still runs.
+        self.gateway = None;
+        for mut pod in self.pods.drain(..) {
+            let group = format!("-{}", pod.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = pod.wait();
+        }
+        if self.agent.is_some() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
         if let Some(mut agent) = self.agent.take() {
             let _ = Command::new("kill").arg(agent.id().to_string()).status();
             let _ = agent.wait();
