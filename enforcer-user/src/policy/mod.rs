@@ -10,7 +10,9 @@ mod learn;
 mod model;
 pub mod sidecar;
 mod validate;
+mod validate_route;
 mod validate_routing;
+mod validate_server;
 mod validate_workload;
 
 pub use compile::{compile, dns_names, endpoint_names, Inputs, MeshSettings};
