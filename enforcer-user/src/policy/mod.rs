@@ -3,11 +3,13 @@
 //! Everything here is pure (no I/O), so the semantics are unit-tested without a kernel.
 
 pub mod analyze;
+mod analyze_routing;
 pub mod check;
 mod compile;
 pub mod decide;
 mod learn;
 mod model;
+mod route_view;
 pub mod sidecar;
 mod validate;
 mod validate_route;
