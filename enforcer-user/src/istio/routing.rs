@@ -207,7 +207,15 @@ pub struct DestinationRuleSpec {
     #[serde(default)]
     pub export_to: Option<Vec<String>>,
     #[serde(default)]
-    pub workload_selector: Option<super::WorkloadSelector>,
+    pub workload_selector: Option<MatchLabels>,
+}
+
+/// `istio.type.v1beta1.WorkloadSelector`: unlike a Sidecar's, its labels are `matchLabels`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchLabels {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -217,6 +225,10 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTls>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// connectionPool, loadBalancer, outlierDetection...: kept so that an empty policy, which
+    /// Istio rejects, can be told from one with only untyped fields.
+    #[serde(flatten)]
+    pub other: Other,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -226,6 +238,8 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    #[serde(flatten)]
+    pub other: Other,
 }
 
 /// What the client side of a connection sends: `DISABLE`, `SIMPLE`, `MUTUAL` or
@@ -237,6 +251,13 @@ pub struct ClientTls {
     pub mode: Option<String>,
     #[serde(default)]
     pub sni: Option<String>,
+    /// With it, certificates come from a secret and the file fields must stay empty.
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -297,9 +318,41 @@ impl TrafficPolicy {
     }
 }
 
+/// Istio's `host.Name.Matches`: the names overlap, a wildcard on either side covering the other
+/// (`*.com` and `foo.com`, `*` and anything; `*.foo.com` never covers `foo.com`).
+pub fn host_matches(a: &str, b: &str) -> bool {
+    match (a.strip_prefix('*'), b.strip_prefix('*')) {
+        (Some(x), Some(y)) if x.len() < y.len() => y.ends_with(x),
+        (Some(x), Some(y)) => x.ends_with(y),
+        (Some(x), None) => b.ends_with(x),
+        (None, Some(y)) => a.ends_with(y),
+        (None, None) => a == b,
+    }
+}
+
+/// Istio's `host.Name.SubsetOf`: every name `n` covers is covered by `o`.
+pub fn host_subset_of(n: &str, o: &str) -> bool {
+    match (n.strip_prefix('*'), o.strip_prefix('*')) {
+        (Some(x), Some(y)) => x.len() >= y.len() && x.ends_with(y),
+        (Some(_), None) => false,
+        (None, Some(y)) => n.ends_with(y),
+        (None, None) => n == o,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_match_as_istio_does() {
+        assert!(host_matches("*.com", "foo.com") && host_matches("bar.com", "*.com"));
+        assert!(host_matches("*", "*.com") && !host_matches("*.foo.com", "foo.com"));
+        assert!(
+            host_subset_of("a.foo.com", "*.foo.com") && host_subset_of("*.a.foo.com", "*.foo.com")
+        );
+        assert!(!host_subset_of("*.foo.com", "a.foo.com") && !host_subset_of("*.com", "*.foo.com"));
+    }
 
     #[test]
     fn gateway_names_resolve_as_istio_does() {

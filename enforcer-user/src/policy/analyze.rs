@@ -10,10 +10,16 @@ use std::{
 
 use serde::Serialize;
 
-use super::{compile::visible_to, dns_names, is_opaque_tcp, sidecar, MeshSettings};
+use super::{
+    analyze_routing::analyze_routing, compile::visible_to, dns_names, is_opaque_tcp, sidecar,
+    MeshSettings,
+};
 use crate::{
     diag::{Problem, Severity},
-    istio::{Object, OutboundMode, Resolution, ServiceEntry, Sidecar, WorkloadEntry},
+    istio::{
+        DestinationRule, Gateway, Object, OutboundMode, Resolution, ServiceEntry, Sidecar,
+        VirtualService, WorkloadEntry,
+    },
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -46,6 +52,9 @@ pub struct Subject<'a> {
     pub entries: &'a [ServiceEntry],
     pub workloads: &'a [WorkloadEntry],
     pub sidecars: &'a [Sidecar],
+    pub gateways: &'a [Gateway],
+    pub virtual_services: &'a [VirtualService],
+    pub destination_rules: &'a [DestinationRule],
     pub mesh: &'a MeshSettings,
     /// Problems of single objects (validation), reported first.
     pub diagnostics: &'a [Problem],
@@ -73,13 +82,14 @@ pub fn analyze(s: &Subject<'_>) -> Vec<Finding> {
     conflicting_resolution(s, &mut out);
     sidecar_conflicts(s.sidecars, &mut out);
     registry_only_without_entries(s, &existing, &mut out);
+    analyze_routing(s, &mut out);
     if let Some(dns) = s.dns {
         unresolved(s, dns, &mut out);
     }
     out
 }
 
-fn finding<T>(
+pub(super) fn finding<T>(
     code: &'static str,
     severity: Severity,
     kind: &str,

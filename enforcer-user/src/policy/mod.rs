@@ -3,15 +3,19 @@
 //! Everything here is pure (no I/O), so the semantics are unit-tested without a kernel.
 
 pub mod analyze;
+mod analyze_routing;
 pub mod check;
 mod compile;
 pub mod decide;
 pub mod gateway;
 mod learn;
 mod model;
+mod route_view;
 pub mod sidecar;
 mod validate;
+mod validate_route;
 mod validate_routing;
+mod validate_server;
 mod validate_workload;
 
 pub use compile::{compile, dns_names, endpoint_names, Inputs, MeshSettings};

@@ -246,7 +246,7 @@ fn label_part(s: &str) -> bool {
         && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
-fn check_labels(
+pub(super) fn check_labels(
     labels: &std::collections::BTreeMap<String, String>,
     field: &str,
     errs: &mut Errors,
