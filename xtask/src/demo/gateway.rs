@@ -34,13 +34,9 @@ impl Demo {
         copy("001-egress-gateway-service.yaml")?;
         copy("001-egress-gateway.yaml")?;
         let before = self.gateway_log().len();
+        // The agent makes the gateway pod its Service's endpoint once it sees both.
         wait(Duration::from_secs(10), || {
-            self.gateway_log().len() > before
-        })
-        .or_else(|_| {
-            wait(Duration::from_secs(5), || {
-                self.curl_ok("http://www.wikipedia.org/") && self.gateway_log().len() > before
-            })
+            self.curl_ok("http://www.wikipedia.org/") && self.gateway_log().len() > before
         })
         .context("requests never reached the gateway")?;
         self.expect_curl("default", "http://www.wikipedia.org/", true)?;
