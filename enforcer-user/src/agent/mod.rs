@@ -169,16 +169,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Some(p) = pods.as_mut() {
             dirty |= p.reconcile(&mut reconciler.dp);
         }
-        let recompile = dirty || dns_changed || reconciler.stale(node.as_ref());
+        let trees = cfg.cgroups.tree_roots(&assignments);
+        let workloads = Workloads {
+            cgroups: &assignments,
+            trees: &trees,
+            node: node.as_ref(),
+            pods: pods.as_ref(),
+        };
+        let recompile = dirty || dns_changed || reconciler.stale(&sources, &workloads);
         dns_changed = false;
         if recompile || replan {
-            let trees = cfg.cgroups.tree_roots(&assignments);
-            let workloads = Workloads {
-                cgroups: &assignments,
-                trees: &trees,
-                node: node.as_ref(),
-                pods: pods.as_ref(),
-            };
             if recompile {
                 reconciler.compile(&cfg, &sources, &workloads, &resolver);
             }

@@ -11,7 +11,10 @@ use std::{
 use super::AgentConfig;
 use crate::{
     cgroup::Assignment,
-    datapath::{plan, Datapath, MapPlan},
+    datapath::{
+        plan::{self, PodAssignment},
+        Datapath, MapPlan,
+    },
     dns::proxy::Proxy,
     events::{self, Explainer},
     k8s::{self, node::Node},
@@ -44,6 +47,9 @@ pub(super) struct Reconciler {
     desired: Option<Arc<Desired>>,
     /// The compiler's last inputs, for the status file.
     last_inputs: Option<Inputs>,
+    /// The pods that were endpoints of ServiceEntries (by `workloadSelector`) at the last
+    /// compilation: when they change, the policy is compiled again.
+    endpoint_pods: Vec<PodAssignment>,
     generation: u64,
     /// Since when applies have kept failing.
     failing_since: Option<SystemTime>,
@@ -75,6 +81,7 @@ impl Reconciler {
             explainer,
             desired: None,
             last_inputs: None,
+            endpoint_pods: Vec::new(),
             generation: 0,
             failing_since: None,
             agent_cgroup,
@@ -85,13 +92,15 @@ impl Reconciler {
 
     /// Whether the policy needs compiling although no input said so: it never was, or this
     /// node now runs workloads of a namespace it did not compile.
-    pub fn stale(&self, node: Option<&Node>) -> bool {
-        let local = node.map(Node::local_namespaces);
+    /// Also when the pods that ServiceEntries select changed (an egress gateway's pod came).
+    pub fn stale(&self, sources: &Sources, workloads: &Workloads<'_>) -> bool {
+        let local = workloads.node.map(Node::local_namespaces);
         self.desired.is_none()
             || self
                 .last_inputs
                 .as_ref()
                 .is_some_and(|i| i.only_namespaces != local)
+            || endpoint_pods(sources, &running_pods(workloads)) != self.endpoint_pods
     }
 
     pub fn compile(
@@ -106,11 +115,8 @@ impl Reconciler {
         drop(self.desired.take());
         self.explainer().desired = Arc::default();
         let inputs = inputs(cfg, workloads.cgroups, workloads.node, resolver);
-        let mut pods = workloads.pods.map(Pods::assignments).unwrap_or_default();
-        if let Some(n) = workloads.node {
-            pods.extend(n.addresses.iter().cloned());
-        }
-        let mut compiled = sources.compile_with_pods(&inputs, &pods);
+        self.endpoint_pods = endpoint_pods(sources, &running_pods(workloads));
+        let mut compiled = sources.compile_with_pods(&inputs, &self.endpoint_pods);
         if let Some(n) = workloads.node {
             let unmapped = n.unmapped_mode(&compiled, sources.mesh.mode);
             let bootstrap = n.cluster.bootstrap_rules();
@@ -138,10 +144,7 @@ impl Reconciler {
             return Ok(false);
         };
         self.generation += 1;
-        let mut pod_list = workloads.pods.map(Pods::assignments).unwrap_or_default();
-        if let Some(n) = workloads.node {
-            pod_list.extend(n.addresses.iter().cloned());
-        }
+        let pod_list = running_pods(workloads);
         let trees = all_trees(workloads.trees, workloads.node);
         let planned = plan::Workloads {
             cgroups: workloads.cgroups,
@@ -256,6 +259,35 @@ fn all_trees<'a>(
             Cow::Owned(all)
         }
     }
+}
+
+/// Local pods, and this node's pods in Kubernetes mode.
+fn running_pods(workloads: &Workloads<'_>) -> Vec<PodAssignment> {
+    let mut pods = workloads.pods.map(Pods::assignments).unwrap_or_default();
+    if let Some(n) = workloads.node {
+        pods.extend(n.addresses.iter().cloned());
+    }
+    pods
+}
+
+/// The pods some ServiceEntry's `workloadSelector` selects (in its namespace), sorted.
+fn endpoint_pods(sources: &Sources, pods: &[PodAssignment]) -> Vec<PodAssignment> {
+    let mut selected: Vec<PodAssignment> = pods
+        .iter()
+        .filter(|p| {
+            sources.entries.iter().any(|se| {
+                se.namespace == p.namespace
+                    && se
+                        .spec
+                        .workload_selector
+                        .as_ref()
+                        .is_some_and(|w| crate::policy::sidecar::selects(&w.labels, &p.labels))
+            })
+        })
+        .cloned()
+        .collect();
+    selected.sort_by(|a, b| (&a.namespace, a.ip).cmp(&(&b.namespace, b.ip)));
+    selected
 }
 
 /// What the compiler needs besides the policy files; kept in the status for `explain`.

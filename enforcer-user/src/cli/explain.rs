@@ -165,7 +165,7 @@ fn inputs(args: &ExplainArgs) -> anyhow::Result<(Inputs, String)> {
     anyhow::ensure!(
         !status.inputs.policies.as_os_str().is_empty(),
         "the agent reads the API server (Kubernetes mode), which explain does not; export the \
-         objects (kubectl get serviceentries,workloadentries,sidecars -A -o yaml > DIR/objects.yaml) \
+         objects (kubectl get serviceentries,workloadentries,sidecars,gateways,virtualservices,destinationrules -A -o yaml > DIR/objects.yaml) \
          and pass --policies DIR"
     );
     let source = format!(

@@ -9,6 +9,9 @@ use kube::{
 
 pub const GROUP: &str = "networking.istio.io";
 pub const KINDS: [&str; 3] = ["ServiceEntry", "WorkloadEntry", "Sidecar"];
+/// Watched when served: without their CRDs there are none of them, so nothing is routed
+/// through an egress gateway, which is what the cluster says.
+pub const ROUTING_KINDS: [&str; 3] = ["Gateway", "VirtualService", "DestinationRule"];
 /// Newest first: the first one the API server serves a kind under is used.
 const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 
@@ -30,7 +33,7 @@ fn choose(group: &ApiGroup) -> anyhow::Result<Vec<ApiResource>> {
     let served: Vec<&str> = group.versions().collect();
     let mut found = Vec::new();
     let mut missing = Vec::new();
-    for kind in KINDS {
+    for kind in KINDS.into_iter().chain(ROUTING_KINDS) {
         let resource = VERSIONS
             .iter()
             .filter(|v| served.contains(v))
@@ -44,6 +47,9 @@ fn choose(group: &ApiGroup) -> anyhow::Result<Vec<ApiResource>> {
             Some((ar, _)) => {
                 log::info!("watching {kind} as {}", ar.api_version);
                 found.push(ar);
+            }
+            None if ROUTING_KINDS.contains(&kind) => {
+                log::warn!("{GROUP} has no {kind}: nothing is routed through an egress gateway");
             }
             None => missing.push(kind),
         }

@@ -58,7 +58,7 @@ impl Drop for KubeletTree {
 }
 
 /// Runs `probe.py` as a process of the container cgroup `cgroup`.
-fn probe_in(cgroup: &Path, kind: &str, host: &str, port: u16) -> Outcome {
+pub(crate) fn probe_in(cgroup: &Path, kind: &str, host: &str, port: u16) -> Outcome {
     let out = in_cgroup(cgroup, python())
         .arg(script("probe.py"))
         .args([kind, host, &port.to_string(), "2"])
@@ -68,7 +68,7 @@ fn probe_in(cgroup: &Path, kind: &str, host: &str, port: u16) -> Outcome {
 }
 
 #[track_caller]
-fn eventually_in(agent: &Agent, cgroup: &Path, host: &str, port: u16, want: Want) {
+pub(crate) fn eventually_in(agent: &Agent, cgroup: &Path, host: &str, port: u16, want: Want) {
     let start = Instant::now();
     loop {
         let got = probe_in(cgroup, "tcp", host, port);

@@ -6,6 +6,7 @@ mod boundary_tc;
 mod escape;
 mod explain;
 mod gateway;
+mod gateway_kubernetes;
 mod harness;
 mod kubernetes;
 mod learning;

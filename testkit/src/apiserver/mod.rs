@@ -117,6 +117,9 @@ impl FakeApiServer {
                 ("serviceentries", "ServiceEntry"),
                 ("workloadentries", "WorkloadEntry"),
                 ("sidecars", "Sidecar"),
+                ("gateways", "Gateway"),
+                ("virtualservices", "VirtualService"),
+                ("destinationrules", "DestinationRule"),
             ] {
                 kinds.push(Kind {
                     group: "networking.istio.io".into(),
