@@ -7,7 +7,8 @@ use super::{
     analyze::{finding, Finding, Subject},
     compile::visible_to,
     route_view::{
-        entries_for, fqdn, gateway_behind, gateway_id, gateway_named, routes_of, rules_for, Route,
+        entries_for, fqdn, gateway_behind, gateway_behind_if_mesh, gateway_id, gateway_named,
+        is_service_of, routes_of, rule_for, Match, Route,
     },
 };
 use crate::{
@@ -54,7 +55,7 @@ fn missing_gateways(
         .iter()
         .enumerate()
         .map(|(i, g)| (format!("spec.gateways[{i}]"), g.as_str()));
-    let in_matches = routes.iter().flat_map(|r| r.references.iter().cloned());
+    let in_matches = routes.iter().flat_map(Route::references);
     for (field, name) in top.chain(in_matches) {
         let resolved = resolve_gateway_name(name, &vs.namespace);
         if name == MESH_GATEWAY || gateway_named(s, &resolved).is_some() {
@@ -125,7 +126,10 @@ fn missing_subsets(
             continue;
         };
         let host = fqdn(&dest.host, &vs.namespace);
-        if rules_for(&host, s).any(|dr| dr.spec.subsets.iter().any(|x| x.name == subset)) {
+        // The clients the VirtualService's author routes are its namespace's: the rule they
+        // use, not any rule, must define the subset (the compiler refuses otherwise).
+        let rule = rule_for(&host, &vs.namespace, s);
+        if rule.is_some_and(|dr| dr.spec.subsets.iter().any(|x| x.name == subset)) {
             continue;
         }
         out.push(finding(
@@ -146,19 +150,25 @@ fn routes_to_gateway(
     s: &Subject<'_>,
     out: &mut Vec<Finding>,
 ) {
-    let mut to_mesh = false;
-    for (field, dest) in &route.destinations {
-        let Some(g) = gateway_behind(dest, vs, s) else {
-            continue;
-        };
-        if !route.gateways.contains(MESH_GATEWAY) {
-            bypass(vs, route, field, g, out);
-            continue;
+    if !route.applies_to_mesh() {
+        for (field, dest) in &route.destinations {
+            if let Some(g) = bypassed(vs, route, dest, s) {
+                bypass(vs, route, field, g, out);
+            }
         }
-        to_mesh = true;
-        client_tls(vs, route, field, dest, g, s, out);
+        return;
     }
-    if let Some((field, predicates)) = route.l7_match.as_ref().filter(|_| to_mesh) {
+    let mut to_mesh = false;
+    for m in &route.matches {
+        for (field, dest) in &route.destinations {
+            if let Some(g) = gateway_behind(vs, m, dest, s.gateways) {
+                to_mesh = true;
+                client_tls(vs, m, field, dest, g, s, out);
+            }
+        }
+    }
+    if let Some(m) = route.l7_match().filter(|_| to_mesh) {
+        let (field, predicates) = (&m.field, &m.l7);
         out.push(finding(
             "ENF0114",
             Severity::Warning,
@@ -173,6 +183,22 @@ fn routes_to_gateway(
             "route all of a host and port through the gateway (match gateways and port only), and split requests there",
         ));
     }
+}
+
+/// The Gateway a route that does not apply to the mesh would send the mesh's connections to
+/// through `dest`, were it bound to the mesh, when `dest` is recognisably that Gateway's service.
+fn bypassed<'a>(
+    vs: &VirtualService,
+    route: &Route<'_>,
+    dest: &Destination,
+    s: &Subject<'a>,
+) -> Option<&'a Gateway> {
+    let host = fqdn(&dest.host, &vs.namespace);
+    route
+        .matches
+        .iter()
+        .find_map(|m| gateway_behind_if_mesh(vs, m, dest, s.gateways))
+        .filter(|g| is_service_of(g, &host, s))
 }
 
 /// ENF0107: the seed's warning. Without `mesh`, no workload's traffic follows this route.
@@ -206,7 +232,7 @@ fn bypass(
 /// ENF0112: the kernel redirects connections but cannot speak TLS in them.
 fn client_tls(
     vs: &VirtualService,
-    route: &Route<'_>,
+    m: &Match<'_>,
     field: &str,
     dest: &Destination,
     g: &Gateway,
@@ -214,15 +240,14 @@ fn client_tls(
     out: &mut Vec<Finding>,
 ) {
     let host = fqdn(&dest.host, &vs.namespace);
-    let ports: Option<Vec<u32>> = match (dest.port, &route.ports) {
-        (Some(p), _) => Some(vec![p.number]),
-        (None, ports) => ports.as_ref().map(|p| p.iter().copied().collect()),
+    // The port the compiler redirects to: the destination's, else the match's.
+    let port = dest.port.map(|p| p.number).or(m.port);
+    // The rule the compiler applies: that of the match's clients.
+    let client_ns = m.source_namespace.unwrap_or(&vs.namespace);
+    let Some(dr) = rule_for(&host, client_ns, s) else {
+        return;
     };
-    for dr in rules_for(&host, s) {
-        let Some((tls_field, mode)) = originated_tls(dr, dest.subset.as_deref(), ports.as_deref())
-        else {
-            continue;
-        };
+    if let Some((tls_field, mode)) = originated_tls(dr, dest.subset.as_deref(), port) {
         out.push(finding(
             "ENF0112",
             Severity::Error,
@@ -238,13 +263,13 @@ fn client_tls(
     }
 }
 
-/// The client TLS mode for `subset` on one of `ports` (any port when `None`), if it
+/// The client TLS mode for `subset` on `port` (any port when `None`), if it
 /// originates TLS, with its field. Istio's `MergeTrafficPolicy` order: the subset's port
 /// setting, the subset's, the rule's port setting, the rule's.
 fn originated_tls(
     dr: &DestinationRule,
     subset: Option<&str>,
-    ports: Option<&[u32]>,
+    port: Option<u32>,
 ) -> Option<(String, String)> {
     let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
     let found = subset.and_then(|n| {
@@ -260,10 +285,7 @@ fn originated_tls(
     if let Some(policy) = &dr.spec.traffic_policy {
         policies.push(("spec.trafficPolicy".to_string(), policy));
     }
-    match ports {
-        Some(ports) => ports.iter().find_map(|p| tls_setting(&policies, Some(*p))),
-        None => tls_setting(&policies, None),
-    }
+    tls_setting(&policies, port)
 }
 
 /// For a known port the first setting decides; for any port, every setting counts.
@@ -307,10 +329,19 @@ fn routed_by_gateway(
     s: &Subject<'_>,
     out: &mut Vec<Finding>,
 ) {
-    let gateways = route.gateways.iter().filter_map(|n| gateway_named(s, n));
+    let gateways = route
+        .gateways()
+        .into_iter()
+        .filter_map(|n| gateway_named(s, n));
     for g in gateways {
         for (field, dest) in &route.destinations {
-            if gateway_behind(dest, vs, s).is_some() {
+            // The way into a gateway, from the mesh or bypassed (ENF0107), is not a host the
+            // gateway forwards to.
+            let to_gateway = route
+                .matches
+                .iter()
+                .any(|m| gateway_behind(vs, m, dest, s.gateways).is_some());
+            if to_gateway || bypassed(vs, route, dest, s).is_some() {
                 continue;
             }
             let host = fqdn(&dest.host, &vs.namespace);

@@ -375,3 +375,47 @@ spec: {hosts: [api.example.com], gateways: [egress/egw], http: [{route: [{destin
     let f = only(&run(yaml), "ENF0107");
     assert!(f.message.contains("egress Gateway egress/egw"), "{f}");
 }
+
+/// The analyzer takes the DestinationRule the compiler applies: the clients' namespace's, else
+/// the service's when exported to them; not any rule for the host.
+#[test]
+fn the_destination_rule_the_clients_use_decides() {
+    let moved = edit(
+        &exported(SEED),
+        "  name: egressgateway-for-wikipedia\n  namespace: default\nspec:\n  host: istio-egressgateway.istio-system.svc.cluster.local\n  subsets:",
+        "  name: egressgateway-for-wikipedia\n  namespace: istio-system\nspec:\n  host: istio-egressgateway\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n  subsets:",
+    );
+    let f = only(&run(&moved), "ENF0112");
+    assert_eq!(
+        f.object,
+        "DestinationRule istio-system/egressgateway-for-wikipedia"
+    );
+
+    let private = edit(
+        &moved,
+        "  host: istio-egressgateway\n",
+        "  host: istio-egressgateway\n  exportTo: [\".\"]\n",
+    );
+    let found = run(&private);
+    assert!(found.iter().all(|f| f.code != "ENF0112"), "{found:#?}");
+    let f = only(&found, "ENF0110");
+    assert!(f.message.contains("defines subset wikipedia"), "{f}");
+}
+
+/// A mesh route in a VirtualService bound to no Gateway is not redirected, whatever its
+/// destination is called: nothing to report about the gateway.
+#[test]
+fn a_route_to_a_gateways_service_without_a_gateway_bound_is_not_a_redirect() {
+    let yaml = edit(
+        &exported(SEED),
+        "  - istio-system/istio-egressgateway\n  - mesh\n",
+        "  - mesh\n",
+    );
+    let yaml = edit(
+        &yaml,
+        "  subsets:\n  - name: wikipedia",
+        "  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n  subsets:\n  - name: wikipedia",
+    );
+    let found = run(&yaml);
+    assert!(found.iter().all(|f| f.code != "ENF0112"), "{found:#?}");
+}

@@ -8,6 +8,10 @@
 //! Only static predicates are decided here (gateways, port, source namespace), as Istio does
 //! when it builds a sidecar's config; SNI and Host are left to the gateway's proxy, which sees
 //! the application's own bytes.
+//!
+//! Routes are read through `route_view`, with the analyzer: which destination is a
+//! gateway's service (`gateway_behind`) and which DestinationRule applies are decided there
+//! once, so that `enforcer analyze` warns of exactly what is enforced here.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,12 +22,12 @@ use std::{
 use super::{
     compile::{endpoints_of, port_numbers, visible_to, Inputs},
     model::{GatewayRoute, Labels, RedirectKey, Via},
+    route_view::{destination_rule, fqdn, gateway_behind, routes_of, Match},
     sidecar::{selects, Imports, SidecarScope},
     Desired, Origin, Rule, L4,
 };
 use crate::istio::{
-    routing::{resolve_gateway_name, HttpMatch, L4Match, RouteDestination, TlsMatch, MESH_GATEWAY},
-    DestinationRule, Gateway, OutboundMode, ServiceEntry, VirtualService,
+    routing::Destination, DestinationRule, Gateway, OutboundMode, ServiceEntry, VirtualService,
 };
 
 /// The routing objects, valid ones only.
@@ -35,105 +39,6 @@ pub struct Routing<'a> {
     /// `--egress-gateway-only`: every other port and protocol of a gateway-routed address is
     /// refused to non-gateway workloads (egress gateway plus NetworkPolicy, in one).
     pub gateway_only: bool,
-}
-
-/// One match of a route, whatever its kind: the predicates decided here.
-struct Match<'a> {
-    gateways: &'a [String],
-    port: Option<u32>,
-    /// A `tls` route's SNI hosts: the names whose addresses are routed, instead of the
-    /// VirtualService's hosts.
-    sni_hosts: &'a [String],
-    source_labels: &'a Labels,
-    source_namespace: Option<&'a str>,
-}
-
-/// A route of any kind, with its matches (one that matches everything when it has none).
-struct Route<'a> {
-    matches: Vec<Match<'a>>,
-    destinations: &'a [RouteDestination],
-}
-
-const NO_LABELS: &Labels = &Labels::new();
-
-fn http_match(m: &HttpMatch) -> Match<'_> {
-    Match {
-        gateways: &m.gateways,
-        port: m.port,
-        sni_hosts: &[],
-        source_labels: &m.source_labels,
-        source_namespace: m.source_namespace.as_deref(),
-    }
-}
-
-fn tls_match(m: &TlsMatch) -> Match<'_> {
-    Match {
-        gateways: &m.gateways,
-        port: m.port,
-        sni_hosts: &m.sni_hosts,
-        source_labels: &m.source_labels,
-        source_namespace: m.source_namespace.as_deref(),
-    }
-}
-
-fn l4_match(m: &L4Match) -> Match<'_> {
-    Match {
-        gateways: &m.gateways,
-        port: m.port,
-        sni_hosts: &[],
-        source_labels: &m.source_labels,
-        source_namespace: m.source_namespace.as_deref(),
-    }
-}
-
-fn any_match() -> Match<'static> {
-    Match {
-        gateways: &[],
-        port: None,
-        sni_hosts: &[],
-        source_labels: NO_LABELS,
-        source_namespace: None,
-    }
-}
-
-fn or_any<'a>(matches: Vec<Match<'a>>) -> Vec<Match<'a>> {
-    if matches.is_empty() {
-        vec![any_match()]
-    } else {
-        matches
-    }
-}
-
-/// Every route of a VirtualService, HTTP, then TLS, then TCP.
-fn routes(vs: &VirtualService) -> Vec<Route<'_>> {
-    let spec = &vs.spec;
-    let http = spec.http.iter().map(|r| Route {
-        matches: or_any(r.matches.iter().map(http_match).collect()),
-        destinations: &r.route,
-    });
-    let tls = spec.tls.iter().map(|r| Route {
-        matches: or_any(r.matches.iter().map(tls_match).collect()),
-        destinations: &r.route,
-    });
-    let tcp = spec.tcp.iter().map(|r| Route {
-        matches: or_any(r.matches.iter().map(l4_match).collect()),
-        destinations: &r.route,
-    });
-    http.chain(tls).chain(tcp).collect()
-}
-
-/// The gateways a match applies to, as `namespace/name` (or `mesh`): its own list, else the
-/// VirtualService's.
-fn match_gateways(m: &Match<'_>, vs: &VirtualService) -> BTreeSet<String> {
-    let own: Vec<&str> = m.gateways.iter().map(String::as_str).collect();
-    let list = if own.is_empty() {
-        vs.spec.effective_gateways()
-    } else {
-        own
-    };
-    list.into_iter()
-        .map(|g| resolve_gateway_name(g, &vs.namespace))
-        .collect()
 }
 
 /// Whether a VirtualService applies in `ns`: no `exportTo` means every namespace.
@@ -206,19 +111,15 @@ fn routed_destinations(
         .iter()
         .filter(|v| vs_visible(v, ns))
     {
-        for route in routes(vs) {
+        for route in routes_of(vs) {
             let bound = route
                 .matches
                 .iter()
-                .any(|m| ids.iter().any(|id| match_gateways(m, vs).contains(id)));
+                .any(|m| ids.iter().any(|id| m.gateways.contains(id)));
             if !bound {
                 continue;
             }
-            for d in route
-                .destinations
-                .iter()
-                .filter_map(|d| d.destination.as_ref())
-            {
+            for (_, d) in &route.destinations {
                 let port = d.port.and_then(|p| u16::try_from(p.number).ok());
                 out.push((d.host.clone(), port.filter(|&p| p != 0)));
             }
@@ -279,7 +180,8 @@ pub fn add_redirects(out: &mut Desired, inp: &Inputs<'_>) -> Vec<String> {
     notes
 }
 
-/// The redirects of namespace `ns`'s mesh routes.
+/// The redirects of namespace `ns`'s mesh routes: each destination `gateway_behind` takes
+/// for a Gateway's service.
 fn mesh_redirects(
     ns: &str,
     inp: &Inputs<'_>,
@@ -291,41 +193,23 @@ fn mesh_redirects(
         if !vs_visible(vs, ns) {
             continue;
         }
-        // The Gateway whose workloads take what the mesh routes send them.
-        let Some(gateway) = vs
-            .spec
-            .gateways
-            .iter()
-            .map(|g| resolve_gateway_name(g, &vs.namespace))
-            .find(|g| routing.gateways.iter().any(|gw| gw.id() == *g))
-        else {
-            continue;
-        };
-        for route in routes(vs) {
+        for route in routes_of(vs) {
             for m in &route.matches {
-                if !match_gateways(m, vs).contains(MESH_GATEWAY)
-                    || m.source_namespace.is_some_and(|s| s != ns)
-                {
+                if m.source_namespace.is_some_and(|s| s != ns) {
                     continue;
                 }
-                if !m.source_labels.is_empty() {
-                    notes.push(format!(
-                        "VirtualService {}: a mesh match with sourceLabels is not redirected (scopes are not split by source labels)",
-                        vs.id()
-                    ));
-                    continue;
-                }
-                for dest in route
-                    .destinations
-                    .iter()
-                    .filter_map(|d| d.destination.as_ref())
-                {
-                    let ctx = RouteCtx {
-                        ns,
-                        vs,
-                        gateway: &gateway,
-                        m,
+                for (_, dest) in &route.destinations {
+                    let Some(gateway) = gateway_behind(vs, m, dest, routing.gateways) else {
+                        continue;
                     };
+                    if !m.source_labels.is_empty() {
+                        notes.push(format!(
+                            "VirtualService {}: a mesh match with sourceLabels is not redirected (scopes are not split by source labels)",
+                            vs.id()
+                        ));
+                        continue;
+                    }
+                    let ctx = RouteCtx { ns, vs, gateway, m };
                     out.extend(ctx.redirects(dest, inp));
                 }
             }
@@ -338,7 +222,7 @@ fn mesh_redirects(
 struct RouteCtx<'a> {
     ns: &'a str,
     vs: &'a VirtualService,
-    gateway: &'a str,
+    gateway: &'a Gateway,
     m: &'a Match<'a>,
 }
 
@@ -347,22 +231,17 @@ impl RouteCtx<'_> {
     /// port, to the gateway's endpoints.
     fn redirects(
         &self,
-        dest: &crate::istio::routing::Destination,
+        dest: &Destination,
         inp: &Inputs<'_>,
     ) -> Vec<(RedirectKey, Arc<GatewayRoute>)> {
-        let hosts: Vec<&String> = if self.m.sni_hosts.is_empty() {
-            self.vs.spec.hosts.iter().collect()
-        } else {
-            self.m.sni_hosts.iter().collect()
-        };
         let mut out = Vec::new();
-        for host in hosts {
+        for host in self.m.hosts(self.vs) {
             let ips = addresses(host, inp);
             for port in self.ports(host, inp) {
                 let via = self.via(dest, port, inp);
                 let route = Arc::new(GatewayRoute {
                     virtual_service: self.vs.id(),
-                    gateway: self.gateway.to_string(),
+                    gateway: self.gateway.id(),
                     host: host.clone(),
                     via,
                 });
@@ -402,7 +281,7 @@ impl RouteCtx<'_> {
 
     /// Where a connection to `port` goes: the gateway service's endpoints (filtered by the
     /// subset's labels) on their port for the destination port, or a refusal saying why not.
-    fn via(&self, dest: &crate::istio::routing::Destination, port: u16, inp: &Inputs<'_>) -> Via {
+    fn via(&self, dest: &Destination, port: u16, inp: &Inputs<'_>) -> Via {
         let q = dest
             .port
             .and_then(|p| u16::try_from(p.number).ok())
@@ -414,7 +293,13 @@ impl RouteCtx<'_> {
                 dest.host, self.ns
             ));
         };
-        let rule = destination_rule(&dest.host, self.ns, &service.namespace, inp);
+        let rule = destination_rule(
+            inp.routing.destination_rules,
+            &fqdn(&dest.host, &self.vs.namespace),
+            self.ns,
+            Some(&service.namespace),
+            inp.root_namespace,
+        );
         let subset_labels = match (&dest.subset, rule) {
             (None, _) => None,
             (Some(name), Some(dr)) => match dr.spec.subsets.iter().find(|s| s.name == *name) {
@@ -460,23 +345,6 @@ fn client_tls(dr: &DestinationRule, subset: Option<&str>, port: u16) -> Option<S
             "DestinationRule {} makes clients originate TLS ({mode}) to the gateway; the kernel cannot, so the connection is refused",
             dr.id()
         )
-    })
-}
-
-/// The DestinationRule for `host` a client in `ns` uses: its own namespace's, then the
-/// service's, as Istio looks them up.
-fn destination_rule<'a>(
-    host: &str,
-    ns: &str,
-    service_ns: &str,
-    inp: &Inputs<'a>,
-) -> Option<&'a DestinationRule> {
-    let rules = by_age(inp.routing.destination_rules);
-    [ns, service_ns].into_iter().find_map(|look_in| {
-        rules
-            .iter()
-            .find(|dr| dr.namespace == look_in && dr.spec.host == host)
-            .copied()
     })
 }
 
@@ -547,15 +415,10 @@ fn targets(
 pub fn routing_names(routing: &Routing<'_>) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for vs in routing.virtual_services {
-        for route in routes(vs) {
+        for route in routes_of(vs) {
             for m in &route.matches {
-                let hosts: &[String] = if m.sni_hosts.is_empty() {
-                    &vs.spec.hosts
-                } else {
-                    m.sni_hosts
-                };
                 names.extend(
-                    hosts
+                    m.hosts(vs)
                         .iter()
                         .filter(|h| !h.contains('*') && h.parse::<IpAddr>().is_err())
                         .cloned(),

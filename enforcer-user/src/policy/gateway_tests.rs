@@ -386,3 +386,66 @@ spec:
         assert!(rule.ports.contains(&(L4::Tcp, 443)), "{rule:?}");
     }
 }
+
+#[test]
+fn a_match_cannot_add_mesh_to_the_virtual_services_gateways() {
+    // Istio indexes a VirtualService under spec.gateways only: the match's mesh binds nothing.
+    let vs = STEP5.replace(
+        "gateways: [istio-system/istio-egressgateway, mesh]",
+        "gateways: [istio-system/istio-egressgateway]",
+    );
+    let d = compile_with(
+        &format!("{ENTRY}---{SERVICE}---{vs}"),
+        OutboundMode::RegistryOnly,
+        false,
+    );
+    assert!(d.scopes["default"].redirects.is_empty());
+}
+
+#[test]
+fn a_mesh_route_to_one_of_the_routed_hosts_is_left_direct() {
+    // Port 443 goes straight to www.wikipedia.org, as in Istio; it is no gateway's service.
+    let vs = STEP5.replace(
+        "  - match:\n    - gateways: [istio-system/istio-egressgateway]\n",
+        "  - match:\n    - {gateways: [mesh], port: 443}\n    route:\n    - destination: {host: www.wikipedia.org, port: {number: 443}}\n  - match:\n    - gateways: [istio-system/istio-egressgateway]\n",
+    );
+    let d = compile_with(
+        &format!("{ENTRY}---{SERVICE}---{vs}"),
+        OutboundMode::RegistryOnly,
+        false,
+    );
+    let redirects = &d.scopes["default"].redirects;
+    assert!(!redirects.contains_key(&key(443, WIKI_IP)), "{redirects:?}");
+    assert!(matches!(redirects[&key(80, WIKI_IP)].via, Via::Gateway(_)));
+}
+
+#[test]
+fn the_destination_rule_is_found_by_short_name_in_the_services_namespace() {
+    let moved = STEP5.replace(
+        "namespace: default}\nspec:\n  host: istio-egressgateway.istio-system.svc.cluster.local",
+        "namespace: istio-system}\nspec:\n  host: istio-egressgateway",
+    );
+    let d = compile_with(
+        &format!("{ENTRY}---{SERVICE}---{moved}"),
+        OutboundMode::RegistryOnly,
+        false,
+    );
+    let via = &d.scopes["default"].redirects[&key(80, WIKI_IP)].via;
+    assert!(matches!(via, Via::Gateway(_)), "{via:?}");
+
+    // Kept to its own namespace, it defines no subset for the clients in default.
+    let private = moved.replace(
+        "  host: istio-egressgateway\n",
+        "  host: istio-egressgateway\n  exportTo: [\".\"]\n",
+    );
+    let d = compile_with(
+        &format!("{ENTRY}---{SERVICE}---{private}"),
+        OutboundMode::RegistryOnly,
+        false,
+    );
+    let via = &d.scopes["default"].redirects[&key(80, WIKI_IP)].via;
+    assert!(
+        matches!(via, Via::Refused(w) if w.contains("subset wikipedia")),
+        "{via:?}"
+    );
+}
