@@ -17,7 +17,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     process::{Child, Command, Stdio},
 };
@@ -34,7 +34,7 @@ use crate::{
 const HOST: &str = "www.bench.test";
 const SERVER_PORT: u16 = 8080;
 /// Istio's outbound capture port; on loopback only.
-const SIDECAR: &str = "127.0.0.1:15001";
+const SIDECAR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
 /// A port of the test host that no ServiceEntry of the benchmark names.
 const UNLISTED: &str = "198.51.100.10:9";
 const ROUNDS: usize = 3;
@@ -78,7 +78,7 @@ impl Way {
                 cmd.arg(me);
                 Some((cmd, server))
             }
-            Way::Sidecar => Some((Command::new(me), SIDECAR.parse().ok()?)),
+            Way::Sidecar => Some((Command::new(me), SIDECAR)),
             // Extension point (issue 12): an EgressGateway (testkit) routing HOST to `server`,
             // the agent told to redirect the workload's connections to SERVER_PORT there, and
             // the client run as in (b). Until the agent redirects, nothing to measure.
@@ -121,7 +121,7 @@ fn measure_all(bench: &Bench, server: &Server, server_addr: SocketAddr) -> anyho
     check_enforced(bench, &me)?;
     let sidecar = sidecar_registry_only(
         &bench.work.join("sidecar"),
-        SIDECAR.parse()?,
+        SIDECAR,
         &[HOST],
         &Upstream::Static(vec![server_addr]),
         None,
