@@ -229,3 +229,80 @@ fn registry_only_sidecar_blocks_other_hosts() {
         .unwrap();
     assert!(line.trim_end().ends_with(" block_all"), "{line}");
 }
+
+/// A network namespace with only loopback up; deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("enforcer-envoy-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("running ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?} (needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Self(name);
+        ip(&["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn runs_behind_a_command_prefix_in_a_netns() {
+    require_envoy();
+    let work = WorkDir::new("netns");
+    let ns = Netns::new();
+    // Its loopback, not ours: the same port is free here whatever the namespace holds.
+    let listen = free_port();
+    let envoy = sidecar_registry_only(
+        &work.0,
+        listen,
+        &["www.example.test"],
+        &Upstream::Static(vec![listen]),
+        None,
+        false,
+    )
+    .unwrap()
+    .spawn(&["ip", "netns", "exec", &ns.0])
+    .expect("ready, as seen through the admin socket from outside the namespace");
+    assert!(envoy
+        .admin("/stats?filter=^server.live$")
+        .unwrap()
+        .contains("server.live: 1"));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-H", "Host: elsewhere.example.test", "--max-time", "5"])
+        .arg(format!("http://{listen}/"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "502",
+        "answered inside the namespace"
+    );
+    assert!(
+        http::get(listen, "elsewhere.example.test", "/").is_err(),
+        "nothing listens on {listen} out here"
+    );
+}

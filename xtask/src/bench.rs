@@ -5,7 +5,8 @@
 //! - loopback connect() rate with the programs attached vs detached, interleaved rounds;
 //! - time from a ServiceEntry file change to the kernel enforcing it;
 //! - the TC programs on a pod veth (`bench_tc`);
-//! - DNS learning: lookups through the proxy vs direct, CPU, memory (`bench_dns`).
+//! - DNS learning: lookups through the proxy vs direct, CPU, memory (`bench_dns`);
+//! - HTTP direct, under the agent and through a sidecar-style Envoy (`bench_envoy`).
 //!
 //! Loopback stays always-allowed, so an enforced connect to 127.0.0.1 takes the longest allow
 //! path: cgroup lookup, exact-map miss, scoped trie miss, global trie hit.
@@ -45,6 +46,8 @@ pub enum Only {
     Cost,
     /// DNS learning: lookup latency through the proxy vs direct, CPU, memory.
     Dns,
+    /// HTTP requests direct, under the agent and through Envoy.
+    Envoy,
 }
 
 /// Runs the measures `only` selects; `versions` name the commit the per-run costs compare with
@@ -130,6 +133,9 @@ impl Bench {
         net.route_back(crate::bench_tc::POD_CIDR)?;
         net.route_back(crate::bench_tc::BARE_CIDR)?;
         self.net = Some(net);
+        if self.only == Only::Envoy {
+            return crate::bench_envoy::run(self, NETNS);
+        }
         if self.only == Only::Dns {
             if let Some(net) = &self.net {
                 crate::bench_dns::run(self, net)?;
@@ -159,6 +165,7 @@ impl Bench {
             if let Some(net) = &self.net {
                 crate::bench_dns::run(self, net)?;
             }
+            crate::bench_envoy::run(self, NETNS)?;
         }
         Ok(())
     }
@@ -524,6 +531,9 @@ pub fn client(args: &[String]) -> anyhow::Result<()> {
     if let [mode, rest @ ..] = args {
         if matches!(mode.as_str(), "sendto" | "socket" | "setsockopt" | "echo") {
             return crate::bench_cost::client(mode, rest);
+        }
+        if matches!(mode.as_str(), "http" | "http-serve" | "refused") {
+            return crate::bench_http::client(mode, rest);
         }
     }
     let [mode, addr, rest @ ..] = args else {

@@ -239,7 +239,8 @@ fn map_memory(pin_root: &str) -> anyhow::Result<String> {
     Ok(format!("{:.1} MiB (memlock)", bytes / 1024.0 / 1024.0))
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// utime + stime of a process and its exited threads, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // After the command's closing parenthesis: fields 14 and 15 are utime and stime.
     let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
@@ -249,7 +250,7 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(utime + stime)
 }
 
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {

@@ -3,6 +3,8 @@
 mod bench;
 mod bench_cost;
 mod bench_dns;
+mod bench_envoy;
+mod bench_http;
 mod bench_k8s;
 mod bench_tc;
 mod check;
@@ -33,7 +35,8 @@ enum Task {
     CheckDeploy,
     /// Live demo of seeds 000 to 003 on this machine (root).
     Demo,
-    /// Measure program cost, connect() overhead, time to enforcement and the TC programs (root).
+    /// Measure program cost, connect() overhead, time to enforcement, the TC programs, DNS
+    /// learning and HTTP through Envoy (root).
     Bench {
         /// Only the TC measures (throughput through a pod veth, cost per packet, revocation).
         #[arg(long)]
@@ -47,6 +50,9 @@ enum Task {
         /// Only DNS learning: lookups through the proxy vs direct, CPU, memory.
         #[arg(long, conflicts_with_all = ["tc_only", "k8s_only", "cost_only"])]
         dns_only: bool,
+        /// Only HTTP through Envoy: direct, under the agent, through a sidecar-style Envoy.
+        #[arg(long, conflicts_with_all = ["tc_only", "k8s_only", "cost_only", "dns_only"])]
+        envoy_only: bool,
         /// The commit whose agent the per-run costs compare with (built once, in a worktree).
         #[arg(long, value_name = "REV", default_value = bench_cost::BASELINE)]
         baseline: String,
@@ -93,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             k8s_only,
             cost_only,
             dns_only,
+            envoy_only,
             baseline,
             agent,
         } => {
@@ -104,10 +111,11 @@ fn main() -> anyhow::Result<()> {
             if k8s_only {
                 return bench_k8s::run(&bin);
             }
-            let only = match (tc_only, cost_only, dns_only) {
-                (true, _, _) => bench::Only::Tc,
-                (_, true, _) => bench::Only::Cost,
-                (_, _, true) => bench::Only::Dns,
+            let only = match (tc_only, cost_only, dns_only, envoy_only) {
+                (true, ..) => bench::Only::Tc,
+                (_, true, ..) => bench::Only::Cost,
+                (_, _, true, _) => bench::Only::Dns,
+                (.., true) => bench::Only::Envoy,
                 _ => bench::Only::All,
             };
             bench::run(&bin, only, [baseline.as_str(), label])?;
