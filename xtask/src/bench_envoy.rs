@@ -6,8 +6,9 @@
 //!   ServiceEntry;
 //! - (c) through a sidecar-style Envoy on loopback (Istio's REGISTRY_ONLY routes; no iptables:
 //!   the client connects to its listener as its sidecar's redirect would make it);
-//! - (d) through the egress gateway, the kernel redirecting the connection: not measured yet, it
-//!   needs the agent's redirect (issue 12); `Way::GatewayRedirect` is where it goes.
+//! - (d) through an egress gateway (Envoy on loopback, routing by Host), the workload's
+//!   connect() to the server's other port redirected there by the kernel, as a VirtualService
+//!   bound to `mesh` makes it.
 //!
 //! Each request is a `GET` with a small fixed answer from a std-thread server in the test hosts'
 //! namespace (`bench_http`), one connection per request, or one kept for all. Reported: rate,
@@ -23,7 +24,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use enforcer_testkit::envoy::{sidecar_registry_only, Envoy, Upstream};
+use enforcer_testkit::envoy::{sidecar_registry_only, EgressGateway, Envoy, Upstream};
 
 use crate::{
     bench::{median, Bench, TARGET},
@@ -40,7 +41,50 @@ const UNLISTED: &str = "198.51.100.10:9";
 const ROUNDS: usize = 3;
 const REQUESTS: usize = 2_000;
 
-const POLICY: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: envoy-bench, namespace: bench}\nspec:\n  hosts: [www.bench.test]\n  addresses: [198.51.100.10]\n  resolution: STATIC\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n";
+/// The port (d) connects to: the VirtualService sends it through the gateway, which forwards
+/// to SERVER_PORT. Nothing listens on it, so what answers went through the gateway.
+const ROUTED_PORT: u16 = 8081;
+/// The gateway's listener, as its Service's endpoint (127.0.0.1, target port).
+const GATEWAY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15080));
+
+const POLICY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: envoy-bench, namespace: bench}
+spec:
+  hosts: [www.bench.test]
+  addresses: [198.51.100.10]
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}, {number: 8081, name: http-routed, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: egress-gateway, namespace: bench}
+spec:
+  hosts: [egress-gateway.bench.test]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 15080}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress-gateway, namespace: bench}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [www.bench.test]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: via-gateway, namespace: bench}
+spec:
+  hosts: [www.bench.test]
+  gateways: [egress-gateway, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 8081}]
+    route: [{destination: {host: egress-gateway.bench.test, port: {number: 80}}}]
+  - match: [{gateways: [egress-gateway]}]
+    route: [{destination: {host: www.bench.test, port: {number: 8080}}}]
+"#;
 
 /// A way out, (a) to (d).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -68,21 +112,21 @@ impl Way {
         }
     }
 
-    /// The client command up to its own arguments, and where it connects; `None` where this
-    /// way cannot be measured yet.
-    fn client(self, bench: &Bench, me: &Path, server: SocketAddr) -> Option<(Command, SocketAddr)> {
+    /// The client command up to its own arguments, and where it connects.
+    fn client(self, bench: &Bench, me: &Path, server: SocketAddr) -> (Command, SocketAddr) {
         match self {
-            Way::Direct => Some((Command::new(me), server)),
+            Way::Direct => (Command::new(me), server),
             Way::Enforced => {
                 let mut cmd = bench.enforced(None);
                 cmd.arg(me);
-                Some((cmd, server))
+                (cmd, server)
             }
-            Way::Sidecar => Some((Command::new(me), SIDECAR)),
-            // Extension point (issue 12): an EgressGateway (testkit) routing HOST to `server`,
-            // the agent told to redirect the workload's connections to SERVER_PORT there, and
-            // the client run as in (b). Until the agent redirects, nothing to measure.
-            Way::GatewayRedirect => None,
+            Way::Sidecar => (Command::new(me), SIDECAR),
+            Way::GatewayRedirect => {
+                let mut cmd = bench.enforced(None);
+                cmd.arg(me);
+                (cmd, SocketAddr::new(server.ip(), ROUTED_PORT))
+            }
         }
     }
 }
@@ -128,6 +172,11 @@ fn measure_all(bench: &Bench, server: &Server, server_addr: SocketAddr) -> anyho
         false,
     )?
     .spawn(&[])?;
+    // The gateway runs beside the bench, unenforced: its own scope is not what is measured.
+    let gateway = EgressGateway::new(bench.work.join("gateway"))
+        .http_listener(Some(GATEWAY))
+        .route_http(HOST, Upstream::Static(vec![server_addr]))
+        .spawn(&[])?;
     println!(
         "  {:<29} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>11} {:>10} {:>10}",
         "way",
@@ -145,15 +194,18 @@ fn measure_all(bench: &Bench, server: &Server, server_addr: SocketAddr) -> anyho
         let mut totals: Vec<Totals> = Way::ALL.iter().map(|_| Totals::default()).collect();
         for _ in 0..ROUNDS {
             for (way, total) in Way::ALL.iter().zip(totals.iter_mut()) {
-                if let Some((cmd, target)) = way.client(bench, &me, server_addr) {
-                    let ctx = Measured {
-                        server,
-                        sidecar: &sidecar,
-                        keep_alive,
-                    };
-                    ctx.once(cmd, target, total)
-                        .with_context(|| format!("{} ({})", way.label(), mode(keep_alive)))?;
-                }
+                let (cmd, target) = way.client(bench, &me, server_addr);
+                let ctx = Measured {
+                    server,
+                    envoy: match way {
+                        Way::Sidecar => Some(&sidecar),
+                        Way::GatewayRedirect => Some(&gateway),
+                        Way::Direct | Way::Enforced => None,
+                    },
+                    keep_alive,
+                };
+                ctx.once(cmd, target, total)
+                    .with_context(|| format!("{} ({})", way.label(), mode(keep_alive)))?;
             }
         }
         report(&mut totals, keep_alive);
@@ -198,17 +250,16 @@ fn check_enforced(bench: &Bench, me: &Path) -> anyhow::Result<()> {
 
 struct Measured<'a> {
     server: &'a Server,
-    sidecar: &'a Envoy,
+    /// The Envoy this way goes through, whose CPU it is charged.
+    envoy: Option<&'a Envoy>,
     keep_alive: bool,
 }
 
 impl Measured<'_> {
     /// One client run of REQUESTS, added to `total`, with the CPU Envoy and the server spent.
     fn once(&self, mut cmd: Command, target: SocketAddr, total: &mut Totals) -> anyhow::Result<()> {
-        let (envoy0, server0) = (
-            cpu_ticks(self.sidecar.pid())?,
-            cpu_ticks(self.server.pid())?,
-        );
+        let envoy_ticks = || self.envoy.map_or(Ok(0), |e| cpu_ticks(e.pid()));
+        let (envoy0, server0) = (envoy_ticks()?, cpu_ticks(self.server.pid())?);
         let out = sh::output(cmd.args([
             "bench-client",
             "http",
@@ -217,10 +268,7 @@ impl Measured<'_> {
             &REQUESTS.to_string(),
             mode(self.keep_alive),
         ]))?;
-        let (envoy1, server1) = (
-            cpu_ticks(self.sidecar.pid())?,
-            cpu_ticks(self.server.pid())?,
-        );
+        let (envoy1, server1) = (envoy_ticks()?, cpu_ticks(self.server.pid())?);
         let got: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "the client said {}{}",
@@ -246,14 +294,6 @@ fn report(totals: &mut [Totals], keep_alive: bool) {
         .map(|t| (median(&mut t.p50), median(&mut t.p99)))
         .unwrap_or((f64::NAN, f64::NAN));
     for (way, t) in Way::ALL.iter().zip(totals.iter_mut()) {
-        if t.rates.is_empty() {
-            println!(
-                "  {:<29} {:<10} not measured: needs the agent's redirect to the gateway (issue 12)",
-                way.label(),
-                mode(keep_alive)
-            );
-            continue;
-        }
         let (p50, p99) = (median(&mut t.p50), median(&mut t.p99));
         let per_request = |secs: f64| secs / t.requests * 1e6;
         println!(

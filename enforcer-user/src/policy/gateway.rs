@@ -236,7 +236,7 @@ impl RouteCtx<'_> {
     ) -> Vec<(RedirectKey, Arc<GatewayRoute>)> {
         let mut out = Vec::new();
         for host in self.m.hosts(self.vs) {
-            let ips = addresses(host, inp);
+            let ips = addresses(host, self.ns, inp);
             for port in self.ports(host, inp) {
                 let via = self.via(dest, port, inp);
                 let route = Arc::new(GatewayRoute {
@@ -360,15 +360,28 @@ fn entries_for<'a>(
     })
 }
 
-/// The addresses of a routed host: itself if it is one, else the agent's answers for it.
-fn addresses(host: &str, inp: &Inputs<'_>) -> Vec<IpAddr> {
+/// The addresses of a routed host: itself if it is one, else the agent's answers for it and
+/// the single addresses of the entries visible to `ns` that declare it (a CIDR cannot be
+/// redirected to one gateway address; its connections stay as the entry says).
+fn addresses(host: &str, ns: &str, inp: &Inputs<'_>) -> Vec<IpAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return vec![super::canonical_ip(ip)];
     }
-    inp.dns
+    let declared = entries_for(host, ns, inp)
+        .flat_map(|se| se.spec.addresses.iter())
+        .filter_map(|a| a.parse::<IpAddr>().ok());
+    let mut ips: Vec<IpAddr> = inp
+        .dns
         .get(host)
-        .map(|ips| ips.iter().map(|&ip| super::canonical_ip(ip)).collect())
-        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .copied()
+        .chain(declared)
+        .map(super::canonical_ip)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// The gateway service's endpoints for service port `q`, on the port each listens on; the

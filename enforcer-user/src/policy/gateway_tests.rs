@@ -449,3 +449,31 @@ fn the_destination_rule_is_found_by_short_name_in_the_services_namespace() {
         "{via:?}"
     );
 }
+
+#[test]
+fn an_entrys_own_addresses_are_routed_like_its_answers() {
+    let entry = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed, namespace: default}
+spec:
+  hosts: [fixed.example.com]
+  addresses: [198.51.100.77, 198.51.100.0/28]
+  resolution: STATIC
+  endpoints: [{address: 198.51.100.77}]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"#;
+    let vs = STEP5.replace("www.wikipedia.org", "fixed.example.com");
+    let d = compile_with(
+        &format!("{entry}---{SERVICE}---{vs}"),
+        OutboundMode::RegistryOnly,
+        false,
+    );
+    let redirects = &d.scopes["default"].redirects;
+    assert!(redirects.contains_key(&key(80, "198.51.100.77")));
+    assert_eq!(
+        redirects.len(),
+        1,
+        "a CIDR is not redirected: {redirects:?}"
+    );
+}
