@@ -4,7 +4,10 @@ use std::path::Path;
 
 use enforcer_user::{
     istio::OutboundMode,
-    policy::validate_service_entry,
+    policy::{
+        validate_destination_rule, validate_gateway, validate_service_entry,
+        validate_virtual_service,
+    },
     sources::files::{load_dir, load_mesh_file},
 };
 
@@ -25,6 +28,8 @@ fn example_service_entries_are_valid() {
         ids,
         [
             "frontend/postgres-db",
+            // Seed 001, step 5: the gateway's Service in local mode.
+            "istio-system/istio-egressgateway",
             "egress/external-svc-httpbin",
             "default/external-svc-https",
             "default/external-svc-mongocluster",
@@ -45,6 +50,29 @@ fn example_service_entries_are_valid() {
             se.id(),
             validate_service_entry(se)
         );
+    }
+    // Seed 001, step 5, with the misplaced `port` moved into the match: no warning either.
+    let ids = |v: Vec<String>| v;
+    assert_eq!(
+        ids(snap.gateways.iter().map(|g| g.id()).collect()),
+        ["istio-system/istio-egressgateway"]
+    );
+    assert_eq!(
+        ids(snap.virtual_services.iter().map(|v| v.id()).collect()),
+        ["default/wikipedia-egress-gateway"]
+    );
+    assert_eq!(
+        ids(snap.destination_rules.iter().map(|d| d.id()).collect()),
+        ["default/egressgateway-for-wikipedia"]
+    );
+    for problems in snap
+        .gateways
+        .iter()
+        .map(validate_gateway)
+        .chain(snap.virtual_services.iter().map(validate_virtual_service))
+        .chain(snap.destination_rules.iter().map(validate_destination_rule))
+    {
+        assert!(problems.is_empty(), "{problems:?}");
     }
 }
 

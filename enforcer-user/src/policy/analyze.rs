@@ -75,7 +75,7 @@ pub fn analyze(s: &Subject<'_>) -> Vec<Finding> {
 
     for se in s.entries {
         exported_nowhere(se, s, &existing, &mut out);
-        selector_matches_nothing(se, s.workloads, &mut out);
+        selector_matches_nothing(se, s, &mut out);
         no_ports(se, &mut out);
         none_without_addresses(se, s.istio_compat, &mut out);
     }
@@ -148,19 +148,19 @@ fn exported_nowhere(
     ));
 }
 
-/// ENF0105: a selector that selects no WorkloadEntry allows nothing.
-fn selector_matches_nothing(
-    se: &ServiceEntry,
-    workloads: &[WorkloadEntry],
-    out: &mut Vec<Finding>,
-) {
+/// ENF0105: a selector that selects no WorkloadEntry allows nothing, unless it is a Gateway's
+/// service: its endpoints are the gateway's pods, which only the running agent sees.
+fn selector_matches_nothing(se: &ServiceEntry, s: &Subject<'_>, out: &mut Vec<Finding>) {
     let Some(selector) = &se.spec.workload_selector else {
         return;
     };
-    let any = workloads.iter().any(|we| {
+    let any = s.workloads.iter().any(|we| {
         we.namespace == se.namespace && sidecar::selects(&selector.labels, &we.spec.labels)
     });
-    if !any {
+    let gateways_pods = s.gateways.iter().any(|g| {
+        !g.spec.selector.is_empty() && sidecar::selects(&g.spec.selector, &selector.labels)
+    });
+    if !any && !gateways_pods {
         out.push(finding(
             "ENF0105",
             Severity::Warning,

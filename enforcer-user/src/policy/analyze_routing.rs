@@ -354,9 +354,10 @@ fn routed_by_gateway(
                     not_exported(vs, field, &host, g, se, s, out);
                 }
             }
+            // Only what the gateway's namespace sees is what it connects by.
             for se in entries
                 .iter()
-                .filter(|se| se.spec.resolution == Resolution::None)
+                .filter(|se| seen(se) && se.spec.resolution == Resolution::None)
             {
                 out.push(finding(
                     "ENF0113",

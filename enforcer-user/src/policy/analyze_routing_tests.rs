@@ -308,6 +308,26 @@ fn resolution_none_for_a_host_the_gateway_forwards_to_loops() {
 }
 
 #[test]
+fn an_entry_the_gateway_cannot_see_does_not_make_it_loop() {
+    // A namespace-local wildcard entry for the clients (seed 003's) is not what the gateway
+    // connects by: it sees only the entry exported to its namespace.
+    let wildcard = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: wiki-all, namespace: default}\nspec: {hosts: ['*.wikipedia.org'], ports: [{number: 80, name: http, protocol: HTTP}], resolution: NONE}\n";
+    let found = run(&format!("{}---\n{wildcard}", exported(SEED)));
+    assert!(!found.iter().any(|f| f.code == "ENF0113"), "{found:?}");
+}
+
+#[test]
+fn a_gateway_service_that_selects_pods_is_not_said_to_allow_nothing() {
+    let service = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: istio-egressgateway, namespace: istio-system}\nspec: {hosts: [istio-egressgateway.istio-system.svc.cluster.local], exportTo: ['*'], resolution: STATIC, ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}], workloadSelector: {labels: {istio: egressgateway}}}\n";
+    let found = run(&format!("{}---\n{service}", exported(SEED)));
+    assert!(!found.iter().any(|f| f.code == "ENF0105"), "{found:?}");
+    // Without the Gateway, a selector that matches no WorkloadEntry still warns.
+    let other = service.replace("istio: egressgateway", "app: nothing");
+    let found = run(&format!("{}---\n{other}", exported(SEED)));
+    assert!(found.iter().any(|f| f.code == "ENF0105"), "{found:?}");
+}
+
+#[test]
 fn per_request_predicates_on_a_mesh_route_to_the_gateway_warn() {
     let yaml = edit(
         &exported(SEED),
