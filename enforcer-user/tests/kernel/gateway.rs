@@ -3,9 +3,17 @@
 //! reaches the test host is asserted there (which source address connected), never only on
 //! the client's side.
 
-use std::{net::SocketAddr, process::Output, time::Duration};
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
 
-use enforcer_testkit::envoy::{EgressGateway, Envoy, Upstream};
+use enforcer_testkit::{
+    envoy::{EgressGateway, Envoy, Upstream},
+    python, script,
+};
 
 use crate::{
     harness::{start_with_pods, Agent, Dns, Hosts, World},
@@ -373,4 +381,65 @@ fn client_tls_towards_the_gateway_is_refused_at_connect_with_the_reason() {
     assert!(reason.contains("ISTIO_MUTUAL"), "{record}");
     // 443 is not routed and stays allowed, directly.
     assert!(curl_reaches(&s, &client, WIKI, 443));
+}
+
+#[test]
+fn a_direct_flow_opened_before_the_virtual_service_is_revoked() {
+    let s = setup("egwrev", ENTRY, &[]);
+    let gw_ns = s.world.netns("enfegw");
+    let _envoy = gateway(&s, &gw_ns);
+    let netns = s.world.netns("enfcli");
+    let mut client = s
+        .agent
+        .exec("default", Some(&netns))
+        .arg(python())
+        .arg(script("stream.py"))
+        .args([WIKI, "80", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the long-lived flow");
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
+    for _ in 0..5 {
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert!(
+            line.starts_with("ok"),
+            "before the VirtualService: {line:?}"
+        );
+    }
+    s.world
+        .write_policy("001-wikipedia.yaml", &format!("{ENTRY}---{STEP5}"));
+    let applied = Instant::now();
+    let stalled = loop {
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        if line.starts_with("stalled") {
+            break applied.elapsed();
+        }
+        assert!(
+            line.starts_with("ok") && applied.elapsed() < Duration::from_secs(5),
+            "the direct flow was not cut: {line:?}\n{}",
+            s.agent.log()
+        );
+    };
+    let _ = client.kill();
+    let _ = client.wait();
+    eprintln!("direct flow cut {stalled:?} after the VirtualService was written");
+    let revoked = record(&s.agent, |d| {
+        d["verdict"] == "revoked" && d["reason_code"] == "gateway_bypass"
+    });
+    assert_eq!(revoked["hook"], "tc", "{revoked}");
+    assert_eq!(
+        revoked["virtual_service"], "default/wikipedia-egress-gateway",
+        "{revoked}"
+    );
+    // A new connection goes through the gateway.
+    let gw_ip = pod_ip(&gw_ns);
+    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcl2"));
+    s.agent.wait_for(
+        Duration::from_secs(10),
+        "a request through the gateway",
+        || {
+            curl(&s.agent, &client, "http", WIKI, 80).status.success()
+                && connections_from(&s.hosts, WIKI, 80, &gw_ip) > 0
+        },
+    );
 }
