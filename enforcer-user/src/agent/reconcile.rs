@@ -47,9 +47,7 @@ pub(super) struct Reconciler {
     desired: Option<Arc<Desired>>,
     /// The compiler's last inputs, for the status file.
     last_inputs: Option<Inputs>,
-    /// The pods that were endpoints of ServiceEntries (by `workloadSelector`) at the last
-    /// compilation: when they change, the policy is compiled again.
-    endpoint_pods: Vec<PodAssignment>,
+
     generation: u64,
     /// Since when applies have kept failing.
     failing_since: Option<SystemTime>,
@@ -81,7 +79,6 @@ impl Reconciler {
             explainer,
             desired: None,
             last_inputs: None,
-            endpoint_pods: Vec::new(),
             generation: 0,
             failing_since: None,
             agent_cgroup,
@@ -100,7 +97,9 @@ impl Reconciler {
                 .last_inputs
                 .as_ref()
                 .is_some_and(|i| i.only_namespaces != local)
-            || endpoint_pods(sources, &running_pods(workloads)) != self.endpoint_pods
+            || self.last_inputs.as_ref().is_some_and(|i| {
+                i.endpoint_pods != endpoint_pods(sources, &running_pods(workloads))
+            })
     }
 
     pub fn compile(
@@ -114,9 +113,10 @@ impl Reconciler {
         // would double the agent's peak memory. Records meanwhile are explained without it.
         drop(self.desired.take());
         self.explainer().desired = Arc::default();
-        let inputs = inputs(cfg, workloads.cgroups, workloads.node, resolver);
-        self.endpoint_pods = endpoint_pods(sources, &running_pods(workloads));
-        let mut compiled = sources.compile_with_pods(&inputs, &self.endpoint_pods);
+        let mut inputs = inputs(cfg, workloads.cgroups, workloads.node, resolver);
+        // Pods a ServiceEntry selects are its endpoints; the status keeps them for `explain`.
+        inputs.endpoint_pods = endpoint_pods(sources, &running_pods(workloads));
+        let mut compiled = sources.compile(&inputs);
         if let Some(n) = workloads.node {
             let unmapped = n.unmapped_mode(&compiled, sources.mesh.mode);
             let bootstrap = n.cluster.bootstrap_rules();
@@ -316,6 +316,7 @@ fn inputs(
         answers: resolver.answers(),
         only_namespaces: node.map(Node::local_namespaces),
         egress_gateway_only: cfg.egress_gateway_only,
+        endpoint_pods: Vec::new(),
     }
 }
 

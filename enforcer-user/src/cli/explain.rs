@@ -222,6 +222,12 @@ fn kernel_view(
             "an entry learned from a DNS answer that expired {} s ago (flows it allowed go on; new ones are refused)",
             -expires_in_s
         ),
+        KernelMatch::Redirect { to_gateway: true } => {
+            "a redirect to the egress gateway".to_string()
+        }
+        KernelMatch::Redirect { to_gateway: false } => {
+            "a gateway entry that refuses it".to_string()
+        }
         KernelMatch::None => "no allow entry".to_string(),
     };
     let learned = matches!(found, KernelMatch::Learned { expires_in_s } if expires_in_s > 0);
@@ -234,6 +240,10 @@ fn kernel_view(
                 ),
                 learned,
             )
+        }
+        [mode] if matches!(found, KernelMatch::Redirect { .. }) => {
+            found == KernelMatch::Redirect { to_gateway: true }
+                || *mode == enforcer_common::mode::AUDIT
         }
         [mode] => {
             *mode != enforcer_common::mode::REGISTRY_ONLY

@@ -4,7 +4,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use enforcer_common::{
-    map_names, proto, CgroupScope, Learned, PolicyKey, ScopeName, GLOBAL_SCOPE,
+    map_names, proto, redirect, CgroupScope, Learned, PolicyKey, Redirect, ScopeName, GLOBAL_SCOPE,
     POLICY_KEY_HEADER_BITS,
 };
 
@@ -23,6 +23,10 @@ pub enum KernelMatch {
     Learned {
         expires_in_s: i64,
     },
+    /// A gateway redirect entry (checked first, in every mode): to the gateway, or refused.
+    Redirect {
+        to_gateway: bool,
+    },
     None,
 }
 
@@ -33,6 +37,8 @@ pub struct LiveMaps {
     names: HashMap<MapData, ScopeName, u32>,
     /// Absent in maps pinned by an agent that did not learn yet.
     learned: Option<HashMap<MapData, PolicyKey, Learned>>,
+    /// Absent in maps pinned by an agent from before egress gateways.
+    redirects: Option<HashMap<MapData, PolicyKey, Redirect>>,
 }
 
 impl LiveMaps {
@@ -59,6 +65,9 @@ impl LiveMaps {
                 map_names::SCOPE_NAMES,
             )?))?,
             learned: super::open_pinned(pin_root, map_names::LEARNED)
+                .ok()
+                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
+            redirects: super::open_pinned(pin_root, map_names::REDIRECTS)
                 .ok()
                 .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
         }))
@@ -97,6 +106,9 @@ impl LiveMaps {
             pad: 0,
             addr,
         };
+        if let Some(found) = self.redirect(&key) {
+            return found;
+        }
         if self.exact.get(&key, 0).is_ok() {
             return KernelMatch::Exact;
         }
@@ -121,5 +133,23 @@ impl LiveMaps {
             };
         }
         KernelMatch::None
+    }
+
+    /// The port's redirect (TCP), else the address's every-port entry.
+    fn redirect(&self, key: &PolicyKey) -> Option<KernelMatch> {
+        let map = self.redirects.as_ref()?;
+        let any = PolicyKey {
+            port: 0,
+            proto: proto::ANY,
+            ..*key
+        };
+        let r = map
+            .get(key, 0)
+            .ok()
+            .filter(|_| key.proto == proto::TCP)
+            .or_else(|| map.get(&any, 0).ok())?;
+        Some(KernelMatch::Redirect {
+            to_gateway: r.action == redirect::TO_GATEWAY,
+        })
     }
 }

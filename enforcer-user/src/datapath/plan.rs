@@ -110,7 +110,7 @@ pub fn mode_value(mode: OutboundMode) -> u32 {
 
 /// Where a workload's scope has no id in `scope_ids`, the workload gets [`FAILED`].
 /// A pod: its address and the workload it is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodAssignment {
     pub ip: std::net::IpAddr,
     pub namespace: String,

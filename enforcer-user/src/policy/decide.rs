@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
-use super::{canonical_ip, Desired, Origin, Rule, L4};
+use super::{canonical_ip, Desired, GatewayRoute, Origin, Rule, Via, L4};
 use crate::{istio::OutboundMode, net::SocketFmt};
 
 /// Why a connection is allowed or refused.
@@ -21,6 +21,9 @@ pub enum Because {
     NoRule(String),
     /// No scope: the namespace is unknown to the policy, so nothing is enforced for it.
     Unenforced,
+    /// A VirtualService routes it through an egress gateway: redirected there, or refused;
+    /// with the sentence that says which.
+    Gateway(GatewayRoute, String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +47,19 @@ pub fn decide(d: &Desired, scope: &str, ip: IpAddr, port: u16, l4: L4) -> Decisi
             because: Because::Unenforced,
         };
     };
+    // As the hooks do, before the mode: redirects apply in every mode.
+    let route = super::gateway::route_for(&policy.redirects, ip, port)
+        .filter(|r| l4 == L4::Tcp || r.via == Via::GatewayOnly);
+    if let Some(route) = route {
+        let redirected = matches!(route.via, Via::Gateway(_));
+        let audited = !redirected && policy.mode == OutboundMode::Audit;
+        return Decision {
+            allowed: redirected || audited,
+            audited,
+            mode: Some(policy.mode),
+            because: Because::Gateway(route.clone(), gateway_sentence(route, ip, port)),
+        };
+    }
     let rule = policy
         .rules
         .iter()
@@ -70,6 +86,22 @@ pub fn decide(d: &Desired, scope: &str, ip: IpAddr, port: u16, l4: L4) -> Decisi
         audited,
         mode: Some(mode),
         because,
+    }
+}
+
+fn gateway_sentence(route: &GatewayRoute, ip: IpAddr, port: u16) -> String {
+    match &route.via {
+        Via::Gateway(targets) => {
+            let to: Vec<String> = targets.iter().map(ToString::to_string).collect();
+            format!(
+                "redirected to egress gateway {} ({}) by VirtualService {}, for {}",
+                route.gateway,
+                to.join(", "),
+                route.virtual_service,
+                route.host
+            )
+        }
+        _ => route.refusal(ip, port),
     }
 }
 
@@ -145,6 +177,7 @@ impl Decision {
             Because::Unenforced => {
                 "the namespace is not known to the policy; nothing is enforced for it".to_string()
             }
+            Because::Gateway(_, sentence) => sentence.clone(),
         };
         format!("{verdict}: {why}")
     }

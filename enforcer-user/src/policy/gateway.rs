@@ -151,8 +151,8 @@ pub fn add_redirects(out: &mut Desired, inp: &Inputs<'_>) -> Vec<String> {
             if let Via::Gateway(targets) = &route.via {
                 let origin = Arc::new(Origin {
                     service_entry: format!(
-                        "VirtualService {} (egress gateway)",
-                        route.virtual_service
+                        "(VirtualService {}: the endpoints of egress gateway {})",
+                        route.virtual_service, route.gateway
                     ),
                     host: None,
                 });

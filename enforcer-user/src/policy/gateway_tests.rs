@@ -126,9 +126,10 @@ fn compile_with(yaml: &str, mode: OutboundMode, gateway_only: bool) -> Desired {
         namespaces: BTreeSet::from(["default".into(), "istio-system".into()]),
         answers: BTreeMap::from([("www.wikipedia.org".into(), vec![ip(WIKI_IP), ip(WIKI_IP6)])]),
         egress_gateway_only: gateway_only,
+        endpoint_pods: gateway_pods(),
         ..StatusInputs::default()
     };
-    sources.compile_with_pods(&inputs, &gateway_pods())
+    sources.compile(&inputs)
 }
 
 fn seed() -> Desired {
@@ -475,5 +476,33 @@ spec:
         redirects.len(),
         1,
         "a CIDR is not redirected: {redirects:?}"
+    );
+}
+
+#[test]
+fn decide_replays_the_redirect_and_the_refusal() {
+    use crate::policy::decide::decide;
+    let d = seed();
+    let to = decide(&d, "default", ip(WIKI_IP), 80, L4::Tcp);
+    assert!(to.allowed);
+    assert!(
+        to.describe()
+            .contains("redirected to egress gateway istio-system/istio-egressgateway"),
+        "{}",
+        to.describe()
+    );
+    // UDP to the same port is not routed, and no entry allows it.
+    assert!(!decide(&d, "default", ip(WIKI_IP), 80, L4::Udp).allowed);
+    let strict = compile_with(
+        &format!("{ENTRY}---{SERVICE}---{STEP5}"),
+        OutboundMode::AllowAny,
+        true,
+    );
+    let other = decide(&strict, "default", ip(WIKI_IP), 8443, L4::Udp);
+    assert!(!other.allowed, "{}", other.describe());
+    assert!(
+        other.describe().contains("--egress-gateway-only"),
+        "{}",
+        other.describe()
     );
 }

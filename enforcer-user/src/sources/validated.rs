@@ -50,17 +50,12 @@ impl Sources {
         validate(snap)
     }
 
-    /// Compiles these sources with the other inputs.
+    /// Compiles these sources with the other inputs. Running pods are endpoints of the
+    /// ServiceEntries whose `workloadSelector` selects them, as Istio makes them (an egress
+    /// gateway's Service, seed 002's pod behind a WorkloadEntry's selector).
     pub fn compile(&self, inputs: &Inputs) -> Desired {
-        self.compile_with_pods(inputs, &[])
-    }
-
-    /// [`Sources::compile`], with running pods as endpoints of the ServiceEntries whose
-    /// `workloadSelector` selects them, as Istio makes them (an egress gateway's Service,
-    /// seed 002's pod behind a WorkloadEntry's selector).
-    pub fn compile_with_pods(&self, inputs: &Inputs, pods: &[PodAssignment]) -> Desired {
         let mut workloads = self.workloads.clone();
-        workloads.extend(pods.iter().map(pod_entry));
+        workloads.extend(inputs.endpoint_pods.iter().map(pod_entry));
         policy::compile(&policy::Inputs {
             service_entries: &self.entries,
             mesh: &self.mesh,

@@ -239,6 +239,16 @@ fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
     assert!(log.contains(&format!("\"{WIKI}:80\"")), "{log}");
     assert!(log.contains(" 200 "), "{log}");
 
+    // explain replays it, and the kernel's maps agree.
+    let (code, text) = s.agent.explain(&["-n", "default", &format!("{WIKI}:80")]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("redirected to egress gateway istio-system/istio-egressgateway"),
+        "{text}"
+    );
+    assert!(text.contains("a redirect to the egress gateway"), "{text}");
+    assert!(!text.contains("DISAGREES"), "{text}");
+
     // IPv6: the destination's v6 address is redirected to the gateway's v6 address.
     let out = curl(&s.agent, &client, "http", WIKI6, 80);
     assert!(
