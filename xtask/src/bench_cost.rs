@@ -127,10 +127,107 @@ pub fn run(bench: &mut Bench, versions: [&str; 2]) -> anyhow::Result<()> {
         }
     }
     bench.use_agent(current, PIN_ROOT);
-    fs::remove_file(&entry)?;
     print_table(&samples);
+    let routed = with_a_gateway_route(bench);
+    fs::remove_file(&entry)?;
+    routed
+}
+
+/// This build's costs with and without a gateway route in the policy: with one, the hooks look
+/// up `ENF_REDIRECTS` on every connect and packet (a miss here: the route is another host's).
+fn with_a_gateway_route(bench: &mut Bench) -> anyhow::Result<()> {
+    let route = bench.work.join("policies/cost-gateway.yaml");
+    let mut samples: BTreeMap<(Row, bool), Vec<Sample>> = BTreeMap::new();
+    for round in 0..ROUNDS {
+        for routed in [round % 2 == 0, round % 2 != 0] {
+            if routed {
+                fs::write(&route, GATEWAY_ROUTE)?;
+            } else {
+                let _ = fs::remove_file(&route);
+            }
+            let measured = measure(bench, true);
+            let _ = set_bpf_stats(false);
+            let redirects = redirect_entries(bench);
+            bench.stop_agent();
+            if redirects? != usize::from(routed) {
+                bail!(
+                    "the gateway route did not reach ENF_REDIRECTS as expected (routed: {routed})"
+                );
+            }
+            for (row, sample) in measured? {
+                samples.entry((row, routed)).or_default().push(sample);
+            }
+        }
+    }
+    let _ = fs::remove_file(&route);
+    println!(
+        "
+this build without and with a gateway route in the policy ({ROUNDS} interleaved rounds, medians):"
+    );
+    for row in [Row::Connect4, Row::Sendmsg4, Row::TcSyn, Row::TcEcho] {
+        let get = |routed| {
+            samples.get(&(row, routed)).map(|v| {
+                let mut ns: Vec<f64> = v.iter().map(|s| s.0).collect();
+                median(&mut ns)
+            })
+        };
+        if let (Some(plain), Some(routed)) = (get(false), get(true)) {
+            let (name, workload) = row.describe();
+            println!(
+                "  {name:<21} | {workload:<36} | {plain:>6.0} ns | {routed:>6.0} ns | {:>5.2}x",
+                routed / plain
+            );
+        }
+    }
     Ok(())
 }
+
+/// How many entries the running agent's `ENF_REDIRECTS` holds.
+fn redirect_entries(bench: &Bench) -> anyhow::Result<usize> {
+    let pin = format!("{}/maps/ENF_REDIRECTS", bench.pin_root);
+    let out = sh::output(Command::new("bpftool").args(["-j", "map", "dump", "pinned", &pin]))?;
+    let entries: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("bpftool map dump {pin}"))?;
+    Ok(entries.as_array().map_or(0, Vec::len))
+}
+
+/// A VirtualService routing another host's port 80 through a gateway on loopback.
+const GATEWAY_ROUTE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: routed, namespace: bench}
+spec:
+  hosts: [routed.example.com]
+  addresses: [198.51.100.99]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: gateway, namespace: bench}
+spec:
+  hosts: [gateway.bench.test]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 15080}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gateway, namespace: bench}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [routed.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: routed, namespace: bench}
+spec:
+  hosts: [routed.example.com]
+  gateways: [gateway, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: gateway.bench.test, port: {number: 80}}}]
+"#;
 
 fn print_table(samples: &BTreeMap<(Row, bool), Vec<Sample>>) {
     let get = |row: Row, new: bool| -> Option<Sample> {
