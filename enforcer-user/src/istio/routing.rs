@@ -132,16 +132,9 @@ pub struct TlsRoute {
 pub struct TlsMatch {
     #[serde(default)]
     pub sni_hosts: Vec<String>,
-    #[serde(default)]
-    pub destination_subnets: Vec<String>,
-    #[serde(default)]
-    pub port: Option<u32>,
-    #[serde(default)]
-    pub gateways: Vec<String>,
-    #[serde(default)]
-    pub source_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub source_namespace: Option<String>,
+    /// The rest is a TCP match's.
+    #[serde(flatten)]
+    pub l4: L4Match,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

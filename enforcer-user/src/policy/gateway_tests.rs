@@ -132,12 +132,17 @@ fn compile_with(yaml: &str, mode: OutboundMode, gateway_only: bool) -> Desired {
     sources.compile(&inputs)
 }
 
-fn seed() -> Desired {
+/// The entry, the gateway's Service and `routing` (step 5 or a variant), REGISTRY_ONLY.
+fn routed(routing: &str) -> Desired {
     compile_with(
-        &format!("{ENTRY}---{SERVICE}---{STEP5}"),
+        &format!("{ENTRY}---{SERVICE}---{routing}"),
         OutboundMode::RegistryOnly,
         false,
     )
+}
+
+fn seed() -> Desired {
+    routed(STEP5)
 }
 
 fn key(port: u16, addr: &str) -> RedirectKey {
@@ -233,11 +238,7 @@ fn without_mesh_nothing_is_redirected() {
         "gateways: [istio-system/istio-egressgateway, mesh]",
         "gateways: [istio-system/istio-egressgateway]",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{vs}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&vs);
     assert!(d.scopes["default"].redirects.is_empty());
 }
 
@@ -261,11 +262,7 @@ fn client_tls_towards_the_gateway_fails_closed_with_the_reason() {
         "  - name: wikipedia\n",
         "  - name: wikipedia\n    trafficPolicy:\n      portLevelSettings:\n      - port: {number: 80}\n        tls: {mode: ISTIO_MUTUAL, sni: www.wikipedia.org}\n",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{dr}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&dr);
     let route = &d.scopes["default"].redirects[&key(80, WIKI_IP)];
     let Via::Refused(why) = &route.via else {
         panic!("{:?}", route.via);
@@ -277,11 +274,7 @@ fn client_tls_towards_the_gateway_fails_closed_with_the_reason() {
 #[test]
 fn a_missing_subset_or_subset_labels_that_select_no_pod_refuse() {
     let missing = STEP5.replace("subset: wikipedia", "subset: nowhere");
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{missing}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&missing);
     let via = &d.scopes["default"].redirects[&key(80, WIKI_IP)].via;
     assert!(
         matches!(via, Via::Refused(w) if w.contains("subset nowhere")),
@@ -292,11 +285,7 @@ fn a_missing_subset_or_subset_labels_that_select_no_pod_refuse() {
         "  - name: wikipedia\n",
         "  - name: wikipedia\n    labels: {version: v2}\n",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{labelled}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&labelled);
     let via = &d.scopes["default"].redirects[&key(80, WIKI_IP)].via;
     assert!(
         matches!(via, Via::Refused(w) if w.contains("no endpoint")),
@@ -345,11 +334,7 @@ spec:
     route:
     - destination: {host: www.wikipedia.org, port: {number: 443}}
 "#;
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{tls}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(tls);
     let route = &d.scopes["default"].redirects[&key(443, WIKI_IP)];
     assert!(
         matches!(&route.via, Via::Gateway(t) if t.iter().all(|a| a.port() == 8443)),
@@ -395,11 +380,7 @@ fn a_match_cannot_add_mesh_to_the_virtual_services_gateways() {
         "gateways: [istio-system/istio-egressgateway, mesh]",
         "gateways: [istio-system/istio-egressgateway]",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{vs}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&vs);
     assert!(d.scopes["default"].redirects.is_empty());
 }
 
@@ -410,11 +391,7 @@ fn a_mesh_route_to_one_of_the_routed_hosts_is_left_direct() {
         "  - match:\n    - gateways: [istio-system/istio-egressgateway]\n",
         "  - match:\n    - {gateways: [mesh], port: 443}\n    route:\n    - destination: {host: www.wikipedia.org, port: {number: 443}}\n  - match:\n    - gateways: [istio-system/istio-egressgateway]\n",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{vs}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&vs);
     let redirects = &d.scopes["default"].redirects;
     assert!(!redirects.contains_key(&key(443, WIKI_IP)), "{redirects:?}");
     assert!(matches!(redirects[&key(80, WIKI_IP)].via, Via::Gateway(_)));
@@ -426,11 +403,7 @@ fn the_destination_rule_is_found_by_short_name_in_the_services_namespace() {
         "namespace: default}\nspec:\n  host: istio-egressgateway.istio-system.svc.cluster.local",
         "namespace: istio-system}\nspec:\n  host: istio-egressgateway",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{moved}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&moved);
     let via = &d.scopes["default"].redirects[&key(80, WIKI_IP)].via;
     assert!(matches!(via, Via::Gateway(_)), "{via:?}");
 
@@ -439,11 +412,7 @@ fn the_destination_rule_is_found_by_short_name_in_the_services_namespace() {
         "  host: istio-egressgateway\n",
         "  host: istio-egressgateway\n  exportTo: [\".\"]\n",
     );
-    let d = compile_with(
-        &format!("{ENTRY}---{SERVICE}---{private}"),
-        OutboundMode::RegistryOnly,
-        false,
-    );
+    let d = routed(&private);
     let via = &d.scopes["default"].redirects[&key(80, WIKI_IP)].via;
     assert!(
         matches!(via, Via::Refused(w) if w.contains("subset wikipedia")),

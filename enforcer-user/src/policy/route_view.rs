@@ -85,12 +85,8 @@ fn http_match(m: &HttpMatch) -> Written<'_> {
 
 fn tls_match(m: &TlsMatch) -> Written<'_> {
     Written {
-        gateways: &m.gateways,
-        port: m.port,
         sni_hosts: &m.sni_hosts,
-        source_labels: &m.source_labels,
-        source_namespace: m.source_namespace.as_deref(),
-        l7: Vec::new(),
+        ..l4_match(&m.l4)
     }
 }
 

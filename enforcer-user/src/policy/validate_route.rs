@@ -2,7 +2,7 @@
 //! `validateTCPRoute`, `validateRouteDestinations` and `validateGatewayNames` check them, for
 //! the typed fields. Regexes and header manipulations are not checked.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use serde_yaml::Value;
 
@@ -13,8 +13,8 @@ use super::{
 };
 use crate::{
     istio::routing::{
-        host_subset_of, Destination, HttpMatch, HttpRoute, Other, RouteDestination, TcpRoute,
-        TlsMatch, TlsRoute, VirtualServiceSpec,
+        host_subset_of, Destination, HttpMatch, HttpRoute, L4Match, Other, RouteDestination,
+        TcpRoute, TlsMatch, TlsRoute, VirtualServiceSpec,
     },
     net::parse_ip_or_cidr,
 };
@@ -220,13 +220,7 @@ fn check_tls_match(matched: &TlsMatch, vs: &VirtualServiceSpec, field: &str, err
     for (i, sni) in matched.sni_hosts.iter().enumerate() {
         check_sni_host(sni, vs, &format!("{field}.sniHosts[{i}]"), errs);
     }
-    let l4 = L4 {
-        subnets: &matched.destination_subnets,
-        port: matched.port,
-        labels: &matched.source_labels,
-        gateways: &matched.gateways,
-    };
-    check_l4_match(&l4, field, errs);
+    check_l4_match(&matched.l4, field, errs);
 }
 
 /// Istio's `validateSniHost`: a name (an IP only warns) within one of the VirtualService's
@@ -257,13 +251,7 @@ fn check_sni_host(sni: &str, vs: &VirtualServiceSpec, field: &str, errs: &mut Er
 /// Istio's `validateTCPRoute` and `validateTCPMatch`.
 pub(super) fn check_tcp_route(route: &TcpRoute, field: &str, errs: &mut Errors) {
     for (m, matched) in route.matches.iter().enumerate() {
-        let l4 = L4 {
-            subnets: &matched.destination_subnets,
-            port: matched.port,
-            labels: &matched.source_labels,
-            gateways: &matched.gateways,
-        };
-        check_l4_match(&l4, &format!("{field}.match[{m}]"), errs);
+        check_l4_match(matched, &format!("{field}.match[{m}]"), errs);
     }
     if route.route.is_empty() {
         errs.push(format!("{field}.route"), "TCP route is required");
@@ -272,15 +260,8 @@ pub(super) fn check_tcp_route(route: &TcpRoute, field: &str, errs: &mut Errors) 
 }
 
 /// What TLS and TCP matches share.
-struct L4<'a> {
-    subnets: &'a [String],
-    port: Option<u32>,
-    labels: &'a BTreeMap<String, String>,
-    gateways: &'a [String],
-}
-
-fn check_l4_match(l4: &L4<'_>, field: &str, errs: &mut Errors) {
-    for (i, subnet) in l4.subnets.iter().enumerate() {
+fn check_l4_match(l4: &L4Match, field: &str, errs: &mut Errors) {
+    for (i, subnet) in l4.destination_subnets.iter().enumerate() {
         if parse_ip_or_cidr(subnet).is_none() {
             errs.push(
                 format!("{field}.destinationSubnets[{i}]"),
@@ -289,8 +270,8 @@ fn check_l4_match(l4: &L4<'_>, field: &str, errs: &mut Errors) {
         }
     }
     check_match_port(l4.port, field, errs);
-    check_labels(l4.labels, &format!("{field}.sourceLabels"), errs);
-    check_gateway_names(l4.gateways, &format!("{field}.gateways"), errs);
+    check_labels(&l4.source_labels, &format!("{field}.sourceLabels"), errs);
+    check_gateway_names(&l4.gateways, &format!("{field}.gateways"), errs);
 }
 
 /// A match port of 0 is unset, as in the proto.

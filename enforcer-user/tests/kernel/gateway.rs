@@ -25,72 +25,17 @@ const POD_CIDR6: &str = "2001:db8:fe::/120";
 const WIKI: &str = "203.0.113.30";
 const WIKI6: &str = "2001:db8::10";
 
-/// Step 4's entry, exported to the gateway's namespace as well (Istio's default `*` would be).
-const ENTRY: &str = r#"
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata: {name: wikipedia-egress, namespace: default}
-spec:
-  hosts: [www.wikipedia.org]
-  exportTo: [".", istio-system]
-  ports:
-  - {number: 80, name: http, protocol: HTTP}
-  - {number: 443, name: https, protocol: HTTPS}
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: istio-egressgateway, namespace: istio-system}
-spec:
-  hosts: [istio-egressgateway.istio-system.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  exportTo: ["*"]
-  ports:
-  - {number: 80, name: http2, protocol: HTTP2, targetPort: 8080}
-  - {number: 443, name: https, protocol: HTTPS, targetPort: 8443}
-  workloadSelector: {labels: {istio: egressgateway}}
-"#;
+/// Step 4's entry (exported to istio-system too) and, in local mode, the gateway's Service: the
+/// files the demo applies.
+const ENTRY: &str = concat!(
+    include_str!("../../../policies/001-wikipedia-egress.yaml"),
+    "---\n",
+    include_str!("../../../policies/001-egress-gateway-service.yaml"),
+);
 
 /// Step 5: the seed's Gateway, DestinationRule and VirtualService, the misplaced `port` moved
-/// into the gateway's match.
-const STEP5: &str = r#"
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata: {name: istio-egressgateway, namespace: istio-system}
-spec:
-  selector: {istio: egressgateway}
-  servers:
-  - port: {number: 80, name: http, protocol: HTTP}
-    hosts: [www.wikipedia.org]
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata: {name: egressgateway-for-wikipedia, namespace: default}
-spec:
-  host: istio-egressgateway.istio-system.svc.cluster.local
-  subsets:
-  - name: wikipedia
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata: {name: wikipedia-egress-gateway, namespace: default}
-spec:
-  hosts: [www.wikipedia.org]
-  gateways: [istio-system/istio-egressgateway, mesh]
-  http:
-  - match:
-    - {gateways: [mesh], port: 80}
-    route:
-    - destination:
-        host: istio-egressgateway.istio-system.svc.cluster.local
-        subset: wikipedia
-        port: {number: 80}
-  - match:
-    - {gateways: [istio-system/istio-egressgateway], port: 80}
-    route:
-    - destination: {host: www.wikipedia.org, port: {number: 80}}
-"#;
+/// into the gateway's match (`policies/`, as the demo applies them).
+const STEP5: &str = include_str!("../../../policies/001-egress-gateway.yaml");
 
 /// The same route for HTTPS, passed through by SNI.
 const TLS_ROUTE: &str = r#"
@@ -121,11 +66,21 @@ spec:
     - destination: {host: www.wikipedia.org, port: {number: 443}}
 "#;
 
+/// The test net, the agent, and Envoy as istio-egressgateway (dropped before the agent).
 struct Setup {
+    envoy: Envoy,
+    gw_ip: String,
     world: World,
     hosts: Hosts,
     _dns: Dns,
     agent: Agent,
+}
+
+impl Setup {
+    /// An idle pod in default, whose network namespace clients run in.
+    fn client(&self, tag: &str) -> Pod {
+        Pod::idle(&self.agent, "default", &self.world.netns(tag))
+    }
 }
 
 fn setup(name: &str, policy: &str, extra: &[&str]) -> Setup {
@@ -153,7 +108,11 @@ fn setup(name: &str, policy: &str, extra: &[&str]) -> Setup {
         &[POD_CIDR, POD_CIDR6],
         &args,
     );
+    let gw_ns = world.netns("enfegw");
+    let envoy = gateway(&world, &agent, &gw_ns);
     Setup {
+        envoy,
+        gw_ip: pod_ip(&gw_ns),
         world,
         hosts,
         _dns: dns,
@@ -162,14 +121,12 @@ fn setup(name: &str, policy: &str, extra: &[&str]) -> Setup {
 }
 
 /// Envoy as istio-egressgateway: a local pod in istio-system labelled istio=egressgateway.
-fn gateway(s: &Setup, netns: &str) -> Envoy {
-    let argv = s
-        .agent
-        .exec_argv("istio-system:istio=egressgateway", Some(netns));
+fn gateway(world: &World, agent: &Agent, netns: &str) -> Envoy {
+    let argv = agent.exec_argv("istio-system:istio=egressgateway", Some(netns));
     let prefix: Vec<&str> = argv.iter().map(String::as_str).collect();
     let any6: SocketAddr = "[::]:8080".parse().expect("address");
     let tls6: SocketAddr = "[::]:8443".parse().expect("address");
-    EgressGateway::new(s.world.dir.join(netns))
+    EgressGateway::new(world.dir.join(netns))
         .http_listener(Some(any6))
         .tls_listener(Some(tls6))
         .route_http(
@@ -181,7 +138,7 @@ fn gateway(s: &Setup, netns: &str) -> Envoy {
             Upstream::Static(vec![format!("{WIKI}:443").parse().expect("address")]),
         )
         .spawn(&prefix)
-        .unwrap_or_else(|e| panic!("starting the gateway: {e:#}\n{}", s.agent.log()))
+        .unwrap_or_else(|e| panic!("starting the gateway: {e:#}\n{}", agent.log()))
 }
 
 /// The IPv4 address of `eth0` in a pod's network namespace.
@@ -218,11 +175,9 @@ fn connections_from(hosts: &Hosts, dst: &str, port: u16, from: &str) -> usize {
 
 #[test]
 fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
-    let s = setup("egw", &format!("{ENTRY}---{STEP5}"), &[]);
-    let gw_ns = s.world.netns("enfegw");
-    let envoy = gateway(&s, &gw_ns);
-    let gw_ip = pod_ip(&gw_ns);
-    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcli"));
+    let s = setup("egw", &format!("{ENTRY}---\n{STEP5}"), &[]);
+    let (envoy, gw_ip) = (&s.envoy, &s.gw_ip);
+    let client = s.client("enfcli");
 
     // The gateway pod becomes the gateway Service's endpoint once the agent sees it.
     s.agent.wait_for(
@@ -230,7 +185,7 @@ fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
         "a request through the gateway",
         || curl(&s.agent, &client, "http", WIKI, 80).status.success(),
     );
-    let through = connections_from(&s.hosts, WIKI, 80, &gw_ip);
+    let through = connections_from(&s.hosts, WIKI, 80, gw_ip);
     assert!(through >= 1, "{:?}", s.hosts.received());
     assert_eq!(connections_from(&s.hosts, WIKI, 80, &client.ip), 0);
     let log = envoy
@@ -330,13 +285,11 @@ fn curl_reaches(s: &Setup, client: &Pod, addr: &str, port: u16) -> bool {
 fn tls_is_passed_through_by_sni_and_strict_mode_closes_the_other_ports() {
     let s = setup(
         "egwtls",
-        &format!("{ENTRY}---{TLS_ROUTE}"),
+        &format!("{ENTRY}---\n{TLS_ROUTE}"),
         &["--egress-gateway-only"],
     );
-    let gw_ns = s.world.netns("enfegw");
-    let envoy = gateway(&s, &gw_ns);
-    let gw_ip = pod_ip(&gw_ns);
-    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcli"));
+    let (envoy, gw_ip) = (&s.envoy, &s.gw_ip);
+    let client = s.client("enfcli");
 
     // The test host speaks no TLS: the ClientHello arriving from the gateway is the proof.
     s.agent.wait_for(
@@ -344,7 +297,7 @@ fn tls_is_passed_through_by_sni_and_strict_mode_closes_the_other_ports() {
         "the ClientHello through the gateway",
         || {
             let _ = curl(&s.agent, &client, "https", WIKI, 443);
-            connections_from(&s.hosts, WIKI, 443, &gw_ip) > 0
+            connections_from(&s.hosts, WIKI, 443, gw_ip) > 0
         },
     );
     assert_eq!(connections_from(&s.hosts, WIKI, 443, &client.ip), 0);
@@ -366,7 +319,6 @@ fn tls_is_passed_through_by_sni_and_strict_mode_closes_the_other_ports() {
         "{record}"
     );
     // The allowed traffic of this test is the TLS above, through the gateway.
-    drop(envoy);
 }
 
 #[test]
@@ -375,10 +327,9 @@ fn client_tls_towards_the_gateway_is_refused_at_connect_with_the_reason() {
         "  - name: wikipedia\n",
         "  - name: wikipedia\n    trafficPolicy:\n      tls: {mode: ISTIO_MUTUAL}\n",
     );
-    let s = setup("egwmtls", &format!("{ENTRY}---{mutual}"), &[]);
-    let gw_ns = s.world.netns("enfegw");
-    let _envoy = gateway(&s, &gw_ns);
-    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcli"));
+    assert_ne!(mutual, STEP5, "the subset is where the test expects it");
+    let s = setup("egwmtls", &format!("{ENTRY}---\n{mutual}"), &[]);
+    let client = s.client("enfcli");
     let out = curl(&s.agent, &client, "http", WIKI, 80);
     assert!(!out.status.success());
     assert!(!s
@@ -396,8 +347,6 @@ fn client_tls_towards_the_gateway_is_refused_at_connect_with_the_reason() {
 #[test]
 fn a_direct_flow_opened_before_the_virtual_service_is_revoked() {
     let s = setup("egwrev", ENTRY, &[]);
-    let gw_ns = s.world.netns("enfegw");
-    let _envoy = gateway(&s, &gw_ns);
     let netns = s.world.netns("enfcli");
     let mut client = s
         .agent
@@ -417,7 +366,7 @@ fn a_direct_flow_opened_before_the_virtual_service_is_revoked() {
         );
     }
     s.world
-        .write_policy("001-wikipedia.yaml", &format!("{ENTRY}---{STEP5}"));
+        .write_policy("001-wikipedia.yaml", &format!("{ENTRY}---\n{STEP5}"));
     let applied = Instant::now();
     let stalled = loop {
         let line = lines.next().and_then(Result::ok).unwrap_or_default();
@@ -442,14 +391,13 @@ fn a_direct_flow_opened_before_the_virtual_service_is_revoked() {
         "{revoked}"
     );
     // A new connection goes through the gateway.
-    let gw_ip = pod_ip(&gw_ns);
-    let client = Pod::idle(&s.agent, "default", &s.world.netns("enfcl2"));
+    let client = s.client("enfcl2");
     s.agent.wait_for(
         Duration::from_secs(10),
         "a request through the gateway",
         || {
             curl(&s.agent, &client, "http", WIKI, 80).status.success()
-                && connections_from(&s.hosts, WIKI, 80, &gw_ip) > 0
+                && connections_from(&s.hosts, WIKI, 80, &s.gw_ip) > 0
         },
     );
 }
