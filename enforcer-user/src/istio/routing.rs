@@ -118,14 +118,18 @@ pub struct HttpMatch {
     pub l7: Other,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TlsRoute {
-    #[serde(default, rename = "match")]
-    pub matches: Vec<TlsMatch>,
+/// A `tls` or `tcp` route: its matches and where it sends what they take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", bound = "M: Deserialize<'de>")]
+pub struct L4Route<M> {
+    #[serde(default = "Vec::new", rename = "match")]
+    pub matches: Vec<M>,
     #[serde(default)]
     pub route: Vec<RouteDestination>,
 }
+
+pub type TlsRoute = L4Route<TlsMatch>;
+pub type TcpRoute = L4Route<L4Match>;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -135,15 +139,6 @@ pub struct TlsMatch {
     /// The rest is a TCP match's.
     #[serde(flatten)]
     pub l4: L4Match,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TcpRoute {
-    #[serde(default, rename = "match")]
-    pub matches: Vec<L4Match>,
-    #[serde(default)]
-    pub route: Vec<RouteDestination>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
