@@ -77,6 +77,9 @@ pub struct Inputs {
     /// `--egress-gateway-only`.
     #[serde(default)]
     pub egress_gateway_only: bool,
+    /// `--gateway-any-namespace`.
+    #[serde(default)]
+    pub gateway_any_namespace: bool,
     /// Running pods that ServiceEntries select (by `workloadSelector`): their endpoints.
     #[serde(default)]
     pub endpoint_pods: Vec<crate::datapath::plan::PodAssignment>,

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub istio_compat: bool,
     /// `--egress-gateway-only`.
     pub egress_gateway_only: bool,
+    /// `--gateway-any-namespace`.
+    pub gateway_any_namespace: bool,
     pub datapath: datapath::Options,
     pub cgroups: Layout,
     /// Sidecars without a workloadSelector here set the default for every namespace.
@@ -297,7 +299,9 @@ fn names_to_resolve(cfg: &AgentConfig, sources: &Sources) -> std::collections::B
     } else {
         policy::endpoint_names(&sources.entries, &sources.workloads)
     };
-    names.extend(policy::routing_names(&sources.routing(false)));
+    names.extend(policy::routing_names(
+        &sources.routing(&crate::status::Inputs::default()),
+    ));
     names
 }
 

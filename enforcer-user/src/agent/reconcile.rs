@@ -316,6 +316,7 @@ fn inputs(
         answers: resolver.answers(),
         only_namespaces: node.map(Node::local_namespaces),
         egress_gateway_only: cfg.egress_gateway_only,
+        gateway_any_namespace: cfg.gateway_any_namespace,
         endpoint_pods: Vec::new(),
     }
 }

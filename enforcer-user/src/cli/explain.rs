@@ -79,7 +79,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let sources = Sources::load(&inputs.policies, inputs.mesh_config.as_deref());
     if args.policies.is_some() {
         let mut names = dns_names(&sources.entries, &sources.workloads, inputs.istio_compat);
-        names.extend(crate::policy::routing_names(&sources.routing(false)));
+        names.extend(crate::policy::routing_names(&sources.routing(&inputs)));
         for (name, answer) in Resolver::resolve_blocking(args.dns_server, &names)? {
             match answer {
                 Ok(ips) => {

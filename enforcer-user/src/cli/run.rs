@@ -52,6 +52,12 @@ pub struct RunArgs {
     /// gateway's workloads (an egress gateway plus a NetworkPolicy, in one).
     #[arg(long)]
     egress_gateway_only: bool,
+    /// A Gateway's selector chooses workloads in every namespace, as Istio does by default;
+    /// without it, only in the Gateway's own namespace (Istio's
+    /// PILOT_SCOPE_GATEWAY_TO_NAMESPACE), so that no tenant turns its pods into gateway
+    /// workloads, which go around the gateway, by labelling them.
+    #[arg(long)]
+    gateway_any_namespace: bool,
     /// Map an existing cgroup (path relative to the cgroup2 mount) to a namespace. Repeatable.
     #[arg(long = "cgroup", value_name = "NS=PATH", value_parser = parse_mapping)]
     cgroups: Vec<(String, PathBuf)>,
@@ -347,6 +353,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         allow_cidrs: args.allow_cidr,
         istio_compat: args.istio_compat,
         egress_gateway_only: args.egress_gateway_only,
+        gateway_any_namespace: args.gateway_any_namespace,
         datapath: datapath::Options {
             pin_root: args.placement.pin_root(),
             cgroup_root: cgroups.root.clone(),

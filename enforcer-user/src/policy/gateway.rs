@@ -39,6 +39,10 @@ pub struct Routing<'a> {
     /// `--egress-gateway-only`: every other port and protocol of a gateway-routed address is
     /// refused to non-gateway workloads (egress gateway plus NetworkPolicy, in one).
     pub gateway_only: bool,
+    /// A Gateway's selector chooses workloads in every namespace, as Istio's default
+    /// (`PILOT_SCOPE_GATEWAY_TO_NAMESPACE=false`) does; otherwise only in its own, so that
+    /// no tenant makes its pods gateway workloads by labelling them.
+    pub any_namespace: bool,
 }
 
 /// Whether a VirtualService applies in `ns`: no `exportTo` means every namespace.
@@ -63,7 +67,8 @@ fn by_age<T>(objects: &[crate::istio::Object<T>]) -> Vec<&crate::istio::Object<T
 pub fn gateway_scopes(ns: &str, routing: &Routing<'_>) -> (Vec<SidecarScope>, Vec<String>) {
     let mut groups: Vec<(Labels, Vec<String>)> = Vec::new();
     let mut notes = Vec::new();
-    for gw in by_age(routing.gateways) {
+    let chooses_here = |gw: &&Gateway| routing.any_namespace || gw.namespace == ns;
+    for gw in by_age(routing.gateways).into_iter().filter(chooses_here) {
         if gw.spec.selector.is_empty() {
             notes.push(format!(
                 "Gateway {}: an empty selector chooses no workload here (every workload would escape its policy)",

@@ -112,6 +112,18 @@ fn gateway_pods() -> Vec<PodAssignment> {
 
 /// Compiles YAML documents with the gateway pod running and www.wikipedia.org answered.
 fn compile_with(yaml: &str, mode: OutboundMode, gateway_only: bool) -> Desired {
+    compile_inputs(
+        yaml,
+        mode,
+        StatusInputs {
+            egress_gateway_only: gateway_only,
+            ..StatusInputs::default()
+        },
+    )
+}
+
+/// [`compile_with`], with the gateway flags of `flags`.
+fn compile_inputs(yaml: &str, mode: OutboundMode, flags: StatusInputs) -> Desired {
     let sources = Sources::from_snapshot(parse_documents("test.yaml", yaml));
     let errors: Vec<&String> = sources
         .problems
@@ -125,9 +137,8 @@ fn compile_with(yaml: &str, mode: OutboundMode, gateway_only: bool) -> Desired {
         root_namespace: "istio-system".into(),
         namespaces: BTreeSet::from(["default".into(), "istio-system".into()]),
         answers: BTreeMap::from([("www.wikipedia.org".into(), vec![ip(WIKI_IP), ip(WIKI_IP6)])]),
-        egress_gateway_only: gateway_only,
         endpoint_pods: gateway_pods(),
-        ..StatusInputs::default()
+        ..flags
     };
     sources.compile(&inputs)
 }
@@ -202,9 +213,19 @@ fn gateway_workloads_get_their_own_scope_reaching_only_routed_destinations() {
         d.scope_for("istio-system", &BTreeMap::new()),
         Some("istio-system")
     );
-    // Selected in any namespace, as Istio's default is.
+    // Not in a tenant's namespace: labelling its pods would take them around the gateway.
+    assert_eq!(d.scope_for("default", &labels), Some("default"));
+    // Istio's default, on request: selected in any namespace.
+    let any = compile_inputs(
+        &format!("{ENTRY}---{SERVICE}---{STEP5}"),
+        OutboundMode::RegistryOnly,
+        StatusInputs {
+            gateway_any_namespace: true,
+            ..StatusInputs::default()
+        },
+    );
     assert_eq!(
-        d.scope_for("default", &labels),
+        any.scope_for("default", &labels),
         Some("default/gateway:istio=egressgateway")
     );
 }

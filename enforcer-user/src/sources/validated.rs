@@ -68,17 +68,18 @@ impl Sources {
             workload_entries: &workloads,
             root_namespace: &inputs.root_namespace,
             only_namespaces: inputs.only_namespaces.as_ref(),
-            routing: self.routing(inputs.egress_gateway_only),
+            routing: self.routing(inputs),
         })
     }
 
     /// The routing objects, for the compiler.
-    pub fn routing(&self, gateway_only: bool) -> policy::Routing<'_> {
+    pub fn routing(&self, inputs: &Inputs) -> policy::Routing<'_> {
         policy::Routing {
             gateways: &self.gateways,
             virtual_services: &self.virtual_services,
             destination_rules: &self.destination_rules,
-            gateway_only,
+            gateway_only: inputs.egress_gateway_only,
+            any_namespace: inputs.gateway_any_namespace,
         }
     }
 }

@@ -159,11 +159,17 @@ fn pod_ip(netns: &str) -> String {
 /// curl from a pod as workload `ns`, with www.wikipedia.org pinned to `addr` (the pod cannot
 /// reach the test's DNS server).
 fn curl(agent: &Agent, pod: &Pod, scheme: &str, addr: &str, port: u16) -> Output {
+    curl_as(agent, pod, "default", scheme, (addr, port))
+}
+
+/// [`curl`] as `workload` (`ns` or `ns:k=v`).
+fn curl_as(agent: &Agent, pod: &Pod, workload: &str, scheme: &str, to: (&str, u16)) -> Output {
+    let (addr, port) = to;
     let pin = format!("www.wikipedia.org:{port}:{addr}");
     let url = format!("{scheme}://www.wikipedia.org:{port}/");
     pod.run_in(
         agent,
-        "default",
+        workload,
         &["curl", "-sk", "-m", "3", "--resolve", &pin, &url],
     )
 }
@@ -249,6 +255,19 @@ fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
     );
     assert!(!out.status.success());
     assert_eq!(connections_from(&s.hosts, WIKI, 80, &other.ip), 0);
+
+    // A tenant's pod labelled like the gateway is no gateway workload: it is redirected too.
+    let fake = "default:istio=egressgateway";
+    let tenant = Pod::idle(&s.agent, fake, &s.world.netns("enffake"));
+    let before = connections_from(&s.hosts, WIKI, 80, gw_ip);
+    let out = curl_as(&s.agent, &tenant, fake, "http", (WIKI, 80));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(connections_from(&s.hosts, WIKI, 80, gw_ip), before + 1);
+    assert_eq!(connections_from(&s.hosts, WIKI, 80, &tenant.ip), 0);
 
     // Without the VirtualService, traffic goes direct again and the gateway sees none of it.
     s.world.write_policy("001-wikipedia.yaml", ENTRY);
