@@ -52,10 +52,11 @@ pub struct RunArgs {
     /// gateway's workloads (an egress gateway plus a NetworkPolicy, in one).
     #[arg(long)]
     egress_gateway_only: bool,
-    /// A Gateway's selector chooses workloads in every namespace, as Istio does by default;
-    /// without it, only in the Gateway's own namespace (Istio's
-    /// PILOT_SCOPE_GATEWAY_TO_NAMESPACE), so that no tenant turns its pods into gateway
-    /// workloads, which go around the gateway, by labelling them.
+    /// Istio's reach across namespaces: a Gateway's selector chooses workloads in every
+    /// namespace, and a VirtualService redirects every namespace it is exported to. Without
+    /// it, a Gateway chooses in its own namespace and a VirtualService redirects its own (from
+    /// the root namespace, all), so that no tenant turns its pods into gateway workloads by
+    /// labelling them, or sends other namespaces' connections to its pods.
     #[arg(long)]
     gateway_any_namespace: bool,
     /// Map an existing cgroup (path relative to the cgroup2 mount) to a namespace. Repeatable.

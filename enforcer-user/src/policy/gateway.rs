@@ -39,9 +39,12 @@ pub struct Routing<'a> {
     /// `--egress-gateway-only`: every other port and protocol of a gateway-routed address is
     /// refused to non-gateway workloads (egress gateway plus NetworkPolicy, in one).
     pub gateway_only: bool,
-    /// A Gateway's selector chooses workloads in every namespace, as Istio's default
-    /// (`PILOT_SCOPE_GATEWAY_TO_NAMESPACE=false`) does; otherwise only in its own, so that
-    /// no tenant makes its pods gateway workloads by labelling them.
+    /// Istio's defaults across namespaces: a Gateway's selector chooses workloads in every
+    /// namespace (`PILOT_SCOPE_GATEWAY_TO_NAMESPACE=false`), and a VirtualService redirects
+    /// every namespace it is exported to. Otherwise a Gateway chooses in its own namespace, and
+    /// a VirtualService redirects its own namespace (from the root namespace, all it is
+    /// exported to): no tenant makes its pods gateway workloads by labelling them, or sends
+    /// another namespace's connections to its own pods.
     pub any_namespace: bool,
 }
 
@@ -198,6 +201,8 @@ fn mesh_redirects(
         if !vs_visible(vs, ns) {
             continue;
         }
+        let trusted =
+            routing.any_namespace || vs.namespace == ns || vs.namespace == inp.root_namespace;
         for route in routes_of(vs) {
             for m in &route.matches {
                 if m.source_namespace.is_some_and(|s| s != ns) {
@@ -207,6 +212,15 @@ fn mesh_redirects(
                     let Some(gateway) = gateway_behind(vs, m, dest, routing.gateways) else {
                         continue;
                     };
+                    if !trusted {
+                        notes.push(format!(
+                            "VirtualService {}: its mesh routes redirect only namespace {} (and every namespace from the root namespace {}); namespace {ns} is not redirected (--gateway-any-namespace follows Istio)",
+                            vs.id(),
+                            vs.namespace,
+                            inp.root_namespace
+                        ));
+                        continue;
+                    }
                     if !m.source_labels.is_empty() {
                         notes.push(format!(
                             "VirtualService {}: a mesh match with sourceLabels is not redirected (scopes are not split by source labels)",

@@ -496,3 +496,69 @@ fn decide_replays_the_redirect_and_the_refusal() {
         other.describe()
     );
 }
+
+#[test]
+fn a_tenants_virtual_service_redirects_only_its_own_namespace() {
+    // The tenant routes www.wikipedia.org, for everyone (no exportTo), to its own pod.
+    let tenant = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: trap, namespace: tenant}
+spec:
+  hosts: [trap.tenant.svc.cluster.local]
+  exportTo: ["*"]
+  resolution: STATIC
+  endpoints: [{address: 198.51.100.66}]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: trap, namespace: tenant}
+spec:
+  selector: {app: trap}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [www.wikipedia.org]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: trap, namespace: tenant}
+spec:
+  hosts: [www.wikipedia.org]
+  gateways: [trap, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: trap.tenant.svc.cluster.local, port: {number: 80}}}]
+"#;
+    let yaml = format!("{ENTRY}---{SERVICE}---{tenant}");
+    let d = compile_with(&yaml, OutboundMode::RegistryOnly, false);
+    assert!(
+        d.scopes["default"].redirects.is_empty(),
+        "{:?}",
+        d.scopes["default"].redirects
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("VirtualService tenant/trap")),
+        "{:?}",
+        d.notes
+    );
+    // Istio's default, on request: every namespace it is exported to.
+    let any = compile_inputs(
+        &yaml,
+        OutboundMode::RegistryOnly,
+        StatusInputs {
+            gateway_any_namespace: true,
+            ..StatusInputs::default()
+        },
+    );
+    assert!(any.scopes["default"]
+        .redirects
+        .contains_key(&key(80, WIKI_IP)));
+    // From the root namespace, a route applies everywhere it is exported.
+    let root = yaml.replace("namespace: tenant", "namespace: istio-system");
+    let root = root.replace("trap.tenant.svc", "trap.istio-system.svc");
+    let d = compile_with(&root, OutboundMode::RegistryOnly, false);
+    assert!(d.scopes["default"]
+        .redirects
+        .contains_key(&key(80, WIKI_IP)));
+}
