@@ -186,9 +186,11 @@ fn header(d: &Desired, ns: &str, labels: &BTreeMap<String, String>, scope: &str)
         Some(p) => format!(
             "namespace {ns}{workload}: mode {}, {}",
             p.mode,
-            p.sidecar
-                .as_ref()
-                .map_or("no Sidecar".to_string(), |s| format!("Sidecar {s}"))
+            match (&p.gateway, &p.sidecar) {
+                (Some(g), _) => format!("workloads of {g}"),
+                (None, Some(s)) => format!("Sidecar {s}"),
+                (None, None) => "no Sidecar".to_string(),
+            }
         ),
         None => format!("namespace {ns}{workload}: not known to the policy"),
     }

@@ -17,9 +17,11 @@ use enforcer_testkit::{
 
 use crate::{
     harness::{start_with_pods, Agent, Dns, Hosts, World},
-    pod::Pod,
+    pod::{run_in, Pod},
 };
 
+/// The gateway's workload: its namespace and labels.
+const GATEWAY: &str = "istio-system:istio=egressgateway";
 const POD_CIDR: &str = "203.0.113.128/26";
 const POD_CIDR6: &str = "2001:db8:fe::/120";
 const WIKI: &str = "203.0.113.30";
@@ -69,6 +71,7 @@ spec:
 /// The test net, the agent, and Envoy as istio-egressgateway (dropped before the agent).
 struct Setup {
     envoy: Envoy,
+    gw_ns: String,
     gw_ip: String,
     world: World,
     hosts: Hosts,
@@ -113,6 +116,7 @@ fn setup(name: &str, policy: &str, extra: &[&str]) -> Setup {
     Setup {
         envoy,
         gw_ip: pod_ip(&gw_ns),
+        gw_ns,
         world,
         hosts,
         _dns: dns,
@@ -122,7 +126,7 @@ fn setup(name: &str, policy: &str, extra: &[&str]) -> Setup {
 
 /// Envoy as istio-egressgateway: a local pod in istio-system labelled istio=egressgateway.
 fn gateway(world: &World, agent: &Agent, netns: &str) -> Envoy {
-    let argv = agent.exec_argv("istio-system:istio=egressgateway", Some(netns));
+    let argv = agent.exec_argv(GATEWAY, Some(netns));
     let prefix: Vec<&str> = argv.iter().map(String::as_str).collect();
     let any6: SocketAddr = "[::]:8080".parse().expect("address");
     let tls6: SocketAddr = "[::]:8443".parse().expect("address");
@@ -159,16 +163,17 @@ fn pod_ip(netns: &str) -> String {
 /// curl from a pod as workload `ns`, with www.wikipedia.org pinned to `addr` (the pod cannot
 /// reach the test's DNS server).
 fn curl(agent: &Agent, pod: &Pod, scheme: &str, addr: &str, port: u16) -> Output {
-    curl_as(agent, pod, "default", scheme, (addr, port))
+    curl_as(agent, &pod.netns, "default", scheme, (addr, port))
 }
 
-/// [`curl`] as `workload` (`ns` or `ns:k=v`).
-fn curl_as(agent: &Agent, pod: &Pod, workload: &str, scheme: &str, to: (&str, u16)) -> Output {
+/// [`curl`] as `workload` (`ns` or `ns:k=v`) in the network namespace `netns`.
+fn curl_as(agent: &Agent, netns: &str, workload: &str, scheme: &str, to: (&str, u16)) -> Output {
     let (addr, port) = to;
     let pin = format!("www.wikipedia.org:{port}:{addr}");
     let url = format!("{scheme}://www.wikipedia.org:{port}/");
-    pod.run_in(
+    run_in(
         agent,
+        netns,
         workload,
         &["curl", "-sk", "-m", "3", "--resolve", &pin, &url],
     )
@@ -246,21 +251,33 @@ fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
         "{record}"
     );
 
-    // Only the gateway's workloads go direct: another istio-system workload is refused.
-    let other = Pod::idle(&s.agent, "istio-system", &s.world.netns("enfsys"));
-    let out = other.run_in(
-        &s.agent,
+    // The gateway's workloads have a scope of their own, which reaches only the routed port:
+    // 443 of the same host, which the entry exports to istio-system, is refused to them.
+    let gw_443 = curl_as(&s.agent, &s.gw_ns, GATEWAY, "https", (WIKI, 443));
+    assert!(!gw_443.status.success());
+    assert_eq!(connections_from(&s.hosts, WIKI, 443, gw_ip), 0);
+    let (code, text) = s.agent.explain(&[
+        "-n",
         "istio-system",
-        &["curl", "-s", "-m", "2", &format!("http://{WIKI}/")],
+        "--workload",
+        "istio=egressgateway",
+        &format!("{WIKI}:443"),
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("workloads of Gateway istio-system/istio-egressgateway"),
+        "{text}"
     );
-    assert!(!out.status.success());
-    assert_eq!(connections_from(&s.hosts, WIKI, 80, &other.ip), 0);
+    assert!(
+        text.contains("scope istio-system/gateway:istio=egressgateway"),
+        "{text}"
+    );
 
     // A tenant's pod labelled like the gateway is no gateway workload: it is redirected too.
     let fake = "default:istio=egressgateway";
     let tenant = Pod::idle(&s.agent, fake, &s.world.netns("enffake"));
     let before = connections_from(&s.hosts, WIKI, 80, gw_ip);
-    let out = curl_as(&s.agent, &tenant, fake, "http", (WIKI, 80));
+    let out = curl_as(&s.agent, &tenant.netns, fake, "http", (WIKI, 80));
     assert!(
         out.status.success(),
         "{}",
@@ -276,6 +293,9 @@ fn seed_001_mesh_traffic_goes_through_the_egress_gateway_and_nowhere_else() {
             curl(&s.agent, &client, "http", WIKI, 80).status.success()
                 && connections_from(&s.hosts, WIKI, 80, &client.ip) > 0
         });
+    // Requests made through the gateway while the change was on its way are logged within
+    // Envoy's flush interval (50 ms).
+    std::thread::sleep(Duration::from_millis(300));
     let logged = envoy.access_log_lines().len();
     let direct = connections_from(&s.hosts, WIKI, 80, &client.ip);
     assert!(curl(&s.agent, &client, "http", WIKI, 80).status.success());

@@ -61,18 +61,6 @@ impl Pod {
             .expect("running ip netns exec")
     }
 
-    /// Runs a command in the pod's network namespace as `workload`: in that workload's cgroup,
-    /// so both the socket hooks and TC judge it.
-    /// `nsenter`, not `ip netns exec`, which mounts a /sys without the cgroup2 filesystem.
-    pub fn run_in(&self, agent: &Agent, workload: &str, args: &[&str]) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
-            .args(agent.exec_argv(workload, None))
-            .args(args)
-            .output()
-            .expect("running enforcer exec in the pod's network namespace")
-    }
-
     /// `probe.py` from the pod's network namespace, outside its cgroup; true if it got a reply.
     pub fn probe_unmapped(&self, kind: &str, host: &str, port: u16) -> bool {
         let args = quick_probe(kind, host, port);
@@ -134,4 +122,15 @@ pub fn netns_exists(name: &str) -> bool {
                 .any(|w| w == name)
         })
         .unwrap_or(true)
+}
+
+/// Runs a command in network namespace `netns` as `workload`, in that workload's cgroup.
+/// `nsenter`, not `ip netns exec`, which mounts a /sys without the cgroup2 filesystem.
+pub fn run_in(agent: &Agent, netns: &str, workload: &str, args: &[&str]) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(agent.exec_argv(workload, None))
+        .args(args)
+        .output()
+        .expect("running enforcer exec in a pod's network namespace")
 }
