@@ -182,6 +182,15 @@ impl Explainer {
 
     /// A socket the agent destroyed (or, in AUDIT mode, would have) after an apply refused
     /// what it had connected to. Sockets name no process: pid 0, no comm.
+    /// Whether a VirtualService routes `ip:port` through a gateway for scope `id`.
+    fn routed(&self, id: u32, ip: std::net::IpAddr, port: u16) -> bool {
+        self.scopes
+            .get(&id)
+            .and_then(|name| self.desired.scopes.get(name))
+            .and_then(|p| crate::policy::gateway::route_for(&p.redirects, ip, port))
+            .is_some()
+    }
+
     pub fn revocation(&self, r: &Revocation) -> DenyRecord {
         let ev = DenyEvent {
             ts_ns: 0,
@@ -194,7 +203,12 @@ impl Explainer {
             proto: r.dst.proto,
             verdict: verdict::DENIED,
             hook: 0,
-            reason: reason::NO_RULE,
+            // A flow to a destination now routed through a gateway went around it.
+            reason: if self.routed(r.scope, r.dst.addr, r.dst.port) {
+                reason::GATEWAY_BYPASS
+            } else {
+                reason::NO_RULE
+            },
             sock_type: 0,
             pad: 0,
         };

@@ -383,52 +383,86 @@ fn client_tls_towards_the_gateway_is_refused_at_connect_with_the_reason() {
     assert!(curl_reaches(&s, &client, WIKI, 443));
 }
 
+/// A long-lived TCP flow (`stream.py`) from workload default, in a pod or (`None`) in the
+/// host's network namespace, where only the revocation sweep can cut it.
+struct Flow {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Flow {
+    fn start(agent: &Agent, netns: Option<&str>) -> Self {
+        let mut child = agent
+            .exec("default", netns)
+            .arg(python())
+            .arg(script("stream.py"))
+            .args([WIKI, "80", "20"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the long-lived flow");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut flow = Self { child, lines };
+        for _ in 0..5 {
+            let line = flow.next();
+            assert!(
+                line.starts_with("ok"),
+                "before the VirtualService: {line:?}"
+            );
+        }
+        flow
+    }
+
+    fn next(&mut self) -> String {
+        self.lines.next().and_then(Result::ok).unwrap_or_default()
+    }
+
+    /// How long after `since` the flow stalled; panics after 5 s of echoes.
+    fn stalled(&mut self, since: Instant, agent: &Agent) -> Duration {
+        loop {
+            let line = self.next();
+            if line.starts_with("stalled") {
+                return since.elapsed();
+            }
+            assert!(
+                line.starts_with("ok") && since.elapsed() < Duration::from_secs(5),
+                "the direct flow was not cut: {line:?}\n{}",
+                agent.log()
+            );
+        }
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_direct_flow_opened_before_the_virtual_service_is_revoked() {
     let s = setup("egwrev", ENTRY, &[]);
     let netns = s.world.netns("enfcli");
-    let mut client = s
-        .agent
-        .exec("default", Some(&netns))
-        .arg(python())
-        .arg(script("stream.py"))
-        .args([WIKI, "80", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the long-lived flow");
-    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
-    for _ in 0..5 {
-        let line = lines.next().and_then(Result::ok).unwrap_or_default();
-        assert!(
-            line.starts_with("ok"),
-            "before the VirtualService: {line:?}"
-        );
-    }
+    let mut in_pod = Flow::start(&s.agent, Some(&netns));
+    let mut on_host = Flow::start(&s.agent, None);
     s.world
         .write_policy("001-wikipedia.yaml", &format!("{ENTRY}---\n{STEP5}"));
     let applied = Instant::now();
-    let stalled = loop {
-        let line = lines.next().and_then(Result::ok).unwrap_or_default();
-        if line.starts_with("stalled") {
-            break applied.elapsed();
-        }
-        assert!(
-            line.starts_with("ok") && applied.elapsed() < Duration::from_secs(5),
-            "the direct flow was not cut: {line:?}\n{}",
-            s.agent.log()
+    let cut = [
+        in_pod.stalled(applied, &s.agent),
+        on_host.stalled(applied, &s.agent),
+    ];
+    eprintln!("direct flows cut {cut:?} after the VirtualService was written (pod, host)");
+    // TC cuts the pod's; the sweep destroys the host's socket, which TC never sees.
+    for hook in ["tc", "revoke"] {
+        let revoked = record(&s.agent, |d| {
+            d["verdict"] == "revoked" && d["reason_code"] == "gateway_bypass" && d["hook"] == hook
+        });
+        assert_eq!(
+            revoked["virtual_service"], "default/wikipedia-egress-gateway",
+            "{revoked}"
         );
-    };
-    let _ = client.kill();
-    let _ = client.wait();
-    eprintln!("direct flow cut {stalled:?} after the VirtualService was written");
-    let revoked = record(&s.agent, |d| {
-        d["verdict"] == "revoked" && d["reason_code"] == "gateway_bypass"
-    });
-    assert_eq!(revoked["hook"], "tc", "{revoked}");
-    assert_eq!(
-        revoked["virtual_service"], "default/wikipedia-egress-gateway",
-        "{revoked}"
-    );
+    }
     // A new connection goes through the gateway.
     let client = s.client("enfcl2");
     s.agent.wait_for(
