@@ -51,6 +51,8 @@ pub mod map_names {
     /// Destinations a VirtualService routes through an egress gateway, per scope: the
     /// gateway's addresses ([`crate::Redirect`]).
     pub const REDIRECTS: &str = "ENF_REDIRECTS";
+    /// Per-CPU verdict counters, per scope, at [`crate::verdict_slot`].
+    pub const VERDICTS: &str = "ENF_VERDICTS";
 }
 
 /// Names of the programs in the object file.
@@ -141,6 +143,33 @@ pub mod counter {
     /// Records not made because their scope spent its budget ([`crate::RECORDS_PER_SECOND`]).
     pub const RATE_LIMITED: u32 = 1;
     pub const COUNT: u32 = 2;
+}
+
+/// Scopes with verdict counters of their own; higher ids share the last one's.
+pub const VERDICT_SCOPES: u32 = 4096;
+
+/// Counters per scope in `VERDICTS`: a verdict of [`verdict_count`], by the socket hooks (the
+/// first four) or by TC on a new flow (the next four).
+pub const VERDICT_SLOTS: u32 = 8;
+
+/// Verdicts as the counters tell them apart.
+pub mod verdict_count {
+    pub const ALLOWED: u32 = 0;
+    pub const DENIED: u32 = 1;
+    pub const AUDIT: u32 = 2;
+    pub const REVOKED: u32 = 3;
+    /// Added to the verdict for TC's judgements.
+    pub const TC: u32 = 4;
+}
+
+/// Where `scope`'s counter of `slot` (a [`verdict_count`] value, plus `TC` for TC) is.
+pub const fn verdict_slot(scope: u32, slot: u32) -> u32 {
+    let scope = if scope < VERDICT_SCOPES {
+        scope
+    } else {
+        VERDICT_SCOPES - 1
+    };
+    scope * VERDICT_SLOTS + slot
 }
 
 /// Records one scope may make per second on one CPU; the rest are only counted, so that one

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    hook, ipv4_mapped, mode, proto, reason, redirect, tc_flags, verdict, CgroupScope, PolicyKey,
-    ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
+    hook, ipv4_mapped, mode, proto, reason, redirect, tc_flags, verdict, verdict_count,
+    CgroupScope, PolicyKey, ScopeName, GLOBAL_SCOPE, POLICY_KEY_HEADER_BITS,
 };
 
 mod dns;
@@ -104,7 +104,7 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
     // costs nothing more.
     let flags = tc::config().flags;
     if scope.mode == mode::ALLOW_ANY && flags & tc_flags::REDIRECTS == 0 {
-        return Ok(ALLOW);
+        return Ok(allow(&scope));
     }
 
     let sa = ctx.sock_addr;
@@ -163,14 +163,14 @@ fn try_decide<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()
         return through_gateway::<V6>(ctx, &scope, cgroup_id, key, hook, r);
     }
     if scope.mode == mode::ALLOW_ANY {
-        return Ok(ALLOW);
+        return Ok(allow(&scope));
     }
     if allowed(&key, false) {
         // A connected socket's address is not this call's to change.
         if !V6 && !unspec {
             dns::redirect4(ctx, cgroup_id, &scope, &key);
         }
-        return Ok(ALLOW);
+        return Ok(allow(&scope));
     }
     refuse(&scope, cgroup_id, key, hook, reason::NO_RULE, 0)
 }
@@ -194,7 +194,7 @@ fn through_gateway<const V6: bool>(
         } else {
             gateway::rewrite4(ctx, r)?;
         }
-        return Ok(ALLOW);
+        return Ok(allow(scope));
     }
     let why = if r.action == redirect::REFUSE {
         reason::GATEWAY_REFUSED
@@ -234,10 +234,19 @@ fn refuse(
     };
     report::<true>(scope, record);
     if scope.mode == mode::AUDIT {
+        records::count_verdict(scope.scope, verdict_count::AUDIT);
         Ok(ALLOW)
     } else {
+        records::count_verdict(scope.scope, verdict_count::DENIED);
         Ok(DENY)
     }
+}
+
+/// An allowed connection or datagram of an enforced scope, counted.
+#[inline(always)]
+fn allow(scope: &CgroupScope) -> i32 {
+    records::count_verdict(scope.scope, verdict_count::ALLOWED);
+    ALLOW
 }
 
 /// [`CgroupScope::mode`] of a cgroup no scope claims: it is not enforced. Modes start at 1.

@@ -10,7 +10,8 @@ use aya_ebpf::{
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    counter, CgroupScope, DenyEvent, PolicyKey, RecordBudget, RECORDS_PER_SECOND,
+    counter, verdict_slot, CgroupScope, DenyEvent, PolicyKey, RecordBudget, RECORDS_PER_SECOND,
+    VERDICT_SCOPES, VERDICT_SLOTS,
 };
 
 #[map(name = "ENF_EVENTS")]
@@ -18,6 +19,18 @@ static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 
 #[map(name = "ENF_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+#[map(name = "ENF_VERDICTS")]
+static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SCOPES * VERDICT_SLOTS, 0);
+
+/// Counts one verdict of `scope` (see [`enforcer_common::verdict_slot`]).
+#[inline(always)]
+pub fn count_verdict(scope: u32, slot: u32) {
+    if let Some(value) = VERDICTS.get_ptr_mut(verdict_slot(scope, slot)) {
+        // SAFETY: a per-CPU slot: no other writer while this program runs.
+        unsafe { *value += 1 };
+    }
+}
 
 #[map(name = "ENF_RECORD_BUDGETS")]
 static BUDGETS: LruPerCpuHashMap<u32, RecordBudget> = LruPerCpuHashMap::pinned(16_384, 0);

@@ -19,14 +19,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    flow, hook, mode, proto, reason, redirect, tc_flags, verdict, CgroupScope, FlowKey,
-    FlowVerdict, FragKey, PolicyKey, TcConfig, VethPod,
+    flow, hook, mode, proto, reason, redirect, tc_flags, verdict, verdict_count, CgroupScope,
+    FlowKey, FlowVerdict, FragKey, PolicyKey, TcConfig, VethPod,
 };
 
 use crate::{
     allowed, dns, gateway,
     packet::{parse, Frame, Packet},
-    refusal, report, Record,
+    records, refusal, report, Record,
 };
 
 #[map(name = "ENF_POD_SCOPES")]
@@ -211,6 +211,7 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
             reason::NO_RULE,
         );
     }
+    records::count_verdict(scope.scope, verdict_count::TC + verdict_count::ALLOWED);
     let _ = FLOWS.insert(
         flow,
         FlowVerdict {
@@ -257,6 +258,12 @@ fn refuse_flow(
     } else {
         refusal(scope)
     };
+    let counted = match record {
+        verdict::REVOKED => verdict_count::REVOKED,
+        verdict::AUDIT => verdict_count::AUDIT,
+        _ => verdict_count::DENIED,
+    };
+    records::count_verdict(scope.scope, verdict_count::TC + counted);
     report::<false>(scope, tc_record(key, record, why));
     action(verdict)
 }

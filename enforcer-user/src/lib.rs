@@ -11,6 +11,7 @@ pub mod istio;
 pub mod k8s;
 pub mod kubelet;
 pub mod net;
+pub mod observe;
 pub mod pods;
 pub mod policy;
 pub mod resolver;

@@ -46,6 +46,9 @@ pub struct Status {
     pub dns_learning: Option<crate::dns::proxy::ProxyReport>,
     #[serde(default)]
     pub dns_learning_error: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub inputs: Inputs,
 }
 

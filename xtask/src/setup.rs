@@ -26,6 +26,9 @@ const PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
     "iperf3",
+    // A real Prometheus scrapes the agent in a kernel test; promtool checks the exposition
+    // and the alert rules.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

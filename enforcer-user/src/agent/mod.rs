@@ -25,6 +25,7 @@ use crate::{
     datapath::{self, Datapath},
     events::{self, Explainer},
     k8s::{self, node::NodeOptions},
+    observe::{Health, Metrics},
     pods::Pods,
     policy,
     resolver::{DnsSettings, Resolver},
@@ -64,6 +65,8 @@ pub struct AgentConfig {
     /// Whether the agent resolves entries' hosts itself (`--dns-allow` both or resolved); if
     /// not, only what workloads' own answers give is allowed for them.
     pub pre_resolve: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -141,7 +144,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Ok(p) => Ok(p.handle()),
         Err(why) => Err(why.clone()),
     };
-    let mut reconciler = Reconciler::new(dp, explainer, agent_cgroup, proxy);
+    let observed = observe(&cfg).await;
+    let health = Arc::clone(&observed.1);
+    let mut reconciler = Reconciler::new(dp, explainer, agent_cgroup, proxy, observed);
     // Compiling is the expensive step (100,000 entries take a while): only when an input changed.
     let mut dirty = true;
     // Only where workloads run changed (Kubernetes pods): the maps are planned again, with the
@@ -166,6 +171,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     loop {
         timing::beat(&cfg.status_file, &mut last_beat);
+        health.beat();
         let names = names_to_resolve(&cfg, &sources);
         dns_changed |= resolver.start(&names);
         if let Some(p) = pods.as_mut() {
@@ -252,6 +258,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     events_task.abort();
     log::info!("agent stopping; the pinned programs and maps keep enforcing");
     Ok(())
+}
+
+/// The metrics and the probes' state, served on `--metrics-addr`. A failure to bind is
+/// logged and the agent goes on: enforcement does not depend on being watched.
+async fn observe(cfg: &AgentConfig) -> (Arc<Metrics>, Arc<Health>) {
+    let metrics = Metrics::new(cfg.datapath.pin_root.clone());
+    let health = Arc::new(Health::default());
+    if let Some(addr) = cfg.metrics_addr {
+        match crate::observe::server::serve(addr, Arc::clone(&metrics), Arc::clone(&health)).await {
+            Ok(bound) => {
+                log::info!("metrics on http://{bound}/metrics (and /healthz, /readyz)");
+                crate::observe::server::BOUND.get_or_init(|| bound);
+            }
+            Err(err) => {
+                log::error!("serving metrics on {addr}: {err:#}; no /metrics, /healthz or /readyz")
+            }
+        }
+    }
+    (metrics, health)
 }
 
 /// Exempts the agent's own cgroup before any network I/O (see `Datapath::exempt_agent`).

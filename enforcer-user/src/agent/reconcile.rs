@@ -18,6 +18,7 @@ use crate::{
     dns::proxy::Proxy,
     events::{self, Explainer},
     k8s::{self, node::Node},
+    observe::{metrics::ApplyFacts, Health, Metrics},
     pods::Pods,
     policy::Desired,
     resolver::Resolver,
@@ -62,6 +63,8 @@ pub(super) struct Reconciler {
     last_status: Option<Status>,
     /// The proxy's counter of answers that taught something, at the last status.
     reported_answers: u64,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
 }
 
 impl Reconciler {
@@ -70,8 +73,12 @@ impl Reconciler {
         explainer: Arc<RwLock<Explainer>>,
         agent_cgroup: Option<u64>,
         proxy: Result<Proxy, String>,
+        observed: (Arc<Metrics>, Arc<Health>),
     ) -> Self {
+        let (metrics, health) = observed;
         Self {
+            metrics,
+            health,
             proxy,
             last_status: None,
             reported_answers: 0,
@@ -152,8 +159,18 @@ impl Reconciler {
             pods: &pod_list,
             agent: self.agent_cgroup,
         };
+        let started = std::time::Instant::now();
         let (errors, before) = apply_plan(&mut self.dp, &desired, planned, &self.explainer)?;
         let complete = errors.is_empty();
+        self.metrics.applied(&ApplyFacts {
+            took: started.elapsed(),
+            errors: errors.len(),
+            generation: self.generation,
+            plan: self.dp.applied(),
+            capacity: &cfg.datapath,
+        });
+        self.metrics.sources(sources, desired.notes.len());
+        self.health.applied(complete);
         self.failing_since = match (complete, self.failing_since) {
             (true, _) => None,
             (false, None) => Some(SystemTime::now()),
@@ -467,6 +484,7 @@ fn status(
         revocation_errors: applied.revocation_errors,
         dns_learning: None,
         dns_learning_error: None,
+        metrics_addr: crate::observe::server::BOUND.get().copied(),
         inputs,
     }
 }

@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// gateway's workloads (an egress gateway plus a NetworkPolicy, in one).
     #[arg(long)]
     egress_gateway_only: bool,
+    /// Where to serve /metrics (Prometheus), /healthz and /readyz; `off` for nowhere. Port 0
+    /// picks one (the status file's `metrics_addr` says which).
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9978", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
     /// Istio's reach across namespaces: a Gateway's selector chooses workloads in every
     /// namespace, and a VirtualService redirects every namespace it is exported to. Without
     /// it, a Gateway chooses in its own namespace and a VirtualService redirects its own (from
@@ -354,6 +358,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         allow_cidrs: args.allow_cidr,
         istio_compat: args.istio_compat,
         egress_gateway_only: args.egress_gateway_only,
+        metrics_addr: args.metrics_addr.0,
         gateway_any_namespace: args.gateway_any_namespace,
         datapath: datapath::Options {
             pin_root: args.placement.pin_root(),
@@ -412,4 +417,17 @@ impl SocketKind {
             Self::Other => tc_flags::ALLOW_OTHER,
         }
     }
+}
+
+/// `--metrics-addr`: an address, or `None` for `off`.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an address with a port, or off)"))
 }

@@ -278,6 +278,10 @@ impl Agent {
             None => Command::new(ENFORCER),
         };
         cmd.arg("run").current_dir(&self.cwd).envs(self.env.clone());
+        // A port of its own, which the status file names: tests' agents may overlap.
+        if !self.args.iter().any(|a| a == "--metrics-addr") {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
         if let Some(policies) = &self.policies {
             cmd.arg("--policies").arg(policies);
         }

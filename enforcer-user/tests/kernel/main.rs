@@ -13,6 +13,7 @@ mod learning;
 mod learning_kubernetes;
 mod learning_paths;
 mod live;
+mod metrics;
 mod pod;
 mod prefixes;
 mod records;

@@ -1,0 +1,221 @@
+//! The agent's own metrics, updated by the loop; the kernel's are collected at each scrape.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{datapath::MapPlan, sources::Sources};
+
+/// A label set of one label.
+pub type Label = Vec<(&'static str, String)>;
+
+/// Every metric the agent serves.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Seconds one apply took (plan, diff, map writes).
+    pub apply_seconds: Histogram,
+    pub applies: Counter,
+    /// Map entries an apply could not write (left out: less is allowed, never more).
+    pub apply_errors: Counter,
+    /// 1 while applies keep failing.
+    pub applies_failing: Gauge,
+    pub policy_generation: Gauge,
+    /// Valid objects by kind.
+    pub objects: Family<Label, Gauge>,
+    /// Problems in the sources, by severity.
+    pub problems: Family<Label, Gauge>,
+    /// Notes of the compiler (unresolved names, skipped routes).
+    pub notes: Gauge,
+    /// Refusal records the agent's output did not take.
+    pub output_dropped: Gauge,
+    /// Entries the agent keeps in each map, and the map's capacity.
+    pub map_entries: Family<Label, Gauge>,
+    pub map_capacity: Family<Label, Gauge>,
+}
+
+/// What one apply did, for [`Metrics::applied`].
+pub struct ApplyFacts<'a> {
+    pub took: Duration,
+    pub errors: usize,
+    pub generation: u64,
+    pub plan: &'a MapPlan,
+    pub capacity: &'a crate::datapath::Options,
+}
+
+impl Metrics {
+    /// The metrics, with the kernel's read from the maps pinned under `pin_root`.
+    pub fn new(pin_root: PathBuf) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("enforcer");
+        let buckets = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+        let m = Self {
+            apply_seconds: Histogram::new(buckets),
+            applies: Counter::default(),
+            apply_errors: Counter::default(),
+            applies_failing: Gauge::default(),
+            policy_generation: Gauge::default(),
+            objects: Family::default(),
+            problems: Family::default(),
+            notes: Gauge::default(),
+            output_dropped: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "map_entries",
+            "Entries the agent keeps in a kernel map",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Capacity of a kernel map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "apply_seconds",
+            "Time one apply of the policy to the kernel maps took",
+            m.apply_seconds.clone(),
+        );
+        registry.register("applies", "Applies of the policy", m.applies.clone());
+        registry.register(
+            "apply_errors",
+            "Map entries applies could not write (left out: fail closed)",
+            m.apply_errors.clone(),
+        );
+        registry.register(
+            "applies_failing",
+            "1 while the last apply left entries out",
+            m.applies_failing.clone(),
+        );
+        registry.register(
+            "policy_generation",
+            "Policy generation last applied",
+            m.policy_generation.clone(),
+        );
+        registry.register("objects", "Valid policy objects by kind", m.objects.clone());
+        registry.register(
+            "problems",
+            "Problems found in the policy sources, by severity",
+            m.problems.clone(),
+        );
+        registry.register(
+            "compiler_notes",
+            "What the compiler noted (names without answers, routes not redirected)",
+            m.notes.clone(),
+        );
+        registry.register(
+            "records_output_dropped",
+            "Refusal records the agent's output did not take",
+            m.output_dropped.clone(),
+        );
+        registry.register_collector(Box::new(super::kernel::KernelCollector::new(pin_root)));
+        Arc::new(Self { registry, ..m })
+    }
+
+    /// After each apply.
+    pub fn applied(&self, a: &ApplyFacts<'_>) {
+        self.apply_seconds.observe(a.took.as_secs_f64());
+        self.applies.inc();
+        self.apply_errors.inc_by(a.errors as u64);
+        self.applies_failing.set(i64::from(a.errors > 0));
+        self.policy_generation
+            .set(i64::try_from(a.generation).unwrap_or(i64::MAX));
+        let p = a.plan;
+        let c = a.capacity;
+        for (map, entries, capacity) in [
+            ("allow_exact", p.exact.len(), Some(c.max_exact)),
+            ("allow_cidr", p.cidr.len(), Some(c.max_cidr)),
+            ("cgroups", p.cgroups.len(), None),
+            ("cgroup_trees", p.trees.len(), None),
+            ("pod_scopes", p.pods.len(), None),
+            ("redirects", p.redirects.len(), None),
+        ] {
+            let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.map_entries
+                .get_or_create(&label("map", map))
+                .set(gauge(entries));
+            if let Some(cap) = capacity {
+                self.map_capacity
+                    .get_or_create(&label("map", map))
+                    .set(i64::from(cap));
+            }
+        }
+        self.output_dropped.set(
+            i64::try_from(crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(i64::MAX),
+        );
+    }
+
+    /// After each load of the sources.
+    pub fn sources(&self, sources: &Sources, notes: usize) {
+        for (kind, n) in [
+            ("ServiceEntry", sources.entries.len()),
+            ("WorkloadEntry", sources.workloads.len()),
+            ("Sidecar", sources.sidecars.len()),
+            ("Gateway", sources.gateways.len()),
+            ("VirtualService", sources.virtual_services.len()),
+            ("DestinationRule", sources.destination_rules.len()),
+        ] {
+            self.objects
+                .get_or_create(&label("kind", kind))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let warnings = sources
+            .problems
+            .iter()
+            .filter(|p| p.starts_with("warning"))
+            .count();
+        let errors = sources.problems.len() - warnings;
+        for (severity, n) in [("error", errors), ("warning", warnings)] {
+            self.problems
+                .get_or_create(&label("severity", severity))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.notes.set(i64::try_from(notes).unwrap_or(i64::MAX));
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// A label set of one label.
+pub fn label(key: &'static str, value: impl Into<String>) -> Label {
+    vec![(key, value.into())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_metrics_are_served_with_their_help() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"));
+        m.apply_seconds.observe(0.002);
+        m.applies.inc();
+        m.objects
+            .get_or_create(&label("kind", "ServiceEntry"))
+            .set(3);
+        let text = m.encode().expect("encoding");
+        assert!(
+            text.contains("enforcer_apply_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("enforcer_applies_total 1"), "{text}");
+        assert!(
+            text.contains("enforcer_objects{kind=\"ServiceEntry\"} 3"),
+            "{text}"
+        );
+        // Without pinned maps the kernel's metrics say so, and nothing else of theirs.
+        assert!(text.contains("enforcer_kernel_maps_readable 0"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

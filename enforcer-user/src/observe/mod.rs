@@ -1,0 +1,11 @@
+//! What operators see of the agent: Prometheus metrics (`metrics.rs`, the kernel's counters
+//! read at each scrape in `kernel.rs`), and `/metrics` (OpenMetrics, or classic text from
+//! `text.rs`), `/healthz`, `/readyz` over HTTP (`server.rs`).
+
+mod kernel;
+pub mod metrics;
+pub mod server;
+mod text;
+
+pub use metrics::Metrics;
+pub use server::Health;
