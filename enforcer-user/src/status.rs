@@ -83,6 +83,9 @@ pub struct Inputs {
     /// `--gateway-any-namespace`.
     #[serde(default)]
     pub gateway_any_namespace: bool,
+    /// Namespaces in AUDIT by label (Kubernetes) or `--audit-namespace`.
+    #[serde(default)]
+    pub audit_namespaces: BTreeSet<String>,
     /// Running pods that ServiceEntries select (by `workloadSelector`): their endpoints.
     #[serde(default)]
     pub endpoint_pods: Vec<crate::datapath::plan::PodAssignment>,

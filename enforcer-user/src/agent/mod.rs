@@ -65,6 +65,8 @@ pub struct AgentConfig {
     /// Whether the agent resolves entries' hosts itself (`--dns-allow` both or resolved); if
     /// not, only what workloads' own answers give is allowed for them.
     pub pre_resolve: bool,
+    /// Namespaces in AUDIT whatever the mesh and Sidecars say (`--audit-namespace`).
+    pub audit_namespaces: Vec<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -184,7 +186,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             node: node.as_ref(),
             pods: pods.as_ref(),
         };
-        let recompile = dirty || dns_changed || reconciler.stale(&sources, &workloads);
+        let recompile = dirty || dns_changed || reconciler.stale(&cfg, &sources, &workloads);
         dns_changed = false;
         if recompile || replan {
             if recompile {

@@ -97,7 +97,8 @@ impl Reconciler {
     /// Whether the policy needs compiling although no input said so: it never was, or this
     /// node now runs workloads of a namespace it did not compile.
     /// Also when the pods that ServiceEntries select changed (an egress gateway's pod came).
-    pub fn stale(&self, sources: &Sources, workloads: &Workloads<'_>) -> bool {
+    /// And when a namespace's audit label changed.
+    pub fn stale(&self, cfg: &AgentConfig, sources: &Sources, workloads: &Workloads<'_>) -> bool {
         let local = workloads.node.map(Node::local_namespaces);
         self.desired.is_none()
             || self
@@ -106,6 +107,7 @@ impl Reconciler {
                 .is_some_and(|i| i.only_namespaces != local)
             || self.last_inputs.as_ref().is_some_and(|i| {
                 i.endpoint_pods != endpoint_pods(sources, &running_pods(workloads))
+                    || i.audit_namespaces != audit_namespaces(cfg, workloads.node)
             })
     }
 
@@ -278,6 +280,15 @@ fn all_trees<'a>(
     }
 }
 
+/// `--audit-namespace`, and in Kubernetes mode the namespaces labelled for AUDIT.
+fn audit_namespaces(cfg: &AgentConfig, node: Option<&Node>) -> BTreeSet<String> {
+    cfg.audit_namespaces
+        .iter()
+        .cloned()
+        .chain(node.map(Node::audit_namespaces).unwrap_or_default())
+        .collect()
+}
+
 /// Local pods, and this node's pods in Kubernetes mode.
 fn running_pods(workloads: &Workloads<'_>) -> Vec<PodAssignment> {
     let mut pods = workloads.pods.map(Pods::assignments).unwrap_or_default();
@@ -334,6 +345,7 @@ fn inputs(
         only_namespaces: node.map(Node::local_namespaces),
         egress_gateway_only: cfg.egress_gateway_only,
         gateway_any_namespace: cfg.gateway_any_namespace,
+        audit_namespaces: audit_namespaces(cfg, node),
         endpoint_pods: Vec::new(),
     }
 }

@@ -52,6 +52,11 @@ pub struct RunArgs {
     /// gateway's workloads (an egress gateway plus a NetworkPolicy, in one).
     #[arg(long)]
     egress_gateway_only: bool,
+    /// Put a namespace in AUDIT, whatever the mesh and its Sidecars say: everything is allowed
+    /// and what REGISTRY_ONLY would refuse is recorded (a dry run). Repeatable. In Kubernetes
+    /// mode the namespace label egress-enforcer=audit does the same.
+    #[arg(long = "audit-namespace", value_name = "NS")]
+    audit_namespaces: Vec<String>,
     /// Where to serve /metrics (Prometheus), /healthz and /readyz; `off` for nowhere. Port 0
     /// picks one (the status file's `metrics_addr` says which).
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9978", value_parser = parse_metrics_addr)]
@@ -359,6 +364,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         istio_compat: args.istio_compat,
         egress_gateway_only: args.egress_gateway_only,
         metrics_addr: args.metrics_addr.0,
+        audit_namespaces: args.audit_namespaces,
         gateway_any_namespace: args.gateway_any_namespace,
         datapath: datapath::Options {
             pin_root: args.placement.pin_root(),

@@ -36,6 +36,9 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use selector::LabelSelector;
+
+/// The namespace label that puts a namespace in AUDIT without a Sidecar.
+pub const AUDIT_LABEL: (&str, &str) = ("egress-enforcer", "audit");
 use slice::EndpointSlice;
 pub use workloads::{NodePod, UNENFORCED, UNMAPPED};
 
@@ -266,21 +269,29 @@ impl Cluster {
         snap
     }
 
-    /// Namespaces whose pods are enforced, by the selector.
+    /// Namespaces whose pods are enforced: by the selector, or in AUDIT by their label.
     pub fn enforced_namespaces(&self) -> BTreeSet<String> {
+        self.namespaces_where(|labels| {
+            self.opts.namespace_selector.matches(labels)
+                || labels.get(AUDIT_LABEL.0).map(String::as_str) == Some(AUDIT_LABEL.1)
+        })
+    }
+
+    /// Namespaces labelled `egress-enforcer=audit`: enforced in AUDIT, a dry run.
+    pub fn audit_namespaces(&self) -> BTreeSet<String> {
+        self.namespaces_where(|labels| {
+            labels.get(AUDIT_LABEL.0).map(String::as_str) == Some(AUDIT_LABEL.1)
+        })
+    }
+
+    fn namespaces_where(
+        &self,
+        keep: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+    ) -> BTreeSet<String> {
         self.namespaces
             .state()
             .iter()
-            .filter(|ns| {
-                let labels = ns
-                    .metadata
-                    .labels
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                self.opts.namespace_selector.matches(&labels)
-            })
+            .filter(|ns| keep(&ns.metadata.labels.clone().unwrap_or_default()))
             .filter_map(|ns| ns.metadata.name.clone())
             .collect()
     }

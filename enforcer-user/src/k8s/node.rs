@@ -117,6 +117,11 @@ impl Node {
         self.cluster.enforced_namespaces()
     }
 
+    /// Namespaces in AUDIT by their label.
+    pub fn audit_namespaces(&self) -> BTreeSet<String> {
+        self.cluster.audit_namespaces()
+    }
+
     /// The namespaces of the workloads on this node: the only scopes it compiles.
     pub fn local_namespaces(&self) -> BTreeSet<String> {
         self.trees

@@ -24,6 +24,9 @@ pub struct MeshSettings {
     /// The mesh's `defaultServiceExportTo`, when it sets one: then it applies to every entry
     /// without its own `exportTo`, Services' included. See [`MeshSettings::export_to`].
     pub default_export_to: Option<Vec<String>>,
+    /// Namespaces in AUDIT whatever their Sidecars and the mesh say: a dry run before
+    /// REGISTRY_ONLY (the `egress-enforcer=audit` label, `--audit-namespace`).
+    pub audit_namespaces: BTreeSet<String>,
 }
 
 impl MeshSettings {
@@ -254,7 +257,11 @@ fn compile_named(inp: &Inputs<'_>, name_of: fn(&str, Option<&str>) -> String) ->
             let mut scope = ScopePolicy {
                 namespace: ns.clone(),
                 sidecar: sc.sidecar,
-                mode: sc.mode,
+                mode: if inp.mesh.audit_namespaces.contains(ns) {
+                    OutboundMode::Audit
+                } else {
+                    sc.mode
+                },
                 rules: BTreeMap::new(),
                 imports: sc.imports,
                 learn: Vec::new(),

@@ -56,9 +56,13 @@ impl Sources {
     pub fn compile(&self, inputs: &Inputs) -> Desired {
         let mut workloads = self.workloads.clone();
         workloads.extend(inputs.endpoint_pods.iter().map(pod_entry));
+        let mesh = MeshSettings {
+            audit_namespaces: inputs.audit_namespaces.clone(),
+            ..self.mesh.clone()
+        };
         policy::compile(&policy::Inputs {
             service_entries: &self.entries,
-            mesh: &self.mesh,
+            mesh: &mesh,
             namespaces: &inputs.namespaces,
             dns: &inputs.answers,
             dns_servers: &inputs.dns_servers,
@@ -185,6 +189,22 @@ fn validate(snap: Snapshot) -> Sources {
 mod tests {
     use super::*;
     use crate::sources::documents::parse_mesh_file;
+
+    #[test]
+    fn an_audit_namespace_is_in_audit_whatever_its_sidecars_say() {
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: strict, namespace: shop}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  workloadSelector: {labels: {app: web}}\n";
+        let sources =
+            Sources::from_snapshot(crate::sources::documents::parse_documents("f.yaml", yaml));
+        let mut inputs = Inputs {
+            namespaces: ["shop".to_string(), "other".to_string()].into(),
+            ..Inputs::default()
+        };
+        inputs.audit_namespaces.insert("shop".into());
+        let d = sources.compile(&inputs);
+        assert_eq!(d.scopes["shop"].mode, OutboundMode::Audit);
+        assert_eq!(d.scopes["shop/strict"].mode, OutboundMode::Audit);
+        assert_eq!(d.scopes["other"].mode, OutboundMode::AllowAny);
+    }
 
     #[test]
     fn a_mesh_default_export_to_is_kept_only_when_set() {

@@ -1,6 +1,7 @@
 //! Kernel tests: the real agent, the real BPF programs in this kernel, a real DNS server, and
 //! test hosts in a network namespace. They need root; without it they fail and say why.
 
+mod audit_kubernetes;
 mod boundary;
 mod boundary_tc;
 mod escape;
