@@ -52,6 +52,7 @@ pub fn build_and_test() -> anyhow::Result<()> {
             .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", "bpf-linker"),
     )?;
     crate::manifests::check(&root)?;
+    crate::manifests::check_alerts(&root)?;
     if !sh::is_root() {
         eprintln!(
             "warning: not root: the privileged integration tests will fail with a clear reason"

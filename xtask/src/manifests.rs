@@ -113,3 +113,21 @@ fn manifests_in(dir: &Path, out: &mut BTreeSet<PathBuf>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `deploy/monitoring/`: the alert rules load (`promtool check rules`) and fire as their tests
+/// say (`promtool test rules`, with Debian's Prometheus, which `cargo xtask setup` installs).
+pub fn check_alerts(root: &Path) -> anyhow::Result<()> {
+    let dir = root.join("deploy/monitoring");
+    sh::run(Command::new("promtool").current_dir(&dir).args([
+        "check",
+        "rules",
+        "enforcer.rules.yml",
+    ]))
+    .context("promtool check rules (cargo xtask setup installs prometheus)")?;
+    sh::run(Command::new("promtool").current_dir(&dir).args([
+        "test",
+        "rules",
+        "enforcer.rules.test.yml",
+    ]))
+    .context("promtool test rules")
+}

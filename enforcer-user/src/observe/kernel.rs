@@ -14,6 +14,13 @@ use prometheus_client::{
 
 use crate::datapath::open_pinned;
 
+/// The names this collector's samples have (for checks of dashboards and alerts).
+pub const SAMPLE_NAMES: [&str; 3] = [
+    "enforcer_kernel_maps_readable",
+    "enforcer_verdicts_total",
+    "enforcer_records_lost_total",
+];
+
 #[derive(Debug)]
 pub struct KernelCollector {
     pin_root: PathBuf,

@@ -32,7 +32,7 @@ pub struct Metrics {
     /// Notes of the compiler (unresolved names, skipped routes).
     pub notes: Gauge,
     /// Refusal records the agent's output did not take.
-    pub output_dropped: Gauge,
+    pub output_dropped: Counter,
     /// Entries the agent keeps in each map, and the map's capacity.
     pub map_entries: Family<Label, Gauge>,
     pub map_capacity: Family<Label, Gauge>,
@@ -61,7 +61,7 @@ impl Metrics {
             objects: Family::default(),
             problems: Family::default(),
             notes: Gauge::default(),
-            output_dropped: Gauge::default(),
+            output_dropped: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             registry: Registry::default(),
@@ -145,10 +145,10 @@ impl Metrics {
                     .set(i64::from(cap));
             }
         }
-        self.output_dropped.set(
-            i64::try_from(crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed))
-                .unwrap_or(i64::MAX),
-        );
+        // The output counts on its own; the counter catches up.
+        let dropped = crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+        self.output_dropped
+            .inc_by(dropped.saturating_sub(self.output_dropped.get()));
     }
 
     /// After each load of the sources.
@@ -217,5 +217,65 @@ mod tests {
         // Without pinned maps the kernel's metrics say so, and nothing else of theirs.
         assert!(text.contains("enforcer_kernel_maps_readable 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// Every `enforcer_*` name in deploy/monitoring's dashboard and alerts is a sample the
+    /// agent serves: a renamed metric breaks this test, not a dashboard in production.
+    #[test]
+    fn the_dashboard_and_the_alerts_use_served_metrics() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"));
+        m.map_entries.get_or_create(&label("map", "x")).set(1);
+        m.map_capacity.get_or_create(&label("map", "x")).set(1);
+        m.objects.get_or_create(&label("kind", "x")).set(1);
+        m.problems.get_or_create(&label("severity", "x")).set(1);
+        m.apply_seconds.observe(0.1);
+        let text = m.encode().expect("encoding");
+        let mut served: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect();
+        served.extend(
+            super::super::kernel::SAMPLE_NAMES
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        for (file, text) in [
+            (
+                "dashboard.json",
+                include_str!("../../../deploy/monitoring/dashboard.json"),
+            ),
+            (
+                "enforcer.rules.yml",
+                include_str!("../../../deploy/monitoring/enforcer.rules.yml"),
+            ),
+        ] {
+            let used = names(text);
+            assert!(!used.is_empty(), "{file} names no metric");
+            for name in used {
+                assert!(
+                    served.contains(&name),
+                    "{file}: {name} is not served: {served:?}"
+                );
+            }
+        }
+    }
+
+    /// `enforcer_` names in a text.
+    fn names(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("enforcer_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.push(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 }
