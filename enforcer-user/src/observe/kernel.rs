@@ -14,12 +14,15 @@ use prometheus_client::{
 
 use crate::datapath::open_pinned;
 
-/// The names this collector's samples have (for checks of dashboards and alerts).
-pub const SAMPLE_NAMES: [&str; 3] = [
-    "enforcer_kernel_maps_readable",
-    "enforcer_verdicts_total",
-    "enforcer_records_lost_total",
+/// This collector's metrics: (name, whether it is a counter, whose samples end in `_total`).
+pub const METRICS: [(&str, bool); 3] = [
+    (READABLE, false),
+    (VERDICTS_TOTAL, true),
+    (RECORDS_LOST, true),
 ];
+const READABLE: &str = "kernel_maps_readable";
+const VERDICTS_TOTAL: &str = "verdicts";
+const RECORDS_LOST: &str = "records_lost";
 
 #[derive(Debug)]
 pub struct KernelCollector {
@@ -99,7 +102,7 @@ impl Collector for KernelCollector {
         let read = self.read();
         let readable = ConstGauge::new(i64::from(read.is_ok()));
         readable.encode(encoder.encode_descriptor(
-            "kernel_maps_readable",
+            READABLE,
             "1 when the pinned maps the kernel counts in could be read",
             None,
             readable.metric_type(),
@@ -109,7 +112,7 @@ impl Collector for KernelCollector {
         };
         let family = ConstCounter::new(0u64).metric_type();
         let mut verdicts = encoder.encode_descriptor(
-            "verdicts",
+            VERDICTS_TOTAL,
             "Connections, datagrams (socket hooks) and new flows (TC) of enforced workloads, by scope and verdict",
             None,
             family,
@@ -125,7 +128,7 @@ impl Collector for KernelCollector {
             ConstCounter::new(*n).encode(verdicts.encode_family(&labels)?)?;
         }
         let mut lost = encoder.encode_descriptor(
-            "records_lost",
+            RECORDS_LOST,
             "Refusal records the kernel did not make: over a scope's budget, or the ring buffer full",
             None,
             family,
