@@ -15,6 +15,7 @@ use prometheus_client::{
 use crate::datapath::open_pinned;
 
 /// This collector's metrics: (name, whether it is a counter, whose samples end in `_total`).
+#[cfg(test)]
 pub const METRICS: [(&str, bool); 3] = [
     (READABLE, false),
     (VERDICTS_TOTAL, true),

@@ -236,11 +236,10 @@ mod tests {
             .filter_map(|l| l.split(['{', ' ']).next())
             .map(str::to_string)
             .collect();
-        served.extend(
-            super::super::kernel::SAMPLE_NAMES
-                .iter()
-                .map(|s| s.to_string()),
-        );
+        served.extend(super::super::kernel::METRICS.iter().map(|(name, counter)| {
+            let total = if *counter { "_total" } else { "" };
+            format!("enforcer_{name}{total}")
+        }));
         for (file, text) in [
             (
                 "dashboard.json",
