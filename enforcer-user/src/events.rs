@@ -366,7 +366,13 @@ pub fn print(records: &[DenyRecord]) {
 }
 
 /// Queues one record for stdout, never waiting: what the queue cannot take is counted.
+/// Where records are counted, once the agent serves metrics.
+pub static RECORD_COUNTS: OnceLock<Arc<crate::observe::Metrics>> = OnceLock::new();
+
 fn emit(record: &DenyRecord) {
+    if let Some(metrics) = RECORD_COUNTS.get() {
+        metrics.record(record);
+    }
     static OUTPUT: OnceLock<Option<mpsc::SyncSender<String>>> = OnceLock::new();
     let output = OUTPUT.get_or_init(|| {
         let (tx, rx) = mpsc::sync_channel::<String>(OUTPUT_QUEUE);

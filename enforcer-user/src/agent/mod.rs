@@ -267,6 +267,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 async fn observe(cfg: &AgentConfig) -> (Arc<Metrics>, Arc<Health>) {
     let metrics = Metrics::new(cfg.datapath.pin_root.clone());
     let health = Arc::new(Health::default());
+    let _ = events::RECORD_COUNTS.set(Arc::clone(&metrics));
     if let Some(addr) = cfg.metrics_addr {
         match crate::observe::server::serve(addr, Arc::clone(&metrics), Arc::clone(&health)).await {
             Ok(bound) => {

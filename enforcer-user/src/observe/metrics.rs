@@ -33,6 +33,9 @@ pub struct Metrics {
     pub notes: Gauge,
     /// Refusal records the agent's output did not take.
     pub output_dropped: Counter,
+    /// Records made, by namespace, verdict, reason code and hook: refusals, AUDIT reports and
+    /// revocations (the kernel's `verdicts` count every decision; these, what was reported).
+    pub records: Family<Vec<(&'static str, String)>, Counter>,
     /// Entries the agent keeps in each map, and the map's capacity.
     pub map_entries: Family<Label, Gauge>,
     pub map_capacity: Family<Label, Gauge>,
@@ -64,8 +67,14 @@ impl Metrics {
             output_dropped: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            records: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "records",
+            "Refusal records, AUDIT reports and revocations made, by namespace, verdict, reason code and hook",
+            m.records.clone(),
+        );
         registry.register(
             "map_entries",
             "Entries the agent keeps in a kernel map",
@@ -149,6 +158,17 @@ impl Metrics {
         let dropped = crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
         self.output_dropped
             .inc_by(dropped.saturating_sub(self.output_dropped.get()));
+    }
+
+    /// Counts one record as it goes out.
+    pub fn record(&self, r: &crate::events::DenyRecord) {
+        let labels = vec![
+            ("namespace", r.namespace.clone()),
+            ("verdict", r.verdict.to_string()),
+            ("reason", r.reason_code.to_string()),
+            ("hook", r.hook.to_string()),
+        ];
+        self.records.get_or_create(&labels).inc();
     }
 
     /// After each load of the sources.

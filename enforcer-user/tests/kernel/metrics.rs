@@ -159,6 +159,13 @@ fn prometheus_counts_allowed_and_refused_connections_per_namespace() {
         fs::read_to_string(world.dir.join("prometheus.log")).unwrap_or_default()
     );
     assert_eq!(prometheus.query("enforcer_kernel_maps_readable"), Some(1.0));
+    // The records, by reason: the two refusals.
+    assert_eq!(
+        prometheus.query(
+            "sum(enforcer_records_total{namespace=\"shop\",verdict=\"denied\",reason=\"no_rule\"})"
+        ),
+        Some(2.0)
+    );
     assert_eq!(
         prometheus.query("enforcer_objects{kind=\"ServiceEntry\"}"),
         Some(1.0)
