@@ -172,6 +172,9 @@ impl Reconciler {
             capacity: &cfg.datapath,
         });
         self.metrics.sources(sources, desired.notes.len());
+        if let Some(n) = workloads.node {
+            self.metrics.pods(n);
+        }
         self.health.applied(complete);
         self.failing_since = match (complete, self.failing_since) {
             (true, _) => None,
@@ -227,7 +230,9 @@ impl Reconciler {
         match &self.proxy {
             Ok(proxy) => {
                 self.reported_answers = proxy.progress();
-                status.dns_learning = Some(proxy.report());
+                let report = proxy.report();
+                self.metrics.dns(&report);
+                status.dns_learning = Some(report);
             }
             Err(why) => status.dns_learning_error = Some(why.clone()),
         }

@@ -117,6 +117,11 @@ impl Node {
         self.cluster.enforced_namespaces()
     }
 
+    /// Enforced pods whose veth was not found yet (no TC programs).
+    pub fn tc_pending(&self) -> usize {
+        self.links.pending()
+    }
+
     /// Namespaces in AUDIT by their label.
     pub fn audit_namespaces(&self) -> BTreeSet<String> {
         self.cluster.audit_namespaces()

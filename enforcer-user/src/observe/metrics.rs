@@ -1,6 +1,6 @@
 //! The agent's own metrics, updated by the loop; the kernel's are collected at each scrape.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -36,6 +36,14 @@ pub struct Metrics {
     /// Records made, by namespace, verdict, reason code and hook: refusals, AUDIT reports and
     /// revocations (the kernel's `verdicts` count every decision; these, what was reported).
     pub records: Family<Vec<(&'static str, String)>, Counter>,
+    /// DNS learning (the proxy's counters), by what is counted.
+    pub dns: Family<Vec<(&'static str, String)>, Counter>,
+    /// Addresses learned from workloads' answers now in the kernel.
+    pub dns_learned: Gauge,
+    /// Kubernetes mode: this node's pods by state (`enforced`, `unenforced`, the kubelet
+    /// root's `unmapped`), and enforced pods still without TC programs.
+    pub pods: Family<Label, Gauge>,
+    pub pods_tc_pending: Gauge,
     /// Entries the agent keeps in each map, and the map's capacity.
     pub map_entries: Family<Label, Gauge>,
     pub map_capacity: Family<Label, Gauge>,
@@ -68,8 +76,32 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             records: Family::default(),
+            dns: Family::default(),
+            dns_learned: Gauge::default(),
+            pods: Family::default(),
+            pods_tc_pending: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "dns",
+            "The DNS proxy's queries, upstream failures, SERVFAILs sent, overloads, answers that taught, and learning failures by kind",
+            m.dns.clone(),
+        );
+        registry.register(
+            "dns_learned_addresses",
+            "Addresses learned from workloads' DNS answers, in the kernel now",
+            m.dns_learned.clone(),
+        );
+        registry.register(
+            "pods",
+            "Kubernetes mode: this node's pod cgroups by state",
+            m.pods.clone(),
+        );
+        registry.register(
+            "pods_tc_pending",
+            "Kubernetes mode: enforced pods whose veth has no TC programs yet",
+            m.pods_tc_pending.clone(),
+        );
         registry.register(
             "records",
             "Refusal records, AUDIT reports and revocations made, by namespace, verdict, reason code and hook",
@@ -160,6 +192,46 @@ impl Metrics {
             .inc_by(dropped.saturating_sub(self.output_dropped.get()));
     }
 
+    /// From the DNS proxy's report (counters since the agent started).
+    pub fn dns(&self, r: &crate::dns::proxy::ProxyReport) {
+        let mut totals = vec![
+            ("queries", r.queries),
+            ("upstream_failures", r.upstream_failures),
+            ("servfail_sent", r.servfail_sent),
+            ("overloaded", r.overloaded),
+            ("learned_answers", r.learned_answers),
+        ];
+        for (kind, n) in &r.learn_failures {
+            let failure = format!("learn_failure_{kind}");
+            catch_up(&self.dns.get_or_create(&label("what", failure)), *n);
+        }
+        for (what, n) in totals.drain(..) {
+            catch_up(&self.dns.get_or_create(&label("what", what)), n);
+        }
+        self.dns_learned
+            .set(i64::try_from(r.learned_keys).unwrap_or(i64::MAX));
+    }
+
+    /// Kubernetes mode, after each apply.
+    pub fn pods(&self, node: &crate::k8s::node::Node) {
+        use crate::k8s::workloads::{UNENFORCED, UNMAPPED};
+        let mut by_state: BTreeMap<&str, i64> =
+            BTreeMap::from([("enforced", 0), ("unenforced", 0), ("unmapped", 0)]);
+        for a in node.trees.values() {
+            let state = match a.namespace.as_str() {
+                UNENFORCED => "unenforced",
+                UNMAPPED => "unmapped",
+                _ => "enforced",
+            };
+            *by_state.entry(state).or_default() += 1;
+        }
+        for (state, n) in by_state {
+            self.pods.get_or_create(&label("state", state)).set(n);
+        }
+        self.pods_tc_pending
+            .set(i64::try_from(node.tc_pending()).unwrap_or(i64::MAX));
+    }
+
     /// Counts one record as it goes out.
     pub fn record(&self, r: &crate::events::DenyRecord) {
         let labels = vec![
@@ -205,6 +277,12 @@ impl Metrics {
         encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+/// Brings a counter up to a total counted elsewhere (never down: a restart of what counts
+/// starts a new series in Prometheus's eyes only through the agent's own restart).
+fn catch_up(counter: &Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 /// A label set of one label.

@@ -75,6 +75,20 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
         })
     });
     eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
+    // The metrics count the pod and the audit verdict.
+    let text = metrics(&agent);
+    assert!(
+        text.contains("enforcer_pods{state=\"enforced\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("enforcer_verdicts_total{")
+                && l.contains("namespace=\"shop\"")
+                && l.contains("verdict=\"audit\"")
+                && l.contains("hook=\"socket\"")),
+        "{text}"
+    );
 
     // The label changed to enabled: REGISTRY_ONLY from the mesh, refused.
     server
@@ -82,4 +96,18 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
         .expect("namespace");
     eventually_in(&agent, &web, "198.51.100.11", 80, Want::Denied);
     eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
+}
+
+/// The agent's /metrics, in the classic text format.
+fn metrics(agent: &Agent) -> String {
+    let addr = agent.status()["metrics_addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "2"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
