@@ -9,6 +9,7 @@ mod compile;
 pub mod decide;
 pub mod gateway;
 mod learn;
+mod mesh_settings;
 mod model;
 mod route_view;
 pub mod sidecar;
@@ -18,8 +19,9 @@ mod validate_routing;
 mod validate_server;
 mod validate_workload;
 
-pub use compile::{compile, dns_names, endpoint_names, Inputs, MeshSettings};
+pub use compile::{compile, dns_names, endpoint_names, Inputs};
 pub use gateway::{routing_names, Routing};
+pub use mesh_settings::MeshSettings;
 pub use model::{
     canonical_ip, canonical_net, scope_name, Desired, GatewayRoute, HostRef, Origin, RedirectKey,
     Rule, ScopePolicy, Via, L4,

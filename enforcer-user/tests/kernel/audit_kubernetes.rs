@@ -76,7 +76,7 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
     });
     eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
     // The metrics count the pod and the audit verdict.
-    let text = metrics(&agent);
+    let text = agent.metrics();
     assert!(
         text.contains("enforcer_pods{state=\"enforced\"} 1"),
         "{text}"
@@ -96,18 +96,4 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
         .expect("namespace");
     eventually_in(&agent, &web, "198.51.100.11", 80, Want::Denied);
     eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
-}
-
-/// The agent's /metrics, in the classic text format.
-fn metrics(agent: &Agent) -> String {
-    let addr = agent.status()["metrics_addr"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-m", "2"])
-        .arg(format!("http://{addr}/metrics"))
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

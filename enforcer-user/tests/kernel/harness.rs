@@ -363,6 +363,20 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// The agent's /metrics (classic text), at the address its status names.
+    pub fn metrics(&self) -> String {
+        let addr = self.status()["metrics_addr"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let out = Command::new("curl")
+            .args(["-s", "-m", "2"])
+            .arg(format!("http://{addr}/metrics"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Refusal records printed so far.
     pub fn denials(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(&self.stdout)

@@ -364,16 +364,7 @@ fn every_rotating_answer_is_allowed_at_once_and_an_unrelated_name_never() {
         || agent.status()["dns_learning"]["learned_answers"].as_u64() >= Some(n),
     );
     // The metrics say the same as the status they were taken with.
-    let addr = agent.status()["metrics_addr"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let metrics = std::process::Command::new("curl")
-        .args(["-s", "-m", "2"])
-        .arg(format!("http://{addr}/metrics"))
-        .output()
-        .expect("curl");
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = agent.metrics();
     let taught = metrics
         .lines()
         .find_map(|l| l.strip_prefix("enforcer_dns_total{what=\"learned_answers\"} "))
