@@ -5,6 +5,7 @@ mod exec;
 mod explain;
 mod health;
 mod run;
+mod status;
 mod teardown;
 mod user;
 mod validate;
@@ -42,6 +43,8 @@ enum Command {
     Explain(explain::ExplainArgs),
     /// Exit 0 if the agent has applied a policy and is running (for probes).
     Health(health::HealthArgs),
+    /// The running agent's scopes, their verdicts, and the maps' fill.
+    Status(status::StatusArgs),
 }
 
 /// Where the agent keeps its state; agents and commands that share these see each other.
@@ -86,6 +89,7 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Exec(args) => exec::exec(args),
         Command::Teardown(args) => teardown::teardown(args).map(|()| 0),
         Command::Health(args) => health::health(args),
+        Command::Status(args) => status::status(args),
         Command::Validate(args) => validate::validate(args),
         Command::Analyze(args) => analyze::analyze(args),
         // Exit 1 means refused, so errors take 2.

@@ -135,6 +135,26 @@ fn prometheus_counts_allowed_and_refused_connections_per_namespace() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
+    // `enforcer status` reads the same from the running agent.
+    let out = Command::new(crate::harness::ENFORCER)
+        .arg("status")
+        .arg("--status-file")
+        .arg(world.dir.join("status.json"))
+        .output()
+        .expect("enforcer status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let shop: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("shop "))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        shop,
+        ["shop", "REGISTRY_ONLY", "3", "2", "0", "0"],
+        "{table}"
+    );
+    assert!(table.contains("allow_exact"), "{table}");
+
     let prometheus = Prometheus::start(&world, &addr);
     let query = |verdict: &str| {
         format!(
