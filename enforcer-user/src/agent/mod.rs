@@ -262,24 +262,51 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The metrics and the probes' state, served on `--metrics-addr`. A failure to bind is
-/// logged and the agent goes on: enforcement does not depend on being watched.
+/// The metrics and the probes' state, served on `--metrics-addr`. A failure to bind (the
+/// port still held by an agent on its way out) is logged and tried again every 5 s:
+/// enforcement does not wait for being watched, and the probes fail meanwhile.
 async fn observe(cfg: &AgentConfig) -> (Arc<Metrics>, Arc<Health>) {
     let metrics = Metrics::new(cfg.datapath.pin_root.clone());
     let health = Arc::new(Health::default());
     let _ = events::RECORD_COUNTS.set(Arc::clone(&metrics));
-    if let Some(addr) = cfg.metrics_addr {
-        match crate::observe::server::serve(addr, Arc::clone(&metrics), Arc::clone(&health)).await {
-            Ok(bound) => {
-                log::info!("metrics on http://{bound}/metrics (and /healthz, /readyz)");
-                crate::observe::server::BOUND.get_or_init(|| bound);
+    let Some(addr) = cfg.metrics_addr else {
+        return (metrics, health);
+    };
+    // The first try is awaited, so that the first status names the address.
+    if !serve_metrics(addr, &metrics, &health, true).await {
+        let (m, h) = (Arc::clone(&metrics), Arc::clone(&health));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if serve_metrics(addr, &m, &h, false).await {
+                    return;
+                }
             }
-            Err(err) => {
-                log::error!("serving metrics on {addr}: {err:#}; no /metrics, /healthz or /readyz")
-            }
-        }
+        });
     }
     (metrics, health)
+}
+
+/// Whether `/metrics` is now served on `addr`; a failure is logged when `first`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    first: bool,
+) -> bool {
+    match crate::observe::server::serve(addr, Arc::clone(metrics), Arc::clone(health)).await {
+        Ok(bound) => {
+            log::info!("metrics on http://{bound}/metrics (and /healthz, /readyz)");
+            crate::observe::server::BOUND.get_or_init(|| bound);
+            true
+        }
+        Err(err) => {
+            if first {
+                log::error!("serving metrics on {addr}: {err:#}; trying again every 5 s (no /metrics, /healthz or /readyz until then)");
+            }
+            false
+        }
+    }
 }
 
 /// Exempts the agent's own cgroup before any network I/O (see `Datapath::exempt_agent`).

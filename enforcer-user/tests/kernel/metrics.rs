@@ -191,3 +191,27 @@ fn prometheus_counts_allowed_and_refused_connections_per_namespace() {
         Some(1.0)
     );
 }
+
+#[test]
+fn a_metrics_port_still_taken_is_tried_again_until_it_is_free() {
+    let world = World::new("metricsbusy");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    let agent = Agent::start(&world, &["--metrics-addr", &addr]);
+    assert!(
+        agent.status()["metrics_addr"].is_null(),
+        "{}",
+        agent.status()
+    );
+    assert!(
+        agent.log().contains("trying again every 5 s"),
+        "{}",
+        agent.log()
+    );
+    drop(taken);
+    agent.wait_for(
+        Duration::from_secs(15),
+        "the metrics on the freed port",
+        || get(&addr, "/healthz").1 == "200",
+    );
+}
