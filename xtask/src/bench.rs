@@ -144,6 +144,7 @@ impl Bench {
         }
         if self.only != Only::Tc {
             crate::bench_cost::run(self, versions)?;
+            crate::bench_metrics::run(self)?;
         }
         if self.only == Only::Cost {
             return Ok(());
@@ -358,10 +359,14 @@ impl Bench {
         teardown(&self.bin, &self.pin_root);
     }
 
-    /// Connects per second from a client in the enforced namespace (or, detached, in a plain
-    /// cgroup of the same depth).
+    /// The agent's peak RSS.
     fn agent_peak_rss_kib(&self) -> u64 {
-        self.agent.as_ref().map_or(0, |a| rss_kib(a.id(), "VmHWM:"))
+        self.agent_pid().map_or(0, |pid| rss_kib(pid, "VmHWM:"))
+    }
+
+    /// The running agent's pid.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// `enforcer exec` into the bench namespace (and a local pod named `netns`), up to `--`.

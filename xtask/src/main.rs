@@ -6,6 +6,7 @@ mod bench_dns;
 mod bench_envoy;
 mod bench_http;
 mod bench_k8s;
+mod bench_metrics;
 mod bench_tc;
 mod check;
 mod demo;
