@@ -141,13 +141,14 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
             was_allowed = c.allowed == flow::ALLOWED;
         }
     }
-    Ok(judge(&p, flow, was_allowed, config.generation))
+    Ok(judge(&p, flow, was_allowed, &config))
 }
 
 /// The verdict of a packet no cached verdict covers, cached in turn (plain packets), and
 /// reported when it refuses.
 #[inline(always)]
-fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
+fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, config: &TcConfig) -> i32 {
+    let generation = config.generation;
     // SAFETY: the value is copied out at once.
     let Some(scope) = (unsafe { POD_SCOPES.get(p.src) }).copied() else {
         // A pod this agent does not enforce.
@@ -162,7 +163,7 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, generation: u32) -> i32 {
     };
     // A packet to a gateway-routed destination was not redirected at connect: a bypass, in
     // every mode.
-    if let Some(r) = gateway::lookup(&key, config().flags) {
+    if let Some(r) = gateway::lookup(&key, config.flags) {
         let why = if r.action == redirect::REFUSE {
             reason::GATEWAY_REFUSED
         } else {

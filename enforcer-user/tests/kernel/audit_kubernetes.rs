@@ -8,21 +8,13 @@ use enforcer_testkit::apiserver::FakeApiServer;
 
 use crate::{
     harness::{Agent, Dns, Hosts, Want, World},
-    kubernetes::{eventually_in, uid, KubeletTree},
+    kubernetes::{eventually_in, uid, KubeletTree, MESH_REGISTRY_ONLY},
 };
 
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {egress-enforcer: audit}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {name: enforcer-mesh, namespace: enforcer-system}
-data:
-  mesh: |
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -41,6 +33,7 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
     let dns = Dns::new(&world, 60, &[]);
     let server = FakeApiServer::start(&["v1"]).expect("fake API server");
     server.apply(CLUSTER).expect("applying the cluster");
+    server.apply(MESH_REGISTRY_ONLY).expect("the mesh config");
     let kubeconfig = world.dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let tree = KubeletTree::new(&world);
@@ -61,11 +54,7 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
              spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
         ))
         .expect("pod");
-    let web = tree.make(&format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
-        web_uid.replace('-', "_"),
-        "5".repeat(64)
-    ));
+    let web = tree.container(&web_uid, '5');
 
     // AUDIT: the unlisted address is reached, and recorded as REGISTRY_ONLY would refuse it.
     eventually_in(&agent, &web, "198.51.100.11", 80, Want::Allowed);

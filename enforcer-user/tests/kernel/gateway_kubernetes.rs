@@ -12,7 +12,7 @@ use enforcer_testkit::{apiserver::FakeApiServer, python, script};
 
 use crate::{
     harness::{Agent, Dns, Hosts, Want, World},
-    kubernetes::{eventually_in, probe_in, uid, KubeletTree},
+    kubernetes::{eventually_in, probe_in, uid, KubeletTree, MESH_REGISTRY_ONLY},
     veth::{ip, pod as veth_pod, Made},
 };
 
@@ -26,14 +26,6 @@ metadata: {name: shop, labels: {egress-enforcer: enabled}}
 apiVersion: v1
 kind: Namespace
 metadata: {name: istio-system}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {name: enforcer-mesh, namespace: enforcer-system}
-data:
-  mesh: |
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -118,6 +110,7 @@ fn a_mesh_route_goes_to_the_gateway_services_pods_and_selected_pods_are_endpoint
     let dns = Dns::new(&world, 60, &[("api.example.com", "198.51.100.10")]);
     let server = FakeApiServer::start(&["v1"]).expect("fake API server");
     server.apply(CLUSTER).expect("applying the cluster");
+    server.apply(MESH_REGISTRY_ONLY).expect("the mesh config");
     let kubeconfig = world.dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let tree = KubeletTree::new(&world);
@@ -136,11 +129,7 @@ fn a_mesh_route_goes_to_the_gateway_services_pods_and_selected_pods_are_endpoint
     server
         .apply(&pod("web", &web_uid, "app: web", None))
         .expect("pod");
-    let web = tree.make(&format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
-        web_uid.replace('-', "_"),
-        "4".repeat(64)
-    ));
+    let web = tree.container(&web_uid, '4');
 
     // api.example.com:80 is answered by the gateway's endpoint on its target port.
     let through = "tcp 198.51.100.20:8080 from ";

@@ -46,6 +46,15 @@ impl KubeletTree {
         dir
     }
 
+    /// A BestEffort pod's container cgroup under the systemd driver, its id made of `digit`.
+    pub(crate) fn container(&self, uid: &str, digit: char) -> PathBuf {
+        self.make(&format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
+            uid.replace('-', "_"),
+            digit.to_string().repeat(64)
+        ))
+    }
+
     fn remove(&self, relative: &str) {
         remove_tree(&self.root.join(relative));
     }
@@ -113,6 +122,17 @@ fn pod_yaml(name: &str, ns: &str, uid: &str, labels: &str) -> String {
          spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
     )
 }
+
+/// The mesh config the agent reads in Kubernetes mode, saying REGISTRY_ONLY.
+pub(crate) const MESH_REGISTRY_ONLY: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: enforcer-mesh, namespace: enforcer-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+"#;
 
 const CLUSTER: &str = r#"
 apiVersion: v1

@@ -83,15 +83,9 @@ fn pods_learn_from_their_answers_unless_istio_captures_their_dns() {
             pod("meshed", &meshed, "sidecar.istio.io/status: '{}'")
         ))
         .expect("pods");
-    let container = |uid: &str, n: &str| {
-        tree.make(&format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
-            uid.replace('-', "_"),
-            n.repeat(64)
-        ))
-    };
-    let plain_cg = container(&plain, "a");
-    let meshed_cg = container(&meshed, "b");
+    let container = |uid: &str, n: char| tree.container(uid, n);
+    let plain_cg = container(&plain, 'a');
+    let meshed_cg = container(&meshed, 'b');
 
     // Once mapped, the plain pod's lookups teach its scope every address they return.
     let start = Instant::now();
