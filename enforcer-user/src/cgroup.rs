@@ -228,6 +228,8 @@ pub struct Assignment {
     /// The workload's labels, which select Sidecars.
     pub labels: BTreeMap<String, String>,
     pub path: PathBuf,
+    /// The pod it is, in Kubernetes mode: records name it.
+    pub pod: Option<String>,
 }
 
 /// `dir` and its descendants belong to `ns`. In a managed namespace directory, children named
@@ -248,6 +250,7 @@ fn walk(
             namespace: ns.to_string(),
             labels: labels.clone(),
             path: dir.to_path_buf(),
+            pod: None,
         },
     );
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -374,6 +377,7 @@ mod tests {
                 namespace: ns.to_string(),
                 labels,
                 path: PathBuf::from(path),
+                pod: None,
             };
             (i as u64, a)
         })

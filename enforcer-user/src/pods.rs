@@ -138,8 +138,8 @@ impl Pods {
 
     pub fn assignments(&self) -> Vec<PodAssignment> {
         self.live
-            .values()
-            .flat_map(|p| {
+            .iter()
+            .flat_map(|(name, p)| {
                 let v6 = p.ip6.map(IpAddr::V6);
                 [Some(IpAddr::V4(p.ip)), v6]
                     .into_iter()
@@ -148,6 +148,7 @@ impl Pods {
                         ip,
                         namespace: p.request.namespace.clone(),
                         labels: p.request.labels.clone(),
+                        pod: Some(name.clone()),
                     })
             })
             .collect()

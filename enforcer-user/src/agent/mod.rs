@@ -23,8 +23,8 @@ use self::{
 use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, Datapath},
-    events::{self, Explainer},
     k8s::{self, node::NodeOptions},
+    observe::records::{self, Explainer},
     observe::{Health, Metrics},
     pods::Pods,
     policy,
@@ -106,7 +106,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     let explainer = Arc::new(RwLock::new(Explainer::default()));
-    let events_task = tokio::spawn(events::run(ring, Arc::clone(&explainer)));
+    let events_task = tokio::spawn(records::run(ring, Arc::clone(&explainer)));
     let mut resolver = Resolver::new(cfg.dns.clone())?;
 
     // Policy changes: file events in local mode, watch events in Kubernetes mode.
@@ -268,7 +268,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 async fn observe(cfg: &AgentConfig) -> (Arc<Metrics>, Arc<Health>) {
     let metrics = Metrics::new(cfg.datapath.pin_root.clone());
     let health = Arc::new(Health::default());
-    let _ = events::RECORD_COUNTS.set(Arc::clone(&metrics));
+    let _ = records::RECORD_COUNTS.set(Arc::clone(&metrics));
     let Some(addr) = cfg.metrics_addr else {
         return (metrics, health);
     };
@@ -355,7 +355,7 @@ fn names_to_resolve(cfg: &AgentConfig, sources: &Sources) -> std::collections::B
         policy::endpoint_names(&sources.entries, &sources.workloads)
     };
     names.extend(policy::routing_names(
-        &sources.routing(&crate::status::Inputs::default()),
+        &sources.routing(&crate::observe::status::Inputs::default()),
     ));
     names
 }

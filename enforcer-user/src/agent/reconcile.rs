@@ -16,15 +16,15 @@ use crate::{
         Datapath, MapPlan,
     },
     dns::proxy::Proxy,
-    events::{self, Explainer},
     k8s::{self, node::Node},
+    observe::records::{self, Explainer},
+    observe::status::{Inputs, RecordsLost, Status},
     observe::{metrics::ApplyFacts, Health, Metrics},
     pods::Pods,
     policy::Desired,
     resolver::Resolver,
     revoke,
     sources::Sources,
-    status::{Inputs, RecordsLost, Status},
 };
 
 /// Where workloads run, as the loop last saw it.
@@ -259,7 +259,8 @@ impl Reconciler {
         RecordsLost {
             ring_full: self.dp.counter(counter::RING_FULL),
             rate_limited: self.dp.counter(counter::RATE_LIMITED),
-            output_full: crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+            output_full: crate::observe::records::OUTPUT_DROPPED
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -420,7 +421,7 @@ fn revoke_flows(
         let ex = explainer.read().unwrap_or_else(|p| p.into_inner());
         sweep.revocations.iter().map(|r| ex.revocation(r)).collect()
     };
-    events::print(&records);
+    records::print(&records);
     for err in &sweep.errors {
         log::error!("revoking established flows: {err}");
     }

@@ -7,13 +7,13 @@ use clap::Args;
 use super::Placement;
 use crate::{
     diag::Severity,
+    observe::status::{Status, DEFAULT_PATH},
     policy::{
         analyze::{analyze as run_analysis, Subject},
         dns_names,
     },
     resolver::Resolver,
     sources::Sources,
-    status::{Status, DEFAULT_PATH},
 };
 
 #[derive(Args, Debug)]

@@ -21,13 +21,13 @@ use crate::{
         inspect::{KernelMatch, LiveMaps},
         plan::mode_value,
     },
+    observe::status::{Inputs, Status, DEFAULT_PATH},
     policy::{
         decide::{decide, Decision},
         dns_names, Desired, L4,
     },
     resolver::Resolver,
     sources::Sources,
-    status::{Inputs, Status, DEFAULT_PATH},
 };
 
 #[derive(Args, Debug)]

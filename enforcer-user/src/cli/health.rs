@@ -5,7 +5,7 @@ use clap::Args;
 #[derive(Args, Debug)]
 pub struct HealthArgs {
     /// The agent's status file.
-    #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
+    #[arg(long, value_name = "FILE", default_value = crate::observe::status::DEFAULT_PATH)]
     status_file: PathBuf,
     /// Unhealthy when the agent has not touched its status file for this long, in seconds (it
     /// does every second).
@@ -50,7 +50,7 @@ pub fn health(args: HealthArgs) -> anyhow::Result<i32> {
 
 /// Why the agent is unhealthy although it runs: every apply since some time left entries out.
 fn failing_too_long(args: &HealthArgs) -> Option<String> {
-    let status = crate::status::Status::read(&args.status_file).ok()?;
+    let status = crate::observe::status::Status::read(&args.status_file).ok()?;
     let since = status.failing_since?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -86,7 +86,7 @@ pub struct RunArgs {
     max_scopes: u32,
     /// Write a JSON status (generation, problems, DNS answers, inputs) here after every change;
     /// `enforcer explain` reads it.
-    #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
+    #[arg(long, value_name = "FILE", default_value = crate::observe::status::DEFAULT_PATH)]
     status_file: PathBuf,
     /// Addresses for local pods (`enforcer exec --netns`), a /30 each. Without it, no pods.
     #[arg(long, value_name = "CIDR")]

@@ -12,12 +12,12 @@ use std::{
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::status::Status;
+use crate::observe::status::Status;
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The agent's status file.
-    #[arg(long, value_name = "FILE", default_value = crate::status::DEFAULT_PATH)]
+    #[arg(long, value_name = "FILE", default_value = crate::observe::status::DEFAULT_PATH)]
     status_file: PathBuf,
     /// JSON instead of a table.
     #[arg(long)]

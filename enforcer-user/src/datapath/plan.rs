@@ -115,6 +115,9 @@ pub struct PodAssignment {
     pub ip: std::net::IpAddr,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// Its name (a Kubernetes pod's, a local pod's network namespace): records name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// Who runs where: cgroups (each alone, or with their subtree) and pod addresses.

@@ -68,6 +68,7 @@ fn keys_use_scope_ids_and_mapped_ipv4() {
                 namespace: "a".into(),
                 labels: db.clone(),
                 path: PathBuf::from("/x/a"),
+                pod: None,
             },
         ),
         (
@@ -76,6 +77,7 @@ fn keys_use_scope_ids_and_mapped_ipv4() {
                 namespace: "b".into(),
                 labels: BTreeMap::new(),
                 path: PathBuf::from("/x/b"),
+                pod: None,
             },
         ),
         (
@@ -84,6 +86,7 @@ fn keys_use_scope_ids_and_mapped_ipv4() {
                 namespace: "b".into(),
                 labels: db.clone(),
                 path: PathBuf::from("/x/b/app=db"),
+                pod: None,
             },
         ),
         (
@@ -92,6 +95,7 @@ fn keys_use_scope_ids_and_mapped_ipv4() {
                 namespace: "unknown".into(),
                 labels: BTreeMap::new(),
                 path: PathBuf::from("/x/u"),
+                pod: None,
             },
         ),
     ]);
@@ -108,6 +112,7 @@ fn keys_use_scope_ids_and_mapped_ipv4() {
             namespace: "b".into(),
             labels: db.clone(),
             path: PathBuf::from("/kubepods/pod-x"),
+            pod: None,
         },
     )]);
     let workloads = Workloads {
@@ -199,6 +204,7 @@ fn plan_of_one_cgroup(desired: &Desired, ns: &str, id: u32) -> MapPlan {
             namespace: ns.into(),
             labels: BTreeMap::new(),
             path: PathBuf::from(format!("/x/{ns}")),
+            pod: None,
         },
     )]);
     let workloads = Workloads {
@@ -311,12 +317,14 @@ fn a_scope_without_an_id_fails_closed() {
             namespace: "open".into(),
             labels: BTreeMap::new(),
             path: PathBuf::from("/x/open"),
+            pod: None,
         },
     )]);
     let pods = [PodAssignment {
         ip: "203.0.113.5".parse().unwrap(),
         namespace: "open".into(),
         labels: BTreeMap::new(),
+        pod: None,
     }];
     let workloads = Workloads {
         cgroups: &cgroups,
@@ -355,6 +363,7 @@ fn a_namespace_without_workloads_on_this_node_costs_no_entries() {
             namespace: "elsewhere".into(),
             labels: BTreeMap::new(),
             path: PathBuf::from("/x/e"),
+            pod: None,
         },
     )]);
     let workloads = Workloads {

@@ -147,8 +147,10 @@ pub fn map(
 ) -> Mapping {
     let mut out = Mapping::default();
     for root in kubelet_roots {
-        out.trees
-            .insert(root.clone(), assignment(UNMAPPED, BTreeMap::new(), root));
+        out.trees.insert(
+            root.clone(),
+            assignment(UNMAPPED, BTreeMap::new(), root, None),
+        );
     }
     let is_enforced = |pod: &NodePod| {
         enforced_namespaces.contains(&pod.namespace) && (enforce_host_network || !pod.host_network)
@@ -159,8 +161,10 @@ pub fn map(
             continue;
         };
         let (namespace, labels) = scope_of(pod, is_enforced(pod));
-        out.trees
-            .insert(cg.path.clone(), assignment(namespace, labels, &cg.path));
+        out.trees.insert(
+            cg.path.clone(),
+            assignment(namespace, labels, &cg.path, Some(pod)),
+        );
         if pod.dns_captured {
             out.dns_skip.insert(cg.path.clone());
         }
@@ -176,6 +180,7 @@ pub fn map(
                 ip,
                 namespace: namespace.to_string(),
                 labels: labels.clone(),
+                pod: Some(pod.name.clone()),
             }));
         if !pod.ips.is_empty() {
             // Only the cgroup the pod won: another pod's would lead to another pod's veth.
@@ -270,11 +275,13 @@ fn assignment(
     namespace: &str,
     labels: BTreeMap<String, String>,
     path: &std::path::Path,
+    pod: Option<&NodePod>,
 ) -> Assignment {
     Assignment {
         namespace: namespace.to_string(),
         labels,
         path: path.to_path_buf(),
+        pod: pod.map(|p| p.name.clone()),
     }
 }
 

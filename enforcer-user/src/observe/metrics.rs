@@ -187,7 +187,8 @@ impl Metrics {
             }
         }
         // The output counts on its own; the counter catches up.
-        let dropped = crate::events::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+        let dropped =
+            crate::observe::records::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
         self.output_dropped
             .inc_by(dropped.saturating_sub(self.output_dropped.get()));
     }
@@ -233,7 +234,7 @@ impl Metrics {
     }
 
     /// Counts one record as it goes out.
-    pub fn record(&self, r: &crate::events::DenyRecord) {
+    pub fn record(&self, r: &crate::observe::records::DenyRecord) {
         let labels = vec![
             ("namespace", r.namespace.clone()),
             ("verdict", r.verdict.to_string()),

@@ -4,7 +4,9 @@
 
 mod kernel;
 pub mod metrics;
+pub mod records;
 pub mod server;
+pub mod status;
 mod text;
 
 pub use metrics::Metrics;

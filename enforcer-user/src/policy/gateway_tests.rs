@@ -9,9 +9,9 @@ use super::*;
 use crate::{
     datapath::plan::PodAssignment,
     istio::OutboundMode,
+    observe::status::Inputs as StatusInputs,
     policy::{Desired, Rule, L4},
     sources::{documents::parse_documents, Sources},
-    status::Inputs as StatusInputs,
 };
 
 const WIKI_IP: &str = "203.0.113.10";
@@ -106,6 +106,7 @@ fn gateway_pods() -> Vec<PodAssignment> {
             ip: ip(a),
             namespace: "istio-system".into(),
             labels: BTreeMap::from([("istio".into(), "egressgateway".into())]),
+            pod: None,
         })
         .collect()
 }

@@ -11,9 +11,9 @@ use crate::{
         DestinationRule, Gateway, OutboundMode, ServiceEntry, Sidecar, VirtualService,
         WorkloadEntry,
     },
+    observe::status::Inputs,
     policy::{self, Desired, MeshSettings},
     sources::Snapshot,
-    status::Inputs,
 };
 
 /// The sources, validated: what the compiler needs besides DNS answers and cgroups.
