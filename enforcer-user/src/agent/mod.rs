@@ -195,6 +195,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let complete = reconciler.apply(&cfg, &sources, &workloads, &resolver)?;
             if let Some(n) = node.as_mut() {
                 n.attach_pods(&mut reconciler.dp, &cfg.datapath.pin_root);
+                reconciler.veths_changed();
             }
             if let Some(p) = pods.as_mut() {
                 p.mark_ready();
@@ -246,6 +247,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
                 if let Some(n) = node.as_mut().filter(|n| n.links_pending()) {
                     n.attach_pods(&mut reconciler.dp, &cfg.datapath.pin_root);
+                    reconciler.veths_changed();
                 }
             }
             () = tokio::time::sleep_until(next_dns) => {}

@@ -264,6 +264,12 @@ impl Reconciler {
         }
     }
 
+    /// Records name pods by their veth: called after TC programs go on or off veths.
+    pub fn veths_changed(&self) {
+        let veths = self.dp.veth_addresses();
+        self.explainer().workloads.set_veths(veths);
+    }
+
     fn explainer(&self) -> std::sync::RwLockWriteGuard<'_, Explainer> {
         self.explainer.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -397,12 +403,12 @@ fn apply_plan(
         enforcer_common::FAILED_SCOPE,
         "enforcer.no-scope-id".to_string(),
     );
-    ex.cgroups = workloads
-        .cgroups
-        .iter()
-        .chain(workloads.trees)
-        .map(|(id, a)| (*id, a.path.clone()))
-        .collect();
+    ex.workloads = crate::observe::workload::Workloads::new(
+        workloads.cgroups,
+        workloads.trees,
+        workloads.pods,
+    );
+    ex.workloads.set_veths(dp.veth_addresses());
     Ok((report.errors, before))
 }
 

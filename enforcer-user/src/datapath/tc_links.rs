@@ -153,6 +153,25 @@ fn purge<V: aya::Pod>(
 }
 
 /// A pod's addresses in key form: its first of each family (Kubernetes gives one of each).
+impl Datapath {
+    /// The pod veths with TC programs, by interface index, each with its pod's addresses.
+    pub fn veth_addresses(&self) -> std::collections::BTreeMap<u32, Vec<IpAddr>> {
+        self.veths
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, pod)| {
+                let addrs = pod
+                    .addrs
+                    .iter()
+                    .filter(|a| **a != [0; 16])
+                    .map(|a| crate::net::from_key_bytes(*a))
+                    .collect();
+                (ifindex, addrs)
+            })
+            .collect()
+    }
+}
+
 fn veth_pod(addrs: &[IpAddr]) -> anyhow::Result<VethPod> {
     let v4 = addrs.iter().find(|a| a.is_ipv4());
     let v6 = addrs.iter().find(|a| a.is_ipv6());

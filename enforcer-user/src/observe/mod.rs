@@ -8,6 +8,7 @@ pub mod records;
 pub mod server;
 pub mod status;
 mod text;
+pub mod workload;
 
 pub use metrics::Metrics;
 pub use server::Health;

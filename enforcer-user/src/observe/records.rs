@@ -3,7 +3,6 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc, Arc, OnceLock, RwLock,
@@ -27,7 +26,8 @@ use crate::{
 pub struct Explainer {
     /// Scope id to scope name.
     pub scopes: BTreeMap<u32, String>,
-    pub cgroups: BTreeMap<u64, PathBuf>,
+    /// Who runs in each cgroup and behind each veth.
+    pub workloads: super::workload::Workloads,
     /// The state the kernel maps were last brought to.
     pub desired: Arc<Desired>,
     /// What the DNS proxy learned, or why it is not learning.
@@ -38,7 +38,7 @@ impl Default for Explainer {
     fn default() -> Self {
         Self {
             scopes: BTreeMap::new(),
-            cgroups: BTreeMap::new(),
+            workloads: super::workload::Workloads::default(),
             desired: Arc::default(),
             learning: Err("not started".into()),
         }
@@ -52,6 +52,12 @@ pub struct DenyRecord {
     /// TC program cut, or a socket the agent destroyed, after the policy changed.
     pub verdict: &'static str,
     pub namespace: String,
+    /// The pod: a Kubernetes pod's name, a local pod's network namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The workload's labels (which select its Sidecar).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// The Sidecar in force for the workload, if any.
     pub sidecar: Option<String>,
     pub pid: u32,
@@ -249,6 +255,12 @@ impl Explainer {
             || scope.split('/').next().unwrap_or_default().to_string(),
             |p| p.namespace.clone(),
         );
+        let who = match ev.hook {
+            hook::TC => u32::try_from(ev.cgroup_id)
+                .ok()
+                .and_then(|ifindex| self.workloads.of_veth(ifindex)),
+            _ => self.workloads.of_cgroup(ev.cgroup_id),
+        };
         let l4 = L4::from_ip_proto(ev.proto);
         let proto = proto_name(ev.proto.into());
         let host = self
@@ -275,20 +287,21 @@ impl Explainer {
                 .unwrap_or_default(),
             verdict: "denied",
             namespace,
+            pod: who.as_ref().and_then(|w| w.pod.clone()),
+            labels: who.as_ref().map(|w| w.labels.clone()).unwrap_or_default(),
             sidecar: policy.and_then(|p| p.sidecar.clone()),
             pid: ev.pid,
             comm: String::from_utf8_lossy(ev.comm.split(|&b| b == 0).next().unwrap_or_default())
                 .into_owned(),
             hook: hook_name(ev.hook),
             // The TC program sees packets, not processes: it names the veth where it can.
-            cgroup: if ev.hook == hook::TC && ev.cgroup_id != 0 {
-                format!("(packet on the pod veth with ifindex {})", ev.cgroup_id)
-            } else if ev.hook == hook::TC {
-                "(packet on a pod veth)".to_string()
-            } else {
-                self.cgroups
-                    .get(&ev.cgroup_id)
-                    .map_or_else(|| ev.cgroup_id.to_string(), |p| p.display().to_string())
+            cgroup: match (ev.hook, who.as_ref().and_then(|w| w.cgroup.as_ref())) {
+                (hook::TC, _) if ev.cgroup_id != 0 => {
+                    format!("(packet on the pod veth with ifindex {})", ev.cgroup_id)
+                }
+                (hook::TC, _) => "(packet on a pod veth)".to_string(),
+                (_, Some(path)) => path.display().to_string(),
+                (_, None) => ev.cgroup_id.to_string(),
             },
             dst: ip.to_string(),
             port: ev.port,
