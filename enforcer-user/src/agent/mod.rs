@@ -69,6 +69,8 @@ pub struct AgentConfig {
     pub audit_namespaces: Vec<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The control socket for `events`, `explain` and `audit-report`; `None`: none.
+    pub control_socket: Option<PathBuf>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -107,6 +109,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let explainer = Arc::new(RwLock::new(Explainer::default()));
     let events_task = tokio::spawn(records::run(ring, Arc::clone(&explainer)));
+    if let Some(path) = &cfg.control_socket {
+        // Enforcement does not depend on it: a failure is reported, and the agent goes on.
+        match crate::observe::control::serve(path, Arc::clone(&explainer)) {
+            Ok(()) => log::info!("control socket on {}", path.display()),
+            Err(err) => {
+                log::error!("control socket: {err:#}; no events, live explain or audit report")
+            }
+        }
+    }
     let mut resolver = Resolver::new(cfg.dns.clone())?;
 
     // Policy changes: file events in local mode, watch events in Kubernetes mode.

@@ -134,9 +134,13 @@ impl Reconciler {
         for note in &compiled.notes {
             log::warn!("{note}");
         }
-        self.last_inputs = Some(inputs);
         let compiled = Arc::new(compiled);
-        self.explainer().desired = Arc::clone(&compiled);
+        {
+            let mut ex = self.explainer();
+            ex.desired = Arc::clone(&compiled);
+            ex.answers = Arc::new(inputs.answers.clone());
+        }
+        self.last_inputs = Some(inputs);
         self.desired = Some(compiled);
     }
 
@@ -509,6 +513,7 @@ fn status(
         dns_learning: None,
         dns_learning_error: None,
         metrics_addr: crate::observe::server::BOUND.get().copied(),
+        control_socket: crate::observe::control::SERVED.get().cloned(),
         inputs,
     }
 }

@@ -14,17 +14,22 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use ipnet::IpNet;
 
-use super::Placement;
+use super::{AgentSocket, Placement};
 use crate::{
     cgroup,
     datapath::{
         inspect::{KernelMatch, LiveMaps},
         plan::mode_value,
     },
-    observe::status::{Inputs, Status, DEFAULT_PATH},
+    istio::OutboundMode,
+    observe::status::{Inputs, Status},
+    observe::{
+        control::{ask_one, Request},
+        explain_live::{ExplainAnswer, ExplainQuery},
+    },
     policy::{
-        decide::{decide, Decision},
-        dns_names, Desired, L4,
+        decide::{decide, describe_scope},
+        dns_names, L4,
     },
     resolver::Resolver,
     sources::Sources,
@@ -62,9 +67,12 @@ pub struct ExplainArgs {
     /// DNS server for names the agent has no answer for [default: the system's].
     #[arg(long, value_name = "IP:PORT")]
     dns_server: Option<SocketAddr>,
-    /// The running agent's status file.
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_PATH)]
-    status_file: PathBuf,
+    /// A pod of this node (with --namespace): the running agent says what it gets, from its live
+    /// policy and the pod's labels. Kubernetes mode always asks the agent.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["workload", "policies"])]
+    pod: Option<String>,
+    #[command(flatten)]
+    agent: AgentSocket,
     #[command(flatten)]
     placement: Placement,
 }
@@ -72,6 +80,13 @@ pub struct ExplainArgs {
 /// Exit 0 when every address of the target is allowed, 1 when any is refused.
 pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let (host, port) = parse_target(&args.target)?;
+    let from_api = || {
+        Status::read(&args.agent.status_file)
+            .is_ok_and(|s| s.inputs.policies.as_os_str().is_empty())
+    };
+    if args.policies.is_none() && (args.pod.is_some() || from_api()) {
+        return explain_live(&args, host, port);
+    }
     let l4 = if args.udp { L4::Udp } else { L4::Tcp };
     let labels = args.workload.clone().unwrap_or_default();
     let (mut inputs, source) = inputs(&args)?;
@@ -112,7 +127,10 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
         .scope_for(&args.namespace, &labels)
         .unwrap_or(&args.namespace)
         .to_string();
-    println!("{}", header(&desired, &args.namespace, &labels, &scope));
+    println!(
+        "{}",
+        describe_scope(&desired, &args.namespace, &labels, &scope)
+    );
     println!("policy: {source}");
     let live = LiveMaps::open(&args.placement.pin_root())?;
     let mut all_allowed = true;
@@ -125,13 +143,14 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
         );
         let mut learned = false;
         if let Some(live) = &live {
-            let (view, by_learning) = kernel_view(live, &scope, &decision, ip, port, l4);
+            let expected = (decision.allowed, decision.mode);
+            let (view, by_learning) = kernel_view(live, &scope, expected, ip, port, l4);
             learned = by_learning;
             println!("    kernel: {view}");
         }
         all_allowed &= decision.allowed || learned;
     }
-    if let Ok(status) = Status::read(&args.status_file) {
+    if let Ok(status) = Status::read(&args.agent.status_file) {
         print_learned(&status, &scope, &host);
     }
     if live.is_none() {
@@ -139,6 +158,47 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
             "kernel: no agent maps are pinned at {}; nothing is enforced now",
             args.placement.pin_root().display()
         );
+    }
+    Ok(if all_allowed { 0 } else { 1 })
+}
+
+/// Asks the running agent, which decides on the policy it compiled (in Kubernetes mode, from
+/// objects no file holds), then looks the kernel's maps up as the files' path does.
+fn explain_live(args: &ExplainArgs, host: String, port: u16) -> anyhow::Result<i32> {
+    let query = ExplainQuery {
+        namespace: args.namespace.clone(),
+        pod: args.pod.clone(),
+        labels: args.workload.clone().unwrap_or_default(),
+        host: host.clone(),
+        port,
+        udp: args.udp,
+    };
+    let answer: ExplainAnswer = ask_one(&args.agent.path()?, &Request::Explain(query))?;
+    println!("{}", answer.header);
+    match &args.pod {
+        Some(pod) if !answer.labels.is_empty() => println!(
+            "pod {pod}: labels {}",
+            cgroup::encode_labels(&answer.labels)
+        ),
+        _ => {}
+    }
+    println!("policy: the running agent's, live");
+    let live = LiveMaps::open(&args.placement.pin_root())?;
+    let l4 = if args.udp { L4::Udp } else { L4::Tcp };
+    let mut all_allowed = true;
+    for row in &answer.rows {
+        println!("  {}: {}", crate::net::SocketFmt(row.ip, port), row.why);
+        let mut learned = false;
+        if let Some(live) = &live {
+            let expected = (row.allowed, row.mode);
+            let (view, by_learning) = kernel_view(live, &answer.scope, expected, row.ip, port, l4);
+            learned = by_learning;
+            println!("    kernel: {view}");
+        }
+        all_allowed &= row.allowed || learned;
+    }
+    if let Ok(status) = Status::read(&args.agent.status_file) {
+        print_learned(&status, &answer.scope, &host);
     }
     Ok(if all_allowed { 0 } else { 1 })
 }
@@ -159,15 +219,9 @@ fn inputs(args: &ExplainArgs) -> anyhow::Result<(Inputs, String)> {
         };
         return Ok((inputs, format!("compiled from {}", policies.display())));
     }
-    let status = Status::read(&args.status_file).context(
+    let status = Status::read(&args.agent.status_file).context(
         "no running agent's status to explain from; pass --policies DIR (or --status-file)",
     )?;
-    anyhow::ensure!(
-        !status.inputs.policies.as_os_str().is_empty(),
-        "the agent reads the API server (Kubernetes mode), which explain does not; export the \
-         objects (kubectl get serviceentries,workloadentries,sidecars,gateways,virtualservices,destinationrules -A -o yaml > DIR/objects.yaml) \
-         and pass --policies DIR"
-    );
     let source = format!(
         "the agent's inputs (generation {}, {})",
         status.generation,
@@ -176,32 +230,12 @@ fn inputs(args: &ExplainArgs) -> anyhow::Result<(Inputs, String)> {
     Ok((status.inputs, source))
 }
 
-fn header(d: &Desired, ns: &str, labels: &BTreeMap<String, String>, scope: &str) -> String {
-    let workload = if labels.is_empty() {
-        String::new()
-    } else {
-        format!(", workload {}", cgroup::encode_labels(labels))
-    };
-    match d.scopes.get(scope) {
-        Some(p) => format!(
-            "namespace {ns}{workload}: mode {}, {}",
-            p.mode,
-            match (&p.gateway, &p.sidecar) {
-                (Some(g), _) => format!("workloads of {g}"),
-                (None, Some(s)) => format!("Sidecar {s}"),
-                (None, None) => "no Sidecar".to_string(),
-            }
-        ),
-        None => format!("namespace {ns}{workload}: not known to the policy"),
-    }
-}
-
 /// What the pinned maps say, and whether it agrees with the compiled decision; and whether
 /// an address learned from a DNS answer allows it now.
 fn kernel_view(
     live: &LiveMaps,
     scope: &str,
-    decision: &Decision,
+    (expected_allowed, expected_mode): (bool, Option<OutboundMode>),
     ip: IpAddr,
     port: u16,
     l4: L4,
@@ -259,10 +293,10 @@ fn kernel_view(
             )
         }
     };
-    let expected_mode = decision.mode.map(mode_value);
+    let expected_mode = expected_mode.map(mode_value);
     // The files cannot know what workloads' answers taught: a learned entry is no disagreement.
     let agrees =
-        (allowed == decision.allowed || learned) && expected_mode == modes.first().copied();
+        (allowed == expected_allowed || learned) && expected_mode == modes.first().copied();
     let view = format!(
         "{entry} for scope {scope} (id {id}), so {}{}",
         if allowed { "allowed" } else { "refused" },

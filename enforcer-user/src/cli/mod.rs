@@ -1,6 +1,8 @@
 //! Command-line interface: one module per subcommand.
 
 mod analyze;
+mod audit_report;
+mod events;
 mod exec;
 mod explain;
 mod health;
@@ -45,6 +47,36 @@ enum Command {
     Health(health::HealthArgs),
     /// The running agent's scopes, their verdicts, and the maps' fill.
     Status(status::StatusArgs),
+    /// The running agent's records (refusals, AUDIT reports, revocations), recent and live.
+    Events(events::EventsArgs),
+    /// What REGISTRY_ONLY would have refused in AUDIT namespaces, with ServiceEntries to allow it.
+    AuditReport(audit_report::AuditReportArgs),
+}
+
+/// How commands reach the running agent's control socket.
+#[derive(Args, Debug, Clone)]
+pub struct AgentSocket {
+    /// The agent's control socket [default: the one its status file names].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The running agent's status file.
+    #[arg(long, value_name = "FILE", default_value = crate::observe::status::DEFAULT_PATH)]
+    pub status_file: PathBuf,
+}
+
+impl AgentSocket {
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(path) = &self.socket {
+            return Ok(path.clone());
+        }
+        let status = crate::observe::status::Status::read(&self.status_file)?;
+        status.control_socket.ok_or_else(|| {
+            anyhow::anyhow!(
+                "the agent of {} serves no control socket (--control-socket off)",
+                self.status_file.display()
+            )
+        })
+    }
 }
 
 /// Where the agent keeps its state; agents and commands that share these see each other.
@@ -92,6 +124,8 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Status(args) => status::status(args),
         Command::Validate(args) => validate::validate(args),
         Command::Analyze(args) => analyze::analyze(args),
+        Command::Events(args) => events::events(args),
+        Command::AuditReport(args) => audit_report::audit_report(args),
         // Exit 1 means refused, so errors take 2.
         Command::Explain(args) => explain::explain(args).or_else(|err| {
             eprintln!("enforcer explain: {err:#}");

@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// picks one (the status file's `metrics_addr` says which).
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9978", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
+    /// The control socket that `enforcer events`, `explain` and `audit-report` ask (root
+    /// only); `off` for none [default: agent.sock beside the status file].
+    #[arg(long, value_name = "PATH|off")]
+    control_socket: Option<PathBuf>,
     /// Istio's reach across namespaces: a Gateway's selector chooses workloads in every
     /// namespace, and a VirtualService redirects every namespace it is exported to. Without
     /// it, a Gateway chooses in its own namespace and a VirtualService redirects its own (from
@@ -364,6 +368,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         istio_compat: args.istio_compat,
         egress_gateway_only: args.egress_gateway_only,
         metrics_addr: args.metrics_addr.0,
+        control_socket: match args.control_socket {
+            Some(path) if path.as_os_str() == "off" => None,
+            Some(path) => Some(path),
+            None => Some(crate::observe::control::default_path(&args.status_file)),
+        },
         audit_namespaces: args.audit_namespaces,
         gateway_any_namespace: args.gateway_any_namespace,
         datapath: datapath::Options {

@@ -2,6 +2,11 @@
 //! read at each scrape in `kernel.rs`), and `/metrics` (OpenMetrics, or classic text from
 //! `text.rs`), `/healthz`, `/readyz` over HTTP (`server.rs`).
 
+pub mod audit;
+pub mod control;
+pub mod explain_live;
+pub mod filter;
+pub mod hub;
 mod kernel;
 pub mod metrics;
 pub mod records;

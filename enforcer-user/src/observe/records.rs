@@ -30,6 +30,8 @@ pub struct Explainer {
     pub workloads: super::workload::Workloads,
     /// The state the kernel maps were last brought to.
     pub desired: Arc<Desired>,
+    /// The DNS answers it was compiled with, for `explain` by host name.
+    pub answers: Arc<BTreeMap<String, Vec<std::net::IpAddr>>>,
     /// What the DNS proxy learned, or why it is not learning.
     pub learning: Result<crate::dns::proxy::LearningHandle, String>,
 }
@@ -40,12 +42,13 @@ impl Default for Explainer {
             scopes: BTreeMap::new(),
             workloads: super::workload::Workloads::default(),
             desired: Arc::default(),
+            answers: Arc::default(),
             learning: Err("not started".into()),
         }
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct DenyRecord {
     pub time_unix_ms: u128,
     /// `denied`; `audit` for what REGISTRY_ONLY would have refused; `revoked` for a flow the
@@ -86,6 +89,60 @@ pub struct DenyRecord {
     /// That route's Gateway; or, for a gateway's own workload, the Gateways that chose it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+}
+
+impl DenyRecord {
+    /// A record as the agent printed it (a JSON line), for reports made afterwards; `None`
+    /// for a line that is not one (a log line).
+    pub fn from_line(line: &str) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            time_unix_ms: u128,
+            verdict: String,
+            namespace: String,
+            #[serde(default)]
+            pod: Option<String>,
+            #[serde(default)]
+            labels: BTreeMap<String, String>,
+            #[serde(default)]
+            sidecar: Option<String>,
+            #[serde(default)]
+            pid: u32,
+            #[serde(default)]
+            comm: String,
+            hook: String,
+            dst: String,
+            port: u16,
+            proto: String,
+            host: Option<String>,
+            reason_code: String,
+            reason: String,
+        }
+        // The codes are the agent's own: a line with another is not its record.
+        let l: Line = serde_json::from_str(line.trim()).ok()?;
+        Some(Self {
+            time_unix_ms: l.time_unix_ms,
+            verdict: ["denied", "audit", "revoked"]
+                .into_iter()
+                .find(|v| *v == l.verdict)?,
+            namespace: l.namespace,
+            pod: l.pod,
+            labels: l.labels,
+            sidecar: l.sidecar,
+            pid: l.pid,
+            comm: l.comm,
+            hook: (0..=u8::MAX).map(hook_name).find(|h| *h == l.hook)?,
+            dst: l.dst,
+            port: l.port,
+            proto: l.proto,
+            host: l.host,
+            reason_code: (0..=u8::MAX)
+                .map(reason_code)
+                .find(|c| *c == l.reason_code)?,
+            reason: l.reason,
+            ..Self::default()
+        })
+    }
 }
 
 /// Records the output could not take (stdout blocked), since the agent started.
@@ -386,6 +443,7 @@ fn emit(record: &DenyRecord) {
     if let Some(metrics) = RECORD_COUNTS.get() {
         metrics.record(record);
     }
+    super::hub::HUB.publish(record);
     static OUTPUT: OnceLock<Option<mpsc::SyncSender<String>>> = OnceLock::new();
     let output = OUTPUT.get_or_init(|| {
         let (tx, rx) = mpsc::sync_channel::<String>(OUTPUT_QUEUE);

@@ -49,6 +49,9 @@ pub struct Status {
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     #[serde(default)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The control socket, if the agent serves one.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     pub inputs: Inputs,
 }
 

@@ -65,6 +65,20 @@ impl Workloads {
         self.veths = veths;
     }
 
+    /// The labels of pod `namespace/name` of this node.
+    pub fn labels_of(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        let named =
+            |ns: &str, pod: &Option<String>| ns == namespace && pod.as_deref() == Some(name);
+        self.cgroups
+            .values()
+            .find(|a| named(&a.namespace, &a.pod))
+            .map(|a| a.labels.clone())
+            .or_else(|| {
+                let pod = self.pods.values().find(|p| named(&p.namespace, &p.pod))?;
+                Some(pod.labels.clone())
+            })
+    }
+
     /// The workload of the socket's cgroup: the cgroup itself, or the tree it is under.
     pub fn of_cgroup(&self, id: u64) -> Option<Who> {
         if let Some(a) = self.cgroups.get(&id) {

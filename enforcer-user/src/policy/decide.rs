@@ -183,6 +183,32 @@ impl Decision {
     }
 }
 
+/// The scope a workload gets, in a line: `namespace shop, workload app=web: mode REGISTRY_ONLY, Sidecar shop/web`.
+pub fn describe_scope(
+    d: &Desired,
+    ns: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    scope: &str,
+) -> String {
+    let workload = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", workload {}", crate::cgroup::encode_labels(labels))
+    };
+    match d.scopes.get(scope) {
+        Some(p) => format!(
+            "namespace {ns}{workload}: mode {}, {}",
+            p.mode,
+            match (&p.gateway, &p.sidecar) {
+                (Some(g), _) => format!("workloads of {g}"),
+                (None, Some(s)) => format!("Sidecar {s}"),
+                (None, None) => "no Sidecar".to_string(),
+            }
+        ),
+        None => format!("namespace {ns}{workload}: not known to the policy"),
+    }
+}
+
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;

@@ -1,0 +1,102 @@
+//! `enforcer explain` answered by the running agent: what a pod (or a namespace and labels) gets
+//! under the policy the agent compiled, which in Kubernetes mode no file holds.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::records::Explainer;
+use crate::{
+    istio::OutboundMode,
+    policy::{
+        decide::{decide, describe_scope},
+        L4,
+    },
+};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExplainQuery {
+    pub namespace: String,
+    /// A pod of this node, whose labels are used.
+    #[serde(default)]
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// A host name or an address.
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub udp: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExplainAnswer {
+    pub scope: String,
+    /// The workload's labels (the pod's, when a pod was named).
+    pub labels: BTreeMap<String, String>,
+    /// The scope in a line: mode and Sidecar.
+    pub header: String,
+    pub rows: Vec<ExplainRow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExplainRow {
+    pub ip: IpAddr,
+    pub allowed: bool,
+    pub mode: Option<OutboundMode>,
+    /// The decision in a sentence: the rule that allows it, or why nothing does.
+    pub why: String,
+}
+
+impl ExplainQuery {
+    pub fn answer(&self, ex: &Explainer) -> Result<ExplainAnswer, String> {
+        let labels = match &self.pod {
+            Some(pod) => ex
+                .workloads
+                .labels_of(&self.namespace, pod)
+                .ok_or_else(|| format!("no pod {}/{pod} runs on this node", self.namespace))?,
+            None => self.labels.clone(),
+        };
+        let desired = &ex.desired;
+        if desired.scopes.is_empty() {
+            return Err("the agent has not compiled a policy yet".into());
+        }
+        let ips = match self.host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => ex
+                .answers
+                .get(&crate::dns::host::normalize(&self.host))
+                .filter(|ips| !ips.is_empty())
+                .cloned()
+                .ok_or_else(|| {
+                    format!(
+                        "the agent has no addresses for {}: it resolves the hosts of ServiceEntries only; name an address instead",
+                        self.host
+                    )
+                })?,
+        };
+        let scope = desired
+            .scope_for(&self.namespace, &labels)
+            .unwrap_or(&self.namespace)
+            .to_string();
+        let l4 = if self.udp { L4::Udp } else { L4::Tcp };
+        let rows = ips
+            .into_iter()
+            .map(|ip| {
+                let decision = decide(desired, &scope, ip, self.port, l4);
+                ExplainRow {
+                    ip,
+                    allowed: decision.allowed,
+                    mode: decision.mode,
+                    why: decision.describe(),
+                }
+            })
+            .collect();
+        Ok(ExplainAnswer {
+            header: describe_scope(desired, &self.namespace, &labels, &scope),
+            scope,
+            labels,
+            rows,
+        })
+    }
+}
