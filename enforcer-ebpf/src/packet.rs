@@ -45,6 +45,8 @@ pub struct Packet {
     pub routed: bool,
     /// More IPv6 extension headers than are walked.
     pub unwalked: bool,
+    /// The interface it came in on (TC), which records name: the agent knows its pod.
+    pub ifindex: u32,
 }
 
 impl Packet {
@@ -67,6 +69,7 @@ impl Packet {
             },
             routed: false,
             unwalked: false,
+            ifindex: 0,
         }
     }
 }

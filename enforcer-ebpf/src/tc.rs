@@ -79,6 +79,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: the context's own skb; these fields are readable by TC programs.
     let (ifindex, tagged) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
     let mut p = Packet::empty();
+    p.ifindex = ifindex;
     match parse(ctx, &mut p)? {
         // A VLAN tag that the kernel took off before TC may hide another: the kernel strips
         // them after TC and delivers what is inside.
@@ -178,7 +179,7 @@ fn judge(p: &Packet, flow: FlowKey, was_allowed: bool, config: &TcConfig) -> i32
         } else {
             reason::UNJUDGEABLE
         };
-        return refuse(&scope, &key, refusal(&scope), why);
+        return refuse(&scope, &key, refusal(&scope), why, p.ifindex);
     }
     if p.frag.later {
         return if enforced {
@@ -265,7 +266,7 @@ fn refuse_flow(
         _ => verdict_count::DENIED,
     };
     records::count_verdict(scope.scope, verdict_count::TC + counted);
-    report::<false>(scope, tc_record(key, record, why));
+    report::<false>(scope, tc_record(key, record, why, p.ifindex));
     action(verdict)
 }
 
@@ -303,7 +304,7 @@ fn later_fragment(p: &Packet, scope: &CgroupScope, key: &PolicyKey) -> i32 {
     // SAFETY: the value is copied out at once.
     match unsafe { FRAGS.get(frag_key(p)) }.copied() {
         Some(verdict) => action(verdict),
-        None => refuse(scope, key, refusal(scope), reason::UNJUDGEABLE),
+        None => refuse(scope, key, refusal(scope), reason::UNJUDGEABLE, p.ifindex),
     }
 }
 
@@ -328,8 +329,8 @@ fn frag_key(p: &Packet) -> FragKey {
 
 /// Records a refusal outside the flow cache; AUDIT lets the packet pass.
 #[inline(always)]
-fn refuse(scope: &CgroupScope, key: &PolicyKey, verdict: u8, why: u8) -> i32 {
-    report::<false>(scope, tc_record(key, verdict, why));
+fn refuse(scope: &CgroupScope, key: &PolicyKey, verdict: u8, why: u8, ifindex: u32) -> i32 {
+    report::<false>(scope, tc_record(key, verdict, why, ifindex));
     if scope.mode == mode::AUDIT {
         PASS
     } else {
@@ -364,17 +365,15 @@ fn drop_in(scope: CgroupScope, ifindex: u32, why: u8, dst: [u8; 16]) -> i32 {
         pad: 0,
         addr: dst,
     };
-    let mut record = tc_record(&key, verdict::DENIED, why);
-    // The veth, where no cgroup is known.
-    record.cgroup_id = u64::from(ifindex);
-    report::<false>(&scope, record);
+    report::<false>(&scope, tc_record(&key, verdict::DENIED, why, ifindex));
     TC_ACT_SHOT
 }
 
 #[inline(always)]
-fn tc_record(key: &PolicyKey, verdict: u8, why: u8) -> Record {
+/// TC sees packets, not sockets: its records name the veth where a cgroup would be.
+fn tc_record(key: &PolicyKey, verdict: u8, why: u8, ifindex: u32) -> Record {
     Record {
-        cgroup_id: 0,
+        cgroup_id: u64::from(ifindex),
         key: *key,
         hook: hook::TC,
         verdict,

@@ -24,7 +24,7 @@ use crate::{
     cgroup::{Assignment, Layout},
     datapath::{self, Datapath},
     k8s::{self, node::NodeOptions},
-    observe::records::{self, Explainer},
+    observe::{output, records::Explainer},
     observe::{Health, Metrics},
     pods::Pods,
     policy,
@@ -108,7 +108,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     let explainer = Arc::new(RwLock::new(Explainer::default()));
-    let events_task = tokio::spawn(records::run(ring, Arc::clone(&explainer)));
+    let events_task = tokio::spawn(output::run(ring, Arc::clone(&explainer)));
     if let Some(path) = &cfg.control_socket {
         // Enforcement does not depend on it: a failure is reported, and the agent goes on.
         match crate::observe::control::serve(path, Arc::clone(&explainer)) {
@@ -281,7 +281,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 async fn observe(cfg: &AgentConfig) -> (Arc<Metrics>, Arc<Health>) {
     let metrics = Metrics::new(cfg.datapath.pin_root.clone());
     let health = Arc::new(Health::default());
-    let _ = records::RECORD_COUNTS.set(Arc::clone(&metrics));
+    let _ = output::RECORD_COUNTS.set(Arc::clone(&metrics));
     let Some(addr) = cfg.metrics_addr else {
         return (metrics, health);
     };

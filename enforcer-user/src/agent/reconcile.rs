@@ -17,9 +17,9 @@ use crate::{
     },
     dns::proxy::Proxy,
     k8s::{self, node::Node},
-    observe::records::{self, Explainer},
     observe::status::{Inputs, RecordsLost, Status},
     observe::{metrics::ApplyFacts, Health, Metrics},
+    observe::{output, records::Explainer},
     pods::Pods,
     policy::Desired,
     resolver::Resolver,
@@ -263,7 +263,7 @@ impl Reconciler {
         RecordsLost {
             ring_full: self.dp.counter(counter::RING_FULL),
             rate_limited: self.dp.counter(counter::RATE_LIMITED),
-            output_full: crate::observe::records::OUTPUT_DROPPED
+            output_full: crate::observe::output::OUTPUT_DROPPED
                 .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -431,7 +431,7 @@ fn revoke_flows(
         let ex = explainer.read().unwrap_or_else(|p| p.into_inner());
         sweep.revocations.iter().map(|r| ex.revocation(r)).collect()
     };
-    records::print(&records);
+    output::print(&records);
     for err in &sweep.errors {
         log::error!("revoking established flows: {err}");
     }

@@ -188,7 +188,7 @@ impl Metrics {
         }
         // The output counts on its own; the counter catches up.
         let dropped =
-            crate::observe::records::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+            crate::observe::output::OUTPUT_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
         self.output_dropped
             .inc_by(dropped.saturating_sub(self.output_dropped.get()));
     }

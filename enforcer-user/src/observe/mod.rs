@@ -9,6 +9,7 @@ pub mod filter;
 pub mod hub;
 mod kernel;
 pub mod metrics;
+pub mod output;
 pub mod records;
 pub mod server;
 pub mod status;

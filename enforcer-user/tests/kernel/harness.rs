@@ -329,6 +329,14 @@ impl Agent {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// `enforcer <sub>` pointed at this agent (by its status file), for the commands that ask
+    /// its control socket: `events`, `audit-report`, `status`.
+    pub fn cli(&self, sub: &str) -> Command {
+        let mut cmd = Command::new(ENFORCER);
+        cmd.arg(sub).arg("--status-file").arg(&self.status);
+        cmd
+    }
+
     /// Stops the agent as an operator would (SIGTERM); what is pinned stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -5,6 +5,7 @@ mod audit_kubernetes;
 mod boundary;
 mod boundary_tc;
 mod escape;
+mod events;
 mod explain;
 mod gateway;
 mod gateway_kubernetes;
