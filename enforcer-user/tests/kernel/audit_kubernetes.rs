@@ -86,3 +86,109 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
     eventually_in(&agent, &web, "198.51.100.11", 80, Want::Denied);
     eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
 }
+
+/// `explain` in Kubernetes mode asks the agent (no objects exported), by pod; `audit-report`
+/// groups what AUDIT recorded, and its ServiceEntry, applied, allows exactly that under
+/// REGISTRY_ONLY: the test host receives the audited destination, and not its neighbour.
+#[test]
+fn explain_asks_the_live_agent_and_the_audit_report_suggests_what_to_allow() {
+    let world = World::new("k8sreport");
+    let hosts = Hosts::new(&world);
+    let dns = Dns::new(&world, 60, &[]);
+    let server = FakeApiServer::start(&["v1"]).expect("fake API server");
+    server.apply(CLUSTER).expect("applying the cluster");
+    server.apply(MESH_REGISTRY_ONLY).expect("the mesh config");
+    let kubeconfig = world.dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let tree = KubeletTree::new(&world);
+    let dns_addr = dns.addr();
+    let args = [
+        "--node-name",
+        "node-a",
+        "--kubelet-cgroups",
+        &tree.relative,
+        "--dns-server",
+        &dns_addr,
+    ];
+    let agent = Agent::start_kubernetes(&world, &kubeconfig, &args);
+    let web_uid = uid(0x2b);
+    server
+        .apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: {web_uid}, labels: {{app: web}}}}\n\
+             spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
+        ))
+        .expect("pod");
+    let web = tree.container(&web_uid, '6');
+    eventually_in(&agent, &web, "198.51.100.11", 80, Want::Allowed);
+    agent.wait_for(Duration::from_secs(5), "the audit record", || {
+        agent
+            .denials()
+            .iter()
+            .any(|d| d["verdict"] == "audit" && d["pod"] == "web")
+    });
+
+    // explain, from the agent's live policy: by pod (its labels), and by namespace alone.
+    let (code, text) = agent.explain(&["-n", "shop", "--pod", "web", "198.51.100.10:80"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("pod web: labels app=web"), "{text}");
+    assert!(text.contains("policy: the running agent's, live"), "{text}");
+    assert!(text.contains("ServiceEntry shop/api"), "{text}");
+    assert!(text.contains("kernel: an exact allow entry"), "{text}");
+    let (code, text) = agent.explain(&["-n", "shop", "198.51.100.11:80"]);
+    assert_eq!(code, 0, "AUDIT allows: {text}");
+    assert!(text.contains("AUDIT"), "{text}");
+    let (code, text) = agent.explain(&["-n", "shop", "--pod", "nosuch", "198.51.100.11:80"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("no pod shop/nosuch runs on this node"),
+        "{text}"
+    );
+
+    // The report names the destination, its port and the pod.
+    let out = agent.cli("audit-report").output().expect("audit-report");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.contains("198.51.100.11"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.starts_with("shop ") && row.contains("80/tcp") && row.contains("web"),
+        "{row}"
+    );
+    assert!(
+        !table.contains("198.51.100.10"),
+        "allowed, so not in the report: {table}"
+    );
+
+    // Its ServiceEntry, applied, and the namespace enforced: the audited destination only.
+    let out = agent
+        .cli("audit-report")
+        .arg("--yaml")
+        .output()
+        .expect("audit-report --yaml");
+    let suggested = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(suggested.contains("- 198.51.100.11"), "{suggested}");
+    server
+        .apply(&suggested)
+        .expect("applying the suggested ServiceEntry");
+    server
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {egress-enforcer: enabled}}")
+        .expect("namespace");
+    // Probed only once enforced: in AUDIT the neighbour would be reached.
+    agent.wait_for(Duration::from_secs(10), "shop enforced", || {
+        agent.status()["scopes"]["shop"] == "REGISTRY_ONLY"
+    });
+    eventually_in(&agent, &web, "198.51.100.12", 80, Want::Denied);
+    eventually_in(&agent, &web, "198.51.100.11", 80, Want::Allowed);
+    let received = hosts.received();
+    assert!(
+        received
+            .iter()
+            .any(|l| l.starts_with("tcp 198.51.100.11:80 ")),
+        "{received:?}"
+    );
+    assert!(
+        !received.iter().any(|l| l.contains("198.51.100.12")),
+        "{received:?}"
+    );
+}
