@@ -256,6 +256,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 reconciler.tick_learning(&cfg);
                 dirty |= rediscover(&cfg, &mut assignments);
                 replan |= node.as_mut().is_some_and(k8s::node::Node::refresh);
+                if let Some(n) = node.as_mut() {
+                    reconciler.metrics.pods(n);
+                    reconciler.metrics.unmapped_windows(&n.take_unmapped_windows());
+                }
                 if let Some(n) = node.as_mut().filter(|n| n.links_pending()) {
                     n.attach_pods(&mut reconciler.dp, &cfg.datapath.pin_root);
                     reconciler.veths_changed();

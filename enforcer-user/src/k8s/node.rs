@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::mpsc;
@@ -93,6 +94,11 @@ pub struct Node {
     conflicts: Vec<String>,
     /// Cgroup ids of pods whose DNS Istio captures: never redirected to the agent's proxy.
     pub dns_skip: BTreeSet<u64>,
+    /// Pod cgroups (by uid) that no pod the API server named owns yet, and since when: the
+    /// window in which a pod runs under the unmapped scope.
+    unmapped_since: BTreeMap<String, Instant>,
+    /// Windows that closed (the pod was mapped) since [`Node::take_unmapped_windows`].
+    closed_windows: Vec<Duration>,
 }
 
 impl Node {
@@ -110,6 +116,8 @@ impl Node {
             cgroup_tx,
             conflicts: Vec::new(),
             dns_skip: BTreeSet::new(),
+            unmapped_since: BTreeMap::new(),
+            closed_windows: Vec::new(),
         }
     }
 
@@ -157,6 +165,7 @@ impl Node {
             &roots,
             self.opts.enforce_host_network,
         );
+        self.track_unmapped(&found, &mapping.trees);
         let mut trees = BTreeMap::new();
         for (path, assignment) in mapping.trees {
             match cgroup::cgroup_id(&path) {
@@ -185,6 +194,42 @@ impl Node {
         self.addresses = mapping.addresses;
         self.pod_nets = mapping.pod_nets;
         changed
+    }
+
+    /// Notes which pod cgroups are still unmapped, and closes the windows of those mapped now.
+    fn track_unmapped(
+        &mut self,
+        found: &BTreeMap<String, kubelet::PodCgroup>,
+        trees: &BTreeMap<PathBuf, Assignment>,
+    ) {
+        let now = Instant::now();
+        let mut still = BTreeMap::new();
+        for (uid, cg) in found {
+            let since = self.unmapped_since.get(uid).copied();
+            match (trees.contains_key(&cg.path), since) {
+                (true, Some(since)) => self.closed_windows.push(now - since),
+                (true, None) => {}
+                (false, since) => {
+                    still.insert(uid.clone(), since.unwrap_or(now));
+                }
+            }
+        }
+        self.unmapped_since = still;
+    }
+
+    /// Pods that run unmapped now, and how long the oldest has.
+    pub fn unmapped_pods(&self) -> (usize, Duration) {
+        let oldest = self
+            .unmapped_since
+            .values()
+            .min()
+            .map_or(Duration::ZERO, Instant::elapsed);
+        (self.unmapped_since.len(), oldest)
+    }
+
+    /// How long each pod mapped since the last call had run unmapped.
+    pub fn take_unmapped_windows(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.closed_windows)
     }
 
     /// Puts the TC programs on enforced pods' veths (after their addresses are in the maps).

@@ -44,6 +44,10 @@ pub struct Metrics {
     /// root's `unmapped`), and enforced pods still without TC programs.
     pub pods: Family<Label, Gauge>,
     pub pods_tc_pending: Gauge,
+    /// How long pods ran unmapped (their cgroup there, the API server's pod not yet), each
+    /// observed when the pod is mapped; and the oldest still unmapped.
+    pub pod_unmapped_seconds: Histogram,
+    pub pods_unmapped_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Entries the agent keeps in each map, and the map's capacity.
     pub map_entries: Family<Label, Gauge>,
     pub map_capacity: Family<Label, Gauge>,
@@ -80,6 +84,10 @@ impl Metrics {
             dns_learned: Gauge::default(),
             pods: Family::default(),
             pods_tc_pending: Gauge::default(),
+            pod_unmapped_seconds: Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            pods_unmapped_oldest_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -101,6 +109,16 @@ impl Metrics {
             "pods_tc_pending",
             "Kubernetes mode: enforced pods whose veth has no TC programs yet",
             m.pods_tc_pending.clone(),
+        );
+        registry.register(
+            "pod_unmapped_seconds",
+            "Kubernetes mode: how long a pod ran under the unmapped scope before the agent mapped it",
+            m.pod_unmapped_seconds.clone(),
+        );
+        registry.register(
+            "pods_unmapped_oldest_seconds",
+            "Kubernetes mode: how long the oldest pod still unmapped has run so (0: none)",
+            m.pods_unmapped_oldest_seconds.clone(),
         );
         registry.register(
             "records",
@@ -216,12 +234,17 @@ impl Metrics {
     /// Kubernetes mode, after each apply.
     pub fn pods(&self, node: &crate::k8s::node::Node) {
         use crate::k8s::workloads::{UNENFORCED, UNMAPPED};
-        let mut by_state: BTreeMap<&str, i64> =
-            BTreeMap::from([("enforced", 0), ("unenforced", 0), ("unmapped", 0)]);
+        let (unmapped, oldest) = node.unmapped_pods();
+        let mut by_state: BTreeMap<&str, i64> = BTreeMap::from([
+            ("enforced", 0),
+            ("unenforced", 0),
+            ("unmapped", i64::try_from(unmapped).unwrap_or(i64::MAX)),
+        ]);
         for a in node.trees.values() {
             let state = match a.namespace.as_str() {
                 UNENFORCED => "unenforced",
-                UNMAPPED => "unmapped",
+                // The kubelet's roots, where unmapped pods' cgroups are: counted above.
+                UNMAPPED => continue,
                 _ => "enforced",
             };
             *by_state.entry(state).or_default() += 1;
@@ -229,8 +252,16 @@ impl Metrics {
         for (state, n) in by_state {
             self.pods.get_or_create(&label("state", state)).set(n);
         }
+        self.pods_unmapped_oldest_seconds.set(oldest.as_secs_f64());
         self.pods_tc_pending
             .set(i64::try_from(node.tc_pending()).unwrap_or(i64::MAX));
+    }
+
+    /// The unmapped windows that closed.
+    pub fn unmapped_windows(&self, windows: &[Duration]) {
+        for w in windows {
+            self.pod_unmapped_seconds.observe(w.as_secs_f64());
+        }
     }
 
     /// Counts one record as it goes out.

@@ -16,6 +16,7 @@ mod learning_kubernetes;
 mod learning_paths;
 mod live;
 mod metrics;
+mod metrics_kubernetes;
 mod pod;
 mod prefixes;
 mod records;
