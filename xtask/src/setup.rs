@@ -29,6 +29,10 @@ const PACKAGES: &[&str] = &[
     // A real Prometheus scrapes the agent in a kernel test; promtool checks the exposition
     // and the alert rules.
     "prometheus",
+    // check-deploy renders the kustomizations (kubectl kustomize) and validates the
+    // prometheus-operator objects with npm's models of its CRDs.
+    "kubectl",
+    "nodejs",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -59,7 +59,7 @@ pub struct RunArgs {
     audit_namespaces: Vec<String>,
     /// Where to serve /metrics (Prometheus), /healthz and /readyz; `off` for nowhere. Port 0
     /// picks one (the status file's `metrics_addr` says which).
-    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9978", value_parser = parse_metrics_addr)]
+    #[arg(long, value_name = "ADDR|off", env = "ENFORCER_METRICS_ADDR", default_value = "127.0.0.1:9978", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
     /// The control socket that `enforcer events`, `explain` and `audit-report` ask (root
     /// only); `off` for none [default: agent.sock beside the status file].
@@ -442,7 +442,46 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     if s == "off" {
         return Ok(MetricsAddr(None));
     }
+    // `$(HOST):9978` in a manifest makes an IPv6 node's address unbracketed: the port is
+    // after the last colon.
+    let unbracketed = || {
+        let (ip, port) = s.rsplit_once(':')?;
+        Some(std::net::SocketAddr::new(
+            ip.parse().ok()?,
+            port.parse().ok()?,
+        ))
+    };
     s.parse()
+        .ok()
+        .or_else(unbracketed)
         .map(|a| MetricsAddr(Some(a)))
-        .map_err(|e| format!("{s:?}: {e} (an address with a port, or off)"))
+        .ok_or_else(|| {
+            format!("{s:?}: not an address with a port (127.0.0.1:9978, [::1]:9978), or off")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addresses() {
+        let addr = |s: &str| parse_metrics_addr(s).map(|a| a.0);
+        assert_eq!(
+            addr("127.0.0.1:9978"),
+            Ok(Some("127.0.0.1:9978".parse().unwrap()))
+        );
+        assert_eq!(
+            addr("[2001:db8::1]:9978"),
+            Ok(Some("[2001:db8::1]:9978".parse().unwrap()))
+        );
+        // As the DaemonSet's $(ENFORCER_METRICS_HOST):9978 makes it on an IPv6 node.
+        assert_eq!(
+            addr("2001:db8::1:9978"),
+            Ok(Some("[2001:db8::1]:9978".parse().unwrap()))
+        );
+        assert_eq!(addr("off"), Ok(None));
+        assert!(addr("localhost:9978").is_err());
+        assert!(addr("127.0.0.1").is_err());
+    }
 }
