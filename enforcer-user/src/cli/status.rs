@@ -5,20 +5,22 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::observe::status::Status;
+use crate::observe::{
+    control::{ask_one, Request},
+    explain_live::ScopeRow,
+    status::Status,
+};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The agent's status file.
-    #[arg(long, value_name = "FILE", default_value = crate::observe::status::DEFAULT_PATH)]
-    status_file: PathBuf,
+    #[command(flatten)]
+    agent: super::AgentSocket,
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -34,7 +36,32 @@ struct Verdicts {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
-    let status = Status::read(&args.status_file)?;
+    let status = Status::read(&args.agent.status_file)?;
+    // The live scopes (Sidecar, rules, workloads); the status file's names and modes without.
+    let live: Vec<ScopeRow> = args
+        .agent
+        .path()
+        .and_then(|socket| ask_one(&socket, &Request::Scopes))
+        .unwrap_or_else(|err| {
+            eprintln!("note: {err:#}; scopes without their Sidecar, rules and workloads");
+            Vec::new()
+        });
+    let rows: Vec<ScopeRow> = if live.is_empty() {
+        status
+            .scopes
+            .iter()
+            .map(|(name, mode)| ScopeRow {
+                scope: name.clone(),
+                namespace: name.split('/').next().unwrap_or_default().to_string(),
+                sidecar: None,
+                mode: mode.clone(),
+                rules: 0,
+                workloads: 0,
+            })
+            .collect()
+    } else {
+        live
+    };
     let metrics = match status.metrics_addr {
         Some(addr) => scrape(addr).with_context(|| format!("reading http://{addr}/metrics"))?,
         None => String::new(),
@@ -46,9 +73,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
             "generation": status.generation,
             "failing_since": status.failing_since,
             "problems": status.problems.len(),
-            "scopes": status.scopes.iter().map(|(name, mode)| serde_json::json!({
-                "scope": name, "mode": mode,
-                "verdicts": verdicts.get(name.as_str()),
+            "scopes": rows.iter().map(|r| serde_json::json!({
+                "scope": r.scope, "namespace": r.namespace, "sidecar": r.sidecar, "mode": r.mode,
+                "rules": r.rules, "workloads": r.workloads,
+                "verdicts": verdicts.get(r.scope.as_str()),
             })).collect::<Vec<_>>(),
             "maps": maps,
         });
@@ -66,15 +94,23 @@ pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
         status.notes.len()
     );
     println!(
-        "{:<44} {:<14} {:>9} {:>9} {:>9} {:>9}",
-        "SCOPE", "MODE", "ALLOWED", "DENIED", "AUDIT", "REVOKED"
+        "{:<32} {:<14} {:<28} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "SCOPE", "MODE", "SIDECAR", "RULES", "WORKLOADS", "ALLOWED", "DENIED", "AUDIT", "REVOKED"
     );
     let none = Verdicts::default();
-    for (name, mode) in &status.scopes {
-        let v = verdicts.get(name.as_str()).unwrap_or(&none);
+    for r in &rows {
+        let v = verdicts.get(r.scope.as_str()).unwrap_or(&none);
         println!(
-            "{name:<44} {mode:<14} {:>9} {:>9} {:>9} {:>9}",
-            v.allowed, v.denied, v.audit, v.revoked
+            "{:<32} {:<14} {:<28} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            r.scope,
+            r.mode,
+            r.sidecar.as_deref().unwrap_or("-"),
+            r.rules,
+            r.workloads,
+            v.allowed,
+            v.denied,
+            v.audit,
+            v.revoked
         );
     }
     println!(

@@ -18,7 +18,12 @@ use tokio::{
     sync::{broadcast::error::RecvError, Semaphore},
 };
 
-use super::{explain_live::ExplainQuery, filter::Filter, hub::HUB, records::Explainer};
+use super::{
+    explain_live::{scope_rows, ExplainQuery},
+    filter::Filter,
+    hub::HUB,
+    records::Explainer,
+};
 
 /// The socket served, for the status file.
 pub static SERVED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -45,6 +50,8 @@ pub enum Request {
     AuditReport,
     /// What a workload gets, decided on the agent's live policy.
     Explain(ExplainQuery),
+    /// The compiled scopes, with their rules and this node's workloads.
+    Scopes,
 }
 
 /// A line that is not a record: how many records a follower lost, or why a request failed.
@@ -113,6 +120,13 @@ async fn answer(stream: UnixStream, explainer: &RwLock<Explainer>) -> anyhow::Re
             follow,
         } => events(&mut write, &filter, last, follow).await,
         Request::AuditReport => send(&mut write, &HUB.audit().report()).await,
+        Request::Scopes => {
+            let rows = {
+                let ex = explainer.read().unwrap_or_else(|p| p.into_inner());
+                scope_rows(&ex)
+            };
+            send(&mut write, &rows).await
+        }
         Request::Explain(query) => {
             let answer = {
                 let ex = explainer.read().unwrap_or_else(|p| p.into_inner());

@@ -1,5 +1,6 @@
-//! `enforcer explain` answered by the running agent: what a pod (or a namespace and labels) gets
-//! under the policy the agent compiled, which in Kubernetes mode no file holds.
+//! What the running agent answers from its live policy, which in Kubernetes mode no file holds:
+//! `enforcer explain` (what a pod, or a namespace and labels, gets) and the scopes `enforcer
+//! status` lists.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -99,4 +100,40 @@ impl ExplainQuery {
             rows,
         })
     }
+}
+
+/// One scope as `enforcer status` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScopeRow {
+    pub scope: String,
+    pub namespace: String,
+    pub sidecar: Option<String>,
+    pub mode: String,
+    /// Allow rules compiled for it (a rule: addresses, port and protocol).
+    pub rules: usize,
+    /// Workloads of this node in it: pods (Kubernetes), namespace and workload cgroups.
+    pub workloads: usize,
+}
+
+/// The compiled scopes, with this node's workloads counted in each.
+pub fn scope_rows(ex: &Explainer) -> Vec<ScopeRow> {
+    let desired = &ex.desired;
+    let mut workloads: BTreeMap<&str, usize> = BTreeMap::new();
+    for (namespace, labels) in ex.workloads.roots() {
+        if let Some(scope) = desired.scope_for(namespace, labels) {
+            *workloads.entry(scope).or_default() += 1;
+        }
+    }
+    desired
+        .scopes
+        .iter()
+        .map(|(name, p)| ScopeRow {
+            scope: name.clone(),
+            namespace: p.namespace.clone(),
+            sidecar: p.sidecar.clone().or_else(|| p.gateway.clone()),
+            mode: p.mode.to_string(),
+            rules: p.rules.len(),
+            workloads: workloads.get(name.as_str()).copied().unwrap_or(0),
+        })
+        .collect()
 }

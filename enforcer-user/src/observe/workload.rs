@@ -65,6 +65,15 @@ impl Workloads {
         self.veths = veths;
     }
 
+    /// The workloads as units: each tree (a pod, a namespace or workload cgroup, a mapping),
+    /// by namespace and labels.
+    pub fn roots(&self) -> impl Iterator<Item = (&str, &BTreeMap<String, String>)> {
+        self.trees
+            .iter()
+            .filter_map(|t| self.cgroups.get(t))
+            .map(|a| (a.namespace.as_str(), &a.labels))
+    }
+
     /// The labels of pod `namespace/name` of this node.
     pub fn labels_of(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
         let named =
