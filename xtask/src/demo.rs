@@ -133,6 +133,10 @@ impl Demo {
         self.expect_tcp("frontend", "db.example.com", 5432, true)?;
         self.expect_tcp("default", "db.example.com", 5432, false)?;
         self.show_last_denial()?;
+        self.events(
+            &["-n", "default", "--port", "5432", "--last", "1"],
+            "(db.example.com) tcp DENIED no_rule",
+        )?;
         self.explain(
             &["-n", "default", "db.example.com:5432"],
             false,
@@ -473,6 +477,27 @@ impl Demo {
             as_expected,
             "enforcer explain did not say {says:?} (exit {:?})",
             out.status.code()
+        );
+        Ok(())
+    }
+
+    /// `enforcer events`, asking the running agent, as an operator would follow refusals.
+    fn events(&self, args: &[&str], says: &str) -> anyhow::Result<()> {
+        let out = Command::new(&self.bin)
+            .arg("events")
+            .arg("--status-file")
+            .arg(self.work.join("status.json"))
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("  $ enforcer events {}", args.join(" "));
+        for line in text.lines() {
+            println!("    {line}");
+        }
+        anyhow::ensure!(
+            out.status.success() && text.contains(says),
+            "enforcer events did not show {says:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
     }

@@ -13,7 +13,7 @@ use crate::{
     cgroup::Assignment,
     datapath::{
         plan::{self, PodAssignment},
-        Datapath, MapPlan,
+        ApplyError, Datapath, MapPlan,
     },
     dns::proxy::Proxy,
     k8s::{self, node::Node},
@@ -170,7 +170,7 @@ impl Reconciler {
         let complete = errors.is_empty();
         self.metrics.applied(&ApplyFacts {
             took: started.elapsed(),
-            errors: errors.len(),
+            errors: &errors,
             generation: self.generation,
             plan: self.dp.applied(),
             capacity: &cfg.datapath,
@@ -216,7 +216,7 @@ impl Reconciler {
         if let Some(inputs) = &self.last_inputs {
             let applied = Applied {
                 generation: self.generation,
-                errors,
+                errors: errors.iter().map(ToString::to_string).collect(),
                 failing_since: self.failing_since,
                 records_lost: self.records_lost(),
                 revoked: self.revoked,
@@ -373,7 +373,7 @@ fn apply_plan(
     desired: &Desired,
     workloads: plan::Workloads<'_>,
     explainer: &RwLock<Explainer>,
-) -> anyhow::Result<(Vec<String>, Option<MapPlan>)> {
+) -> anyhow::Result<(Vec<ApplyError>, Option<MapPlan>)> {
     let no_id = dp.ensure_scope_ids(desired.scopes.keys());
     let plan = plan::build(desired, workloads, dp.scope_ids());
     // A copy only when something changes: at 100,000 entries it costs a few MiB, for a moment.
@@ -381,9 +381,9 @@ fn apply_plan(
     let started = std::time::Instant::now();
     let mut report = dp.apply(&plan);
     dp.reclaim_scope_ids(desired.scopes.keys());
-    report.errors.extend(no_id.iter().map(|name| {
-        format!("scope {name} has no id (the scope-name map is full, see --max-scopes): its workloads are refused everything")
-    }));
+    report
+        .errors
+        .extend(no_id.into_iter().map(ApplyError::NoScopeId));
     for err in &report.errors {
         log::error!("datapath: {err}; that entry stays out (fail closed)");
     }

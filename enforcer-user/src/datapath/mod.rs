@@ -34,7 +34,7 @@ use enforcer_common::{
 pub use plan::MapPlan;
 
 use crate::dns::maps::{DnsMaps, LearnedMap};
-pub use sync::ApplyReport;
+pub use sync::{ApplyError, ApplyReport};
 pub use tc_links::sweep_stale_tc;
 
 /// The kernel object, built by `build.rs` from `enforcer-ebpf`.

@@ -26,7 +26,57 @@ pub struct Maps {
 pub struct ApplyReport {
     pub added: usize,
     pub removed: usize,
-    pub errors: Vec<String>,
+    pub errors: Vec<ApplyError>,
+}
+
+/// What an apply could not do. An entry not added stays out (refused); one not removed stays
+/// in the plan's record of what the maps hold, and the next apply tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{action} {what}: {source}")]
+    Write {
+        /// The map, as metrics name it.
+        map: &'static str,
+        action: &'static str,
+        what: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("bumping the policy generation: {0}")]
+    Generation(aya::maps::MapError),
+    #[error("scope {0} has no id (the scope-name map is full, see --max-scopes): its workloads are refused everything")]
+    NoScopeId(String),
+}
+
+impl ApplyError {
+    /// The metric's labels: the map, and the cause (`full`, `failed`).
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Write { map, source, .. } if is_full(source) => (map, "full"),
+            Self::Write { map, .. } => (map, "failed"),
+            Self::Generation(_) => ("tc_config", "failed"),
+            Self::NoScopeId(_) => ("scope_names", "full"),
+        }
+    }
+}
+
+/// A hash map at its capacity says E2BIG; an LPM trie, ENOSPC.
+fn is_full(err: &aya::maps::MapError) -> bool {
+    matches!(err, aya::maps::MapError::SyscallError(e)
+        if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+}
+
+fn write_error(
+    map: &'static str,
+    action: &'static str,
+    what: String,
+) -> impl FnOnce(aya::maps::MapError) -> ApplyError {
+    move |source| ApplyError::Write {
+        map,
+        action,
+        what,
+        source,
+    }
 }
 
 impl Maps {
@@ -77,10 +127,11 @@ impl Maps {
                     applied.exact.insert(*key);
                     report.added += 1;
                 }
-                Err(err) => report.errors.push(format!(
-                    "adding an allow entry for scope {}: {err}",
-                    key.scope
-                )),
+                Err(err) => report.errors.push(write_error(
+                    "allow_exact",
+                    "adding",
+                    format!("an allow entry for scope {}", key.scope),
+                )(err)),
             }
         }
         let new: Vec<(u32, PolicyKey)> = plan.cidr.difference(&applied.cidr).copied().collect();
@@ -90,10 +141,11 @@ impl Maps {
                     applied.cidr.insert(*entry);
                     report.added += 1;
                 }
-                Err(err) => report.errors.push(format!(
-                    "adding a CIDR entry for scope {}: {err}",
-                    entry.1.scope
-                )),
+                Err(err) => report.errors.push(write_error(
+                    "allow_cidr",
+                    "adding",
+                    format!("a CIDR entry for scope {}", entry.1.scope),
+                )(err)),
             }
         }
         self.sync_redirects(applied, plan, &mut report);
@@ -103,21 +155,21 @@ impl Maps {
             &mut applied.cgroups,
             &plan.cgroups,
             &mut report,
-            "cgroup",
+            ("cgroups", "cgroup"),
         );
         sync_scopes(
             &mut self.trees,
             &mut applied.trees,
             &plan.trees,
             &mut report,
-            "cgroup tree",
+            ("cgroup_trees", "cgroup tree"),
         );
         sync_scopes(
             &mut self.pods,
             &mut applied.pods,
             &plan.pods,
             &mut report,
-            "pod address",
+            ("pod_scopes", "pod address"),
         );
         let stale: Vec<PolicyKey> = applied.exact.difference(&plan.exact).copied().collect();
         for key in stale {
@@ -126,10 +178,11 @@ impl Maps {
                     applied.exact.remove(&key);
                     report.removed += 1;
                 }
-                Err(err) => report.errors.push(format!(
-                    "removing an allow entry for scope {}: {err}",
-                    key.scope
-                )),
+                Err(err) => report.errors.push(write_error(
+                    "allow_exact",
+                    "removing",
+                    format!("an allow entry for scope {}", key.scope),
+                )(err)),
             }
         }
         let stale: Vec<(u32, PolicyKey)> = applied.cidr.difference(&plan.cidr).copied().collect();
@@ -139,10 +192,11 @@ impl Maps {
                     applied.cidr.remove(&entry);
                     report.removed += 1;
                 }
-                Err(err) => report.errors.push(format!(
-                    "removing a CIDR entry for scope {}: {err}",
-                    entry.1.scope
-                )),
+                Err(err) => report.errors.push(write_error(
+                    "allow_cidr",
+                    "removing",
+                    format!("a CIDR entry for scope {}", entry.1.scope),
+                )(err)),
             }
         }
         // Cached TC verdicts were decided under the old maps. The hooks look for redirects
@@ -156,9 +210,7 @@ impl Maps {
         if report.added + report.removed > 0 || flags & tc_flags::REDIRECTS != want {
             let set = |c: &mut TcConfig| c.flags = (c.flags & !tc_flags::REDIRECTS) | want;
             if let Err(err) = self.update_tc_config(set) {
-                report
-                    .errors
-                    .push(format!("bumping the policy generation: {err}"));
+                report.errors.push(ApplyError::Generation(err));
             }
         }
         report
@@ -175,10 +227,11 @@ impl Maps {
                     applied.redirects.insert(*key, *value);
                     report.added += 1;
                 }
-                Err(err) => report.errors.push(format!(
-                    "adding a gateway redirect for scope {}: {err}",
-                    key.scope
-                )),
+                Err(err) => report.errors.push(write_error(
+                    "redirects",
+                    "adding",
+                    format!("a gateway redirect for scope {}", key.scope),
+                )(err)),
             }
         }
         let stale: Vec<PolicyKey> = applied
@@ -193,25 +246,28 @@ impl Maps {
                     applied.redirects.remove(&key);
                     report.removed += 1;
                 }
-                Err(err) => report.errors.push(format!(
-                    "removing a gateway redirect for scope {}: {err}",
-                    key.scope
-                )),
+                Err(err) => report.errors.push(write_error(
+                    "redirects",
+                    "removing",
+                    format!("a gateway redirect for scope {}", key.scope),
+                )(err)),
             }
         }
     }
 
     pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {
-        self.update_tc_config(|c| c.flags = flags)
+        Ok(self.update_tc_config(|c| c.flags = flags)?)
     }
 
     /// Changes the TC config and bumps the policy generation, so cached verdicts are redone.
-    fn update_tc_config(&mut self, change: impl FnOnce(&mut TcConfig)) -> anyhow::Result<()> {
+    fn update_tc_config(
+        &mut self,
+        change: impl FnOnce(&mut TcConfig),
+    ) -> Result<(), aya::maps::MapError> {
         let mut config = self.tc_config.get(&0, 0).unwrap_or_default();
         change(&mut config);
         config.generation = config.generation.wrapping_add(1);
-        self.tc_config.set(0, config, 0)?;
-        Ok(())
+        self.tc_config.set(0, config, 0)
     }
 }
 
@@ -229,7 +285,7 @@ fn sync_scopes<K: aya::Pod + Ord + std::fmt::Debug>(
     applied: &mut BTreeMap<K, CgroupScope>,
     want: &BTreeMap<K, CgroupScope>,
     report: &mut ApplyReport,
-    what: &str,
+    (map_label, what): (&'static str, &str),
 ) {
     for (key, scope) in want {
         if applied.get(key) == Some(scope) {
@@ -240,7 +296,11 @@ fn sync_scopes<K: aya::Pod + Ord + std::fmt::Debug>(
                 applied.insert(*key, *scope);
                 report.added += 1;
             }
-            Err(err) => report.errors.push(format!("mapping {what} {key:?}: {err}")),
+            Err(err) => {
+                report
+                    .errors
+                    .push(write_error(map_label, "mapping", format!("{what} {key:?}"))(err));
+            }
         }
     }
     let stale: Vec<K> = applied
@@ -254,9 +314,11 @@ fn sync_scopes<K: aya::Pod + Ord + std::fmt::Debug>(
             Err(err) if is_not_found(&err) => {}
             // Kept in `applied`, so the next apply tries again.
             Err(err) => {
-                report
-                    .errors
-                    .push(format!("unmapping {what} {key:?}: {err}"));
+                report.errors.push(write_error(
+                    map_label,
+                    "unmapping",
+                    format!("{what} {key:?}"),
+                )(err));
                 continue;
             }
         }
@@ -271,5 +333,40 @@ fn is_not_found(err: &aya::maps::MapError) -> bool {
         aya::maps::MapError::KeyNotFound => true,
         aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn syscall(errno: i32) -> aya::maps::MapError {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn apply_errors_name_the_map_and_whether_it_was_full() {
+        let add = |map, errno| write_error(map, "adding", "an entry".into())(syscall(errno));
+        assert_eq!(
+            add("allow_exact", libc::E2BIG).labels(),
+            ("allow_exact", "full")
+        );
+        assert_eq!(
+            add("allow_cidr", libc::ENOSPC).labels(),
+            ("allow_cidr", "full")
+        );
+        assert_eq!(
+            add("redirects", libc::EPERM).labels(),
+            ("redirects", "failed")
+        );
+        assert_eq!(
+            ApplyError::NoScopeId("shop".into()).labels(),
+            ("scope_names", "full")
+        );
+        let text = add("allow_exact", libc::E2BIG).to_string();
+        assert!(text.starts_with("adding an entry: "), "{text}");
     }
 }

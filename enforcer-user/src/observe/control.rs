@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
     sync::{broadcast::error::RecvError, Semaphore},
 };
@@ -28,7 +28,7 @@ use super::{
 /// The socket served, for the status file.
 pub static SERVED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// Readers at once; more wait for one to leave.
+/// Readers at once; more are turned away.
 const READERS: usize = 16;
 /// A request is one line, sent at once.
 const REQUEST_LIMIT: u64 = 64 * 1024;
@@ -81,11 +81,18 @@ pub fn serve(path: &Path, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<(
     let readers = Arc::new(Semaphore::new(READERS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let Ok(permit) = Arc::clone(&readers).acquire_owned().await else {
-                return;
+            // Refused, not queued: a queue would let followers that never leave stall
+            // every later reader, `explain` included.
+            let Ok(permit) = Arc::clone(&readers).try_acquire_owned() else {
+                let busy = Notice::Error(format!("{READERS} readers are connected; try again"));
+                if let Ok(mut line) = serde_json::to_vec(&busy) {
+                    line.push(b'\n');
+                    let _ = stream.write_all(&line).await;
+                }
+                continue;
             };
             let explainer = Arc::clone(&explainer);
             tokio::spawn(async move {
@@ -102,7 +109,7 @@ pub fn serve(path: &Path, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<(
 async fn answer(stream: UnixStream, explainer: &RwLock<Explainer>) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut read = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
+    let mut read = tokio::io::BufReader::new(read.take(REQUEST_LIMIT));
     tokio::time::timeout(REQUEST_WITHIN, read.read_line(&mut line))
         .await
         .context("no request within 5 s")??;
@@ -118,7 +125,17 @@ async fn answer(stream: UnixStream, explainer: &RwLock<Explainer>) -> anyhow::Re
             filter,
             last,
             follow,
-        } => events(&mut write, &filter, last, follow).await,
+        } => {
+            let gone = async move {
+                // The reader sends nothing more: EOF (or an error) means it left.
+                let mut rest = Vec::new();
+                let _ = read.read_to_end(&mut rest).await;
+            };
+            tokio::select! {
+                sent = events(&mut write, &filter, last, follow) => sent,
+                () = gone => Ok(()),
+            }
+        }
         Request::AuditReport => send(&mut write, &HUB.audit().report()).await,
         Request::Scopes => {
             let rows = {

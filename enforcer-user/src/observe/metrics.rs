@@ -20,8 +20,9 @@ pub struct Metrics {
     /// Seconds one apply took (plan, diff, map writes).
     pub apply_seconds: Histogram,
     pub applies: Counter,
-    /// Map entries an apply could not write (left out: less is allowed, never more).
-    pub apply_errors: Counter,
+    /// Map entries an apply could not write (left out: less is allowed, never more), by map
+    /// and cause.
+    pub apply_errors: Family<Vec<(&'static str, String)>, Counter>,
     /// 1 while applies keep failing.
     pub applies_failing: Gauge,
     pub policy_generation: Gauge,
@@ -56,7 +57,7 @@ pub struct Metrics {
 /// What one apply did, for [`Metrics::applied`].
 pub struct ApplyFacts<'a> {
     pub took: Duration,
-    pub errors: usize,
+    pub errors: &'a [crate::datapath::ApplyError],
     pub generation: u64,
     pub plan: &'a MapPlan,
     pub capacity: &'a crate::datapath::Options,
@@ -70,7 +71,7 @@ impl Metrics {
         let m = Self {
             apply_seconds: Histogram::new(buckets),
             applies: Counter::default(),
-            apply_errors: Counter::default(),
+            apply_errors: Family::default(),
             applies_failing: Gauge::default(),
             policy_generation: Gauge::default(),
             objects: Family::default(),
@@ -180,8 +181,12 @@ impl Metrics {
     pub fn applied(&self, a: &ApplyFacts<'_>) {
         self.apply_seconds.observe(a.took.as_secs_f64());
         self.applies.inc();
-        self.apply_errors.inc_by(a.errors as u64);
-        self.applies_failing.set(i64::from(a.errors > 0));
+        for err in a.errors {
+            let (map, cause) = err.labels();
+            let labels = vec![("map", map.to_string()), ("cause", cause.to_string())];
+            self.apply_errors.get_or_create(&labels).inc();
+        }
+        self.applies_failing.set(i64::from(!a.errors.is_empty()));
         self.policy_generation
             .set(i64::try_from(a.generation).unwrap_or(i64::MAX));
         let p = a.plan;

@@ -166,6 +166,32 @@ fn events_name_the_pod_and_its_labels_and_filter_as_asked() {
     assert_eq!(line["labels"]["app"], "web");
     drop(follower);
 
+    // Followers that leave free their place: more come and go than the agent takes at once
+    // (16), and each is still served.
+    // (A place is freed when the agent sees the socket close: a few tries allow for that.)
+    let follow_once = || {
+        let mut f = agent
+            .cli("events")
+            .args(["--json", "--follow", "--last", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Follower)
+            .expect("enforcer events --follow");
+        let mut first = String::new();
+        let _ = BufReader::new(f.0.stdout.take().expect("stdout")).read_line(&mut first);
+        first.contains("\"verdict\"")
+    };
+    for i in 0..20 {
+        let served = (0..10).any(|_| {
+            follow_once() || {
+                std::thread::sleep(Duration::from_millis(50));
+                false
+            }
+        });
+        assert!(served, "follower {i} was turned away\n{}", agent.log());
+    }
+
     // The readable form names the workload and the verdict.
     let out = agent
         .cli("events")

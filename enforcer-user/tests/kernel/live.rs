@@ -289,6 +289,16 @@ fn a_full_map_never_widens_what_is_allowed() {
             .is_some_and(|e| !e.is_empty()),
         "{status}"
     );
+    // The metrics say which map and why, as the alerts read them.
+    let text = agent.metrics();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("enforcer_apply_errors_total{")
+                && l.contains("map=\"allow_exact\"")
+                && l.contains("cause=\"full\"")),
+        "{text}"
+    );
+    assert!(text.contains("enforcer_applies_failing 1"), "{text}");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let out = std::process::Command::new(crate::harness::ENFORCER)
         .args(["health", "--max-age", "1", "--status-file"])
