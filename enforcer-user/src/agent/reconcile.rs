@@ -407,12 +407,14 @@ fn apply_plan(
         enforcer_common::FAILED_SCOPE,
         "enforcer.no-scope-id".to_string(),
     );
-    ex.workloads = crate::observe::workload::Workloads::new(
+    let mut now = crate::observe::workload::Workloads::new(
         workloads.cgroups,
         workloads.trees,
         workloads.pods,
     );
-    ex.workloads.set_veths(dp.veth_addresses());
+    now.keep_found(&ex.workloads);
+    now.set_veths(dp.veth_addresses());
+    ex.workloads = now;
     Ok((report.errors, before))
 }
 

@@ -43,19 +43,22 @@ pub fn audit_report(args: AuditReportArgs) -> anyhow::Result<i32> {
     };
     let rows = book.rows(args.namespace.as_deref());
     if args.yaml {
-        let docs: Vec<String> = rows.iter().map(|(d, _)| d.service_entry()).collect();
+        let docs = rows
+            .iter()
+            .map(|(d, seen)| d.service_entry(seen))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         print!("{}", docs.join("---\n"));
         return Ok(0);
     }
     if args.json {
-        let out: Vec<_> = rows
+        let out = rows
             .iter()
             .map(|(d, seen)| {
-                serde_json::json!({
-                    "destination": d, "seen": seen, "service_entry": d.service_entry(),
-                })
+                Ok(serde_json::json!({
+                    "destination": d, "seen": seen, "service_entry": d.service_entry(seen)?,
+                }))
             })
-            .collect();
+            .collect::<anyhow::Result<Vec<_>>>()?;
         println!(
             "{}",
             serde_json::to_string_pretty(

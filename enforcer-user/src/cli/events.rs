@@ -70,7 +70,15 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 
 /// `06:49:49.123 shop/web-1 -> 203.0.113.10:443 (api.example.com) tcp DENIED no_rule connect4`
 fn readable(v: &serde_json::Value) -> String {
-    let text = |key: &str| v.get(key).and_then(|x| x.as_str()).unwrap_or_default();
+    // A process names itself (comm): no terminal control from it.
+    let text = |key: &str| {
+        v.get(key)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+    };
     if let Some(lost) = v.get("lost") {
         return format!("... {lost} records lost: this reader fell behind");
     }
@@ -79,8 +87,8 @@ fn readable(v: &serde_json::Value) -> String {
         .and_then(serde_json::Value::as_u64)
         .unwrap_or_default();
     let (secs, ms) = (ms / 1000, ms % 1000);
-    let who = match (text("pod"), text("comm")) {
-        ("", "") => text("namespace").to_string(),
+    let who = match (text("pod").as_str(), text("comm").as_str()) {
+        ("", "") => text("namespace"),
         ("", comm) => format!("{} ({comm})", text("namespace")),
         (pod, _) => format!("{}/{pod}", text("namespace")),
     };
@@ -89,7 +97,10 @@ fn readable(v: &serde_json::Value) -> String {
         .and_then(serde_json::Value::as_u64)
         .and_then(|p| u16::try_from(p).ok())
         .unwrap_or(0);
-    let to = match (text("dst").parse::<std::net::IpAddr>(), text("host")) {
+    let to = match (
+        text("dst").parse::<std::net::IpAddr>(),
+        text("host").as_str(),
+    ) {
         (Err(_), _) => "(no destination)".to_string(),
         (Ok(ip), "") => crate::net::SocketFmt(ip, port).to_string(),
         (Ok(ip), host) => format!("{} ({host})", crate::net::SocketFmt(ip, port)),
@@ -128,5 +139,11 @@ mod tests {
             "00:00:00.000 shop (nc) -> [2001:db8::1]:53 udp AUDIT no_rule sendmsg6"
         );
         assert!(readable(&serde_json::json!({"lost": 7})).contains("7 records lost"));
+        let sneaky = serde_json::json!({"namespace": "shop", "comm": "\u{1b}[2Jx"});
+        assert!(
+            readable(&sneaky).contains("shop (?[2Jx)"),
+            "{}",
+            readable(&sneaky)
+        );
     }
 }

@@ -152,7 +152,6 @@ fn purge<V: aya::Pod>(
     keys.len()
 }
 
-/// A pod's addresses in key form: its first of each family (Kubernetes gives one of each).
 impl Datapath {
     /// The pod veths with TC programs, by interface index, each with its pod's addresses.
     pub fn veth_addresses(&self) -> std::collections::BTreeMap<u32, Vec<IpAddr>> {
@@ -172,6 +171,7 @@ impl Datapath {
     }
 }
 
+/// A pod's addresses in key form: its first of each family (Kubernetes gives one of each).
 fn veth_pod(addrs: &[IpAddr]) -> anyhow::Result<VethPod> {
     let v4 = addrs.iter().find(|a| a.is_ipv4());
     let v6 = addrs.iter().find(|a| a.is_ipv6());

@@ -97,6 +97,8 @@ pub struct Node {
     /// Pod cgroups (by uid) that no pod the API server named owns yet, and since when: the
     /// window in which a pod runs under the unmapped scope.
     unmapped_since: BTreeMap<String, Instant>,
+    /// Pod cgroups mapped, so that each pod's window is observed once.
+    mapped: BTreeSet<String>,
     /// Windows that closed (the pod was mapped) since [`Node::take_unmapped_windows`].
     closed_windows: Vec<Duration>,
 }
@@ -117,6 +119,7 @@ impl Node {
             conflicts: Vec::new(),
             dns_skip: BTreeSet::new(),
             unmapped_since: BTreeMap::new(),
+            mapped: BTreeSet::new(),
             closed_windows: Vec::new(),
         }
     }
@@ -204,17 +207,22 @@ impl Node {
     ) {
         let now = Instant::now();
         let mut still = BTreeMap::new();
+        let mut mapped = BTreeSet::new();
         for (uid, cg) in found {
             let since = self.unmapped_since.get(uid).copied();
-            match (trees.contains_key(&cg.path), since) {
-                (true, Some(since)) => self.closed_windows.push(now - since),
-                (true, None) => {}
-                (false, since) => {
-                    still.insert(uid.clone(), since.unwrap_or(now));
-                }
+            if !trees.contains_key(&cg.path) {
+                still.insert(uid.clone(), since.unwrap_or(now));
+                continue;
             }
+            // Mapped when first seen: a window shorter than one look (observed as 0).
+            if !self.mapped.contains(uid) {
+                self.closed_windows
+                    .push(since.map_or(Duration::ZERO, |since| now - since));
+            }
+            mapped.insert(uid.clone());
         }
         self.unmapped_since = still;
+        self.mapped = mapped;
     }
 
     /// Pods that run unmapped now, and how long the oldest has.

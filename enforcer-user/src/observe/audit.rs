@@ -10,6 +10,8 @@ use super::records::DenyRecord;
 
 /// Groups kept; past this, audit records are only counted in [`AuditBook::overflow`].
 const GROUPS: usize = 10_000;
+/// Groups one namespace may hold, so that one namespace cannot crowd out the others.
+const GROUPS_PER_NAMESPACE: usize = 1_000;
 /// Addresses and pods kept per group, to name examples, not to inventory.
 const EXAMPLES: usize = 8;
 
@@ -41,6 +43,8 @@ pub struct AuditBook {
     pub groups: BTreeMap<Destination, Seen>,
     /// Records that found the book full.
     pub overflow: u64,
+    /// Groups per namespace.
+    per_namespace: BTreeMap<String, usize>,
 }
 
 /// The book as it travels: a list, since JSON keys are strings.
@@ -52,9 +56,15 @@ pub struct AuditReport {
 
 impl AuditReport {
     pub fn book(self) -> AuditBook {
+        let groups: BTreeMap<Destination, Seen> = self.groups.into_iter().collect();
+        let mut per_namespace = BTreeMap::new();
+        for d in groups.keys() {
+            *per_namespace.entry(d.namespace.clone()).or_default() += 1;
+        }
         AuditBook {
-            groups: self.groups.into_iter().collect(),
+            groups,
             overflow: self.overflow,
+            per_namespace,
         }
     }
 }
@@ -70,7 +80,13 @@ impl AuditBook {
     /// Counts an `audit` record; other verdicts, and records without a destination, are not
     /// what REGISTRY_ONLY would refuse by destination.
     pub fn add(&mut self, r: &DenyRecord) {
-        if r.verdict != "audit" || r.dst.is_empty() || r.reason_code != "no_rule" {
+        // A ServiceEntry's ports are TCP or UDP: other protocols (ICMP on a pod's veth) are
+        // allowed by no entry.
+        if r.verdict != "audit"
+            || r.reason_code != "no_rule"
+            || r.dst.parse::<std::net::IpAddr>().is_err()
+            || !matches!(r.proto.as_str(), "tcp" | "udp")
+        {
             return;
         }
         let key = Destination {
@@ -80,9 +96,13 @@ impl AuditBook {
             port: r.port,
             proto: r.proto.clone(),
         };
-        if !self.groups.contains_key(&key) && self.groups.len() >= GROUPS {
-            self.overflow += 1;
-            return;
+        if !self.groups.contains_key(&key) {
+            let in_namespace = self.per_namespace.entry(key.namespace.clone()).or_default();
+            if self.groups.len() >= GROUPS || *in_namespace >= GROUPS_PER_NAMESPACE {
+                self.overflow += 1;
+                return;
+            }
+            *in_namespace += 1;
         }
         let seen = self.groups.entry(key).or_default();
         if seen.count == 0 {
@@ -93,10 +113,12 @@ impl AuditBook {
         if seen.addresses.len() < EXAMPLES {
             seen.addresses.insert(r.dst.clone());
         }
-        let who = r
-            .pod
-            .clone()
-            .unwrap_or_else(|| format!("{} (pid {})", r.comm, r.pid));
+        // TC and revocation records name no process: their veth or cgroup, then.
+        let who = match (&r.pod, r.pid) {
+            (Some(pod), _) => pod.clone(),
+            (None, 0) => r.cgroup.clone(),
+            (None, pid) => format!("{} (pid {pid})", r.comm),
+        };
         if seen.pods.len() < EXAMPLES {
             seen.pods.insert(who);
         }
@@ -115,51 +137,83 @@ impl AuditBook {
 }
 
 impl Destination {
-    /// A ServiceEntry that allows this destination to its namespace, and to it only.
-    pub fn service_entry(&self) -> String {
-        let protocol = self.proto.to_ascii_uppercase();
-        let port = format!(
-            "  - number: {}\n    name: {}-{}\n    protocol: {protocol}\n",
-            self.port,
-            self.proto.to_ascii_lowercase(),
-            self.port
-        );
-        let (name, hosts, rest) = match (&self.host, &self.address) {
-            (Some(host), _) => (
-                dns_label(host),
-                host.clone(),
-                "  resolution: DNS\n".to_string(),
-            ),
-            (None, addr) => {
-                let addr = addr.clone().unwrap_or_default();
-                let label = format!("ip-{}", dns_label(&addr));
-                (
-                    label.clone(),
-                    format!("{label}.external"),
-                    format!("  addresses:\n  - {addr}\n  resolution: NONE\n"),
-                )
+    /// A ServiceEntry that allows this destination to its namespace, and only the addresses
+    /// seen: `resolution: NONE` with `addresses`, whatever the host. A host's name comes from
+    /// whichever ServiceEntry declares its address, perhaps another tenant's: following that
+    /// name's DNS answers would allow what its owner points it at, so that is left to the
+    /// reader to choose (the comment says how).
+    pub fn service_entry(&self, seen: &Seen) -> anyhow::Result<String> {
+        let label = |s: &str| dns_label(s).unwrap_or_else(|| "egress".to_string());
+        let (name, host) = match &self.host {
+            Some(host) if valid_host(host) => (label(host), host.clone()),
+            _ => {
+                let ip = self.address.as_deref().unwrap_or_default();
+                let name = format!("ip-{}", label(ip));
+                (name.clone(), format!("{name}.external"))
             }
         };
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}-{}\n  namespace: {}\nspec:\n  hosts:\n  - {hosts}\n  exportTo:\n  - \".\"\n  location: MESH_EXTERNAL\n  ports:\n{port}{rest}",
-            self.port, self.namespace
-        )
+        let addresses: Vec<&String> = match &self.address {
+            Some(addr) => vec![addr],
+            None => seen.addresses.iter().collect(),
+        };
+        let protocol = self.proto.to_ascii_uppercase();
+        let entry = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {
+                "name": format!("{}-{}", name.chars().take(50).collect::<String>().trim_end_matches('-'), self.port),
+                "namespace": self.namespace,
+            },
+            "spec": {
+                "hosts": [host],
+                "addresses": addresses,
+                "exportTo": ["."],
+                "location": "MESH_EXTERNAL",
+                "ports": [{
+                    "number": self.port,
+                    "name": format!("{}-{}", self.proto.to_ascii_lowercase(), self.port),
+                    "protocol": protocol,
+                }],
+                "resolution": "NONE",
+            },
+        });
+        let comment = if self.host.is_some() {
+            format!(
+                "# The addresses {} was seen at (up to {EXAMPLES}). To follow its DNS answers\n# instead, drop `addresses` and set `resolution: DNS`, if you trust whoever\n# controls that name.\n",
+                host
+            )
+        } else {
+            String::new()
+        };
+        Ok(format!("{comment}{}", serde_yaml::to_string(&entry)?))
     }
 }
 
-/// A name as a DNS label: lower case, `-` for what is not a letter or digit, at most 50 bytes.
-fn dns_label(name: &str) -> String {
+/// A host name as Istio takes one: letters, digits, `-` and `.`, and no wildcard (a
+/// ServiceEntry for `*.x` would allow more than was seen).
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// A name as a DNS label: lower case, `-` for what is not a letter or digit; `None` if
+/// nothing is left.
+fn dns_label(name: &str) -> Option<String> {
     let label: String = name
-        .trim_start_matches("*.")
         .chars()
         .map(|c| match c {
             'a'..='z' | '0'..='9' => c,
             'A'..='Z' => c.to_ascii_lowercase(),
             _ => '-',
         })
-        .take(50)
         .collect();
-    label.trim_matches('-').to_string()
+    let label = label.trim_matches('-').to_string();
+    (!label.is_empty()).then_some(label)
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ fn audit(ns: &str, pod: &str, dst: &str, port: u16, host: Option<&str>) -> DenyR
 /// Whether `yaml`, compiled alone under REGISTRY_ONLY with `dns` as the answers, lets `ns`
 /// reach `ip:port` over TCP; its validation problems fail the test.
 fn allows(yaml: &str, dns: &[(&str, &str)], ns: &str, ip: &str, port: u16) -> bool {
+    allows_l4(yaml, dns, ns, ip, port, L4::Tcp)
+}
+
+fn allows_l4(yaml: &str, dns: &[(&str, &str)], ns: &str, ip: &str, port: u16, l4: L4) -> bool {
     let checked = check::check(parse_documents("suggested.yaml", yaml));
     assert!(
         checked.problems.is_empty(),
@@ -55,7 +59,7 @@ fn allows(yaml: &str, dns: &[(&str, &str)], ns: &str, ip: &str, port: u16) -> bo
         only_namespaces: None,
         routing: Default::default(),
     });
-    decide(&desired, ns, ip.parse().unwrap(), port, L4::Tcp).allowed
+    decide(&desired, ns, ip.parse().unwrap(), port, l4).allowed
 }
 
 #[test]
@@ -91,7 +95,7 @@ fn groups_by_namespace_and_host_or_address() {
 }
 
 #[test]
-fn the_suggested_service_entry_allows_the_host_to_its_namespace_only() {
+fn the_suggested_service_entry_allows_the_addresses_seen_to_its_namespace_only() {
     let dest = Destination {
         namespace: "shop".into(),
         host: Some("api.example.com".into()),
@@ -99,9 +103,16 @@ fn the_suggested_service_entry_allows_the_host_to_its_namespace_only() {
         port: 443,
         proto: "tcp".into(),
     };
-    let yaml = dest.service_entry();
-    let dns = [("api.example.com", "203.0.113.10")];
+    let seen = Seen {
+        addresses: BTreeSet::from(["203.0.113.10".into()]),
+        ..Seen::default()
+    };
+    let yaml = dest.service_entry(&seen).unwrap();
+    assert!(yaml.contains("api.example.com"), "{yaml}");
+    // The name now also resolves elsewhere: only what was seen is allowed.
+    let dns = [("api.example.com", "203.0.113.99")];
     assert!(allows(&yaml, &dns, "shop", "203.0.113.10", 443), "{yaml}");
+    assert!(!allows(&yaml, &dns, "shop", "203.0.113.99", 443), "{yaml}");
     assert!(!allows(&yaml, &dns, "shop", "203.0.113.10", 80), "{yaml}");
     assert!(!allows(&yaml, &dns, "bank", "203.0.113.10", 443), "{yaml}");
 }
@@ -114,21 +125,68 @@ fn the_suggested_service_entry_for_an_address_allows_that_address_only() {
             host: None,
             address: Some(addr.into()),
             port: 5432,
+            proto: "udp".into(),
+        };
+        let yaml = dest.service_entry(&Seen::default()).unwrap();
+        let udp = |ns: &str, ip: &str| allows_l4(&yaml, &[], ns, ip, 5432, L4::Udp);
+        assert!(udp("shop", addr), "{yaml}");
+        assert!(!udp("shop", "198.51.100.8"), "{yaml}");
+        assert!(!udp("bank", addr), "{yaml}");
+        assert!(
+            !allows(&yaml, &[], "shop", addr, 5432),
+            "TCP is not UDP: {yaml}"
+        );
+    }
+}
+
+#[test]
+fn a_host_that_is_not_a_plain_name_is_not_written_into_the_entry() {
+    // A name from a record saved elsewhere (`--from`), or a wildcard: the entry names the
+    // address instead, and stays one valid object.
+    for host in ["*.example.com", "evil.com\n  exportTo: ['*']", "a b", ""] {
+        let dest = Destination {
+            namespace: "shop".into(),
+            host: Some(host.into()),
+            address: None,
+            port: 443,
             proto: "tcp".into(),
         };
-        let yaml = dest.service_entry();
-        assert!(allows(&yaml, &[], "shop", addr, 5432), "{yaml}");
-        assert!(!allows(&yaml, &[], "shop", "198.51.100.8", 5432), "{yaml}");
-        assert!(!allows(&yaml, &[], "bank", addr, 5432), "{yaml}");
+        let seen = Seen {
+            addresses: BTreeSet::from(["203.0.113.10".into()]),
+            ..Seen::default()
+        };
+        let yaml = dest.service_entry(&seen).unwrap();
+        assert!(
+            !yaml.contains("exportTo: ['*']") && !yaml.contains("*.example"),
+            "{yaml}"
+        );
+        assert!(allows(&yaml, &[], "shop", "203.0.113.10", 443), "{yaml}");
+        assert!(!allows(&yaml, &[], "bank", "203.0.113.10", 443), "{yaml}");
     }
+}
+
+#[test]
+fn one_namespace_cannot_fill_the_book() {
+    let mut book = AuditBook::default();
+    for port in 1..=u16::try_from(GROUPS_PER_NAMESPACE + 5).unwrap() {
+        book.add(&audit("noisy", "p", "203.0.113.1", port, None));
+    }
+    book.add(&audit("quiet", "q", "203.0.113.2", 443, None));
+    assert_eq!(book.rows(Some("noisy")).len(), GROUPS_PER_NAMESPACE);
+    assert_eq!(book.rows(Some("quiet")).len(), 1);
+    assert_eq!(book.overflow, 5);
+    // Through the wire and back, the count per namespace holds.
+    let mut again = book.clone().report().book();
+    again.add(&audit("noisy", "p", "203.0.113.1", 60_000, None));
+    assert_eq!(again.rows(Some("noisy")).len(), GROUPS_PER_NAMESPACE);
 }
 
 #[test]
 fn the_book_is_bounded() {
     let mut book = AuditBook::default();
     for i in 0..(GROUPS as u32 + 5) {
-        let port = u16::try_from(i % 60_000 + 1).unwrap();
-        let ns = format!("ns-{}", i / 60_000);
+        let port = u16::try_from(i % 1000 + 1).unwrap();
+        let ns = format!("ns-{}", i / 1000);
         book.add(&audit(&ns, "p", "203.0.113.1", port, None));
     }
     assert_eq!(book.groups.len(), GROUPS);

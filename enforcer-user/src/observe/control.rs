@@ -33,6 +33,8 @@ const READERS: usize = 16;
 /// A request is one line, sent at once.
 const REQUEST_LIMIT: u64 = 64 * 1024;
 const REQUEST_WITHIN: Duration = Duration::from_secs(5);
+/// A line must be taken within this.
+const WRITE_WITHIN: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -81,17 +83,27 @@ pub fn serve(path: &Path, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<(
     let readers = Arc::new(Semaphore::new(READERS));
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    log::warn!("control socket: accepting: {err}");
+                    tokio::time::sleep(super::server::ACCEPT_PAUSE).await;
+                    continue;
+                }
             };
+            // The file's mode keeps others out; the peer's uid, should the mode be changed.
+            let uid = stream.peer_cred().map(|c| c.uid());
+            if !uid.is_ok_and(|uid| uid == 0 || uid == own_euid()) {
+                refuse(&stream, "only root may ask the agent");
+                continue;
+            }
             // Refused, not queued: a queue would let followers that never leave stall
             // every later reader, `explain` included.
             let Ok(permit) = Arc::clone(&readers).try_acquire_owned() else {
-                let busy = Notice::Error(format!("{READERS} readers are connected; try again"));
-                if let Ok(mut line) = serde_json::to_vec(&busy) {
-                    line.push(b'\n');
-                    let _ = stream.write_all(&line).await;
-                }
+                refuse(
+                    &stream,
+                    &format!("{READERS} readers are connected; try again"),
+                );
                 continue;
             };
             let explainer = Arc::clone(&explainer);
@@ -104,6 +116,20 @@ pub fn serve(path: &Path, explainer: Arc<RwLock<Explainer>>) -> anyhow::Result<(
         }
     });
     Ok(())
+}
+
+/// Says why, without waiting on the reader, and closes.
+fn refuse(stream: &UnixStream, why: &str) {
+    if let Ok(mut line) = serde_json::to_vec(&Notice::Error(why.to_string())) {
+        line.push(b'\n');
+        let _ = stream.try_write(&line);
+    }
+}
+
+/// The agent's effective uid (root in a DaemonSet; another in a test that runs unprivileged).
+fn own_euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 async fn answer(stream: UnixStream, explainer: &RwLock<Explainer>) -> anyhow::Result<()> {
@@ -125,17 +151,20 @@ async fn answer(stream: UnixStream, explainer: &RwLock<Explainer>) -> anyhow::Re
             filter,
             last,
             follow,
-        } => {
+        } if follow => {
+            // A follower sends nothing more: EOF (or an error) means it left, even while no
+            // record comes to fail a write. (A reader that half-closes after its request
+            // gets the recent records only.)
             let gone = async move {
-                // The reader sends nothing more: EOF (or an error) means it left.
                 let mut rest = Vec::new();
                 let _ = read.read_to_end(&mut rest).await;
             };
             tokio::select! {
-                sent = events(&mut write, &filter, last, follow) => sent,
+                sent = events(&mut write, &filter, last, true) => sent,
                 () = gone => Ok(()),
             }
         }
+        Request::Events { filter, last, .. } => events(&mut write, &filter, last, false).await,
         Request::AuditReport => send(&mut write, &HUB.audit().report()).await,
         Request::Scopes => {
             let rows = {
@@ -187,7 +216,10 @@ async fn send(
 ) -> anyhow::Result<()> {
     let mut line = serde_json::to_vec(value)?;
     line.push(b'\n');
-    write.write_all(&line).await?;
+    // A reader that stops reading gives up its place.
+    tokio::time::timeout(WRITE_WITHIN, write.write_all(&line))
+        .await
+        .context("the reader stopped reading")??;
     Ok(())
 }
 

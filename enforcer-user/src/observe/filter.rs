@@ -39,7 +39,7 @@ impl Filter {
         let destination = |net: &IpNet| {
             r.dst
                 .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| net.contains(&crate::policy::canonical_ip(ip)))
+                .is_ok_and(|ip| canonical_net(*net).contains(&crate::policy::canonical_ip(ip)))
         };
         let host = |want: &str| {
             r.host.as_deref().is_some_and(|h| {
@@ -55,6 +55,17 @@ impl Filter {
             && self.destination.as_ref().is_none_or(destination)
             && self.port.is_none_or(|p| p == r.port)
             && self.host.as_deref().is_none_or(host)
+    }
+}
+
+/// `::ffff:a.b.c.d/N` as the IPv4 network it is (records write IPv4 plainly).
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        other => other,
     }
 }
 
@@ -87,6 +98,10 @@ mod tests {
             destination: Some("203.0.113.0/24".parse().unwrap()),
             port: Some(443),
             host: Some("*.example.com".into()),
+        });
+        yes(Filter {
+            destination: Some("::ffff:203.0.113.0/120".parse().unwrap()),
+            ..Filter::default()
         });
         yes(Filter {
             destination: Some("203.0.113.10/32".parse().unwrap()),

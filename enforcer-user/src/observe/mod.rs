@@ -2,6 +2,7 @@
 //! read at each scrape in `kernel.rs`), and `/metrics` (OpenMetrics, or classic text from
 //! `text.rs`), `/healthz`, `/readyz` over HTTP (`server.rs`).
 
+mod admission;
 pub mod audit;
 pub mod control;
 pub mod explain_live;

@@ -28,10 +28,11 @@ pub fn print(records: &[DenyRecord]) {
     }
 }
 
-/// Queues one record for stdout, never waiting: what the queue cannot take is counted.
 /// Where records are counted, once the agent serves metrics.
 pub static RECORD_COUNTS: OnceLock<Arc<crate::observe::Metrics>> = OnceLock::new();
 
+/// Counts one record, hands it to the hub, and queues it for stdout, never waiting: what the
+/// queue cannot take is counted.
 fn emit(record: &DenyRecord) {
     if let Some(metrics) = RECORD_COUNTS.get() {
         metrics.record(record);

@@ -113,8 +113,20 @@ impl DenyRecord {
             reason_code: String,
             reason: String,
         }
-        // The codes are the agent's own: a line with another is not its record.
+        // The codes are the agent's own: a line with another is not its record. So are the
+        // shapes of its namespaces and destinations (a saved file may have been edited).
         let l: Line = serde_json::from_str(line.trim()).ok()?;
+        let name_like = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        };
+        if !name_like(&l.namespace)
+            || !(l.dst.is_empty() || l.dst.parse::<std::net::IpAddr>().is_ok())
+        {
+            return None;
+        }
         Some(Self {
             time_unix_ms: l.time_unix_ms,
             verdict: ["denied", "audit", "revoked"]
@@ -511,5 +523,43 @@ mod tests {
         );
         assert!(rec.reason.starts_with("an MPTCP socket"), "{}", rec.reason);
         assert_eq!(rec.namespace, "shop");
+    }
+
+    #[test]
+    fn a_printed_record_reads_back_and_other_lines_do_not() {
+        let printed = DenyRecord {
+            time_unix_ms: 5,
+            verdict: "audit",
+            namespace: "shop".into(),
+            pod: Some("web-1".into()),
+            hook: "connect4",
+            dst: "203.0.113.10".into(),
+            port: 443,
+            proto: "tcp".into(),
+            reason_code: "no_rule",
+            reason: "why".into(),
+            ..DenyRecord::default()
+        };
+        let line = serde_json::to_string(&printed).unwrap();
+        let back = DenyRecord::from_line(&line).expect("its own record");
+        assert_eq!(serde_json::to_string(&back).unwrap(), line);
+        let edited = |from: &str, to: &str| DenyRecord::from_line(&line.replace(from, to));
+        assert!(
+            edited("\"audit\"", "\"allowed\"").is_none(),
+            "unknown verdict"
+        );
+        assert!(
+            edited("no_rule", "made_up").is_none(),
+            "unknown reason code"
+        );
+        assert!(
+            edited("203.0.113.10", "example.com").is_none(),
+            "not an address"
+        );
+        assert!(
+            edited("\"shop\"", "\"Shop: x\"").is_none(),
+            "not a namespace"
+        );
+        assert!(DenyRecord::from_line("[2026-11-30T07:00:39Z INFO enforcer] applied").is_none());
     }
 }

@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -91,9 +91,22 @@ pub async fn serve(
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let admission = super::admission::Admission::default();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                // Out of descriptors, say: a pause, not a loop that eats a core.
+                Err(err) => {
+                    log::warn!("metrics: accepting a connection: {err}");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            };
+            // Without a place, a connection is closed at once: slow clients cannot exhaust
+            // the agent's descriptors, nor keep the probes out.
+            let local = stream.local_addr().map_or(bound.ip(), |a| a.ip());
+            let Some(ticket) = admission.admit(peer.ip(), local) else {
                 continue;
             };
             let (metrics, health) = (Arc::clone(&metrics), Arc::clone(&health));
@@ -102,14 +115,24 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(answer) }
             });
             tokio::spawn(async move {
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let connection = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADERS_WITHIN)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_LIMIT, connection).await;
+                drop(ticket);
             });
         }
     });
     Ok(bound)
 }
+
+/// A request's headers must arrive within this.
+const HEADERS_WITHIN: Duration = Duration::from_secs(5);
+/// No connection is kept longer, keep-alive or not.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
+/// After a failed accept.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 fn answer(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {

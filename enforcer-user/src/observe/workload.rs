@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::DirEntryExt as _,
     path::PathBuf,
     sync::Mutex,
 };
@@ -68,9 +68,11 @@ impl Workloads {
     /// The workloads as units: each tree (a pod, a namespace or workload cgroup, a mapping),
     /// by namespace and labels.
     pub fn roots(&self) -> impl Iterator<Item = (&str, &BTreeMap<String, String>)> {
+        // The kubelet's roots are where pods' cgroups are, not workloads.
         self.trees
             .iter()
             .filter_map(|t| self.cgroups.get(t))
+            .filter(|a| a.namespace != crate::k8s::UNMAPPED)
             .map(|a| (a.namespace.as_str(), &a.labels))
     }
 
@@ -120,13 +122,24 @@ impl Workloads {
         if found.len() >= REMEMBERED {
             found.clear();
         }
-        let result = self.walk(id);
-        found.insert(id, result.clone());
-        result
+        match self.walk(id) {
+            Walk::Found(path, root) => {
+                found.insert(id, Some((path.clone(), root)));
+                Some((path, root))
+            }
+            Walk::Absent => {
+                found.insert(id, None);
+                None
+            }
+            // Not remembered: a later search, after pods went, may find it.
+            Walk::OverBudget => None,
+        }
     }
 
-    /// Breadth first below the trees, the deepest (most specific) trees first.
-    fn walk(&self, id: u64) -> Option<(PathBuf, u64)> {
+    /// Breadth first below the trees, the deepest (most specific) trees first. Directory
+    /// entries give their type and inode (a cgroup's id) without a stat, and only
+    /// directories (cgroups) count against the budget, not their interface files.
+    fn walk(&self, id: u64) -> Walk {
         let mut roots: Vec<(u64, &PathBuf)> = self
             .trees
             .iter()
@@ -141,23 +154,43 @@ impl Workloads {
                     continue;
                 };
                 for entry in entries.filter_map(Result::ok) {
-                    if budget == 0 {
-                        return None;
-                    }
-                    budget -= 1;
-                    let Ok(meta) = entry.metadata() else { continue };
-                    if !meta.is_dir() {
+                    if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                         continue;
                     }
-                    if meta.ino() == id {
-                        return Some((entry.path(), root));
+                    if entry.ino() == id {
+                        return Walk::Found(entry.path(), root);
                     }
+                    if budget == 0 {
+                        return Walk::OverBudget;
+                    }
+                    budget -= 1;
                     queue.push_back(entry.path());
                 }
             }
         }
-        None
+        Walk::Absent
     }
+
+    /// Keeps what `old` found below trees that are still trees, so that a new apply does not
+    /// search again for every container.
+    pub fn keep_found(&mut self, old: &Self) {
+        let old = old.found.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = old
+            .iter()
+            .filter_map(|(id, f)| Some((*id, f.clone()?)))
+            .filter(|(_, (_, root))| self.trees.contains(root))
+            .map(|(id, f)| (id, Some(f)));
+        self.found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(kept);
+    }
+}
+
+enum Walk {
+    Found(PathBuf, u64),
+    Absent,
+    OverBudget,
 }
 
 fn who(a: &Assignment, cgroup: PathBuf) -> Who {
@@ -171,6 +204,8 @@ fn who(a: &Assignment, cgroup: PathBuf) -> Who {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
     use super::*;
 
     fn assignment(path: &std::path::Path, pod: &str) -> Assignment {
@@ -201,6 +236,32 @@ mod tests {
         let unknown = workloads.of_cgroup(ino(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(unknown, None);
+    }
+
+    #[test]
+    fn interface_files_do_not_use_up_the_search() {
+        let dir = std::env::temp_dir().join(format!("enforcer-who-files-{}", std::process::id()));
+        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+        // Many pods, each with as many files as a cgroup has, the wanted one last.
+        let mut trees = BTreeMap::new();
+        for i in 0..60 {
+            let pod = dir.join(format!("pod-{i:02}"));
+            std::fs::create_dir_all(pod.join("ctr")).unwrap();
+            for f in 0..80 {
+                std::fs::write(pod.join(format!("cgroup.file{f}")), "").unwrap();
+            }
+            trees.insert(ino(&pod), assignment(&pod, &format!("web-{i}")));
+        }
+        let last = dir.join("pod-59/ctr");
+        let workloads = Workloads::new(&BTreeMap::new(), &trees, &[]);
+        let who = workloads.of_cgroup(ino(&last));
+        // Kept for the next apply, while its pod is.
+        let mut next = Workloads::new(&BTreeMap::new(), &trees, &[]);
+        next.keep_found(&workloads);
+        let remembered = next.found.lock().unwrap().len();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(who.and_then(|w| w.pod).as_deref(), Some("web-59"));
+        assert_eq!(remembered, 1);
     }
 
     #[test]

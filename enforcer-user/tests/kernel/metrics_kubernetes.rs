@@ -63,4 +63,26 @@ fn the_unmapped_window_is_counted_while_open_and_measured_when_it_closes() {
     let text = agent.metrics();
     let took = sample(&text, "enforcer_pod_unmapped_seconds_sum").unwrap_or_default();
     assert!((0.5..10.0).contains(&took), "window {took} s\n{text}");
+
+    // A pod the API server named before its cgroup came is mapped at first sight: a window
+    // of zero, observed once.
+    let db_uid = uid(0x3d);
+    server
+        .apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: shop, uid: {db_uid}}}\n\
+             spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
+        ))
+        .expect("pod");
+    tree.container(&db_uid, '8');
+    agent.wait_for(Duration::from_secs(10), "the second pod mapped", || {
+        let text = agent.metrics();
+        sample(&text, "enforcer_pods{state=\"enforced\"}") == Some(2.0)
+            && sample(&text, "enforcer_pod_unmapped_seconds_count") == Some(2.0)
+    });
+    let text = agent.metrics();
+    let sum = sample(&text, "enforcer_pod_unmapped_seconds_sum").unwrap_or_default();
+    assert!(
+        sum < took + 1.0,
+        "the second window is short: {sum} s in all\n{text}"
+    );
 }

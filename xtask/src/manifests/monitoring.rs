@@ -1,7 +1,7 @@
 //! `deploy/monitoring/` for prometheus-operator: its kustomization renders (the patch applies),
 //! its ServiceMonitor and PrometheusRule validate against prometheus-operator's CRD models
-//! (npm's @kubernetes-models/prometheus-operator, pinned, installed under target/ on first
-//! use), and the PrometheusRule carries exactly the groups of `enforcer.rules.yml`.
+//! (npm's @kubernetes-models/prometheus-operator, locked in `monitoring-models/`, installed
+//! under target/ on first use), and the PrometheusRule carries exactly the groups of `enforcer.rules.yml`.
 
 use std::{
     io::Write as _,
@@ -13,8 +13,6 @@ use anyhow::{bail, Context as _};
 use serde::Deserialize as _;
 
 use crate::sh;
-
-const MODELS: &str = "@kubernetes-models/prometheus-operator@6.0.0";
 
 /// `kubectl kustomize dir`, as the documents it renders.
 pub fn render(dir: &Path) -> anyhow::Result<Vec<serde_yaml::Value>> {
@@ -40,25 +38,7 @@ pub fn check(root: &Path, rendered: &[serde_yaml::Value]) -> anyhow::Result<()> 
     same_rules(root, rendered)?;
     metrics_on_node(rendered)?;
     let models = root.join("target/monitoring-models");
-    if !models
-        .join("node_modules/@kubernetes-models/prometheus-operator")
-        .exists()
-    {
-        std::fs::create_dir_all(&models)?;
-        sh::run(
-            Command::new("npm")
-                .args([
-                    "install",
-                    "--no-audit",
-                    "--no-fund",
-                    "--loglevel=error",
-                    "--prefix",
-                ])
-                .arg(&models)
-                .arg(MODELS),
-        )
-        .context("installing the prometheus-operator models from npm")?;
-    }
+    install_models(&models)?;
     let script = models.join("validate_monitoring.mjs");
     std::fs::write(&script, include_str!("validate_monitoring.mjs"))?;
     let mut node = Command::new("node")
@@ -77,6 +57,35 @@ pub fn check(root: &Path, rendered: &[serde_yaml::Value]) -> anyhow::Result<()> 
         bail!("deploy/monitoring/: invalid prometheus-operator objects (above)");
     }
     Ok(())
+}
+
+/// `npm ci` from the committed lock file (exact versions and hashes, no install scripts),
+/// again whenever the lock file changes.
+fn install_models(models: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(models)?;
+    let lock = include_str!("monitoring-models/package-lock.json");
+    let installed = models.join("node_modules/.package-lock.json");
+    let current = std::fs::read_to_string(models.join("package-lock.json")).ok();
+    if installed.exists() && current.as_deref() == Some(lock) {
+        return Ok(());
+    }
+    std::fs::write(
+        models.join("package.json"),
+        include_str!("monitoring-models/package.json"),
+    )?;
+    std::fs::write(models.join("package-lock.json"), lock)?;
+    sh::run(
+        Command::new("npm")
+            .args([
+                "ci",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ])
+            .current_dir(models),
+    )
+    .context("installing prometheus-operator's models from npm (nodejs)")
 }
 
 /// The PrometheusRule is the rule file, wrapped: alerts are tested once (promtool), on the file.
