@@ -174,6 +174,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // most. After that, lookups run beside the loop and never delay an apply.
     let names = names_to_resolve(&cfg, &sources);
     let first = resolver.refresh_within(&names, FIRST_ANSWERS).await;
+    reconciler.metrics.resolver(&first.lookups, resolver.held());
     for err in first.errors {
         log::warn!("{err}");
     }
@@ -247,6 +248,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             Some((name, answer)) = resolver.next_answer() => {
                 let report = resolver.record(name, answer);
+                reconciler.metrics.resolver(&report.lookups, resolver.held());
                 for err in &report.errors {
                     log::warn!("{err}");
                 }

@@ -41,6 +41,11 @@ pub struct Metrics {
     pub dns: Family<Vec<(&'static str, String)>, Counter>,
     /// Addresses learned from workloads' answers now in the kernel.
     pub dns_learned: Gauge,
+    /// The agent's own lookups of ServiceEntry hosts, by result.
+    pub resolver_lookups: Family<Label, Counter>,
+    /// Names it resolves, and their addresses (`current`, or superseded and `in_grace`).
+    pub resolver_names: Gauge,
+    pub resolver_addresses: Family<Label, Gauge>,
     /// Kubernetes mode: this node's pods by state (`enforced`, `unenforced`, the kubelet
     /// root's `unmapped`), and enforced pods still without TC programs.
     pub pods: Family<Label, Gauge>,
@@ -83,6 +88,9 @@ impl Metrics {
             records: Family::default(),
             dns: Family::default(),
             dns_learned: Gauge::default(),
+            resolver_lookups: Family::default(),
+            resolver_names: Gauge::default(),
+            resolver_addresses: Family::default(),
             pods: Family::default(),
             pods_tc_pending: Gauge::default(),
             pod_unmapped_seconds: Histogram::new([
@@ -100,6 +108,21 @@ impl Metrics {
             "dns_learned_addresses",
             "Addresses learned from workloads' DNS answers, in the kernel now",
             m.dns_learned.clone(),
+        );
+        registry.register(
+            "resolver_lookups",
+            "The agent's lookups of ServiceEntry hosts, by result (answered, empty, timeout, servfail, refused, failed); a failure keeps the last answer",
+            m.resolver_lookups.clone(),
+        );
+        registry.register(
+            "resolver_names",
+            "Host names the agent resolves",
+            m.resolver_names.clone(),
+        );
+        registry.register(
+            "resolver_addresses",
+            "Their addresses: current, or superseded and kept in grace",
+            m.resolver_addresses.clone(),
         );
         registry.register(
             "pods",
@@ -262,6 +285,22 @@ impl Metrics {
             .set(i64::try_from(node.tc_pending()).unwrap_or(i64::MAX));
     }
 
+    /// The agent's own lookups: their results, and what it holds after them.
+    pub fn resolver(&self, lookups: &[&'static str], held: crate::resolver::Held) {
+        for result in lookups {
+            self.resolver_lookups
+                .get_or_create(&label("result", *result))
+                .inc();
+        }
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.resolver_names.set(gauge(held.names));
+        for (state, n) in [("current", held.current), ("in_grace", held.in_grace)] {
+            self.resolver_addresses
+                .get_or_create(&label("state", state))
+                .set(gauge(n));
+        }
+    }
+
     /// The unmapped windows that closed.
     pub fn unmapped_windows(&self, windows: &[Duration]) {
         for w in windows {
@@ -352,6 +391,27 @@ mod tests {
         // Without pinned maps the kernel's metrics say so, and nothing else of theirs.
         assert!(text.contains("enforcer_kernel_maps_readable 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn lookups_count_by_result_and_addresses_by_state() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"));
+        let held = crate::resolver::Held {
+            names: 2,
+            current: 3,
+            in_grace: 1,
+        };
+        m.resolver(&["answered", "servfail", "answered"], held);
+        let text = super::super::text::classic(&m.encode().expect("encoding"));
+        for line in [
+            "enforcer_resolver_lookups_total{result=\"answered\"} 2",
+            "enforcer_resolver_lookups_total{result=\"servfail\"} 1",
+            "enforcer_resolver_names 2",
+            "enforcer_resolver_addresses{state=\"current\"} 3",
+            "enforcer_resolver_addresses{state=\"in_grace\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 
     /// Every `enforcer_*` name in deploy/monitoring's dashboard and alerts is a sample the

@@ -47,17 +47,59 @@ pub struct Resolver {
 pub struct RefreshReport {
     pub changed: bool,
     pub errors: Vec<String>,
+    /// Each lookup's result: `answered`, `empty` (the name has no addresses), or a
+    /// [`LookupFailure`]'s label.
+    pub lookups: Vec<&'static str>,
 }
 
 impl RefreshReport {
     fn merge(&mut self, other: Self) {
         self.changed |= other.changed;
         self.errors.extend(other.errors);
+        self.lookups.extend(other.lookups);
     }
 }
 
+/// What the resolver holds: names, their current addresses, and superseded ones in grace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub names: usize,
+    pub current: usize,
+    pub in_grace: usize,
+}
+
 /// A lookup's addresses and TTL, or its error.
-pub type LookupResult = Result<(Vec<IpAddr>, Duration), String>;
+pub type LookupResult = Result<(Vec<IpAddr>, Duration), LookupError>;
+
+/// A lookup that gave no answer: the last answer is kept.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct LookupError {
+    pub kind: LookupFailure,
+    pub message: String,
+}
+
+/// Why, as `enforcer_resolver_lookups_total{result}` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupFailure {
+    Timeout,
+    /// The server answered SERVFAIL (it could not resolve the name now).
+    ServFail,
+    /// The server answered REFUSED, or another error code.
+    Refused,
+    Other,
+}
+
+impl LookupFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::ServFail => "servfail",
+            Self::Refused => "refused",
+            Self::Other => "failed",
+        }
+    }
+}
 
 impl Resolver {
     pub fn new(settings: DnsSettings) -> anyhow::Result<Self> {
@@ -184,6 +226,11 @@ impl Resolver {
             report.changed = true;
             HostRecord::unresolved(now, life.min_ttl)
         });
+        report.lookups.push(match &result {
+            Ok((ips, _)) if ips.is_empty() => "empty",
+            Ok(_) => "answered",
+            Err(err) => err.kind.label(),
+        });
         match result {
             Ok((ips, ttl)) => {
                 let previous = record.current().to_vec();
@@ -211,7 +258,7 @@ impl Resolver {
             }
             Err(err) => {
                 record.refresh_at = now + life.min_ttl;
-                record.last_error = Some(err.clone());
+                record.last_error = Some(err.message.clone());
                 report.errors.push(if record.allowed().is_empty() {
                     format!("DNS {name}: {err}; nothing is allowed for it yet")
                 } else {
@@ -251,7 +298,10 @@ impl Resolver {
             let inner = Arc::clone(&self.inner);
             let name = name.clone();
             lookups.spawn(async move {
-                let result = lookup(&inner, &name).await.map(|(ips, _)| ips);
+                let result = lookup(&inner, &name)
+                    .await
+                    .map(|(ips, _)| ips)
+                    .map_err(|e| e.message);
                 (name, result)
             });
         }
@@ -278,6 +328,14 @@ impl Resolver {
             .iter()
             .map(|(k, v)| (k.clone(), v.allowed()))
             .collect()
+    }
+
+    pub fn held(&self) -> Held {
+        Held {
+            names: self.answers.len(),
+            current: self.answers.values().map(|a| a.current().len()).sum(),
+            in_grace: self.answers.values().map(|a| a.retired().len()).sum(),
+        }
     }
 
     /// One line per name: its addresses, and the seconds until they expire.
@@ -328,7 +386,35 @@ async fn lookup(resolver: &TokioResolver, name: &str) -> LookupResult {
                 .saturating_duration_since(std::time::Instant::now());
             Ok((found.iter().collect(), ttl))
         }
-        Err(err) if err.is_no_records_found() => Ok((Vec::new(), Duration::ZERO)),
-        Err(err) => Err(err.to_string()),
+        Err(err) => match failure(&err) {
+            None => Ok((Vec::new(), Duration::ZERO)),
+            Some(kind) => Err(LookupError {
+                kind,
+                message: err.to_string(),
+            }),
+        },
     }
 }
+
+/// `None` for an answer that says the name has no addresses (NXDOMAIN, or NOERROR without
+/// records). hickory reports SERVFAIL and REFUSED as "no records found" too: those say
+/// nothing about the name, so the last answer must stay.
+fn failure(err: &hickory_resolver::ResolveError) -> Option<LookupFailure> {
+    use hickory_proto::{op::ResponseCode, ProtoErrorKind};
+    let Some(proto) = err.proto() else {
+        return Some(LookupFailure::Other);
+    };
+    match proto.kind() {
+        ProtoErrorKind::NoRecordsFound { response_code, .. } => match *response_code {
+            ResponseCode::NXDomain | ResponseCode::NoError => None,
+            ResponseCode::ServFail => Some(LookupFailure::ServFail),
+            _ => Some(LookupFailure::Refused),
+        },
+        ProtoErrorKind::Timeout => Some(LookupFailure::Timeout),
+        _ => Some(LookupFailure::Other),
+    }
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;
