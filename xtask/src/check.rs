@@ -1,5 +1,6 @@
 //! Build, lint and test.
 
+use anyhow::Context as _;
 use std::{path::PathBuf, process::Command};
 
 use crate::sh;
@@ -71,6 +72,13 @@ pub fn build_and_test() -> anyhow::Result<()> {
     if failed > 0 {
         anyhow::bail!("{failed} tests failed");
     }
+    // The kernel matrix's smoke: Debian 12's own 6.1 kernel, the oldest supported, where the
+    // verifier is strictest (a defect found there once). `cargo xtask vm-test` runs them all.
+    crate::vm::run(
+        &[crate::vm::SMOKE_KERNEL.to_string()],
+        Some(root.join("target/debug/enforcer")),
+    )
+    .context("the kernel matrix's smoke on 6.1 (cargo xtask vm-test)")?;
     Ok(())
 }
 

@@ -29,6 +29,8 @@ pub const DEFAULT_KERNELS: &[&str] = &[
     "linux-image-cloud-amd64",
     "linux-image-6.12-cloud-amd64",
 ];
+/// The kernel `cargo xtask build-and-test` boots: Debian 12's own.
+pub const SMOKE_KERNEL: &str = "linux-image-6.1.0-50-cloud-amd64";
 const MODULES: &[&str] = &["dummy", "veth", "sch_ingress", "cls_bpf"];
 const HOST_TOOLS: &[&str] = &["ip", "tc", "bpftool", "dnsmasq"];
 const PACKAGES: &[&str] = &[

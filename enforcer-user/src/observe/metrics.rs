@@ -13,6 +13,20 @@ use crate::{datapath::MapPlan, sources::Sources};
 /// A label set of one label.
 pub type Label = Vec<(&'static str, String)>;
 
+/// The kinds problems are counted by: the objects', the mesh config's, and documents that are
+/// no object.
+const PROBLEM_KINDS: [&str; 9] = [
+    "ServiceEntry",
+    "WorkloadEntry",
+    "Sidecar",
+    "Gateway",
+    "VirtualService",
+    "DestinationRule",
+    "IstioOperator",
+    "mesh",
+    "document",
+];
+
 /// Every metric the agent serves.
 #[derive(Debug)]
 pub struct Metrics {
@@ -28,8 +42,8 @@ pub struct Metrics {
     pub policy_generation: Gauge,
     /// Valid objects by kind.
     pub objects: Family<Label, Gauge>,
-    /// Problems in the sources, by severity.
-    pub problems: Family<Label, Gauge>,
+    /// Problems in the sources, by severity and the kind of object (or `mesh`, `document`).
+    pub problems: Family<Vec<(&'static str, String)>, Gauge>,
     /// Notes of the compiler (unresolved names, skipped routes).
     pub notes: Gauge,
     /// Refusal records the agent's output did not take.
@@ -333,16 +347,35 @@ impl Metrics {
                 .get_or_create(&label("kind", kind))
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        let warnings = sources
+        // Every (severity, kind) is set, to zero when none is left, so that a fixed problem
+        // does not stay counted.
+        let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for severity in ["error", "warning"] {
+            for kind in PROBLEM_KINDS {
+                counts.insert((severity, kind), 0);
+            }
+        }
+        for p in &sources.diagnostics {
+            let severity = if p.is_error() { "error" } else { "warning" };
+            let kind = p.object.split(' ').next().unwrap_or_default();
+            let kind = PROBLEM_KINDS
+                .into_iter()
+                .find(|k| *k == kind)
+                .unwrap_or("document");
+            *counts.entry((severity, kind)).or_default() += 1;
+        }
+        // What is not an object's own problem is the mesh config's (unreadable, several).
+        let mesh = sources
             .problems
-            .iter()
-            .filter(|p| p.starts_with("warning"))
-            .count();
-        let errors = sources.problems.len() - warnings;
-        for (severity, n) in [("error", errors), ("warning", warnings)] {
-            self.problems
-                .get_or_create(&label("severity", severity))
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .len()
+            .saturating_sub(sources.diagnostics.len());
+        *counts.entry(("error", "mesh")).or_default() += i64::try_from(mesh).unwrap_or(i64::MAX);
+        for ((severity, kind), n) in counts {
+            let labels = vec![
+                ("severity", severity.to_string()),
+                ("kind", kind.to_string()),
+            ];
+            self.problems.get_or_create(&labels).set(n);
         }
         self.notes.set(i64::try_from(notes).unwrap_or(i64::MAX));
     }
@@ -394,6 +427,28 @@ mod tests {
     }
 
     #[test]
+    fn problems_count_by_severity_and_kind_and_go_back_to_zero() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"));
+        let bad = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad, namespace: shop}\nspec: {hosts: [a.example.com], ports: [{number: 70000, name: x}], resolution: DNS}\n";
+        let sources = |yaml: &str| {
+            crate::sources::Sources::from_snapshot(crate::sources::documents::parse_documents(
+                "t.yaml", yaml,
+            ))
+        };
+        let line = "enforcer_problems{severity=\"error\",kind=\"ServiceEntry\"}";
+        let value = |m: &Metrics| {
+            let text = super::super::text::classic(&m.encode().expect("encoding"));
+            text.lines()
+                .find_map(|l| l.strip_prefix(line).map(str::trim).map(str::to_string))
+                .unwrap_or_else(|| panic!("{line} in\n{text}"))
+        };
+        m.sources(&sources(bad), 0);
+        assert_eq!(value(&m), "1");
+        m.sources(&sources(""), 0);
+        assert_eq!(value(&m), "0");
+    }
+
+    #[test]
     fn lookups_count_by_result_and_addresses_by_state() {
         let m = Metrics::new(PathBuf::from("/nonexistent"));
         let held = crate::resolver::Held {
@@ -422,7 +477,12 @@ mod tests {
         m.map_entries.get_or_create(&label("map", "x")).set(1);
         m.map_capacity.get_or_create(&label("map", "x")).set(1);
         m.objects.get_or_create(&label("kind", "x")).set(1);
-        m.problems.get_or_create(&label("severity", "x")).set(1);
+        m.problems
+            .get_or_create(&vec![
+                ("severity", "x".to_string()),
+                ("kind", "y".to_string()),
+            ])
+            .set(1);
         m.apply_seconds.observe(0.1);
         let text = m.encode().expect("encoding");
         let mut served: Vec<String> = text
