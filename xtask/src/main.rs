@@ -10,6 +10,8 @@ mod bench_metrics;
 mod bench_tc;
 mod check;
 mod demo;
+mod image;
+mod image_test;
 mod manifests;
 mod setup;
 mod sh;
@@ -61,6 +63,10 @@ enum Task {
         #[arg(long, value_name = "REV")]
         agent: Option<String>,
     },
+    /// Build the agent's image with podman from deploy/Dockerfile, with no registry (root).
+    Image,
+    /// Run that image as deploy/agent/daemonset.yaml runs it, and each capability removed (root).
+    ImageTest,
     /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
     VmTest {
         /// Kernel package (image or meta-package), repeatable [default: 6.1.0-50, newest 6.1, 6.12].
@@ -127,5 +133,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::BenchClient { args } => bench::client(&args),
         Task::VmTest { kernels, enforcer } => vm::run(&kernels, enforcer),
+        Task::Image => image::build(),
+        Task::ImageTest => image_test::run(),
     }
 }

@@ -83,7 +83,7 @@ pub fn run(verbose: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn installed(package: &str) -> bool {
+pub fn installed(package: &str) -> bool {
     sh::output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }

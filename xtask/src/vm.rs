@@ -96,7 +96,11 @@ pub fn run(kernels: &[String], enforcer: Option<PathBuf>) -> anyhow::Result<()> 
 
 /// Installs the Debian packages the initramfs is made of, and qemu, when missing.
 fn prerequisites() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let mut missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !crate::setup::installed(p))
+        .collect();
     // bookworm's qemu 7.2 conflicts with a qemu-utils from bookworm-backports.
     let backports = version_of("qemu-utils").is_some_and(|v| v.contains("bpo"));
     let qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();
@@ -133,11 +137,6 @@ fn prerequisites() -> anyhow::Result<()> {
         install(None, &missing)?;
     }
     Ok(())
-}
-
-fn installed(package: &str) -> bool {
-    sh::output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 fn version_of(package: &str) -> Option<String> {

@@ -161,12 +161,13 @@ impl Datapath {
         let applied = maps.read_current();
         let scope_ids = maps.read_scope_ids();
         log::info!(
-            "datapath ready at {}: adopted {} cgroups, {} exact and {} CIDR entries, {} scopes",
+            "datapath ready at {}: adopted {} cgroups, {} exact and {} CIDR entries, {} scopes; pod veths get {}",
             opts.pin_root.display(),
             applied.cgroups.len(),
             applied.exact.len(),
             applied.cidr.len(),
-            scope_ids.len()
+            scope_ids.len(),
+            tc_links::attachment()
         );
         Ok((
             Self {

@@ -183,13 +183,25 @@ fn veth_pod(addrs: &[IpAddr]) -> anyhow::Result<VethPod> {
     Ok(pod)
 }
 
+fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// How TC programs attach on this kernel, for the start's log line.
+pub fn attachment() -> &'static str {
+    if has_tcx() {
+        "TCX links (pinned)"
+    } else {
+        "netlink clsact filters (no TCX before 6.6; they stay on the qdisc)"
+    }
+}
+
 /// In front of the CNI's programs, on purpose: a CNI program that redirects (Cilium's
 /// `cil_from_container`, Calico's) ends the chain, and the judge must see every packet before
 /// that. Our programs pass with `TCX_NEXT`, so the CNI's still run after them. Under TCX that is
 /// the chain's head at attach time; on kernels before 6.6 a legacy cls_bpf filter at priority 1.
 fn tc_position() -> TcAttachOptions {
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-    if tcx {
+    if has_tcx() {
         TcAttachOptions::TcxOrder(LinkOrder::first())
     } else {
         TcAttachOptions::Netlink(NlOptions {
