@@ -79,6 +79,11 @@ pub fn build_and_test() -> anyhow::Result<()> {
         Some(root.join("target/debug/enforcer")),
     )
     .context("the kernel matrix's smoke on 6.1 (cargo xtask vm-test)")?;
+    // The image users build, run with the DaemonSet's exact privileges. After the kernel
+    // tests, never beside them: their test hosts take documentation ranges, where this host
+    // may reach its package mirrors.
+    crate::image::build().context("cargo xtask image")?;
+    crate::image_test::run().context("cargo xtask image-test")?;
     Ok(())
 }
 

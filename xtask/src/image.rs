@@ -83,6 +83,24 @@ fn prerequisites() -> anyhow::Result<()> {
     )
 }
 
+/// This host's own trust anchors (a proxy's, where registries are reached through one), as
+/// `update-ca-certificates` finds them when the Dockerfile installs ca-certificates: the build
+/// then reaches crates.io as the host does. Where there are none, the base is Debian's alone.
+fn trust_local_anchors(rootfs: &Path) -> anyhow::Result<()> {
+    let local = Path::new("/usr/local/share/ca-certificates");
+    let Ok(entries) = std::fs::read_dir(local) else {
+        return Ok(());
+    };
+    let into = rootfs.join("usr/local/share/ca-certificates");
+    std::fs::create_dir_all(&into)?;
+    for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "crt") {
+            std::fs::copy(entry.path(), into.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The bases, unless podman has them: a minbase bookworm with Debian's image's apt sources.
 fn base(work: &Path) -> anyhow::Result<()> {
     let present = |name: &str| {
@@ -107,6 +125,7 @@ fn base(work: &Path) -> anyhow::Result<()> {
     )
     .context("debootstrap bookworm")?;
     std::fs::remove_file(rootfs.join("etc/apt/sources.list")).ok();
+    trust_local_anchors(&rootfs)?;
     std::fs::write(
         rootfs.join("etc/apt/sources.list.d/debian.sources"),
         SOURCES,

@@ -60,6 +60,13 @@ pub fn run() -> anyhow::Result<()> {
     let full = variant(&spec, &world, "daemonset", None)?;
     let enforced = full.enforces();
     rows.push(("daemonset".to_string(), full));
+    // The runtime's default profile with bpf() and perf_event_open() allowed without
+    // SYS_ADMIN, in place of Unconfined: what a Localhost profile could give.
+    if spec.seccomp_unconfined {
+        let profile = world.seccomp_profile()?;
+        let outcome = variant_with(&spec, &world, "seccomp: default+bpf", None, Some(&profile))?;
+        rows.push(("seccomp: default+bpf".to_string(), outcome));
+    }
     let mut not_needed = Vec::new();
     for cap in &spec.caps_add {
         let name = format!("without {cap}");
@@ -100,15 +107,37 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Runs the container (without `drop`, if given), checks it, and removes it and its pins.
 fn variant(spec: &Spec, world: &World, name: &str, drop: Option<&str>) -> anyhow::Result<Outcome> {
+    variant_with(spec, world, name, drop, None)
+}
+
+/// [`variant`], with a seccomp profile in place of the DaemonSet's, if given.
+fn variant_with(
+    spec: &Spec,
+    world: &World,
+    name: &str,
+    drop: Option<&str>,
+    seccomp: Option<&std::path::Path>,
+) -> anyhow::Result<Outcome> {
     eprintln!("image-test: {name}");
     world.reset()?;
     let container = format!("enforcer-image-test-{}", std::process::id());
     let mut run = podman();
-    run.args(["run", "-d", "--name", &container]);
+    run.args(["run", "-d", "--replace", "--name", &container]);
     run.args(ULIMITS);
-    run.args(flags(spec, world, drop)?);
+    let mut flags = flags(spec, world, drop)?;
+    if let Some(profile) = seccomp {
+        let at = flags.iter().position(|f| f == "seccomp=unconfined");
+        if let Some(at) = at {
+            flags[at] = format!("seccomp={}", profile.display());
+        }
+    }
+    run.args(flags);
     run.arg(TAG).args(&spec.args).args(world.extra_args());
-    sh::run(&mut run).context("podman run")?;
+    if let Err(err) = sh::run(&mut run) {
+        // A container that failed to start is still there.
+        let _ = podman().args(["rm", "-f", &container]).output();
+        return Err(err).context("podman run");
+    }
     let outcome = observe(world, &container);
     let logs = podman()
         .args(["logs", &container])
@@ -122,22 +151,30 @@ fn variant(spec: &Spec, world: &World, name: &str, drop: Option<&str>) -> anyhow
         })
         .unwrap_or_default();
     let _ = podman().args(["rm", "-f", "-t", "2", &container]).output();
+    world.keep_log(name, &logs);
     world.teardown_pins(spec)?;
     let mut outcome = outcome;
     outcome.named = logs
         .lines()
         .any(|l| l.contains("\"pod\":\"web\"") && l.contains(world::REFUSED));
     if outcome.healthy.is_none() {
-        outcome.error = logs
-            .lines()
-            .rev()
-            .find(|l| l.contains("ERROR") || l.starts_with("Error"))
-            .unwrap_or("(no error logged)")
-            .chars()
-            .take(160)
-            .collect();
+        outcome.error = why_not(&logs);
     }
     Ok(outcome)
+}
+
+/// The agent's own word for why it stopped (`enforcer: ...`), and the verifier's line where
+/// it refused a program.
+fn why_not(logs: &str) -> String {
+    let short = |l: &str| l.chars().take(110).collect::<String>();
+    let stopped = logs
+        .lines()
+        .find(|l| l.starts_with("enforcer: "))
+        .map_or_else(|| "(no error logged)".to_string(), short);
+    match logs.lines().find(|l| l.contains("prohibited for !root")) {
+        Some(verifier) => format!("{stopped} ... verifier: {}", short(verifier)),
+        None => stopped,
+    }
 }
 
 /// podman's flags for the DaemonSet's pod settings.

@@ -176,6 +176,38 @@ impl World {
             .any(|l| l.starts_with(&prefix))
     }
 
+    /// The runtime's default seccomp profile (containers-common's) with `bpf` and
+    /// `perf_event_open` allowed to every process, not only to those with SYS_ADMIN.
+    pub fn seccomp_profile(&self) -> anyhow::Result<PathBuf> {
+        const DEFAULT: &str = "/usr/share/containers/seccomp.json";
+        const ALLOWED: [&str; 2] = ["bpf", "perf_event_open"];
+        let text =
+            std::fs::read_to_string(DEFAULT).with_context(|| format!("reading {DEFAULT}"))?;
+        let mut profile: serde_json::Value = serde_json::from_str(&text)?;
+        let rules = profile["syscalls"]
+            .as_array_mut()
+            .context("a profile without syscalls")?;
+        for rule in rules.iter_mut() {
+            if let Some(names) = rule["names"].as_array_mut() {
+                names.retain(|n| !n.as_str().is_some_and(|n| ALLOWED.contains(&n)));
+            }
+        }
+        rules.retain(|r| r["names"].as_array().is_some_and(|n| !n.is_empty()));
+        rules.push(serde_json::json!({"names": ALLOWED, "action": "SCMP_ACT_ALLOW"}));
+        let path = self.work.join("seccomp-enforcer.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&profile)?)?;
+        Ok(path)
+    }
+
+    /// The variant's container log, kept under target/image-test/.
+    pub fn keep_log(&self, variant: &str, logs: &str) {
+        let name: String = variant
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let _ = std::fs::write(self.work.join(format!("{name}.log")), logs);
+    }
+
     /// Removes the pins the variant left (unpinned links detach: enforcement stops).
     pub fn teardown_pins(&self, _spec: &super::Spec) -> anyhow::Result<()> {
         if Path::new(PIN_DIR).exists() {
