@@ -32,6 +32,8 @@ const START_WITHIN: Duration = Duration::from_secs(30);
 struct Outcome {
     /// Seconds to the first apply, if there was one.
     healthy: Option<f64>,
+    /// Its programs pinned in the host's bpffs, where the next agent finds them.
+    pinned: bool,
     allowed: bool,
     refused: bool,
     named: bool,
@@ -41,7 +43,7 @@ struct Outcome {
 
 impl Outcome {
     fn enforces(&self) -> bool {
-        self.healthy.is_some() && self.allowed && self.refused && self.named
+        self.healthy.is_some() && self.pinned && self.allowed && self.refused && self.named
     }
 }
 
@@ -78,14 +80,15 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("\nthe image {TAG} as deploy/agent/daemonset.yaml runs it, on this kernel:");
     println!(
-        "  {:<24} {:>8} {:>9} {:>9} {:>7}  last error",
-        "variant", "healthy", "allowed", "refused", "record"
+        "  {:<24} {:>8} {:>7} {:>8} {:>8} {:>7}  last error",
+        "variant", "healthy", "pinned", "allowed", "refused", "record"
     );
     for (name, o) in &rows {
         let yes = |b: bool| if b { "yes" } else { "-" };
         println!(
-            "  {name:<24} {:>8} {:>9} {:>9} {:>7}  {}",
+            "  {name:<24} {:>8} {:>7} {:>8} {:>8} {:>7}  {}",
             o.healthy.map_or("no".to_string(), |s| format!("{s:.1}s")),
+            yes(o.pinned),
             yes(o.allowed),
             yes(o.refused),
             yes(o.named),
@@ -243,6 +246,7 @@ fn observe(world: &World, container: &str) -> Outcome {
     let started = Instant::now();
     let mut outcome = Outcome {
         healthy: None,
+        pinned: false,
         allowed: false,
         refused: false,
         named: false,
@@ -261,6 +265,7 @@ fn observe(world: &World, container: &str) -> Outcome {
     if outcome.healthy.is_none() {
         return outcome;
     }
+    outcome.pinned = world.pinned();
     // The pod is mapped from the first apply on, or the next one (a second).
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && !(outcome.allowed && outcome.refused) {

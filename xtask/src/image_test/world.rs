@@ -155,6 +155,13 @@ impl World {
             .is_some_and(|s| s["generation"].as_u64().unwrap_or(0) >= 1)
     }
 
+    /// Whether the agent's programs are pinned in the host's bpffs directory it was given.
+    pub fn pinned(&self) -> bool {
+        Path::new(PIN_DIR)
+            .join("programs/enforcer_connect4")
+            .exists()
+    }
+
     /// probe.py from the pod's container cgroup: 0 connected, 1 EPERM, 2 anything else.
     pub fn probe(&self, dst: &str) -> Option<i32> {
         in_cgroup(&self.container, python())
