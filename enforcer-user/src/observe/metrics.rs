@@ -484,6 +484,8 @@ mod tests {
             ])
             .set(1);
         m.apply_seconds.observe(0.1);
+        m.pods.get_or_create(&label("state", "x")).set(1);
+        m.resolver(&["x"], crate::resolver::Held::default());
         let text = m.encode().expect("encoding");
         let mut served: Vec<String> = text
             .lines()
