@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use enforcer_testkit::apiserver::FakeApiServer;
-
 use crate::{
-    harness::{Agent, Dns, Hosts, Want, World},
-    kubernetes::{eventually_in, uid, KubeletTree, MESH_REGISTRY_ONLY},
+    fake_node::FakeNode,
+    harness::{Hosts, Want, World},
+    kubernetes::eventually_in,
 };
 
 const CLUSTER: &str = r#"
@@ -30,40 +29,18 @@ spec:
 fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
     let world = World::new("k8saudit");
     let _hosts = Hosts::new(&world);
-    let dns = Dns::new(&world, 60, &[]);
-    let server = FakeApiServer::start(&["v1"]).expect("fake API server");
-    server.apply(CLUSTER).expect("applying the cluster");
-    server.apply(MESH_REGISTRY_ONLY).expect("the mesh config");
-    let kubeconfig = world.dir.join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let tree = KubeletTree::new(&world);
-    let dns_addr = dns.addr();
-    let args = [
-        "--node-name",
-        "node-a",
-        "--kubelet-cgroups",
-        &tree.relative,
-        "--dns-server",
-        &dns_addr,
-    ];
-    let agent = Agent::start_kubernetes(&world, &kubeconfig, &args);
-    let web_uid = uid(0x2a);
-    server
-        .apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: {web_uid}}}\n\
-             spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
-        ))
-        .expect("pod");
-    let web = tree.container(&web_uid, '5');
+    let node = FakeNode::start(&world, CLUSTER);
+    let (agent, server) = (&node.agent, &node.server);
+    let web = node.pod("shop", "web", 0x2a, "", '5');
 
     // AUDIT: the unlisted address is reached, and recorded as REGISTRY_ONLY would refuse it.
-    eventually_in(&agent, &web, "198.51.100.11", 80, Want::Allowed);
+    eventually_in(agent, &web, "198.51.100.11", 80, Want::Allowed);
     agent.wait_for(Duration::from_secs(5), "the audit record", || {
         agent.denials().iter().any(|d| {
             d["verdict"] == "audit" && d["namespace"] == "shop" && d["dst"] == "198.51.100.11"
         })
     });
-    eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
+    eventually_in(agent, &web, "198.51.100.10", 80, Want::Allowed);
     // The metrics count the pod and the audit verdict.
     let text = agent.metrics();
     assert!(
@@ -83,8 +60,8 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
     server
         .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {egress-enforcer: enabled}}")
         .expect("namespace");
-    eventually_in(&agent, &web, "198.51.100.11", 80, Want::Denied);
-    eventually_in(&agent, &web, "198.51.100.10", 80, Want::Allowed);
+    eventually_in(agent, &web, "198.51.100.11", 80, Want::Denied);
+    eventually_in(agent, &web, "198.51.100.10", 80, Want::Allowed);
 }
 
 /// `explain` in Kubernetes mode asks the agent (no objects exported), by pod; `audit-report`
@@ -94,32 +71,10 @@ fn a_namespace_labelled_audit_records_what_registry_only_would_refuse() {
 fn explain_asks_the_live_agent_and_the_audit_report_suggests_what_to_allow() {
     let world = World::new("k8sreport");
     let hosts = Hosts::new(&world);
-    let dns = Dns::new(&world, 60, &[]);
-    let server = FakeApiServer::start(&["v1"]).expect("fake API server");
-    server.apply(CLUSTER).expect("applying the cluster");
-    server.apply(MESH_REGISTRY_ONLY).expect("the mesh config");
-    let kubeconfig = world.dir.join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let tree = KubeletTree::new(&world);
-    let dns_addr = dns.addr();
-    let args = [
-        "--node-name",
-        "node-a",
-        "--kubelet-cgroups",
-        &tree.relative,
-        "--dns-server",
-        &dns_addr,
-    ];
-    let agent = Agent::start_kubernetes(&world, &kubeconfig, &args);
-    let web_uid = uid(0x2b);
-    server
-        .apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: {web_uid}, labels: {{app: web}}}}\n\
-             spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
-        ))
-        .expect("pod");
-    let web = tree.container(&web_uid, '6');
-    eventually_in(&agent, &web, "198.51.100.11", 80, Want::Allowed);
+    let node = FakeNode::start(&world, CLUSTER);
+    let (agent, server) = (&node.agent, &node.server);
+    let web = node.pod("shop", "web", 0x2b, "app: web", '6');
+    eventually_in(agent, &web, "198.51.100.11", 80, Want::Allowed);
     agent.wait_for(Duration::from_secs(5), "the audit record", || {
         agent
             .denials()
@@ -185,8 +140,8 @@ fn explain_asks_the_live_agent_and_the_audit_report_suggests_what_to_allow() {
     agent.wait_for(Duration::from_secs(10), "shop enforced", || {
         agent.status()["scopes"]["shop"] == "REGISTRY_ONLY"
     });
-    eventually_in(&agent, &web, "198.51.100.12", 80, Want::Denied);
-    eventually_in(&agent, &web, "198.51.100.11", 80, Want::Allowed);
+    eventually_in(agent, &web, "198.51.100.12", 80, Want::Denied);
+    eventually_in(agent, &web, "198.51.100.11", 80, Want::Allowed);
     let received = hosts.received();
     assert!(reached_11(&received) > before, "{received:?}");
     assert!(

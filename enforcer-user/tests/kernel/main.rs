@@ -7,6 +7,7 @@ mod boundary_tc;
 mod escape;
 mod events;
 mod explain;
+mod fake_node;
 mod gateway;
 mod gateway_kubernetes;
 mod harness;

@@ -3,12 +3,7 @@
 
 use std::time::Duration;
 
-use enforcer_testkit::apiserver::FakeApiServer;
-
-use crate::{
-    harness::{Agent, Dns, World},
-    kubernetes::{uid, KubeletTree, MESH_REGISTRY_ONLY},
-};
+use crate::{fake_node::FakeNode, harness::World, kubernetes::uid};
 
 /// The value of the sample `name` (with its labels, as printed), if served.
 fn sample(text: &str, name: &str) -> Option<f64> {
@@ -19,40 +14,20 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 #[test]
 fn the_unmapped_window_is_counted_while_open_and_measured_when_it_closes() {
     let world = World::new("k8swindow");
-    let dns = Dns::new(&world, 60, &[]);
-    let server = FakeApiServer::start(&["v1"]).expect("fake API server");
-    server
-        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {egress-enforcer: enabled}}")
-        .expect("namespace");
-    server.apply(MESH_REGISTRY_ONLY).expect("the mesh config");
-    let kubeconfig = world.dir.join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let tree = KubeletTree::new(&world);
-    let dns_addr = dns.addr();
-    let args = [
-        "--node-name",
-        "node-a",
-        "--kubelet-cgroups",
-        &tree.relative,
-        "--dns-server",
-        &dns_addr,
-    ];
-    let agent = Agent::start_kubernetes(&world, &kubeconfig, &args);
+    let node = FakeNode::start(
+        &world,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {egress-enforcer: enabled}}",
+    );
+    let agent = &node.agent;
     // The kubelet made the pod's cgroup; the API server has not told the agent of the pod.
-    let web_uid = uid(0x3c);
-    tree.container(&web_uid, '7');
+    node.tree.container(&uid(0x3c), '7');
     agent.wait_for(Duration::from_secs(10), "one unmapped pod", || {
         let text = agent.metrics();
         sample(&text, "enforcer_pods{state=\"unmapped\"}") == Some(1.0)
             && sample(&text, "enforcer_pods_unmapped_oldest_seconds").is_some_and(|s| s > 0.0)
     });
     std::thread::sleep(Duration::from_millis(500));
-    server
-        .apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: {web_uid}}}\n\
-             spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
-        ))
-        .expect("pod");
+    node.pod_object("shop", "web", 0x3c, "");
     agent.wait_for(Duration::from_secs(10), "the window closed", || {
         let text = agent.metrics();
         sample(&text, "enforcer_pods{state=\"unmapped\"}") == Some(0.0)
@@ -66,14 +41,7 @@ fn the_unmapped_window_is_counted_while_open_and_measured_when_it_closes() {
 
     // A pod the API server named before its cgroup came is mapped at first sight: a window
     // of zero, observed once.
-    let db_uid = uid(0x3d);
-    server
-        .apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: shop, uid: {db_uid}}}\n\
-             spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
-        ))
-        .expect("pod");
-    tree.container(&db_uid, '8');
+    node.pod("shop", "db", 0x3d, "", '8');
     agent.wait_for(Duration::from_secs(10), "the second pod mapped", || {
         let text = agent.metrics();
         sample(&text, "enforcer_pods{state=\"enforced\"}") == Some(2.0)
