@@ -37,13 +37,21 @@ struct Outcome {
     allowed: bool,
     refused: bool,
     named: bool,
+    /// `enforcer explain --pod` and `enforcer events` in the container, over its control
+    /// socket, as an operator runs them with `kubectl exec`.
+    asked: bool,
     /// The agent's last error line, when it did not start.
     error: String,
 }
 
 impl Outcome {
     fn enforces(&self) -> bool {
-        self.healthy.is_some() && self.pinned && self.allowed && self.refused && self.named
+        self.healthy.is_some()
+            && self.pinned
+            && self.allowed
+            && self.refused
+            && self.named
+            && self.asked
     }
 }
 
@@ -80,18 +88,19 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("\nthe image {TAG} as deploy/agent/daemonset.yaml runs it, on this kernel:");
     println!(
-        "  {:<24} {:>8} {:>7} {:>8} {:>8} {:>7}  last error",
-        "variant", "healthy", "pinned", "allowed", "refused", "record"
+        "  {:<24} {:>8} {:>7} {:>8} {:>8} {:>7} {:>6}  last error",
+        "variant", "healthy", "pinned", "allowed", "refused", "record", "asked"
     );
     for (name, o) in &rows {
         let yes = |b: bool| if b { "yes" } else { "-" };
         println!(
-            "  {name:<24} {:>8} {:>7} {:>8} {:>8} {:>7}  {}",
+            "  {name:<24} {:>8} {:>7} {:>8} {:>8} {:>7} {:>6}  {}",
             o.healthy.map_or("no".to_string(), |s| format!("{s:.1}s")),
             yes(o.pinned),
             yes(o.allowed),
             yes(o.refused),
             yes(o.named),
+            yes(o.asked),
             o.error
         );
     }
@@ -250,6 +259,7 @@ fn observe(world: &World, container: &str) -> Outcome {
         allowed: false,
         refused: false,
         named: false,
+        asked: false,
         error: String::new(),
     };
     while started.elapsed() < START_WITHIN {
@@ -278,7 +288,38 @@ fn observe(world: &World, container: &str) -> Outcome {
     outcome.refused &= !world.reached(world::REFUSED);
     // Records are printed as they come: give the last one a moment.
     std::thread::sleep(Duration::from_millis(300));
+    outcome.asked = ask_in(container);
     outcome
+}
+
+/// The agent's own commands in its container: explain answers from the live policy by pod,
+/// and events names the pod's refusal.
+fn ask_in(container: &str) -> bool {
+    let exec = |args: &[&str]| {
+        podman()
+            .args(["exec", container, "enforcer"])
+            .args(args)
+            .output()
+            .ok()
+    };
+    let explained = exec(&[
+        "explain",
+        "-n",
+        "shop",
+        "--pod",
+        "web",
+        &format!("{}:80", world::ALLOWED),
+    ])
+    .is_some_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ServiceEntry shop/api")
+    });
+    let events = exec(&[
+        "events", "-n", "shop", "--pod", "web", "--json", "--last", "20",
+    ])
+    .is_some_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(world::REFUSED)
+    });
+    explained && events
 }
 
 fn running(container: &str) -> bool {
