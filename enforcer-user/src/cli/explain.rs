@@ -25,7 +25,7 @@ use crate::{
     observe::status::{Inputs, Status},
     observe::{
         control::{ask_one, Request},
-        explain_live::{ExplainAnswer, ExplainQuery},
+        explain_live::{ExplainAnswer, ExplainQuery, ExplainRow},
     },
     policy::{
         decide::{decide, describe_scope},
@@ -133,23 +133,19 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     );
     println!("policy: {source}");
     let live = LiveMaps::open(&args.placement.pin_root())?;
-    let mut all_allowed = true;
-    for ip in ips {
-        let decision = decide(&desired, &scope, ip, port, l4);
-        println!(
-            "  {}: {}",
-            crate::net::SocketFmt(ip, port),
-            decision.describe()
-        );
-        let mut learned = false;
-        if let Some(live) = &live {
-            let expected = (decision.allowed, decision.mode);
-            let (view, by_learning) = kernel_view(live, &scope, expected, ip, port, l4);
-            learned = by_learning;
-            println!("    kernel: {view}");
-        }
-        all_allowed &= decision.allowed || learned;
-    }
+    let rows: Vec<ExplainRow> = ips
+        .into_iter()
+        .map(|ip| {
+            let decision = decide(&desired, &scope, ip, port, l4);
+            ExplainRow {
+                ip,
+                allowed: decision.allowed,
+                mode: decision.mode,
+                why: decision.describe(),
+            }
+        })
+        .collect();
+    let all_allowed = print_rows(live.as_ref(), &scope, &rows, port, l4);
     if let Ok(status) = Status::read(&args.agent.status_file) {
         print_learned(&status, &scope, &host);
     }
@@ -185,22 +181,35 @@ fn explain_live(args: &ExplainArgs, host: String, port: u16) -> anyhow::Result<i
     println!("policy: the running agent's, live");
     let live = LiveMaps::open(&args.placement.pin_root())?;
     let l4 = if args.udp { L4::Udp } else { L4::Tcp };
+    let all_allowed = print_rows(live.as_ref(), &answer.scope, &answer.rows, port, l4);
+    if let Ok(status) = Status::read(&args.agent.status_file) {
+        print_learned(&status, &answer.scope, &host);
+    }
+    Ok(if all_allowed { 0 } else { 1 })
+}
+
+/// Each address's decision, and what the pinned maps say of it; whether every one is
+/// allowed (by the policy, or by an address learned from a DNS answer).
+fn print_rows(
+    live: Option<&LiveMaps>,
+    scope: &str,
+    rows: &[ExplainRow],
+    port: u16,
+    l4: L4,
+) -> bool {
     let mut all_allowed = true;
-    for row in &answer.rows {
+    for row in rows {
         println!("  {}: {}", crate::net::SocketFmt(row.ip, port), row.why);
         let mut learned = false;
-        if let Some(live) = &live {
+        if let Some(live) = live {
             let expected = (row.allowed, row.mode);
-            let (view, by_learning) = kernel_view(live, &answer.scope, expected, row.ip, port, l4);
+            let (view, by_learning) = kernel_view(live, scope, expected, row.ip, port, l4);
             learned = by_learning;
             println!("    kernel: {view}");
         }
         all_allowed &= row.allowed || learned;
     }
-    if let Ok(status) = Status::read(&args.agent.status_file) {
-        print_learned(&status, &answer.scope, &host);
-    }
-    Ok(if all_allowed { 0 } else { 1 })
+    all_allowed
 }
 
 /// The agent's inputs from its status file, or the command line's with `--policies`.

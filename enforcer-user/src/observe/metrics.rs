@@ -197,7 +197,7 @@ impl Metrics {
         registry.register("objects", "Valid policy objects by kind", m.objects.clone());
         registry.register(
             "problems",
-            "Problems found in the policy sources, by severity",
+            "Problems found in the policy sources, by severity and the kind of object",
             m.problems.clone(),
         );
         registry.register(

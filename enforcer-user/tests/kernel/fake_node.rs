@@ -8,7 +8,7 @@ use enforcer_testkit::apiserver::FakeApiServer;
 
 use crate::{
     harness::{Agent, Dns, World},
-    kubernetes::{uid, KubeletTree, MESH_REGISTRY_ONLY},
+    kubernetes::{pod_yaml, uid, KubeletTree, MESH_REGISTRY_ONLY},
 };
 
 pub(crate) struct FakeNode {
@@ -51,10 +51,7 @@ impl FakeNode {
     pub(crate) fn pod_object(&self, ns: &str, name: &str, n: u32, labels: &str) -> String {
         let uid = uid(n);
         self.server
-            .apply(&format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{{labels}}}}}\n\
-                 spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
-            ))
+            .apply(&pod_yaml(name, ns, &uid, labels))
             .expect("pod");
         uid
     }

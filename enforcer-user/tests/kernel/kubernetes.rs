@@ -116,7 +116,7 @@ pub(crate) fn uid(n: u32) -> String {
     format!("{n:08x}-1111-4222-8333-444455556666")
 }
 
-fn pod_yaml(name: &str, ns: &str, uid: &str, labels: &str) -> String {
+pub(crate) fn pod_yaml(name: &str, ns: &str, uid: &str, labels: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{{labels}}}}}\n\
          spec: {{nodeName: node-a, containers: [{{name: app, image: app:1}}]}}\nstatus: {{phase: Running}}\n"
