@@ -22,9 +22,18 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _};
 
-/// `host.py` or `probe.py`, shipped beside this crate.
+/// `host.py` or `probe.py`, shipped beside this crate: where it was built, or, for a binary run
+/// elsewhere (the Vagrant VM runs an xtask built on its host), under `testkit/` of the current
+/// directory, the workspace there.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.is_dir() {
+        return built.join(name);
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join("testkit"))
+        .unwrap_or_else(|_| built.to_path_buf())
+        .join(name)
 }
 
 /// Debian's python3 when present (`cargo xtask setup` installs it), else the one on PATH.

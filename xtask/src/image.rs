@@ -16,10 +16,10 @@ const BASES: [&str; 2] = [
     "docker.io/library/debian:bookworm-slim",
 ];
 const PACKAGES: [&str; 3] = ["podman", "runc", "debootstrap"];
-const MIRROR: &str = "http://deb.debian.org/debian";
+pub const MIRROR: &str = "http://deb.debian.org/debian";
 
 /// Debian's image has the security suite, where the Dockerfile's Rust and LLVM 22 come from.
-const SOURCES: &str = "Types: deb
+pub const SOURCES: &str = "Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm bookworm-updates
 Components: main
@@ -86,7 +86,7 @@ fn prerequisites() -> anyhow::Result<()> {
 /// This host's own trust anchors (a proxy's, where registries are reached through one), as
 /// `update-ca-certificates` finds them when the Dockerfile installs ca-certificates: the build
 /// then reaches crates.io as the host does. Where there are none, the base is Debian's alone.
-fn trust_local_anchors(rootfs: &Path) -> anyhow::Result<()> {
+pub fn trust_local_anchors(rootfs: &Path) -> anyhow::Result<()> {
     let local = Path::new("/usr/local/share/ca-certificates");
     let Ok(entries) = std::fs::read_dir(local) else {
         return Ok(());

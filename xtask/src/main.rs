@@ -15,6 +15,7 @@ mod image_test;
 mod manifests;
 mod setup;
 mod sh;
+mod vagrant;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -37,7 +38,11 @@ enum Task {
     /// Check deploy/ offline: kustomizations complete, objects valid against Kubernetes schemas.
     CheckDeploy,
     /// Live demo of seeds 000 to 003 on this machine (root).
-    Demo,
+    Demo {
+        /// An agent built elsewhere: nothing is built, and only what the demo runs is installed.
+        #[arg(long)]
+        enforcer: Option<std::path::PathBuf>,
+    },
     /// Measure program cost, connect() overhead, time to enforcement, the TC programs, DNS
     /// learning and HTTP through Envoy (root).
     Bench {
@@ -67,6 +72,18 @@ enum Task {
     Image,
     /// Run that image as deploy/agent/daemonset.yaml runs it, and each capability removed (root).
     ImageTest,
+    /// Build the Vagrant box enforcer/bookworm from Debian's mirror and add it (root).
+    VagrantBox,
+    /// vagrant/Vagrantfile end to end: up (the demo in the VM), the seeds step by step, destroy
+    /// (root).
+    VagrantTest {
+        /// Build the box again even if Vagrant has it.
+        #[arg(long)]
+        rebuild_box: bool,
+        /// Leave the VM running afterwards (`vagrant destroy -f` in vagrant/ removes it).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
     VmTest {
         /// Kernel package (image or meta-package), repeatable [default: 6.1.0-50, newest 6.1, 6.12].
@@ -96,9 +113,15 @@ fn main() -> anyhow::Result<()> {
             check::build_and_test()
         }
         Task::CheckDeploy => manifests::check(&sh::root()),
-        Task::Demo => {
+        Task::Demo { enforcer: None } => {
             setup::run(false)?;
             let bin = check::build_release()?;
+            demo::run(&bin)
+        }
+        Task::Demo {
+            enforcer: Some(bin),
+        } => {
+            setup::runtime()?;
             demo::run(&bin)
         }
         Task::Bench {
@@ -133,6 +156,8 @@ fn main() -> anyhow::Result<()> {
         }
         Task::BenchClient { args } => bench::client(&args),
         Task::VmTest { kernels, enforcer } => vm::run(&kernels, enforcer),
+        Task::VagrantBox => vagrant::make_box(),
+        Task::VagrantTest { rebuild_box, keep } => vagrant::test(rebuild_box, keep),
         Task::Image => image::build(),
         Task::ImageTest => image_test::run(),
     }

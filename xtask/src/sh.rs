@@ -7,12 +7,17 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-/// The workspace root.
+/// The workspace root: where this xtask was built, or, for a copy run elsewhere (the Vagrant VM
+/// runs one built on its host), the current directory.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if built.join("Cargo.toml").is_file() {
+        return built;
+    }
+    std::env::current_dir().unwrap_or(built)
 }
 
 /// Runs `cmd`, streaming its output; fails unless it exits 0.
