@@ -84,6 +84,10 @@ pub fn build_and_test() -> anyhow::Result<()> {
     // may reach its package mirrors.
     crate::image::build().context("cargo xtask image")?;
     crate::image_test::run().context("cargo xtask image-test")?;
+    // The Vagrantfile as users run it (the demo in a Debian 12 VM, then the README's seed
+    // steps), with the agent these tests built; after the kernel tests for the same reason.
+    crate::vagrant::test(false, false, Some(root.join("target/debug/enforcer")))
+        .context("cargo xtask vagrant-test")?;
     Ok(())
 }
 

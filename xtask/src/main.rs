@@ -83,6 +83,9 @@ enum Task {
         /// Leave the VM running afterwards (`vagrant destroy -f` in vagrant/ removes it).
         #[arg(long)]
         keep: bool,
+        /// The agent the VM runs [default: a release build of this checkout].
+        #[arg(long)]
+        enforcer: Option<std::path::PathBuf>,
     },
     /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
     VmTest {
@@ -157,7 +160,11 @@ fn main() -> anyhow::Result<()> {
         Task::BenchClient { args } => bench::client(&args),
         Task::VmTest { kernels, enforcer } => vm::run(&kernels, enforcer),
         Task::VagrantBox => vagrant::make_box(),
-        Task::VagrantTest { rebuild_box, keep } => vagrant::test(rebuild_box, keep),
+        Task::VagrantTest {
+            rebuild_box,
+            keep,
+            enforcer,
+        } => vagrant::test(rebuild_box, keep, enforcer),
         Task::Image => image::build(),
         Task::ImageTest => image_test::run(),
     }

@@ -39,6 +39,9 @@ const INSECURE_KEY: &str =
 
 pub fn build(work: &Path) -> anyhow::Result<PathBuf> {
     if work.exists() {
+        // A run that was killed in a chroot leaves the host's /dev bound inside: removing the
+        // directory first would delete the host's device nodes.
+        unmount_under(work)?;
         fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
     }
     fs::create_dir_all(work)?;
@@ -228,6 +231,30 @@ fn make_disk(rootfs: &Path, raw: &Path, mnt: &Path) -> anyhow::Result<()> {
         bail!("{} still names a loop device", cfg_path.display());
     }
     fs::write(&cfg_path, cfg)?;
+    Ok(())
+}
+
+/// Unmounts whatever is mounted under `dir`, deepest first, and fails if anything stays.
+fn unmount_under(dir: &Path) -> anyhow::Result<()> {
+    let dir = fs::canonicalize(dir)?;
+    let mounted = || -> anyhow::Result<Vec<PathBuf>> {
+        let info = fs::read_to_string("/proc/self/mountinfo")?;
+        let mut points: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .filter(|p| p.starts_with(&dir))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        Ok(points)
+    };
+    for point in mounted()? {
+        let _ = Command::new("umount").arg("-l").arg(&point).status();
+    }
+    let left = mounted()?;
+    if !left.is_empty() {
+        bail!("still mounted under {}: {left:?}", dir.display());
+    }
     Ok(())
 }
 

@@ -43,13 +43,17 @@ pub fn make_box() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn test(rebuild_box: bool, keep: bool) -> anyhow::Result<()> {
+pub fn test(rebuild_box: bool, keep: bool, enforcer: Option<PathBuf>) -> anyhow::Result<()> {
     prerequisites()?;
     let work = check::target_dir().join("vagrant");
     if rebuild_box || !box_present()? {
         make_box::build(&work.join("box"))?;
     }
-    let prebuilt = stage_binaries(&work.join("prebuilt"))?;
+    let enforcer = match enforcer {
+        Some(bin) => bin,
+        None => check::build_release()?,
+    };
+    let prebuilt = stage_binaries(&enforcer, &work.join("prebuilt"))?;
     let vagrant = Vagrant {
         dir: sh::root().join("vagrant"),
         prebuilt,
@@ -172,11 +176,10 @@ fn libvirt_driver() -> &'static str {
 }
 
 /// The agent and this xtask, as the VM runs them, without their debug information.
-fn stage_binaries(dir: &Path) -> anyhow::Result<PathBuf> {
-    let enforcer = check::build_release()?;
+fn stage_binaries(enforcer: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let xtask = std::env::current_exe().context("this xtask's path")?;
     fs::create_dir_all(dir)?;
-    for (from, name) in [(enforcer.as_path(), "enforcer"), (xtask.as_path(), "xtask")] {
+    for (from, name) in [(enforcer, "enforcer"), (xtask.as_path(), "xtask")] {
         sh::run(
             Command::new("objcopy")
                 .arg("--strip-debug")
