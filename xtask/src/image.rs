@@ -5,7 +5,7 @@
 
 use std::{path::Path, process::Command};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::sh;
 
@@ -50,7 +50,7 @@ pub const ULIMITS: [&str; 4] = [
 
 pub fn build() -> anyhow::Result<()> {
     let root = sh::root();
-    prerequisites()?;
+    crate::setup::install_missing(&PACKAGES, &[], false)?;
     base(&root.join("target/image"))?;
     sh::run(
         podman()
@@ -62,25 +62,6 @@ pub fn build() -> anyhow::Result<()> {
     .context("podman build -f deploy/Dockerfile")?;
     eprintln!("image: {TAG}");
     Ok(())
-}
-
-fn prerequisites() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .into_iter()
-        .filter(|p| !crate::setup::installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !sh::is_root() {
-        bail!("installing {} needs root", missing.join(" "));
-    }
-    sh::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// This host's own trust anchors (a proxy's, where registries are reached through one), as

@@ -80,7 +80,12 @@ pub fn runtime() -> anyhow::Result<()> {
     envoy_venv(false)
 }
 
-pub fn packages(wanted: &[&str], verbose: bool) -> anyhow::Result<()> {
+fn packages(wanted: &[&str], verbose: bool) -> anyhow::Result<()> {
+    install_missing(wanted, &[], verbose)
+}
+
+/// Installs those of `wanted` that are missing, with `apt_args` added to `apt-get install`.
+pub fn install_missing(wanted: &[&str], apt_args: &[&str], verbose: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         if verbose {
@@ -96,6 +101,7 @@ pub fn packages(wanted: &[&str], verbose: bool) -> anyhow::Result<()> {
     sh::run(
         Command::new("apt-get")
             .args(["install", "-y", "-q"])
+            .args(apt_args)
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )

@@ -95,7 +95,7 @@ pub fn run(kernels: &[String], enforcer: Option<PathBuf>) -> anyhow::Result<()> 
 }
 
 /// Installs the Debian packages the initramfs is made of, and qemu, when missing.
-fn prerequisites() -> anyhow::Result<()> {
+pub fn prerequisites() -> anyhow::Result<()> {
     let mut missing: Vec<&str> = PACKAGES
         .iter()
         .copied()

@@ -27,8 +27,6 @@ const PACKAGES: &[&str] = &[
     "libvirt-daemon-driver-qemu",
     "libvirt-clients",
     "dnsmasq-base",
-    "qemu-system-x86",
-    "qemu-utils",
     "debootstrap",
     "fdisk",
     "e2fsprogs",
@@ -204,7 +202,10 @@ fn prerequisites() -> anyhow::Result<()> {
             "the box is built with loop devices and chroot, and libvirt runs as root: run as root"
         );
     }
-    setup::packages(PACKAGES, false)?;
+    // qemu as vm-test installs it: bookworm's, or bookworm-backports' where qemu-utils is.
+    crate::vm::prerequisites()?;
+    // Without recommends: libvirt's would bring bookworm's qemu beside that one.
+    setup::install_missing(PACKAGES, &["--no-install-recommends"], false)?;
     start_libvirt()
 }
 
