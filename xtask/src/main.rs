@@ -106,18 +106,18 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(true),
+        Task::Setup => setup::run(setup::Need::All, true),
         Task::Build => {
-            setup::run(false)?;
+            setup::run(setup::Need::Build, false)?;
             check::build_release().map(|_| ())
         }
         Task::BuildAndTest => {
-            setup::run(false)?;
+            setup::run(setup::Need::All, false)?;
             check::build_and_test()
         }
         Task::CheckDeploy => manifests::check(&sh::root()),
         Task::Demo { enforcer: None } => {
-            setup::run(false)?;
+            setup::run(setup::Need::Build, false)?;
             let bin = check::build_release()?;
             demo::run(&bin)
         }
@@ -136,7 +136,7 @@ fn main() -> anyhow::Result<()> {
             baseline,
             agent,
         } => {
-            setup::run(false)?;
+            setup::run(setup::Need::All, false)?;
             let (bin, label) = match &agent {
                 Some(rev) => (bench_cost::agent_at(rev)?, rev.as_str()),
                 None => (check::build_release()?, "this build"),

