@@ -56,9 +56,11 @@ pub fn test(rebuild_box: bool, keep: bool, enforcer: Option<PathBuf>) -> anyhow:
         dir: sh::root().join("vagrant"),
         prebuilt,
         log: work.join("vagrant-test.log"),
+        state: work.join("state"),
     };
     fs::write(&vagrant.log, "")?;
-    // A VM left by an interrupted run would keep the name and the network.
+    // A VM an interrupted run left (this test's own: its state is apart from a user's
+    // `vagrant up` in vagrant/, whose VM is never touched) would keep the name.
     vagrant.run(&["destroy", "-f"]).ok();
     let started = Instant::now();
     let result = vagrant
@@ -91,6 +93,8 @@ pub struct Vagrant {
     dir: PathBuf,
     prebuilt: PathBuf,
     log: PathBuf,
+    /// Vagrant's record of the machine (VAGRANT_DOTFILE_PATH), instead of vagrant/.vagrant.
+    state: PathBuf,
 }
 
 impl Vagrant {
@@ -98,6 +102,7 @@ impl Vagrant {
         let mut cmd = Command::new("vagrant");
         cmd.current_dir(&self.dir)
             .args(args)
+            .env("VAGRANT_DOTFILE_PATH", &self.state)
             .env("ENFORCER_BOX", make_box::NAME)
             .env("ENFORCER_PREBUILT", &self.prebuilt)
             // vagrant-libvirt's management network, as users get it: NAT to the host's uplink,
