@@ -27,13 +27,14 @@ use anyhow::{bail, ensure, Context as _};
 /// directory, the workspace there.
 pub fn script(name: &str) -> PathBuf {
     let built = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if built.is_dir() {
-        return built.join(name);
+    match std::env::current_dir() {
+        Ok(cwd)
+            if !built.join("Cargo.toml").is_file() && cwd.join("testkit/Cargo.toml").is_file() =>
+        {
+            cwd.join("testkit").join(name)
+        }
+        _ => built.join(name),
     }
-    std::env::current_dir()
-        .map(|cwd| cwd.join("testkit"))
-        .unwrap_or_else(|_| built.to_path_buf())
-        .join(name)
 }
 
 /// Debian's python3 when present (`cargo xtask setup` installs it), else the one on PATH.

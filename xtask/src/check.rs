@@ -76,7 +76,7 @@ pub fn build_and_test() -> anyhow::Result<()> {
     // verifier is strictest (a defect found there once). `cargo xtask vm-test` runs them all.
     crate::vm::run(
         &[crate::vm::SMOKE_KERNEL.to_string()],
-        Some(root.join("target/debug/enforcer")),
+        Some(target_dir().join("debug/enforcer")),
     )
     .context("the kernel matrix's smoke on 6.1 (cargo xtask vm-test)")?;
     // The image users build, run with the DaemonSet's exact privileges. After the kernel
@@ -86,7 +86,7 @@ pub fn build_and_test() -> anyhow::Result<()> {
     crate::image_test::run().context("cargo xtask image-test")?;
     // The Vagrantfile as users run it (the demo in a Debian 12 VM, then the README's seed
     // steps), with the agent these tests built; after the kernel tests for the same reason.
-    crate::vagrant::test(false, false, Some(root.join("target/debug/enforcer")))
+    crate::vagrant::test(false, false, Some(target_dir().join("debug/enforcer")))
         .context("cargo xtask vagrant-test")?;
     Ok(())
 }

@@ -87,6 +87,9 @@ enum Task {
         #[arg(long)]
         enforcer: Option<std::path::PathBuf>,
     },
+    /// The box's root filesystem and disk, run by vagrant-box in a mount namespace of its own.
+    #[command(hide = true)]
+    VagrantBoxDisk { work: std::path::PathBuf },
     /// Boot Debian kernels in qemu (TCG) and check that the agent loads and enforces (root).
     VmTest {
         /// Kernel package (image or meta-package), repeatable [default: 6.1.0-50, newest 6.1, 6.12].
@@ -160,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchClient { args } => bench::client(&args),
         Task::VmTest { kernels, enforcer } => vm::run(&kernels, enforcer),
         Task::VagrantBox => vagrant::make_box(),
+        Task::VagrantBoxDisk { work } => vagrant::box_disk(&work),
         Task::VagrantTest {
             rebuild_box,
             keep,

@@ -82,6 +82,10 @@ fn kubectl() -> anyhow::Result<()> {
     {
         return Ok(());
     }
+    // A repository added since the last update would not show.
+    if sh::is_root() {
+        sh::run(Command::new("apt-get").args(["update", "-q"]))?;
+    }
     let policy = sh::output(Command::new("apt-cache").args(["policy", "kubectl"]))?;
     let candidate = String::from_utf8_lossy(&policy.stdout)
         .lines()
@@ -126,8 +130,13 @@ fn bpf_linker(verbose: bool) -> anyhow::Result<()> {
     sh::run(&mut cargo).context("installing bpf-linker")?;
     if !bpf_linker_ok() {
         bail!(
-            "bpf-linker was installed where PATH does not reach (cargo's bin directory, \
-             ~/.cargo/bin by default): add that directory to PATH"
+            "bpf-linker {BPF_LINKER_VERSION} was installed ({}) but `bpf-linker --version` \
+             on PATH does not say so: put that directory first on PATH",
+            if sh::is_root() {
+                "/usr/local/bin"
+            } else {
+                "cargo's bin directory, ~/.cargo/bin by default"
+            }
         );
     }
     Ok(())
@@ -154,7 +163,10 @@ pub fn install_missing(wanted: &[&str], apt_args: &[&str], verbose: bool) -> any
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
     if !sh::is_root() {
-        bail!("installing packages needs root: run `sudo cargo xtask setup`");
+        bail!(
+            "installing {} needs root: run this command as root",
+            missing.join(" ")
+        );
     }
     sh::run(Command::new("apt-get").args(["update", "-q"]))?;
     sh::run(

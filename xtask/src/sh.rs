@@ -14,10 +14,10 @@ pub fn root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    if built.join("Cargo.toml").is_file() {
-        return built;
+    match std::env::current_dir() {
+        Ok(cwd) if !built.join("Cargo.toml").is_file() && cwd.join("Cargo.toml").is_file() => cwd,
+        _ => built,
     }
-    std::env::current_dir().unwrap_or(built)
 }
 
 /// Runs `cmd`, streaming its output; fails unless it exits 0.

@@ -1,9 +1,12 @@
 //! `cargo xtask vagrant-box`: a libvirt box of Debian 12, built from Debian's mirror because
 //! public boxes cannot be fetched here. It follows the conventions of Debian's own
 //! `debian/bookworm64` box: eth0 by DHCP through ifupdown, the `vagrant` user with Vagrant's
-//! insecure key and password-less sudo, nothing else. It is upgraded from bookworm-updates and
+//! insecure key and password-less sudo. It is upgraded from bookworm-updates and
 //! bookworm-security as an installed Debian 12 is, kernel included; the security suite is also
-//! where `cargo xtask setup` finds Rust and LLVM 22.
+//! where `cargo xtask setup` finds Rust and LLVM 22. Like the image's bases, it trusts the
+//! host's local anchors (`/usr/local/share/ca-certificates`, a proxy's where registries are
+//! reached through one; empty on a normal machine). It ships no SSH host keys and no machine
+//! id: each VM makes its own at first boot.
 
 use std::{
     fs,
@@ -14,12 +17,13 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+use super::disk;
 use crate::{image, sh};
 
 /// The box `vagrant/Vagrantfile` uses when `ENFORCER_BOX` names it.
 pub const NAME: &str = "enforcer/bookworm";
 /// The disk's virtual size: room for the toolchain and a release build inside the VM.
-const DISK_GIB: u32 = 24;
+pub const DISK_GIB: u32 = 24;
 const INCLUDE: &[&str] = &[
     "systemd-sysv",
     "linux-image-cloud-amd64",
@@ -36,15 +40,60 @@ const INCLUDE: &[&str] = &[
 ];
 const INSECURE_KEY: &str =
     "/usr/share/rubygems-integration/all/gems/vagrant-2.3.4/keys/vagrant.pub";
+/// `ssh-keygen -A` before sshd, where the box left no host keys.
+const HOST_KEYS_UNIT: &str = "[Unit]
+Description=This machine's SSH host keys (the box ships none)
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
-pub fn build(work: &Path) -> anyhow::Result<PathBuf> {
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=ssh.service
+";
+
+pub fn build(work: &Path) -> anyhow::Result<()> {
+    disk::release_leftovers(work)?;
     if work.exists() {
-        // A run that was killed in a chroot leaves the host's /dev bound inside: removing the
-        // directory first would delete the host's device nodes.
-        unmount_under(work)?;
         fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
     }
     fs::create_dir_all(work)?;
+    // The chroot and the disk are made by a child in a mount namespace of its own: its mounts
+    // (the host's /dev bound into the chroot among them) never appear in the host's view and
+    // go with it however it ends, so nothing here can remove the host's device nodes.
+    sh::run(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private"])
+            .arg(std::env::current_exe().context("this xtask's path")?)
+            .arg("vagrant-box-disk")
+            .arg(work),
+    )
+    .context("making the box's disk")?;
+    fs::remove_dir_all(work.join("rootfs"))?;
+    let raw = work.join("disk.raw");
+    let img = work.join("box.img");
+    sh::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&img),
+    )?;
+    fs::remove_file(&raw)?;
+    let boxfile = package(work, &img)?;
+    forget_uploaded_box()?;
+    sh::run(
+        Command::new("vagrant")
+            .args(["box", "add", "--force", "--name", NAME])
+            .arg(&boxfile),
+    )?;
+    fs::remove_file(&boxfile)?;
+    Ok(())
+}
+
+/// The child's part of `build`: the root filesystem and the raw disk.
+pub fn rootfs_and_disk(work: &Path) -> anyhow::Result<()> {
     let rootfs = work.join("rootfs");
     sh::run(
         Command::new("debootstrap")
@@ -57,18 +106,17 @@ pub fn build(work: &Path) -> anyhow::Result<PathBuf> {
             .arg(image::MIRROR),
     )
     .context("debootstrap bookworm")?;
-    configure(&rootfs)?;
-    let raw = work.join("disk.raw");
-    make_disk(&rootfs, &raw, &work.join("mnt"))?;
-    fs::remove_dir_all(&rootfs)?;
-    let img = work.join("box.img");
-    sh::run(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&img),
-    )?;
-    fs::remove_file(&raw)?;
+    write_config(&rootfs)?;
+    {
+        let _mounts = disk::ChrootMounts::new(&rootfs)?;
+        set_up_inside(&rootfs)?;
+    }
+    forget_machine(&rootfs)?;
+    disk::make_disk(&rootfs, &work.join("disk.raw"), &work.join("mnt"))
+}
+
+/// A libvirt box: the qcow2 disk, its metadata and an empty Vagrantfile, in a tar.
+fn package(work: &Path, img: &Path) -> anyhow::Result<PathBuf> {
     fs::write(
         work.join("metadata.json"),
         format!(r#"{{"provider":"libvirt","format":"qcow2","virtual_size":{DISK_GIB}}}"#),
@@ -85,52 +133,59 @@ pub fn build(work: &Path) -> anyhow::Result<PathBuf> {
             .arg(&boxfile)
             .args(["metadata.json", "Vagrantfile", "box.img"]),
     )?;
-    fs::remove_file(&img)?;
-    forget_uploaded_box()?;
-    sh::run(
-        Command::new("vagrant")
-            .args(["box", "add", "--force", "--name", NAME])
-            .arg(&boxfile),
-    )?;
-    fs::remove_file(&boxfile)?;
+    fs::remove_file(img)?;
     Ok(boxfile)
 }
 
 /// vagrant-libvirt uploads a box into libvirt's pool once, under a name with the box's date; a
-/// rebuilt box gets a new volume, and the old one would stay behind.
+/// rebuilt box gets a new volume, and the old one would stay behind. One that a VM's disk is
+/// still built on is kept.
 fn forget_uploaded_box() -> anyhow::Result<()> {
     let prefix = format!("{}_vagrant_box_image_", NAME.replace('/', "-VAGRANTSLASH-"));
-    let out = sh::output(Command::new("virsh").args([
-        "-c",
-        "qemu:///system",
-        "vol-list",
-        "--pool",
-        "default",
-    ]))?;
-    // No pool yet (libvirt fresh): nothing was uploaded.
+    let out = sh::output(&mut virsh(&["vol-list", "--pool", "default"]))?;
     if !out.status.success() {
-        return Ok(());
+        let err = String::from_utf8_lossy(&out.stderr);
+        // A fresh libvirt has no pool until vagrant-libvirt makes one: nothing was uploaded.
+        if err.contains("Storage pool not found") {
+            return Ok(());
+        }
+        bail!("virsh vol-list --pool default: {}", err.trim());
     }
-    for volume in String::from_utf8_lossy(&out.stdout)
+    let volumes: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with(&prefix))
-    {
-        sh::run(Command::new("virsh").args([
-            "-c",
-            "qemu:///system",
-            "vol-delete",
-            "--pool",
-            "default",
-            volume,
-        ]))?;
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for old in volumes.iter().filter(|v| v.starts_with(&prefix)) {
+        let users: Vec<&String> = volumes
+            .iter()
+            .filter(|v| *v != old)
+            .filter(|v| {
+                sh::output(&mut virsh(&["vol-dumpxml", "--pool", "default", v]))
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(old.as_str()))
+            })
+            .collect();
+        if users.is_empty() {
+            sh::run(&mut virsh(&["vol-delete", "--pool", "default", old]))?;
+        } else {
+            eprintln!("vagrant-box: keeping {old}: the disks {users:?} are built on it");
+        }
     }
     Ok(())
 }
 
-/// Debian's image's apt sources, Vagrant's conventions, and bookworm-security's kernel.
-fn configure(rootfs: &Path) -> anyhow::Result<()> {
-    fs::remove_file(rootfs.join("etc/apt/sources.list")).ok();
+fn virsh(args: &[&str]) -> Command {
+    let mut cmd = Command::new("virsh");
+    cmd.args(["-c", "qemu:///system"]).args(args);
+    cmd
+}
+
+/// Debian's image's apt sources and Vagrant's conventions, as files.
+fn write_config(rootfs: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(rootfs.join("etc/apt/sources.list")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     fs::write(
         rootfs.join("etc/apt/sources.list.d/debian.sources"),
         image::SOURCES,
@@ -156,15 +211,24 @@ fn configure(rootfs: &Path) -> anyhow::Result<()> {
         "GRUB_TIMEOUT=1\n\
          GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=0\"\n",
     )?;
+    // Vagrant logs in with its key; the conventional password stays for the console only.
     fs::write(
         rootfs.join("etc/ssh/sshd_config.d/vagrant.conf"),
-        "UseDNS no\n",
+        "UseDNS no\nPasswordAuthentication no\n",
+    )?;
+    fs::write(
+        rootfs.join("etc/systemd/system/ssh-hostkeys.service"),
+        HOST_KEYS_UNIT,
     )?;
     let sudoers = rootfs.join("etc/sudoers.d/vagrant");
     fs::write(&sudoers, "vagrant ALL=(ALL) NOPASSWD: ALL\n")?;
     fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440))?;
+    Ok(())
+}
 
-    let _mounts = ChrootMounts::new(rootfs)?;
+/// What runs in the chroot: the vagrant user, trust anchors, the upgrade, and GRUB's device
+/// for later upgrades in the VM.
+fn set_up_inside(rootfs: &Path) -> anyhow::Result<()> {
     chroot(rootfs, &["useradd", "-m", "-s", "/bin/bash", "vagrant"])?;
     chroot(rootfs, &["sh", "-c", "echo vagrant:vagrant | chpasswd"])?;
     let ssh = rootfs.join("home/vagrant/.ssh");
@@ -176,155 +240,46 @@ fn configure(rootfs: &Path) -> anyhow::Result<()> {
         &["chown", "-R", "vagrant:vagrant", "/home/vagrant/.ssh"],
     )?;
     chroot(rootfs, &["chmod", "700", "/home/vagrant/.ssh"])?;
+    chroot(rootfs, &["systemctl", "enable", "ssh-hostkeys.service"])?;
+    chroot(
+        rootfs,
+        &[
+            "sh",
+            "-c",
+            "echo 'grub-pc grub-pc/install_devices multiselect /dev/vda' | debconf-set-selections",
+        ],
+    )?;
     chroot(rootfs, &["update-ca-certificates"])?;
-    chroot(rootfs, &["apt-get", "update", "-q"])?;
-    chroot(rootfs, &["apt-get", "full-upgrade", "-y", "-q"])?;
-    chroot(rootfs, &["apt-get", "clean"])?;
-    Ok(())
+    // Maintainer scripts must not start daemons (sshd among them) on the host from the chroot.
+    let policy = rootfs.join("usr/sbin/policy-rc.d");
+    fs::write(&policy, "#!/bin/sh\nexit 101\n")?;
+    fs::set_permissions(&policy, fs::Permissions::from_mode(0o755))?;
+    let upgraded = chroot(rootfs, &["apt-get", "update", "-q"])
+        .and_then(|_| chroot(rootfs, &["apt-get", "full-upgrade", "-y", "-q"]))
+        .and_then(|_| chroot(rootfs, &["apt-get", "clean"]));
+    fs::remove_file(&policy)?;
+    upgraded
 }
 
-fn chroot(rootfs: &Path, args: &[&str]) -> anyhow::Result<()> {
+/// Each VM makes its own SSH host keys (ssh-hostkeys.service) and machine id at first boot.
+fn forget_machine(rootfs: &Path) -> anyhow::Result<()> {
+    for entry in fs::read_dir(rootfs.join("etc/ssh"))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    fs::write(rootfs.join("etc/machine-id"), "")?;
+    match fs::remove_file(rootfs.join("var/lib/dbus/machine-id")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+pub fn chroot(rootfs: &Path, args: &[&str]) -> anyhow::Result<()> {
     sh::run(
         Command::new("chroot")
             .arg(rootfs)
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-}
-
-/// A raw disk with one bootable ext4 partition labelled `root`, holding `rootfs`, with GRUB in
-/// its MBR.
-fn make_disk(rootfs: &Path, raw: &Path, mnt: &Path) -> anyhow::Result<()> {
-    sh::run(
-        Command::new("truncate")
-            .args(["-s", &format!("{DISK_GIB}G")])
-            .arg(raw),
-    )?;
-    let mut sfdisk = Command::new("sfdisk");
-    sfdisk.arg(raw).stdin(std::process::Stdio::piped());
-    eprintln!("+ sfdisk {}", raw.display());
-    let mut child = sfdisk.spawn().context("sfdisk")?;
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().context("sfdisk's input")?;
-        stdin.write_all(b"label: dos\ntype=83, bootable\n")?;
-    }
-    if !child.wait()?.success() {
-        bail!("sfdisk {} failed", raw.display());
-    }
-    let loop_dev = LoopDevice::attach(raw)?;
-    let part = format!("{}p1", loop_dev.path);
-    sh::run(Command::new("mkfs.ext4").args(["-q", "-L", "root", &part]))?;
-    fs::create_dir_all(mnt)?;
-    let _root = Mount::new(&part, mnt, &[])?;
-    sh::run(Command::new("cp").arg("-a").arg(rootfs.join(".")).arg(mnt))?;
-    {
-        let _mounts = ChrootMounts::new(mnt)?;
-        chroot(mnt, &["grub-install", "--target=i386-pc", &loop_dev.path])?;
-        chroot(mnt, &["update-grub"])?;
-    }
-    // Without udev, grub-mkconfig names the loop device: the VM's disk has the label instead.
-    let cfg_path = mnt.join("boot/grub/grub.cfg");
-    let cfg = fs::read_to_string(&cfg_path)?;
-    let cfg = cfg.replace(&format!("root={part}"), "root=LABEL=root");
-    if cfg.contains("/dev/loop") {
-        bail!("{} still names a loop device", cfg_path.display());
-    }
-    fs::write(&cfg_path, cfg)?;
-    Ok(())
-}
-
-/// Unmounts whatever is mounted under `dir`, deepest first, and fails if anything stays.
-fn unmount_under(dir: &Path) -> anyhow::Result<()> {
-    let dir = fs::canonicalize(dir)?;
-    let mounted = || -> anyhow::Result<Vec<PathBuf>> {
-        let info = fs::read_to_string("/proc/self/mountinfo")?;
-        let mut points: Vec<PathBuf> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(PathBuf::from)
-            .filter(|p| p.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        Ok(points)
-    };
-    for point in mounted()? {
-        let _ = Command::new("umount").arg("-l").arg(&point).status();
-    }
-    let left = mounted()?;
-    if !left.is_empty() {
-        bail!("still mounted under {}: {left:?}", dir.display());
-    }
-    Ok(())
-}
-
-/// A loop device over a disk image, with its partitions, detached when dropped.
-struct LoopDevice {
-    path: String,
-}
-
-impl LoopDevice {
-    fn attach(image: &Path) -> anyhow::Result<Self> {
-        let out = sh::output(Command::new("losetup").args(["-fP", "--show"]).arg(image))?;
-        if !out.status.success() {
-            bail!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let dev = LoopDevice { path };
-        // losetup -P does not always make the partition here; partx does (and fails, harmlessly,
-        // when it exists).
-        if !Path::new(&format!("{}p1", dev.path)).exists() {
-            let _ = sh::output(Command::new("partx").args(["-a", &dev.path]));
-        }
-        if !Path::new(&format!("{}p1", dev.path)).exists() {
-            bail!("{}p1 did not appear", dev.path);
-        }
-        Ok(dev)
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.path]).status();
-    }
-}
-
-/// A mount, undone when dropped.
-struct Mount {
-    target: PathBuf,
-}
-
-impl Mount {
-    fn new(source: &str, target: &Path, options: &[&str]) -> anyhow::Result<Self> {
-        fs::create_dir_all(target)?;
-        sh::run(Command::new("mount").args(options).arg(source).arg(target))?;
-        Ok(Mount {
-            target: target.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.target).status();
-    }
-}
-
-/// /dev, /proc and /sys inside a chroot, for apt's maintainer scripts and grub-install.
-struct ChrootMounts {
-    _mounts: Vec<Mount>,
-}
-
-impl ChrootMounts {
-    fn new(root: &Path) -> anyhow::Result<Self> {
-        let mut mounts = vec![
-            Mount::new("/dev", &root.join("dev"), &["--bind"])?,
-            Mount::new("devpts", &root.join("dev/pts"), &["-t", "devpts"])?,
-            Mount::new("proc", &root.join("proc"), &["-t", "proc"])?,
-            Mount::new("sysfs", &root.join("sys"), &["-t", "sysfs"])?,
-        ];
-        // Dropped in reverse: dev/pts before dev.
-        mounts.reverse();
-        Ok(ChrootMounts { _mounts: mounts })
-    }
 }

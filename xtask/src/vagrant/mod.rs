@@ -5,6 +5,7 @@
 //! (the demo runs in the VM), replays the README's seed steps with `vagrant ssh -c`, and destroys
 //! the VM. libvirt's daemons are started by hand where systemd is not PID 1, as here.
 
+mod disk;
 mod make_box;
 mod steps;
 
@@ -39,6 +40,11 @@ pub fn make_box() -> anyhow::Result<()> {
     make_box::build(&check::target_dir().join("vagrant/box"))?;
     eprintln!("vagrant-box: added {}", make_box::NAME);
     Ok(())
+}
+
+/// `make_box::build`'s child, in its own mount namespace.
+pub fn box_disk(work: &Path) -> anyhow::Result<()> {
+    make_box::rootfs_and_disk(work)
 }
 
 pub fn test(rebuild_box: bool, keep: bool, enforcer: Option<PathBuf>) -> anyhow::Result<()> {
@@ -109,6 +115,8 @@ impl Vagrant {
             // so that the VM reaches Debian's mirror and PyPI as the host does. Not on the
             // documentation ranges: the demo in the VM puts its test hosts there.
             .env_remove("ENFORCER_VAGRANT_NETWORK")
+            // Its own domain name: a user's `vagrant up` in vagrant/ is `vagrant_enforcer`.
+            .env("ENFORCER_VAGRANT_PREFIX", "enforcer-test_")
             .env("VAGRANT_LIBVIRT_DRIVER", libvirt_driver())
             .stdin(Stdio::null());
         cmd
@@ -131,12 +139,12 @@ impl Vagrant {
     pub fn capture(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
         let mut cmd = self.command(args);
         eprintln!("+ vagrant {}", args.join(" "));
+        let mut log = fs::OpenOptions::new().append(true).open(&self.log)?;
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("vagrant")?;
-        let mut log = fs::OpenOptions::new().append(true).open(&self.log)?;
         writeln!(log, "+ vagrant {}", args.join(" "))?;
         let stderr = child.stderr.take().context("vagrant's stderr")?;
         let err_log = log.try_clone()?;
@@ -165,12 +173,11 @@ fn copy_lines(from: impl std::io::Read, mut log: fs::File) -> String {
 }
 
 /// kvm only where the CPU's virtualisation is there to use (this machine's /dev/kvm cannot run
-/// an unmodified guest); qemu's emulation otherwise.
+/// an unmodified guest); qemu's emulation otherwise. /sys/module has built-in modules too.
 fn libvirt_driver() -> &'static str {
-    let modules = fs::read_to_string("/proc/modules").unwrap_or_default();
-    let hardware = modules
-        .lines()
-        .any(|l| l.starts_with("kvm_intel ") || l.starts_with("kvm_amd "));
+    let hardware = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).is_dir());
     if hardware {
         "kvm"
     } else {
