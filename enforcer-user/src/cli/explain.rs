@@ -27,10 +27,7 @@ use crate::{
         control::{ask_one, Request},
         explain_live::{ExplainAnswer, ExplainQuery, ExplainRow},
     },
-    policy::{
-        decide::{decide, describe_scope},
-        dns_names, L4,
-    },
+    policy::{decide::describe_scope, dns_names, L4},
     resolver::Resolver,
     sources::Sources,
 };
@@ -135,15 +132,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let live = LiveMaps::open(&args.placement.pin_root())?;
     let rows: Vec<ExplainRow> = ips
         .into_iter()
-        .map(|ip| {
-            let decision = decide(&desired, &scope, ip, port, l4);
-            ExplainRow {
-                ip,
-                allowed: decision.allowed,
-                mode: decision.mode,
-                why: decision.describe(),
-            }
-        })
+        .map(|ip| ExplainRow::decide(&desired, &scope, ip, port, l4))
         .collect();
     let all_allowed = print_rows(live.as_ref(), &scope, &rows, port, l4);
     if let Ok(status) = Status::read(&args.agent.status_file) {

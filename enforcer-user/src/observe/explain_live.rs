@@ -11,7 +11,7 @@ use crate::{
     istio::OutboundMode,
     policy::{
         decide::{decide, describe_scope},
-        L4,
+        Desired, L4,
     },
 };
 
@@ -49,6 +49,19 @@ pub struct ExplainRow {
     pub why: String,
 }
 
+impl ExplainRow {
+    /// The compiled policy's decision for one address of the asked host.
+    pub fn decide(desired: &Desired, scope: &str, ip: IpAddr, port: u16, l4: L4) -> Self {
+        let decision = decide(desired, scope, ip, port, l4);
+        ExplainRow {
+            ip,
+            allowed: decision.allowed,
+            mode: decision.mode,
+            why: decision.describe(),
+        }
+    }
+}
+
 impl ExplainQuery {
     pub fn answer(&self, ex: &Explainer) -> Result<ExplainAnswer, String> {
         let labels = match &self.pod {
@@ -83,15 +96,7 @@ impl ExplainQuery {
         let l4 = if self.udp { L4::Udp } else { L4::Tcp };
         let rows = ips
             .into_iter()
-            .map(|ip| {
-                let decision = decide(desired, &scope, ip, self.port, l4);
-                ExplainRow {
-                    ip,
-                    allowed: decision.allowed,
-                    mode: decision.mode,
-                    why: decision.describe(),
-                }
-            })
+            .map(|ip| ExplainRow::decide(desired, &scope, ip, self.port, l4))
             .collect();
         Ok(ExplainAnswer {
             header: describe_scope(desired, &self.namespace, &labels, &scope),
